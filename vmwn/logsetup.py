@@ -1,0 +1,57 @@
+"""Logging: one line per lifecycle step, carrying the job id, to syslog for operators.
+
+Modules log with ``logging.getLogger(__name__)`` and pass the job id through
+:func:`job_logger`, so every line names its job without string formatting at
+each call site.
+"""
+
+import logging
+import logging.handlers
+import os
+import sys
+
+_FMT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+
+
+class JobAdapter(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"job {self.extra['job_id']}: {msg}", kwargs
+
+
+def job_logger(name, job_id):
+    return JobAdapter(logging.getLogger(name), {"job_id": job_id})
+
+
+def setup(verbose=False, syslog=True, debug_log=None, stderr=True):
+    """Configure the root logger once per process."""
+    root = logging.getLogger()
+    if getattr(root, "_vmwn_configured", False):
+        return
+    root._vmwn_configured = True
+    root.setLevel(logging.DEBUG)
+    if stderr:
+        h = logging.StreamHandler(sys.stderr)
+        h.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        h.setFormatter(logging.Formatter("vmwn: %(levelname)s %(message)s"))
+        root.addHandler(h)
+    if syslog and os.path.exists("/dev/log"):
+        try:
+            s = logging.handlers.SysLogHandler(address="/dev/log",
+                                               facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        except OSError:
+            s = None
+        if s:
+            s.setLevel(logging.INFO)
+            s.setFormatter(logging.Formatter("vmwn[%(process)d]: %(message)s"))
+            root.addHandler(s)
+    if debug_log:
+        try:
+            f = logging.FileHandler(debug_log)
+        except OSError:
+            f = None
+        if f:
+            f.setLevel(logging.DEBUG)
+            f.setFormatter(logging.Formatter(_FMT))
+            root.addHandler(f)
+    for noisy in ("paramiko",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
