@@ -1,0 +1,1 @@
+"""Entry points pbs_mom runs: prologue, job starter, epilogue."""

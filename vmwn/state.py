@@ -1,0 +1,177 @@
+"""Per-job state records: what teardown needs, on disk, so any process can finish a job.
+
+Layout: ``STATE_DIR/<safe job name>/state.json`` (root-owned, 0644, written
+atomically) beside the job's private key (0600, owned by the job's user) and
+its cloud-init seed.  The directory is the unit of cleanup: removing it removes
+every per-job file that is not a libvirt domain or an overlay.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+
+from .errors import SiteError
+
+
+class NoSuchJob(SiteError):
+    """The job has no vmwn state on this node (it never asked for a VM, or is gone)."""
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(job_id):
+    """A file- and domain-name-safe form of a Torque job id, unique per job id.
+
+    Torque ids look like ``123.srv.example.org`` or ``123[4].srv``; anything
+    outside [A-Za-z0-9._-] is replaced, and a short hash keeps distinct ids
+    distinct after replacement and truncation.
+    """
+    if not job_id or "\0" in job_id:
+        raise SiteError(f"invalid job id {job_id!r}", "check the hook's argv")
+    digest = hashlib.sha256(job_id.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    head = _SAFE.sub("_", job_id)[:40].lstrip(".") or "job"
+    return f"{head}-{digest}"
+
+
+@dataclasses.dataclass
+class JobState:
+    job_id: str
+    domain: str
+    env: str
+    user: str
+    uid: int
+    gid: int
+    group: str
+    bind_address: str
+    port: int
+    host_key_public: str
+    key_path: str
+    workdir: str
+    host_workdir: str
+    output_dir: str
+    overlay: str
+    seed: str
+    console_log: str
+    uuid: str = ""
+    created: float = dataclasses.field(default_factory=time.time)
+    phase: str = "creating"
+    vcpus: int = 1
+    memory_mib: int = 0
+
+    @classmethod
+    def from_json(cls, data):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def root_dir(cfg):
+    return cfg.site["state_dir"]
+
+
+def job_dir(cfg, job_id):
+    return os.path.join(root_dir(cfg), safe_name(job_id))
+
+
+def state_path(cfg, job_id):
+    return os.path.join(job_dir(cfg, job_id), "state.json")
+
+
+def exists(cfg, job_id):
+    return os.path.exists(state_path(cfg, job_id))
+
+
+def ensure_root(cfg):
+    """Create STATE_DIR 0711: users may reach their own job's key, but not list others'."""
+    d = root_dir(cfg)
+    os.makedirs(d, mode=0o711, exist_ok=True)
+    return d
+
+
+def make_job_dir(cfg, job_id):
+    ensure_root(cfg)
+    d = job_dir(cfg, job_id)
+    os.makedirs(d, mode=0o755, exist_ok=True)
+    return d
+
+
+def load(cfg, job_id):
+    p = state_path(cfg, job_id)
+    try:
+        with open(p, encoding="utf-8") as f:
+            return JobState.from_json(json.load(f))
+    except FileNotFoundError:
+        raise NoSuchJob(f"job {job_id} has no vmwn state in {root_dir(cfg)}",
+                        "nothing to do unless the job asked for a VM") from None
+    except (ValueError, TypeError) as e:
+        raise SiteError(f"state record {p} is corrupt ({e})",
+                        "run 'vmwn reap' to clean up the job") from None
+
+
+def save(cfg, st):
+    """Write the record atomically: a reader sees the old or the new record, never half."""
+    d = make_job_dir(cfg, st.job_id)
+    final = os.path.join(d, "state.json")
+    tmp = final + ".tmp"
+    data = json.dumps(dataclasses.asdict(st), indent=1, sort_keys=True).encode()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise SiteError(f"cannot write state record {final}: {e.strerror}",
+                        f"free space or fix permissions in {root_dir(cfg)}") from None
+
+
+def remove(cfg, job_id):
+    """Remove the job's directory (state, key, seed); True if something was there."""
+    d = job_dir(cfg, job_id)
+    if not os.path.lexists(d):
+        return False
+    shutil.rmtree(d, ignore_errors=True)
+    if os.path.lexists(d):
+        raise SiteError(f"cannot remove {d}", "remove it by hand")
+    return True
+
+
+def all_jobs(cfg):
+    """Every readable state record on this node."""
+    out = []
+    try:
+        names = sorted(os.listdir(root_dir(cfg)))
+    except FileNotFoundError:
+        return out
+    for n in names:
+        p = os.path.join(root_dir(cfg), n, "state.json")
+        try:
+            with open(p, encoding="utf-8") as f:
+                out.append(JobState.from_json(json.load(f)))
+        except (OSError, ValueError, TypeError):
+            continue
+    return out
+
+
+def orphan_dirs(cfg):
+    """Job directories without a readable state record (a prologue died early)."""
+    out = []
+    try:
+        names = sorted(os.listdir(root_dir(cfg)))
+    except FileNotFoundError:
+        return out
+    for n in names:
+        d = os.path.join(root_dir(cfg), n)
+        if os.path.isdir(d) and not os.path.exists(os.path.join(d, "state.json")):
+            out.append(d)
+    return out
