@@ -1,0 +1,90 @@
+"""The libvirt domain description: rendered from a template, checked before use.
+
+The template is the site's to edit (network, devices, accelerator); this module
+supplies the variables, insists the result is well-formed XML that still names
+the domain and carries vmwn's metadata, and reads that metadata back so vmwn
+recognises its own domains without parsing names.
+"""
+
+import re
+import time
+import xml.etree.ElementTree as ET
+
+from .errors import SiteError
+from .templating import render_template
+
+METADATA_NS = "https://vmwn.org/xmlns/job/1.0"
+DOMAIN_PREFIX = "vmwn-"
+
+
+_XML_BAD = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(value):
+    """Replace characters XML 1.0 cannot carry at all (NUL, controls, lone surrogates).
+
+    Escaping handles markup; these are not markup but would make any document
+    invalid, so free text such as a job name loses them instead of the job failing.
+    """
+    return _XML_BAD.sub("\ufffd", str(value))
+
+
+def domain_name(job_id):
+    from .state import safe_name
+    return DOMAIN_PREFIX + safe_name(job_id)
+
+
+def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, port=0,
+           overlay=None, seed="/dev/null", console_log="/dev/null", created=None):
+    """The domain XML for one job, validated; raises SiteError if the template is unfit."""
+    ctx = dict(
+        name=domain_name(job_id), job_id=xml_text(job_id), user=xml_text(user),
+        job_name=xml_text(job_name),
+        created=int(created if created is not None else time.time()),
+        port=int(port), bind_address=cfg.site["bind_address"], metadata_ns=METADATA_NS,
+        env=env, vcpus=int(vcpus or env.vcpus), memory_mib=int(memory_mib or env.memory_mib),
+        overlay=overlay if overlay is not None else (env.image and "/dev/null"),
+        seed=seed, console_log=console_log,
+    )
+    xml = render_template(cfg.site["template_dir"], env.template, ctx, xml=True)
+    check(xml, ctx["name"], ctx["job_id"], f"{cfg.site['template_dir']}/{env.template}")
+    return xml
+
+
+def check(xml, name, job_id, where):
+    """Reject XML that would not give vmwn a domain it can find and tear down."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise SiteError(f"template {where} renders malformed XML ({e})",
+                        "fix the template") from None
+    if root.tag != "domain":
+        raise SiteError(f"template {where} renders <{root.tag}>, not <domain>", "fix the template")
+    if root.findtext("name") != name:
+        raise SiteError(f"template {where} does not set <name> to {{{{ name }}}}",
+                        "keep <name>{{ name }}</name> in the template")
+    meta = metadata_of(xml)
+    if meta.get("id") != job_id:
+        raise SiteError(f"template {where} lacks vmwn metadata for the job",
+                        "keep the <metadata><vmwn:job> block of the bundled template")
+
+
+def metadata_of(xml):
+    """vmwn's metadata fields from a domain's XML ({} if the domain is not vmwn's)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return {}
+    job = root.find(f"metadata/{{{METADATA_NS}}}job")
+    if job is None:
+        return {}
+    return {child.tag.split("}", 1)[1]: (child.text or "") for child in job}
+
+
+def parse_metadata_element(xml):
+    """Fields of the bare ``<vmwn:job>`` element libvirt returns from metadata()."""
+    try:
+        job = ET.fromstring(xml)
+    except ET.ParseError:
+        return {}
+    return {child.tag.split("}", 1)[1]: (child.text or "") for child in job}

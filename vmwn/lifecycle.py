@@ -1,0 +1,229 @@
+"""A job's VM from start to finish: create (prologue) and destroy (epilogue, reap).
+
+``create`` records what it is about to make in the job's state record before
+making it, so that a prologue killed at any instant leaves enough behind for
+``destroy`` (run from any later process) to remove everything.
+"""
+
+import dataclasses
+import os
+import re
+import time
+
+from . import disk, keys, ports, seed, state as statemod
+from .domain import domain_name, render as render_domain
+from .errors import GuestLost, SiteError, TransientError, UserError, VmwnError
+from .logsetup import job_logger
+
+USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc",
+                "/root", "/run", "/sbin", "/sys", "/usr", "/var")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    user: str
+    uid: int
+    gid: int
+    group: str
+    job_name: str
+    env: object
+    vcpus: int
+    memory_mib: int
+    workdir: str
+    host_workdir: str
+    queue: str = ""
+
+
+def validate(spec):
+    """Reject what cannot safely reach a guest; the message names what to change."""
+    if not USER_RE.match(spec.user) or not USER_RE.match(spec.group):
+        raise UserError(f"user/group name {spec.user!r}/{spec.group!r} cannot be used in a guest",
+                        "vmwn supports POSIX portable names (a-z 0-9 _ . -)")
+    if spec.uid <= 0 or spec.gid < 0:
+        raise UserError("jobs of root cannot run in a vmwn guest", "submit as a normal user")
+    wd = spec.workdir
+    if (not wd.startswith("/") or os.path.normpath(wd) != wd.rstrip("/") or "\0" in wd
+            or any(ord(c) < 32 or ord(c) == 127 for c in wd) or len(wd) > 1024):
+        raise UserError(f"working directory {wd!r} is not a plain absolute path",
+                        "submit from a directory whose path has no control characters")
+    if wd == "/" or any(wd == d or wd.startswith(d + "/") for d in _SYSTEM_DIRS):
+        raise UserError(f"working directory {wd} is a system directory in the guest",
+                        "submit from your home, /tmp or a project directory")
+
+
+def create(cfg, spec, deadline, on_phase=None):
+    """Build the job's VM and wait until its SSH server accepts the job's key.
+
+    ``deadline`` is a ``time.monotonic()`` value.  ``on_phase(name, seconds)``
+    is told the duration of each phase.  On any failure everything made so far
+    is removed before the error propagates.
+    """
+    log = job_logger(__name__, spec.job_id)
+    validate(spec)
+    env = spec.env
+    missing = env.missing()
+    if missing:
+        raise SiteError(f"environment {env.name} is not installed on this node "
+                        f"(missing {missing[0]})", f"run 'vmwn image build {env.name}'")
+    if statemod.exists(cfg, spec.job_id):
+        log.info("removing what an earlier attempt of this job left")
+        destroy(cfg, spec.job_id)
+    timer = _Phases(on_phase)
+    try:
+        st = _prepare(cfg, spec, timer, log)
+        _boot(cfg, spec, st, deadline, timer, log)
+        st.phase = "running"
+        statemod.save(cfg, st)
+        log.info("VM %s of %s ready on %s:%d", st.domain, env.name, st.bind_address, st.port)
+        return st
+    except BaseException as e:
+        log.warning("create failed (%s); removing what was made", _short(e))
+        try:
+            destroy(cfg, spec.job_id)
+        except VmwnError as e2:
+            log.error("cleanup after failed create also failed: %s", e2)
+        raise
+
+
+def _prepare(cfg, spec, timer, log):
+    env = spec.env
+    jdir = statemod.make_job_dir(cfg, spec.job_id)
+    name = domain_name(spec.job_id)
+    hostkey = keys.generate(f"vmwn-host:{name}")
+    userkey = keys.generate(f"vmwn-job:{name}")
+    key_path = keys.write_private(os.path.join(jdir, "id_ed25519"), userkey, spec.uid, spec.gid)
+    ctx = dict(job_id=spec.job_id, instance_id=name, hostname=name, user=spec.user,
+               uid=spec.uid, gid=spec.gid, group=spec.group, shell=env.ssh_user_shell,
+               workdir=spec.workdir, authorized_key=userkey.public_line,
+               host_key_private=hostkey.private_openssh.rstrip("\n"),
+               host_key_public=hostkey.public_line)
+    ud, md = seed.render(cfg.site["template_dir"], ctx)
+    seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md)
+    timer.mark("keys and seed")
+    overlay = disk.overlay_path(cfg, spec.job_id) if env.image else ""
+    output_dir = spec.workdir if env.output_dir == "workdir" else env.output_dir
+    with ports.locked(cfg):
+        port = ports.pick(cfg)
+        st = statemod.JobState(
+            job_id=spec.job_id, domain=name, env=env.name, user=spec.user, uid=spec.uid,
+            gid=spec.gid, group=spec.group, bind_address=cfg.site["bind_address"], port=port,
+            host_key_public=hostkey.public_line, key_path=key_path, workdir=spec.workdir,
+            host_workdir=spec.host_workdir, output_dir=output_dir, overlay=overlay,
+            seed=seed_path, console_log=os.path.join(jdir, "console.log"),
+            vcpus=spec.vcpus, memory_mib=spec.memory_mib)
+        statemod.save(cfg, st)  # recorded before anything outside the job dir exists
+    timer.mark("port")
+    if env.image:
+        disk.create_overlay(cfg, spec.job_id, env.image)
+        timer.mark("overlay")
+    log.info("prepared seed, key and overlay; SSH port %d", port)
+    return st
+
+
+def _boot(cfg, spec, st, deadline, timer, log):
+    from . import virt
+    from .ssh import Guest, banner_ready
+    xml = render_domain(cfg, spec.env, job_id=spec.job_id, user=spec.user,
+                        job_name=spec.job_name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+                        port=st.port, overlay=st.overlay or None, seed=st.seed,
+                        console_log=st.console_log, created=st.created)
+    timer.mark("render")
+    conn = virt.connect(cfg.site["libvirt_uri"])
+    try:
+        dom = virt.start(conn, xml)
+        st.uuid = dom.UUIDString()
+        timer.mark("define and start")
+        end = min(deadline, time.monotonic() + spec.env.boot_timeout)
+        while True:
+            if banner_ready(st.bind_address, st.port, timeout=0.5):
+                try:
+                    Guest.connect(st, timeout=10).close()
+                    break
+                except TransientError:
+                    pass  # sshd is up but the user's key is not installed yet
+            if not virt.is_active(dom):
+                raise TransientError(f"the guest stopped while booting "
+                                     f"({console_tail(st.console_log)})",
+                                     "the job is requeued; the site should check "
+                                     f"'vmwn check --boot {spec.env.name}'")
+            if time.monotonic() >= end:
+                raise TransientError(
+                    f"the guest did not answer SSH within {spec.env.boot_timeout:.0f} s "
+                    f"({console_tail(st.console_log)})",
+                    f"the job is requeued; the site should check 'vmwn check --boot "
+                    f"{spec.env.name}'")
+            time.sleep(0.1)
+        timer.mark("boot to SSH")
+    finally:
+        conn.close()
+
+
+def console_tail(path, limit=160):
+    """The last non-empty console line, for error messages."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines()]
+    except OSError:
+        return "no console output"
+    lines = [ln for ln in lines if ln]
+    return ("console: " + lines[-1][:limit]) if lines else "no console output"
+
+
+def destroy(cfg, job_id, grace=0.0):
+    """Remove the job's domain, overlay and state directory; idempotent.
+
+    Works from the state record when there is one, and finds the domain by
+    vmwn's metadata too, so a half-recorded job is still removed.  Returns a
+    list of what was removed.  The state record is kept if the domain could
+    not be destroyed, so a later reap can retry.
+    """
+    from . import virt
+    log = job_logger(__name__, job_id)
+    removed = []
+    try:
+        st = statemod.load(cfg, job_id)
+    except statemod.NoSuchJob:
+        st = None
+    except SiteError:
+        st = None  # corrupt record: fall back to names derived from the job id
+    name = st.domain if st else domain_name(job_id)
+    conn = virt.connect(cfg.site["libvirt_uri"])
+    try:
+        if virt.destroy(conn, name, grace=grace):
+            removed.append(f"domain {name}")
+        for dom in virt.find_job(conn, job_id):
+            other = dom.name()
+            if virt.destroy(conn, other, grace=0):
+                removed.append(f"domain {other}")
+    finally:
+        conn.close()
+    overlay = st.overlay if st and st.overlay else disk.overlay_path(cfg, job_id)
+    if disk.remove(overlay):
+        removed.append(f"overlay {overlay}")
+    if statemod.remove(cfg, job_id):
+        removed.append(f"state {statemod.job_dir(cfg, job_id)}")
+    for what in removed:
+        log.info("removed %s", what)
+    return removed
+
+
+class _Phases:
+    def __init__(self, sink):
+        self.sink, self.t = sink, time.monotonic()
+
+    def mark(self, name):
+        now = time.monotonic()
+        if self.sink:
+            self.sink(name, now - self.t)
+        self.t = now
+
+
+def _short(e):
+    return e.line() if isinstance(e, VmwnError) else (type(e).__name__ + (f": {e}" if str(e) else ""))
+
+
+__all__ = ["JobSpec", "create", "destroy", "validate", "GuestLost"]

@@ -1,0 +1,39 @@
+"""The cloud-init NoCloud seed: per-job credentials on a small ISO labelled ``cidata``.
+
+Any cloud image with cloud-init reads it, and the bundled ``tiny`` guest's init
+honours the subset vmwn renders.  Rendering goes through Jinja2 with the ``yq``
+filter, so user-controlled strings reach YAML only as quoted scalars.
+"""
+
+import os
+import tempfile
+
+from . import subp
+from .errors import SiteError
+
+
+def render(tmpl, ctx):
+    """Render user-data and meta-data; returns (user_data, meta_data) text."""
+    from .templating import render_template
+    return (render_template(tmpl, "user-data.j2", ctx),
+            render_template(tmpl, "meta-data.j2", ctx))
+
+
+def build_iso(path, user_data, meta_data):
+    """Write the seed ISO atomically at ``path`` (genisoimage, Rock Ridge + Joliet)."""
+    d = os.path.dirname(path)
+    with tempfile.TemporaryDirectory(dir=d, prefix=".seed-") as tmp:
+        for name, text in (("user-data", user_data), ("meta-data", meta_data)):
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        out = os.path.join(tmp, "seed.iso")
+        subp.run(["genisoimage", "-quiet", "-output", out, "-volid", "cidata", "-joliet",
+                  "-rock", os.path.join(tmp, "user-data"), os.path.join(tmp, "meta-data")],
+                 timeout=60, fix="install genisoimage ('make deps')")
+        os.chmod(out, 0o644)
+        try:
+            os.rename(out, path)
+        except OSError as e:
+            raise SiteError(f"cannot write seed {path}: {e.strerror}",
+                            "check the state directory") from None
+    return path

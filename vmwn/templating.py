@@ -1,0 +1,52 @@
+"""Jinja2 rendering with XML autoescaping, strict undefined variables and a YAML quoter.
+
+Templates are site-editable; a template that fails to render is the site's
+problem and is reported as a one-line SiteError naming the file and the line.
+"""
+
+import json
+import os
+
+from .errors import SiteError
+
+
+def yq(value):
+    """Quote any value as a YAML double-quoted scalar (JSON string syntax is valid YAML)."""
+    if value is None:
+        raise ValueError("None cannot be quoted")
+    return json.dumps(str(value), ensure_ascii=True)
+
+
+def environment(template_dir, xml):
+    """XML templates autoescape every value; YAML templates must quote with ``yq``."""
+    import jinja2
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(template_dir),
+        autoescape=xml,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["yq"] = yq
+    return env
+
+
+def render_template(template_dir, name, ctx, xml=False):
+    import jinja2
+    env = environment(template_dir, xml)
+    try:
+        return env.get_template(name).render(**ctx)
+    except jinja2.TemplateNotFound:
+        raise SiteError(f"template {name} not found in {template_dir}",
+                        "install it or fix [site] template_dir / the environment's template"
+                        ) from None
+    except jinja2.TemplateSyntaxError as e:
+        raise SiteError(f"template {os.path.join(template_dir, name)} line {e.lineno}: {e.message}",
+                        "fix the template") from None
+    except jinja2.UndefinedError as e:
+        raise SiteError(f"template {os.path.join(template_dir, name)}: {e.message}",
+                        "use only the variables listed in docs/admin-guide.md") from None
+    except (ValueError, TypeError) as e:
+        raise SiteError(f"template {os.path.join(template_dir, name)}: {e}",
+                        "fix the template") from None

@@ -1,0 +1,138 @@
+"""libvirt: start, find and tear down vmwn's domains.
+
+Domains are transient (created, never defined), so destroying one leaves no
+configuration behind.  Teardown is idempotent in the manner of vdsm's
+virdomain: "no such domain" means the work is already done.
+"""
+
+import logging
+import time
+
+from .domain import METADATA_NS, parse_metadata_element
+from .errors import SiteError, TransientError
+
+log = logging.getLogger(__name__)
+_libvirt = None
+
+
+def _lv():
+    """Import libvirt on first use (hooks of jobs without a VM never pay for it)."""
+    global _libvirt
+    if _libvirt is None:
+        import libvirt
+        libvirt.registerErrorHandler(lambda ctx, err: None, None)  # no stray stderr lines
+        _libvirt = libvirt
+    return _libvirt
+
+
+def connect(uri):
+    lv = _lv()
+    try:
+        return lv.open(uri)
+    except lv.libvirtError as e:
+        raise SiteError(f"cannot reach libvirt at {uri}: {_msg(e)}",
+                        "start libvirtd (and virtlogd) or fix [site] libvirt_uri") from None
+
+
+def _msg(e):
+    return " ".join(str(e.get_error_message() or e).split())
+
+
+def _code(e):
+    return e.get_error_code()
+
+
+def start(conn, xml):
+    """Create and start a transient domain from ``xml``; returns the domain."""
+    lv = _lv()
+    flags = getattr(lv, "VIR_DOMAIN_START_VALIDATE", 0)
+    try:
+        return conn.createXML(xml, flags)
+    except lv.libvirtError as e:
+        code = _code(e)
+        if code in (lv.VIR_ERR_XML_ERROR, lv.VIR_ERR_XML_DETAIL, lv.VIR_ERR_CONFIG_UNSUPPORTED,
+                    getattr(lv, "VIR_ERR_XML_INVALID_SCHEMA", -1)):
+            raise SiteError(f"libvirt rejects the domain XML: {_msg(e)}",
+                            "fix the environment's template") from None
+        if code == lv.VIR_ERR_OPERATION_FAILED and "already exists" in _msg(e):
+            raise TransientError(f"a domain for this job already exists: {_msg(e)}",
+                                 "run 'vmwn reap' or wait for the old one to end") from None
+        if code in (getattr(lv, "VIR_ERR_SYSTEM_ERROR", -1), lv.VIR_ERR_INTERNAL_ERROR,
+                    getattr(lv, "VIR_ERR_RPC", -1)):
+            raise SiteError(f"libvirt cannot start the domain: {_msg(e)}",
+                            "see the libvirt log for the QEMU error") from None
+        raise SiteError(f"libvirt cannot start the domain: {_msg(e)}",
+                        "see the libvirt log") from None
+
+
+def lookup(conn, name):
+    """The domain called ``name``, or None."""
+    lv = _lv()
+    try:
+        return conn.lookupByName(name)
+    except lv.libvirtError as e:
+        if _code(e) == lv.VIR_ERR_NO_DOMAIN:
+            return None
+        raise SiteError(f"libvirt lookup of {name} failed: {_msg(e)}", "check libvirtd") from None
+
+
+def is_active(dom):
+    lv = _lv()
+    try:
+        return bool(dom.isActive())
+    except lv.libvirtError as e:
+        if _code(e) == lv.VIR_ERR_NO_DOMAIN:
+            return False
+        raise
+
+
+def destroy(conn, name, grace=0.0):
+    """Stop and remove domain ``name``: ACPI shutdown for ``grace`` seconds, then force.
+
+    Returns True if a domain was there.  Safe to call any number of times.
+    """
+    lv = _lv()
+    dom = lookup(conn, name)
+    if dom is None:
+        return False
+    try:
+        if grace > 0 and dom.isActive():
+            try:
+                dom.shutdown()
+            except lv.libvirtError:
+                pass
+            end = time.monotonic() + grace
+            while time.monotonic() < end and is_active(dom):
+                time.sleep(0.1)
+        if is_active(dom):
+            try:
+                dom.destroyFlags(lv.VIR_DOMAIN_DESTROY_GRACEFUL if grace > 0 else 0)
+            except lv.libvirtError as e:
+                if _code(e) not in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID):
+                    dom.destroy()
+        if dom.isPersistent():
+            dom.undefineFlags(getattr(lv, "VIR_DOMAIN_UNDEFINE_NVRAM", 0))
+    except lv.libvirtError as e:
+        if _code(e) in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID):
+            return True
+        raise SiteError(f"cannot destroy domain {name}: {_msg(e)}",
+                        "check libvirtd, then 'vmwn reap'") from None
+    return True
+
+
+def vmwn_domains(conn):
+    """[(domain, metadata dict)] for every domain carrying vmwn's metadata."""
+    lv = _lv()
+    out = []
+    for dom in conn.listAllDomains(0):
+        try:
+            xml = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+        except lv.libvirtError:
+            continue  # not ours (no vmwn metadata), or gone meanwhile
+        out.append((dom, parse_metadata_element(xml)))
+    return out
+
+
+def find_job(conn, job_id):
+    """Domains whose vmwn metadata names ``job_id`` (normally zero or one)."""
+    return [dom for dom, meta in vmwn_domains(conn) if meta.get("id") == job_id]
