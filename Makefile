@@ -1,0 +1,95 @@
+# vmwn: every target is idempotent on a fresh Debian 12 machine (run as root).
+SHELL      := /bin/bash
+VENV       ?= $(CURDIR)/.venv
+PY         := $(VENV)/bin/python
+VMWN       := $(VENV)/bin/vmwn
+CONFIG     ?= $(CURDIR)/etc/vmwn.conf
+PBS_HOME   ?= /var/spool/torque
+DESTDIR    ?=
+SYSCONFDIR ?= /etc
+PREFIX     ?= /usr/local
+GIPDIR     ?= /var/lib/bdii/gip/provider
+PYTEST_ARGS ?=
+GUESTS     ?= tiny debian12
+
+# Debian packages vmwn, its image builds and its tests use.
+APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev \
+	pkg-config gcc python3-dev python3-venv cpio busybox-static openssh-server openssh-client \
+	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema
+
+.PHONY: all deps apt venv daemons guest test test-unit demo bench install uninstall \
+	install-gip uninstall-gip check clean
+
+all: deps
+
+deps: apt venv daemons
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -q && \
+		RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@# Debian's slapd package starts a daemon on port 389; tests run their own on loopback.
+	@if pgrep -x slapd >/dev/null && [ -e /run/slapd/slapd.pid ]; then \
+		kill $$(cat /run/slapd/slapd.pid) 2>/dev/null || true; fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+daemons:
+	@mkdir -p /var/run/libvirt /var/log/libvirt /var/lib/libvirt /var/cache/libvirt
+	@pgrep -x virtlogd >/dev/null || virtlogd -d
+	@pgrep -x libvirtd >/dev/null || libvirtd -d
+	@for i in $$(seq 1 50); do virsh -c qemu:///system version >/dev/null 2>&1 && exit 0; sleep 0.2; done; \
+		echo "libvirtd did not come up" >&2; exit 1
+
+guest: deps
+	@for g in $(GUESTS); do $(VMWN) --config $(CONFIG) image build $$g || exit 1; done
+
+check: deps
+	$(VMWN) --config $(CONFIG) check --boot tiny
+
+test: deps guest
+	@set +e; $(VENV)/bin/pytest $(PYTEST_ARGS) tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+test-unit: deps
+	@set +e; $(VENV)/bin/pytest -m "not integration and not slapd" $(PYTEST_ARGS) tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+demo: deps
+	@$(MAKE) --no-print-directory guest GUESTS=tiny
+	@$(MAKE) --no-print-directory install
+	$(PY) -m vmwn.demo --pbs-home $(PBS_HOME) --config $(DESTDIR)$(SYSCONFDIR)/vmwn/vmwn.conf
+
+bench: deps
+	@$(MAKE) --no-print-directory guest GUESTS=tiny
+	$(PY) -m vmwn.bench --config $(CONFIG)
+
+install: deps
+	$(PY) -m vmwn.install install --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
+		--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX) --python $(PY) \
+		--template-dir $(CURDIR)/templates --sample-config $(CURDIR)/etc/vmwn.conf
+
+uninstall:
+	$(PY) -m vmwn.install uninstall --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
+		--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX)
+
+install-gip: deps
+	install -d -m 0755 $(DESTDIR)$(GIPDIR)
+	sed -e '1s|^#!.*|#!$(PY)|' gip/vmwn-provider > $(DESTDIR)$(GIPDIR)/vmwn-provider
+	chmod 0755 $(DESTDIR)$(GIPDIR)/vmwn-provider
+
+uninstall-gip:
+	rm -f $(DESTDIR)$(GIPDIR)/vmwn-provider
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache
