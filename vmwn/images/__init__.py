@@ -1,0 +1,70 @@
+"""``vmwn image build|list``: make an environment's kernel, initrd and base disk.
+
+Each environment with a builder gets its files from Debian packages alone.
+Builders are imported when used, so one missing or broken builder never takes
+the others (or the rest of the ``vmwn`` command) down with it.
+"""
+
+import importlib
+import logging
+import time
+
+from .. import config
+from ..errors import SiteError
+
+log = logging.getLogger(__name__)
+
+# Environment name -> module providing build(cfg, env, force=False).
+BUILDERS = {"tiny": "vmwn.images.tiny", "debian12": "vmwn.images.debian12"}
+
+
+def register(subparsers):
+    p = subparsers.add_parser("image", help="build or list environment images")
+    sub = p.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+    b = sub.add_parser("build", help="build an environment's kernel, initrd and base disk")
+    b.add_argument("name", metavar="NAME", help="environment of the configuration")
+    b.add_argument("--force", action="store_true", help="rebuild even if the files exist")
+    b.set_defaults(func=cmd_build)
+    ls = sub.add_parser("list", help="environments, their builder and whether built")
+    ls.set_defaults(func=cmd_list)
+
+
+def builder(name):
+    """The build function for environment ``name``."""
+    module = BUILDERS.get(name)
+    if module is None:
+        raise SiteError(f"no image builder for environment {name!r}",
+                        f"provide its files by hand or use one of: {', '.join(sorted(BUILDERS))}")
+    try:
+        return importlib.import_module(module).build
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            raise SiteError(f"the {name} image builder is not part of this installation",
+                            "install a vmwn release that includes it") from None
+        raise
+
+
+def cmd_build(args):
+    cfg = config.load(args.config)
+    env = cfg.environments.get(args.name)
+    if env is None:
+        raise SiteError(f"no environment {args.name!r} in the configuration",
+                        f"use one of: {', '.join(sorted(cfg.environments)) or 'none'}")
+    build = builder(args.name)
+    if not args.force and env.artefacts() and not env.missing():
+        print(f"{args.name}: up to date")
+        return 0
+    t0 = time.monotonic()
+    build(cfg, env, force=args.force)
+    print(f"{args.name}: built in {time.monotonic() - t0:.1f} s: "
+          + ", ".join(p for _, p in env.artefacts()))
+    return 0
+
+
+def cmd_list(args):
+    cfg = config.load(args.config)
+    for name, env in sorted(cfg.environments.items()):
+        state = "missing " + ", ".join(env.missing()) if env.missing() else "built"
+        how = "vmwn image build" if name in BUILDERS else "no builder"
+        print(f"{name}\t{how}\t{state}")
+    return 0
