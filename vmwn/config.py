@@ -314,6 +314,7 @@ def load(path=None, required=True):
                                     "of a-z 0-9 _ . - starting with a letter or digit",
                                     "rename the section")
                 table, target = ENV_KEYS, env_raw.setdefault(name, {})
+                origin.setdefault((sect, None), f)
             else:
                 raise SiteError(f"{f}: unknown section [{sect}]",
                                 "use [site], [grid] or [env NAME]")
@@ -345,7 +346,9 @@ def load(path=None, required=True):
 
 def _environment(name, raw, site, origin):
     sect = f"env {name}"
-    where = lambda k: f"{origin.get((sect, k), '?')}: [{sect}]"  # noqa: E731
+    def where(k):
+        return f"{origin.get((sect, k), origin.get((sect, None), '?'))}: [{sect}]"
+
     v = {k.name: k.default for k in ENV_KEYS.values()}
     for k, val in raw.items():
         v[k] = _convert(ENV_KEYS[k], val, where(k))

@@ -78,13 +78,13 @@ def metadata_of(xml):
     job = root.find(f"metadata/{{{METADATA_NS}}}job")
     if job is None:
         return {}
-    return {child.tag.split("}", 1)[1]: (child.text or "") for child in job}
+    return {child.tag.split("}", 1)[-1]: (child.text or "") for child in job}
 
 
 def parse_metadata_element(xml):
-    """Fields of the bare ``<vmwn:job>`` element libvirt returns from metadata()."""
+    """Fields of the ``<job>`` element libvirt returns from metadata() (namespace stripped)."""
     try:
         job = ET.fromstring(xml)
     except ET.ParseError:
         return {}
-    return {child.tag.split("}", 1)[1]: (child.text or "") for child in job}
+    return {child.tag.split("}", 1)[-1]: (child.text or "") for child in job}

@@ -4,17 +4,38 @@ Templates are site-editable; a template that fails to render is the site's
 problem and is reported as a one-line SiteError naming the file and the line.
 """
 
-import json
 import os
 
 from .errors import SiteError
 
 
+_YQ_SHORT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def yq(value):
-    """Quote any value as a YAML double-quoted scalar (JSON string syntax is valid YAML)."""
+    """Quote any value as a YAML double-quoted scalar, pure ASCII.
+
+    Printable ASCII passes; everything else becomes an escape YAML defines
+    (``\\uXXXX``, or ``\\UXXXXXXXX`` beyond the BMP, where JSON's surrogate
+    pairs would not round-trip).  Lone surrogates (undecodable bytes) become U+FFFD.
+    """
     if value is None:
         raise ValueError("None cannot be quoted")
-    return json.dumps(str(value), ensure_ascii=True)
+    out = ['"']
+    for ch in str(value):
+        o = ord(ch)
+        if ch in _YQ_SHORT:
+            out.append(_YQ_SHORT[ch])
+        elif 0x20 <= o < 0x7F:
+            out.append(ch)
+        elif 0xD800 <= o <= 0xDFFF:
+            out.append("\\ufffd")
+        elif o > 0xFFFF:
+            out.append("\\U%08x" % o)
+        else:
+            out.append("\\u%04x" % o)
+    out.append('"')
+    return "".join(out)
 
 
 def environment(template_dir, xml):

@@ -1,0 +1,159 @@
+"""Domain XML: golden output, escaping of hostile strings, and libvirt's own acceptance.
+
+libvirt's test driver (``test:///default``) parses and validates the XML with
+the same code paths the QEMU driver uses for the generic parts of a domain.
+"""
+
+import os
+import xml.etree.ElementTree as ET
+
+import libvirt
+import pytest
+
+from vmwn import config, domain, virt
+from vmwn.errors import SiteError
+
+HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(HERE)
+GOLDEN = os.path.join(HERE, "golden", "domain-tiny.xml")
+
+HOSTILE = [
+    "<x>&\"'", "]]><evil/>", "a\nb\rc\td", "\x00nul", "\x01\x1b[31mctl", "$(reboot)`id`;|&",
+    "'; DROP TABLE jobs; --", "ü€\U0001F600", "\udcff\udcfe", "x" * 5000,
+    "{{ 7*7 }}{% raw %}", "--><!--", "&amp;&lt;", "\u2028\u2029", "a: b\n- c: [d]",
+]
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    p = tmp_path / "vmwn.conf"
+    p.write_text(f"""
+[site]
+template_dir = {ROOT}/templates
+state_dir = {tmp_path}/state
+image_dir = /images
+[env tiny]
+image = tiny/disk.qcow2
+kernel = tiny/vmlinuz
+initrd = tiny/initrd.img
+cmdline = console=ttyS0 quiet
+accel = qemu
+memory = 256M
+[env big]
+image = /images/big.qcow2
+accel = kvm
+vcpus = 2
+memory = 2G
+""")
+    return config.load(str(p))
+
+
+def render(cfg, env="tiny", **kw):
+    args = dict(job_id="17.srv.example.org", user="alice", job_name="analysis", port=40001,
+                overlay="/ov/17.qcow2", seed="/st/17/seed.iso", console_log="/st/17/console.log",
+                created=1700000000)
+    args.update(kw)
+    return domain.render(cfg, cfg.env(env), **args)
+
+
+def test_golden(cfg):
+    xml = render(cfg)
+    if os.environ.get("VMWN_REGOLD"):
+        with open(GOLDEN, "w") as f:
+            f.write(xml)
+    with open(GOLDEN) as f:
+        assert xml == f.read()
+
+
+def test_kvm_environment_without_kernel_boots_from_disk(cfg):
+    root = ET.fromstring(render(cfg, env="big"))
+    assert root.get("type") == "kvm"
+    assert root.find("os/kernel") is None
+    assert root.find("os/boot").get("dev") == "hd"
+    assert root.find("cpu").get("mode") == "host-passthrough"
+    assert root.findtext("vcpu") == "2" and root.findtext("memory") == "2048"
+
+
+def test_network_is_user_mode_on_loopback_only(cfg):
+    xml = render(cfg)
+    root = ET.fromstring(xml)
+    assert root.find("devices/interface") is None  # no libvirt network, no bridge
+    args = [a.get("value") for a in
+            root.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
+    assert "user,id=vmwnnet0,hostfwd=tcp:127.0.0.1:40001-:22" in args
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_hostile_job_names_stay_text(cfg, hostile):
+    xml = render(cfg, job_name=hostile)
+    root = ET.fromstring(xml)  # still well-formed
+    meta = domain.metadata_of(xml)
+    assert meta["id"] == "17.srv.example.org" and meta["user"] == "alice"
+    got = meta["jobname"]
+    if all(c >= " " or c in "\t\n\r" for c in hostile) and not any(
+            0xD800 <= ord(c) <= 0xDFFF for c in hostile):
+        assert got == hostile.replace("\r", "\n") or got == hostile
+    assert root.find("metadata") is not None and len(list(root)) > 5
+    assert "<evil" not in [e.tag for e in root.iter()]
+
+
+@pytest.mark.parametrize("job_id", ["1.srv", "123[4].srv.example.org", "9" * 200,
+                                    "../../etc/passwd", "a b;c"])
+def test_domain_names_are_safe_and_distinct(job_id):
+    name = domain.domain_name(job_id)
+    assert name.startswith("vmwn-") and len(name) <= 64
+    assert all(c.isalnum() or c in "._-" for c in name)
+    assert domain.domain_name(job_id + "x") != name
+
+
+def test_libvirt_test_driver_accepts_and_reads_back_metadata(cfg):
+    conn = virt.connect("test:///default")
+    try:
+        xml = render(cfg, job_name="<x>&\"'")
+        dom = virt.start(conn, xml)
+        assert not dom.isPersistent()  # transient: destroy leaves no definition
+        found = virt.vmwn_domains(conn)
+        metas = [m for d, m in found if d.name() == dom.name()]
+        assert metas and metas[0]["id"] == "17.srv.example.org" and metas[0]["jobname"] == "<x>&\"'"
+        assert [d.name() for d in virt.find_job(conn, "17.srv.example.org")] == [dom.name()]
+        assert virt.destroy(conn, dom.name()) is True
+        assert virt.destroy(conn, dom.name()) is False  # idempotent
+        assert virt.find_job(conn, "17.srv.example.org") == []
+    finally:
+        conn.close()
+
+
+def test_libvirt_rejects_broken_template_as_site_error(cfg, tmp_path):
+    conn = virt.connect("test:///default")
+    try:
+        bad = render(cfg).replace("<memory unit='MiB'>256</memory>", "")
+        bad = bad.replace("<vcpu placement='static'>1</vcpu>", "<vcpu>many</vcpu>")
+        with pytest.raises(SiteError, match="libvirt"):
+            virt.start(conn, bad)
+    finally:
+        conn.close()
+
+
+def test_template_that_drops_metadata_is_rejected(cfg, tmp_path):
+    tdir = tmp_path / "t"
+    tdir.mkdir()
+    src = open(os.path.join(ROOT, "templates", "domain.xml.j2")).read()
+    (tdir / "domain.xml.j2").write_text(src.replace("<vmwn:id>{{ job_id }}</vmwn:id>", ""))
+    cfg.site["template_dir"] = str(tdir)
+    with pytest.raises(SiteError, match="lacks vmwn metadata"):
+        render(cfg)
+
+
+def test_template_with_undefined_variable_is_a_one_line_site_error(cfg, tmp_path):
+    tdir = tmp_path / "t"
+    tdir.mkdir()
+    (tdir / "domain.xml.j2").write_text("<domain>{{ no_such_var }}</domain>")
+    cfg.site["template_dir"] = str(tdir)
+    with pytest.raises(SiteError) as e:
+        render(cfg)
+    assert "no_such_var" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unreachable_libvirt_is_a_site_error():
+    with pytest.raises(SiteError, match="cannot reach libvirt.*start libvirtd"):
+        virt.connect("qemu+unix:///system?socket=/nonexistent/sock")
