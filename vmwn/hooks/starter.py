@@ -1,0 +1,557 @@
+"""pbs_mom's ``$job_starter``: run the job in its VM, or exactly as the mom would have.
+
+argv is ``[starter, shell]`` (batch), ``[starter, shell, -c, cmd]`` (``qsub -I
+-x``) or ``[starter, task_argv...]`` (TM tasks); it runs as the job user.  A job
+without a VM (no state record) is exec'd at once, stdin untouched; that path
+imports nothing but the configuration and state modules.  A VM job's script
+is read from stdin, PBS_O_WORKDIR is staged into the guest, and the script
+runs there over SSH with the job's environment; output is relayed as it comes,
+signals are forwarded to the guest job's process group, and the starter ends
+the way the guest job ended (same exit status, or death by the same signal).
+"""
+
+import os
+import sys
+
+_STDIN_MAX = 64 << 20
+_FORWARDED = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+# Variables the guest must provide itself; everything else of the job's
+# environment is passed on.
+_HOST_ONLY = frozenset(("HOME", "USER", "LOGNAME", "SHELL", "PWD", "OLDPWD", "SHLVL", "_",
+                        "TMPDIR", "MAIL", "SSH_AUTH_SOCK", "SSH_CLIENT", "SSH_CONNECTION",
+                        "SSH_TTY", "XDG_RUNTIME_DIR", "XDG_SESSION_ID", "VMWN_CONFIG"))
+# No answer to a keepalive for this long means the guest is gone.
+LOST_AFTER = 120.0
+PROBE_EVERY = 30.0
+# Output still arriving this long after the job shell's exit status is dropped.
+_LINGER = 2.0
+
+
+def main(argv=None):
+    """Entry point; returns the job's exit status (or dies of the job's signal)."""
+    argv = list(sys.argv if argv is None else argv)
+    rest = argv[1:]
+    cfg = None
+    try:
+        if not rest:
+            from ..errors import SiteError
+            raise SiteError("the job starter was called without the job's shell or command",
+                            "set $job_starter in mom_priv/config to this program only")
+        job_id = os.environ.get("PBS_JOBID")
+        if job_id:
+            from .. import config, state
+            cfg = config.load()
+            if state.exists(cfg, job_id):
+                return _run_vm(cfg, job_id, rest)
+        return _exec_native(rest)
+    except BaseException as exc:  # noqa: BLE001 - nothing may reach the user's .e file raw
+        return _fail(exc, cfg)
+
+
+def _exec_native(rest):
+    """Replace this process by the job, as the mom would have started it."""
+    try:
+        os.execvp(rest[0], rest)
+    except OSError as e:
+        from ..errors import UserError
+        raise UserError(f"cannot execute the job's shell {rest[0]}: {e.strerror}",
+                        "check qsub -S or your login shell on the execution host") from None
+
+
+def _fail(exc, cfg):
+    """Report ``exc`` in one line on stderr and in syslog; return the starter's status."""
+    import logging
+    from ..errors import GuestLost, VmwnError, exit_code
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    if isinstance(exc, KeyboardInterrupt):
+        _die_of(2)
+    log = logging.getLogger(__name__)
+    if not logging.getLogger().handlers:
+        from .. import logsetup
+        logsetup.setup(syslog=True if cfg is None else cfg.site["syslog"], stderr=False)
+    if isinstance(exc, GuestLost):
+        line = f"vmwn: the job's virtual machine was lost: {exc.line()}"
+        log.error("job %s: %s", os.environ.get("PBS_JOBID"), exc.line())
+    elif isinstance(exc, VmwnError):
+        line = f"vmwn: {exc.line()}"
+        log.error("job %s: %s", os.environ.get("PBS_JOBID"), exc.line())
+    else:
+        line = (f"vmwn: internal error in the job starter ({type(exc).__name__}); "
+                "the node's syslog has the details")
+        log.error("job %s: starter failed", os.environ.get("PBS_JOBID"), exc_info=exc)
+    try:
+        os.write(2, (line + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
+    return exit_code("starter", exc)
+
+
+def _die_of(signum):
+    """End this process by ``signum`` so pbs_mom records 256+signum, like a native job."""
+    import resource
+    import signal
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        pass
+    if signum not in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+        os.kill(os.getpid(), signum)
+    # Signals whose default action is not to terminate: the shell convention.
+    os._exit(128 + signum)
+
+
+# ------------------------------------------------------------------ the VM path
+
+def read_job_script(cfg, data):
+    """Interpret the job starter's stdin.  Returns (script bytes, args, how).
+
+    ``how`` is "exec" (the mom's ``exec PATH args`` line), "run" (a ``PATH
+    args`` line) or "text" (stdin is the script itself).  A line naming a mom
+    script that cannot be read is an error; the -F arguments are split with
+    shell quoting rules (no expansion) exactly once.
+    """
+    import shlex
+    import stat
+    from ..errors import UserError
+    line = data[:-1] if data.endswith(b"\n") else data
+    if b"\n" not in line and b"\0" not in line:
+        text = line.decode("utf-8", "surrogateescape").strip()
+        how = "run"
+        if text.startswith("exec "):
+            how, text = "exec", text[5:].lstrip()
+        path, _, argtext = text.partition(" ")
+        jobs_dir = os.path.join(cfg.site["pbs_home"], "mom_priv", "jobs") + "/"
+        if path.startswith("/") and (how == "exec" or path.endswith(".SC")
+                                     or path.startswith(jobs_dir)):
+            try:
+                args = shlex.split(argtext)
+            except ValueError as e:
+                raise UserError(f"cannot parse the job's -F arguments {argtext!r}: {e}",
+                                "fix the quoting of qsub -F") from None
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                with os.fdopen(fd, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise UserError(f"the job script {path} named on the starter's stdin "
+                                        "is not a regular file", "check the mom's job_starter")
+                    script = f.read(_STDIN_MAX + 1)
+            except OSError as e:
+                raise UserError(f"cannot read the job script {path} named on the starter's "
+                                f"stdin: {e.strerror}", "check the mom's job_starter and "
+                                "the script's owner") from None
+            if len(script) > _STDIN_MAX:
+                raise UserError(f"the job script {path} is larger than 64 MiB",
+                                "keep data out of the job script")
+            return script, args, how
+    if b"\0" in data:
+        raise UserError("the job starter's stdin is neither a script path nor script text "
+                        "(it holds NUL bytes)", "check the mom's job_starter setting")
+    return data, [], "text"
+
+
+def guest_env(environ, guest_has_tmpdir=False):
+    """The job's environment as the guest should see it: list of (name, value)."""
+    import re
+    ok = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+    out = []
+    for k, v in sorted(environ.items()):
+        if not ok.match(k) or "\0" in v:
+            continue
+        if k in _HOST_ONLY and not (k == "TMPDIR" and guest_has_tmpdir):
+            continue
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            continue
+        out.append((k, v))
+    return out
+
+
+def build_command(pidfile, workdir, env_items, argv):
+    """The one guest command line; every job-supplied string goes through shlex.quote.
+
+    The guest user's shell records its PID (sshd made it a session and
+    process-group leader) and execs the job, so that PID is the job's
+    process group for signal forwarding.
+    """
+    from shlex import quote
+    guest_own = ('HOME="$HOME" USER="$USER" LOGNAME="$LOGNAME" SHELL="$SHELL"')
+    parts = [f"echo $$ > {quote(pidfile)}", f"cd -- {quote(workdir)}",
+             "exec env -i " + guest_own + "".join(" " + quote(f"{k}={v}") for k, v in env_items)
+             + "".join(" " + quote(a) for a in argv)]
+    return " && ".join(parts)
+
+
+def job_argv(shell, how, script_path, args):
+    """How the guest runs the script, mirroring what the mom's shell does with stdin."""
+    if how == "text":
+        return [shell, script_path] + list(args)
+    body = 'exec "$0" "$@"' if how == "exec" else '"$0" "$@"'
+    return [shell, "-c", body, script_path] + list(args)
+
+
+def _mode(rest, environ):
+    if environ.get("PBS_ENVIRONMENT") == "PBS_INTERACTIVE" or os.isatty(0):
+        return "interactive"
+    if environ.get("PBS_TASKNUM", "1") not in ("", "1"):
+        return "task"
+    if len(rest) == 3 and rest[1] == "-c":
+        return "command"
+    return "batch"
+
+
+def _read_stdin():
+    from ..errors import UserError
+    buf = bytearray()
+    while len(buf) <= _STDIN_MAX:
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+    raise UserError("the job script on the starter's stdin is larger than 64 MiB",
+                    "keep data out of the job script")
+
+
+def _run_vm(cfg, job_id, rest):
+    import posixpath
+    import stat
+    from .. import logsetup, ssh, state, transfer
+    from ..config import parse_bytes
+    from ..errors import SiteError, UserError
+    logsetup.setup(syslog=cfg.site["syslog"], debug_log=cfg.site["debug_log"], stderr=False)
+    log = logsetup.job_logger(__name__, job_id)
+    st = state.load(cfg, job_id)
+    environ = dict(os.environ)
+    mode = _mode(rest, environ)
+    script = args = how = None
+    if mode == "batch":
+        script, args, how = read_job_script(cfg, _read_stdin())
+    log.info("starting %s in guest %s as %s", mode, st.domain, st.user)
+    guest = ssh.Guest.connect(st)
+    try:
+        transport = guest.client.get_transport()
+        _capture_exit_signal(transport)
+        sftp = guest.sftp()
+        try:
+            ctl = transfer.control_dir(sftp)
+            tag = "job" if mode != "task" else "task-" + _safe(environ.get("PBS_TASKNUM", "0"))
+            if mode != "task":
+                host_dir = environ.get("PBS_O_WORKDIR") or st.host_workdir
+                res = transfer.stage_in(guest, host_dir, st.workdir,
+                                        parse_bytes(cfg.site["stage_in_max"]), sftp=sftp)
+                transfer.write_manifest(sftp, ctl, res.manifest)
+                for item in res.skipped[:20]:
+                    _say(f"not copied into the virtual machine: {item}")
+            shell = rest[0]
+            if mode != "task" and not _guest_has(sftp, shell):
+                fallback = cfg.environments[st.env].ssh_user_shell if st.env in \
+                    cfg.environments else "/bin/sh"
+                _say(f"{shell} does not exist in environment {st.env}; using {fallback}")
+                shell = fallback
+            tmpdir = environ.get("TMPDIR")
+            has_tmp = bool(tmpdir) and _guest_has(sftp, tmpdir, stat.S_ISDIR)
+            nodefile = environ.get("PBS_NODEFILE")
+            if nodefile and mode != "task":
+                try:
+                    with open(nodefile, "rb") as f:
+                        _put_bytes(sftp, posixpath.join(ctl, "nodefile"), f.read(1 << 20), 0o600)
+                except OSError as e:
+                    log.warning("cannot copy PBS_NODEFILE %s: %s", nodefile, e.strerror)
+            if nodefile:
+                environ["PBS_NODEFILE"] = posixpath.join(ctl, "nodefile")
+            if mode == "batch":
+                script_path = posixpath.join(ctl, "job.sh")
+                _put_bytes(sftp, script_path, script, 0o700)
+                argv = job_argv(shell, how, script_path, args)
+            elif mode == "task":
+                argv = rest
+            else:
+                argv = [shell] + rest[1:]
+        except (IOError, EOFError) as e:
+            if isinstance(e, (UserError, SiteError)):
+                raise
+            from ..errors import GuestLost
+            raise GuestLost(f"preparing the job in the guest failed: {e}",
+                            "the virtual machine may be out of disk space") from None
+        finally:
+            sftp.close()
+        pidfile = posixpath.join(ctl, tag + ".pid")
+        command = build_command(pidfile, st.workdir, guest_env(environ, has_tmp), argv)
+        interactive = mode == "interactive"
+        term = environ.get("TERM") or "vt100"
+        size = _tty_size() if interactive else (80, 24)
+        chan = guest.exec(command, pty=interactive, term=term, size=size)
+        outcome = Relay(guest, chan, pidfile, interactive=interactive).run()
+    finally:
+        guest.close()
+    kind, value = outcome
+    log.info("guest job ended: %s %s", kind, value)
+    if kind == "signal":
+        sys.stdout.flush()
+        _die_of(value)
+    return value
+
+
+def _safe(text):
+    return "".join(c for c in text if c.isalnum())[:20] or "0"
+
+
+def _say(msg):
+    try:
+        os.write(2, f"vmwn: {msg}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def _guest_has(sftp, path, test=None):
+    try:
+        a = sftp.stat(path)
+    except IOError:
+        return False
+    return test(a.st_mode) if test else True
+
+
+def _put_bytes(sftp, path, data, mode):
+    with sftp.open(path, "wb") as f:
+        f.set_pipelined(True)
+        f.write(data)
+        f.chmod(mode)
+
+
+def _tty_size():
+    try:
+        sz = os.get_terminal_size(0)
+        return (sz.columns, sz.lines)
+    except OSError:
+        return (80, 24)
+
+
+def _capture_exit_signal(transport):
+    """Record RFC 4254 "exit-signal" on the channel (paramiko drops it).
+
+    Only this transport's dispatch table is replaced; the request still
+    reaches paramiko's own handler.
+    """
+    from paramiko.common import MSG_CHANNEL_REQUEST
+    table = dict(type(transport)._channel_handler_table)
+    original = table[MSG_CHANNEL_REQUEST]
+
+    def handler(chan, m):
+        pos = m.packet.tell()
+        try:
+            if m.get_text() == "exit-signal":
+                m.get_boolean()
+                chan.vmwn_exit_signal = m.get_text()
+        except Exception:  # noqa: BLE001 - a malformed request is paramiko's to reject
+            pass
+        m.packet.seek(pos)
+        original(chan, m)
+
+    table[MSG_CHANNEL_REQUEST] = handler
+    transport._channel_handler_table = table
+
+
+def signal_number(name):
+    """'TERM' -> 15; None for names this host does not know."""
+    import signal
+    try:
+        return int(getattr(signal, "SIG" + str(name)))
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+class Relay:
+    """Moves bytes between the guest job and fds 0-2, and signals to the guest."""
+
+    def __init__(self, guest, chan, pidfile, interactive=False):
+        self.guest, self.chan, self.pidfile = guest, chan, pidfile
+        self.interactive = interactive
+        self.pending = []
+        self.output_ok = {1: True, 2: True}
+        self.probe_sent = None
+        self.probe_ok = None
+
+    def run(self):
+        """Relay until the guest job ends: ("exit", status) or ("signal", signum)."""
+        import signal
+        import threading
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        old = {}
+        handled = [getattr(signal, n) for n in _FORWARDED]
+        if self.interactive:
+            handled.append(signal.SIGWINCH)
+        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for s in handled:
+            old[s] = signal.signal(s, self._on_signal)
+        restore_tty = self._raw_tty() if self.interactive else None
+        if not self.interactive:
+            self.chan.shutdown_write()
+        stop = threading.Event()
+        prober = threading.Thread(target=self._probe, args=(stop,), daemon=True)
+        prober.start()
+        try:
+            return self._loop(wake_r)
+        finally:
+            stop.set()
+            if restore_tty:
+                restore_tty()
+            for s, h in old.items():
+                signal.signal(s, h)
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _on_signal(self, signum, frame):
+        self.pending.append(signum)
+
+    def _loop(self, wake_r):
+        import select
+        import signal
+        import time
+        from ..errors import GuestLost
+        chan = self.chan
+        stdin_open = self.interactive
+        ended = None
+        while True:
+            rlist = [chan, wake_r] + ([0] if stdin_open else [])
+            try:
+                ready, _, _ = select.select(rlist, [], [], 1.0)
+            except InterruptedError:
+                ready = []
+            if wake_r in ready:
+                try:
+                    while os.read(wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            while self.pending:
+                s = self.pending.pop(0)
+                if s == signal.SIGWINCH:
+                    w, h = _tty_size()
+                    try:
+                        chan.resize_pty(width=w, height=h)
+                    except Exception:  # noqa: BLE001 - a lost guest shows up below
+                        pass
+                else:
+                    self._forward(s)
+            self._drain()
+            if stdin_open and 0 in ready:
+                try:
+                    data = os.read(0, 65536)
+                except OSError:
+                    data = b""
+                if data:
+                    try:
+                        chan.sendall(data)
+                    except (OSError, EOFError):
+                        stdin_open = False
+                else:
+                    stdin_open = False
+                    try:
+                        chan.shutdown_write()
+                    except (OSError, EOFError):
+                        pass
+            if chan.closed or (ended is not None and chan.eof_received):
+                self._drain()
+                break
+            if ended is None and (chan.exit_status >= 0
+                                  or getattr(chan, "vmwn_exit_signal", None) is not None):
+                ended = time.monotonic()
+            if ended is not None and time.monotonic() - ended > _LINGER:
+                # The job shell is gone but something it started holds its output
+                # open; a native job ends here too (the mom kills the session).
+                self._drain()
+                break
+            if self.probe_sent is not None and time.monotonic() - self.probe_sent > LOST_AFTER:
+                raise GuestLost(f"no answer from the guest for {LOST_AFTER:.0f} s",
+                                "the job's output so far is in its .o/.e files")
+        sig = signal_number(getattr(chan, "vmwn_exit_signal", None))
+        if getattr(chan, "vmwn_exit_signal", None) is not None:
+            return ("signal", sig or signal.SIGKILL)
+        if chan.exit_status >= 0:
+            return ("exit", chan.exit_status & 0xFF)
+        transport = chan.get_transport()
+        why = "the SSH connection closed without an exit status"
+        exc = transport.get_exception() if transport else None
+        if exc is not None:
+            why = f"{why} ({' '.join(str(exc).split()) or type(exc).__name__})"
+        raise GuestLost(why, "the job's output so far is in its .o/.e files")
+
+    def _drain(self):
+        chan = self.chan
+        while chan.recv_ready():
+            self._write(1, chan.recv(65536))
+        while chan.recv_stderr_ready():
+            self._write(2, chan.recv_stderr(65536))
+
+    def _write(self, fd, data):
+        """Write all of ``data`` to ``fd``; a closed output is dropped, the guest keeps going."""
+        import select
+        if not self.output_ok[fd] or not data:
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                select.select([], [fd], [], 1.0)
+            except InterruptedError:
+                continue
+            except OSError:
+                self.output_ok[fd] = False
+                return
+
+    def _forward(self, signum):
+        """Deliver ``signum`` to the guest job's process group (a second exec channel)."""
+        import logging
+        import signal
+        from shlex import quote
+        name = signal.Signals(signum).name[3:]
+        p = quote(self.pidfile)
+        cmd = (f"i=0; while [ ! -s {p} ] && [ $i -lt 50 ]; do sleep 0.1 2>/dev/null || sleep 1; "
+               f"i=$((i+1)); done; read p < {p} && "
+               f"{{ kill -s {name} -- -$p 2>/dev/null || kill -s {name} $p; }}")
+        try:
+            c = self.guest.exec(cmd)
+            c.shutdown_write()
+        except Exception as e:  # noqa: BLE001 - a lost guest is reported by the relay loop
+            logging.getLogger(__name__).warning("cannot forward SIG%s: %s", name, e)
+
+    def _probe(self, stop):
+        """Keepalive with a reply: notice a guest that hangs without closing TCP."""
+        import time
+        transport = self.chan.get_transport()
+        while not stop.wait(PROBE_EVERY):
+            if not transport.is_active():
+                return
+            self.probe_sent = time.monotonic()
+            try:
+                transport.global_request("keepalive@openssh.com", wait=True)
+            except Exception:  # noqa: BLE001 - the relay loop sees the dead transport
+                return
+            self.probe_sent = None
+
+    def _raw_tty(self):
+        import termios
+        import tty
+        try:
+            saved = termios.tcgetattr(0)
+            tty.setraw(0)
+        except (termios.error, OSError):
+            return None
+
+        def restore():
+            try:
+                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+            except (termios.error, OSError):
+                pass
+        return restore
+
+
+if __name__ == "__main__":
+    sys.exit(main())

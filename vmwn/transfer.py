@@ -1,0 +1,502 @@
+"""Copy the job's files between the host and its guest over SFTP.
+
+Stage-in (job starter, as the job user): PBS_O_WORKDIR goes into the guest's
+working directory before the job runs.  Harvest (epilogue, as root): a child
+that has dropped to the job user copies back what the job created or changed.
+
+File-system rules, both directions:
+
+* Only regular files, directories and (stage-in only) symlinks are copied.
+  Host symlinks inside PBS_O_WORKDIR are recreated in the guest as symlinks
+  with their target text untouched, never followed; guest symlinks are never
+  copied back, so harvest writes nothing but guest content.
+* Modes (without set-id bits on harvest) and mtimes are preserved.
+* Harvest never writes through a host symlink: every directory is opened with
+  O_NOFOLLOW relative to its parent, files are written to a temporary name and
+  renamed within the same directory, and an existing symlink in the way is left
+  alone and reported.
+* The guest's control directory (``~/.vmwn``: job script, pidfile, manifest)
+  is never harvested.  The manifest records every staged-in file (size,
+  mtime), and harvest skips files that are unchanged since stage-in.
+"""
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import posixpath
+import stat
+import time
+
+from .errors import GuestLost, SiteError, UserError
+
+log = logging.getLogger(__name__)
+
+CONTROL = ".vmwn"
+MANIFEST = "manifest.json"
+CHUNK = 32768
+_MAX_MANIFEST = 64 << 20
+_MAX_PROBLEMS = 50
+
+
+def _fmt(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _sftp_errors():
+    import paramiko
+    return (IOError, OSError, EOFError, paramiko.SSHException)
+
+
+# --------------------------------------------------------------------- stage-in
+
+@dataclasses.dataclass
+class StageResult:
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    bytes: int = 0
+    skipped: list = dataclasses.field(default_factory=list)
+    manifest: dict = dataclasses.field(default_factory=lambda: {"files": {}, "dirs": []})
+
+
+def scan_host(host_dir, max_bytes):
+    """Walk ``host_dir`` without following symlinks: list of (rel, kind, lstat).
+
+    Raises UserError when the regular files add up to more than ``max_bytes``,
+    before anything is copied.
+    """
+    try:
+        top = os.lstat(host_dir)
+    except OSError as e:
+        raise UserError(f"cannot read the job's working directory {host_dir}: {e.strerror}",
+                        "submit from a directory readable on the execution host") from None
+    if not stat.S_ISDIR(top.st_mode):
+        raise UserError(f"the job's working directory {host_dir} is not a directory",
+                        "submit from a directory") from None
+    entries, total, skipped = [], 0, []
+
+    def walk(path, rel):
+        nonlocal total
+        try:
+            with os.scandir(path) as it:
+                names = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            skipped.append(f"{rel or '.'}: {e.strerror}")
+            return
+        for e in names:
+            r = posixpath.join(rel, e.name) if rel else e.name
+            try:
+                e.name.encode("utf-8")
+                st = e.stat(follow_symlinks=False)
+            except UnicodeEncodeError:
+                skipped.append(f"{os.fsencode(r)!r}: name is not UTF-8")
+                continue
+            except OSError as ex:
+                skipped.append(f"{r}: {ex.strerror}")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                entries.append((r, "dir", st))
+                walk(e.path, r)
+            elif stat.S_ISREG(st.st_mode):
+                entries.append((r, "file", st))
+                total += st.st_size
+                if total > max_bytes:
+                    raise UserError(
+                        f"the job's working directory {host_dir} holds more than "
+                        f"{_fmt(max_bytes)}, the most that is copied into the virtual machine",
+                        "submit from a smaller directory (qsub -d) or ask the site to raise "
+                        "[site] stage_in_max")
+            elif stat.S_ISLNK(st.st_mode):
+                entries.append((r, "link", st))
+            else:
+                skipped.append(f"{r}: not a regular file, directory or symlink")
+
+    walk(host_dir, "")
+    return entries, total, skipped
+
+
+def _guest_makedirs(sftp, path):
+    """mkdir -p over SFTP; an existing non-directory in the way is an error."""
+    parts = [p for p in path.split("/") if p]
+    cur = "/"
+    for p in parts:
+        cur = posixpath.join(cur, p)
+        try:
+            a = sftp.stat(cur)
+        except FileNotFoundError:
+            sftp.mkdir(cur, 0o700)
+            continue
+        if not stat.S_ISDIR(a.st_mode):
+            raise UserError(f"{cur} in the virtual machine is not a directory",
+                            "choose another working directory")
+
+
+def control_dir(sftp):
+    """The guest user's ~/.vmwn (created 0700): job script, pidfile, manifest."""
+    home = sftp.normalize(".")
+    d = posixpath.join(home, CONTROL)
+    try:
+        sftp.mkdir(d, 0o700)
+    except IOError:
+        a = sftp.lstat(d)
+        if not stat.S_ISDIR(a.st_mode):
+            raise UserError(f"{d} in the virtual machine is not a directory",
+                            "remove it from the image") from None
+    return d
+
+
+def stage_in(guest, host_dir, guest_dir, max_bytes, sftp=None):
+    """Copy ``host_dir`` into ``guest_dir`` (runs as the job user).  Returns StageResult."""
+    entries, total, skipped = scan_host(host_dir, max_bytes)
+    res = StageResult(skipped=list(skipped))
+    own = sftp is None
+    sftp = sftp or guest.sftp()
+    try:
+        _guest_makedirs(sftp, guest_dir)
+        dirs = []
+        for rel, kind, st in entries:
+            dst = posixpath.join(guest_dir, rel)
+            src = os.path.join(host_dir, rel)
+            if kind == "dir":
+                try:
+                    sftp.mkdir(dst, 0o700)
+                except IOError:
+                    if not stat.S_ISDIR(sftp.lstat(dst).st_mode):
+                        raise
+                dirs.append((dst, st))
+                res.dirs += 1
+                res.manifest["dirs"].append(dst)
+            elif kind == "link":
+                target = os.readlink(src)
+                try:
+                    sftp.remove(dst)
+                except IOError:
+                    pass
+                sftp.symlink(target, dst)
+                res.links += 1
+            else:
+                n, mtime = _put_file(sftp, src, dst, st, max_bytes - res.bytes)
+                if n is None:
+                    res.skipped.append(f"{rel}: {mtime}")
+                    continue
+                res.bytes += n
+                res.files += 1
+                res.manifest["files"][dst] = [n, mtime]
+        for dst, st in reversed(dirs):
+            sftp.utime(dst, (int(st.st_atime), int(st.st_mtime)))
+            sftp.chmod(dst, stat.S_IMODE(st.st_mode) | 0o700)
+    except _sftp_errors() as e:
+        if isinstance(e, UserError):
+            raise
+        raise GuestLost(f"copying {host_dir} into the virtual machine failed: "
+                        f"{' '.join(str(e).split()) or type(e).__name__}",
+                        "the virtual machine may be out of disk space or lost") from None
+    finally:
+        if own:
+            sftp.close()
+    log.info("staged in %d files, %d dirs, %d links, %d bytes from %s",
+             res.files, res.dirs, res.links, res.bytes, host_dir)
+    return res
+
+
+def _put_file(sftp, src, dst, st, budget):
+    """Copy one host file; returns (bytes, mtime) or (None, reason) when unreadable."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        return None, e.strerror
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode):
+            return None, "changed into a non-regular file"
+        n = 0
+        with sftp.open(dst, "wb") as out:
+            out.set_pipelined(True)
+            while True:
+                chunk = f.read(CHUNK)
+                if not chunk:
+                    break
+                n += len(chunk)
+                if n > budget:
+                    raise UserError(f"{src} grew past [site] stage_in_max while it was copied",
+                                    "do not modify the working directory while the job starts")
+                out.write(chunk)
+            out.chmod(stat.S_IMODE(now.st_mode))
+            out.utime((int(now.st_atime), int(now.st_mtime)))
+    return n, int(now.st_mtime)
+
+
+def write_manifest(sftp, ctl, manifest):
+    """Record what was staged in, so that harvest copies back only changes."""
+    data = json.dumps(manifest, separators=(",", ":")).encode()
+    with sftp.open(posixpath.join(ctl, MANIFEST), "wb") as f:
+        f.set_pipelined(True)
+        f.write(data)
+
+
+def read_manifest(sftp, ctl):
+    try:
+        with sftp.open(posixpath.join(ctl, MANIFEST), "rb") as f:
+            data = f.read(_MAX_MANIFEST)
+        m = json.loads(data.decode())
+        return {k: tuple(v) for k, v in m.get("files", {}).items()}, set(m.get("dirs", []))
+    except FileNotFoundError:
+        return {}, set()
+    except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
+        log.warning("the guest's stage-in manifest is unreadable; harvesting every file")
+        return {}, set()
+
+
+# ---------------------------------------------------------------------- harvest
+
+@dataclasses.dataclass
+class HarvestResult:
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    truncated: bool = False
+    unchanged: int = 0
+    problems: list = dataclasses.field(default_factory=list)
+
+    def summary(self):
+        s = (f"copied {self.files} files ({_fmt(self.bytes)}) back in {self.seconds:.1f} s, "
+             f"{self.unchanged} unchanged files skipped")
+        if self.truncated:
+            s += "; STOPPED at [site] harvest_max"
+        if self.problems:
+            s += f"; {len(self.problems)} not copied"
+        return s
+
+
+def harvest(cfg, st, timeout=180.0):
+    """Copy the job's new and changed files from st.output_dir to st.host_workdir.
+
+    Called as root; the work happens in a child running as the job user.
+    """
+    from . import privs
+    from .config import parse_bytes
+    cap = parse_bytes(cfg.site["harvest_max"])
+    t0 = time.monotonic()
+    out = privs.run_as(st.user, st.uid, st.gid, _harvest_as_user,
+                       dataclasses.asdict(st), cap, timeout=timeout)
+    res = HarvestResult(**out)
+    res.seconds = time.monotonic() - t0
+    log.info("job %s: harvest %s", st.job_id, res.summary())
+    return res
+
+
+def _harvest_as_user(st_fields, cap):
+    """Child side of :func:`harvest`, already running as the job user."""
+    from .ssh import Guest
+    from .state import JobState
+    st = JobState.from_json(st_fields)
+    guest = Guest.connect(st)
+    try:
+        sftp = guest.sftp()
+        try:
+            res = pull(sftp, st.output_dir, st.host_workdir, cap)
+        finally:
+            sftp.close()
+    finally:
+        guest.close()
+    return dataclasses.asdict(res)
+
+
+class _HostTree:
+    """Writes below one host directory, never following a symlink below it."""
+
+    def __init__(self, root):
+        try:
+            self.root = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise UserError(f"cannot open the job's working directory {root} to copy output "
+                            f"back: {e.strerror}", "the output stays lost with the VM; "
+                            "keep the submit directory until the job ends") from None
+        self.fds = {"": self.root}
+        self.seq = 0
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def dir(self, rel, mode=0o700):
+        """fd of host directory ``rel`` (created when missing); OSError if in the way."""
+        if rel in self.fds:
+            return self.fds[rel]
+        parent, name = posixpath.split(rel)
+        pfd = self.dir(parent)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        try:
+            fd = os.open(name, flags, dir_fd=pfd)
+        except FileNotFoundError:
+            os.mkdir(name, mode | 0o700, dir_fd=pfd)
+            fd = os.open(name, flags, dir_fd=pfd)
+            os.fchmod(fd, mode | 0o700)
+        self.fds[rel] = fd
+        return fd
+
+    def blocker(self, dfd, name):
+        """Why ``name`` in ``dfd`` must not be replaced, or None."""
+        try:
+            a = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(a.st_mode):
+            return "the host path is a symlink; not written through"
+        if not stat.S_ISREG(a.st_mode):
+            return "the host path is not a regular file"
+        return None
+
+    def tmpname(self, name):
+        self.seq += 1
+        return f".{name[:100]}.vmwn-{os.getpid()}-{self.seq}.tmp"
+
+
+def _alive(sftp):
+    chan = sftp.get_channel()
+    return not chan.closed and chan.get_transport().is_active()
+
+
+def _valid_name(name):
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
+def pull(sftp, guest_dir, host_dir, cap):
+    """Copy new and changed regular files from ``guest_dir`` into ``host_dir``."""
+    res = HarvestResult()
+    ctl = posixpath.join(sftp.normalize("."), CONTROL)
+    staged, staged_dirs = read_manifest(sftp, ctl)
+    tree = _HostTree(host_dir)
+
+    def problem(rel, why):
+        if len(res.problems) < _MAX_PROBLEMS:
+            res.problems.append(f"{rel}: {why}")
+        elif len(res.problems) == _MAX_PROBLEMS:
+            res.problems.append("... more problems not listed")
+
+    def walk(gdir, rel):
+        try:
+            items = sorted(sftp.listdir_attr(gdir), key=lambda a: a.filename)
+        except IOError as e:
+            if not _alive(sftp):
+                raise
+            problem(rel or ".", f"unreadable in the guest ({e})")
+            return True
+        for a in items:
+            if not _valid_name(a.filename):
+                problem(rel or ".", f"the guest sent an invalid name {a.filename!r}")
+                continue
+            gpath = posixpath.join(gdir, a.filename)
+            r = posixpath.join(rel, a.filename) if rel else a.filename
+            if gpath == ctl:
+                continue
+            mode = a.st_mode or 0
+            if stat.S_ISDIR(mode):
+                if gpath not in staged_dirs:
+                    try:
+                        tree.dir(r, stat.S_IMODE(mode) & 0o777)
+                    except OSError as e:
+                        problem(r, _why(e))
+                        continue
+                if not walk(gpath, r):
+                    return False
+            elif stat.S_ISREG(mode):
+                if staged.get(gpath) == (a.st_size, a.st_mtime):
+                    res.unchanged += 1
+                    continue
+                if not _pull_file(sftp, tree, gpath, r, a, cap, res, problem):
+                    return False
+            # guest symlinks, fifos, sockets and devices stay in the guest
+        return True
+
+    try:
+        walk(guest_dir, "")
+    except _sftp_errors() as e:
+        if isinstance(e, (UserError, SiteError)):
+            raise
+        raise GuestLost(f"copying output back from the virtual machine failed: "
+                        f"{' '.join(str(e).split()) or type(e).__name__}",
+                        f"{res.files} files were copied before the failure") from None
+    finally:
+        tree.close()
+    return res
+
+
+def _why(e):
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+        return "a host path component is a symlink or not a directory; not written through"
+    return e.strerror or str(e)
+
+
+def _pull_file(sftp, tree, gpath, rel, a, cap, res, problem):
+    """Copy one guest file; False when the cap stops the harvest."""
+    size = a.st_size or 0
+    if res.bytes + size > cap:
+        res.truncated = True
+        problem(rel, f"not copied: the output exceeds [site] harvest_max ({_fmt(cap)}); "
+                     "this and later files stay behind")
+        return False
+    parent, name = posixpath.split(rel)
+    try:
+        dfd = tree.dir(parent)
+    except OSError as e:
+        problem(rel, _why(e))
+        return True
+    why = tree.blocker(dfd, name)
+    if why:
+        problem(rel, why)
+        return True
+    tmp = tree.tmpname(name)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                     dir_fd=dfd)
+    except OSError as e:
+        problem(rel, _why(e))
+        return True
+    n, done = 0, False
+    try:
+        with sftp.open(gpath, "rb") as src:
+            src.prefetch(size)
+            while True:
+                chunk = src.read(CHUNK)
+                if not chunk:
+                    break
+                n += len(chunk)
+                if res.bytes + n > cap:
+                    res.truncated = True
+                    problem(rel, "not copied: it grew past [site] harvest_max")
+                    return False
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+        os.fchmod(fd, stat.S_IMODE(a.st_mode) & 0o777)
+        if a.st_mtime is not None:
+            os.utime(fd, (a.st_atime or a.st_mtime, a.st_mtime))
+        why = tree.blocker(dfd, name)
+        if why:
+            problem(rel, why)
+            return True
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        done = True
+    except OSError as e:
+        if not _alive(sftp):
+            raise
+        problem(rel, _why(e) if e.errno else f"unreadable in the guest ({e})")
+        return True
+    finally:
+        os.close(fd)
+        if not done:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+    res.files += 1
+    res.bytes += n
+    return True
