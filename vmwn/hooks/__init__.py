@@ -1,1 +1,65 @@
-"""Entry points pbs_mom runs: prologue, job starter, epilogue."""
+"""What vmwn's prologue and epilogue steps share: a safe start and the sister test.
+
+pbs_mom starts hook scripts with stdin on /dev/null and, for epilogues, often
+with fds 1 and 2 closed; a Python script that opens a file before repairing
+that writes its data to whatever landed on fd 1 or 2.  Nothing here imports
+more than the standard library.
+"""
+
+import os
+import sys
+
+# Set by vmwn's dispatcher to the name pbs_mom ran (prologue, prologue.parallel,
+# epilogue, epilogue.parallel), so a step can tell a sister from the mother superior.
+HOOK_VARIABLE = "VMWN_HOOK"
+
+
+def ensure_std_fds():
+    """Open /dev/null onto any of fds 0-2 that is closed; give Python streams for them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            nul = os.open(os.devnull, os.O_RDWR)
+            if nul != fd:
+                os.dup2(nul, fd)
+                os.close(nul)
+    if sys.stdin is None:
+        sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)
+
+
+def is_sister(environ):
+    """True on a sister node (``.parallel`` hooks, or PBS_NODENUM other than 0)."""
+    if (environ.get(HOOK_VARIABLE) or "").endswith(".parallel"):
+        return True
+    return (environ.get("PBS_NODENUM") or "0").strip() not in ("", "0")
+
+
+def say(line, stream=None):
+    """Write one line to the job's .o/.e file; a closed or broken stream is not an error."""
+    stream = stream or sys.stderr
+    try:
+        stream.write(f"vmwn: {line}\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def session_age():
+    """Seconds since this hook's session leader (the script pbs_mom started) began.
+
+    pbs_mom's alarm runs from when it started the hook, not from when this step
+    began; earlier steps and the dispatcher have already used part of it.
+    """
+    try:
+        with open(f"/proc/{os.getsid(0)}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0

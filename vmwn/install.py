@@ -1,0 +1,313 @@
+"""Install vmwn's hooks into a Torque node, and take them out again.
+
+``make install`` calls ``python -m vmwn.install install``: the dispatchers become
+pbs_mom's prologue, epilogue and their .parallel forms; vmwn's steps go into
+``mom_priv/prologue.d`` and ``epilogue.d`` beside any site steps; the job starter
+goes to PREFIX/libexec/vmwn and is named in ``mom_priv/config``; a sample
+vmwn.conf is installed unless the site has one.  Everything is root-owned and
+written atomically, re-running is harmless, and ``uninstall`` removes only what
+install put there.  A prologue, epilogue or ``$job_starter`` that is not vmwn's
+is never overwritten: the site must move it into the steps directory first.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from .errors import SiteError, VmwnError
+from .hooks import dispatch
+
+SOURCE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_NAME = "50-vmwn"
+STEP_SOURCES = {"prologue.d": "prologue.d/50-vmwn", "epilogue.d": "epilogue.d/50-vmwn"}
+STARTER_NAME = "job-starter"
+STARTER_ENTRY = "vmwn.hooks.starter"
+CONFIG_COMMENT = "# vmwn job starter (added by vmwn install, removed by vmwn uninstall)"
+DEFAULT_CONFIG = "/etc/vmwn/vmwn.conf"
+
+_STARTER = '''#!{python} -Es
+"""vmwn job starter (pbs_mom's $job_starter): runs the job in its VM, or on the host
+when the job has none.  Installed by vmwn; do not edit."""
+CONFIG = {config!r}
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+if CONFIG != {default!r}:
+    os.environ["VMWN_CONFIG"] = CONFIG
+
+from {entry} import main  # noqa: E402
+
+sys.exit(main())
+'''
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where things go, as the node will see them (``dest`` adds DESTDIR)."""
+    destdir: str
+    pbs_home: str
+    sysconfdir: str
+    prefix: str
+
+    @property
+    def mom_priv(self):
+        return os.path.join(self.pbs_home, "mom_priv")
+
+    @property
+    def config(self):
+        return os.path.join(self.sysconfdir, "vmwn", "vmwn.conf")
+
+    @property
+    def starter(self):
+        return os.path.join(self.prefix, "libexec", "vmwn", STARTER_NAME)
+
+    @property
+    def mom_config(self):
+        return os.path.join(self.mom_priv, "config")
+
+    @property
+    def starter_line(self):
+        return f"$job_starter {self.starter}"
+
+    def dest(self, path):
+        return self.destdir.rstrip("/") + path if self.destdir else path
+
+
+def _check_path(name, value):
+    if not value.startswith("/") or any(c in value for c in "\n\r\0'\"\\$`"):
+        raise SiteError(f"--{name} {value!r} must be an absolute path without quotes, "
+                        "backslashes, $ or newlines", f"fix --{name}")
+    return os.path.normpath(value)
+
+
+def layout(opts):
+    destdir = opts.destdir or ""
+    if destdir and not destdir.startswith("/"):
+        destdir = os.path.abspath(destdir)
+    return Layout(destdir=destdir, pbs_home=_check_path("pbs-home", opts.pbs_home),
+                  sysconfdir=_check_path("sysconfdir", opts.sysconfdir),
+                  prefix=_check_path("prefix", opts.prefix))
+
+
+def _own_root(path):
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0, follow_symlinks=False)
+
+
+def _makedirs(path, mode):
+    if not os.path.isdir(path):
+        os.makedirs(path, mode=mode)
+        os.chmod(path, mode)
+        _own_root(path)
+
+
+def _write(path, text, mode):
+    """Atomically replace ``path`` with ``text``, root-owned, ``mode``."""
+    tmp = f"{path}.vmwn-new"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _own_root(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def render_step(source_text, python, config_path, pbs_home):
+    """A step script with the site's interpreter, configuration path and PBS_HOME."""
+    out = []
+    for i, line in enumerate(source_text.splitlines()):
+        if i == 0 and line.startswith("#!"):
+            line = f"#!{python} -Es"
+        elif line.startswith("CONFIG = "):
+            line = f"CONFIG = {config_path!r}"
+        elif line.startswith("PBS_HOME = "):
+            line = f"PBS_HOME = {pbs_home!r}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def render_starter(python, config_path):
+    return _STARTER.format(python=python, config=config_path, default=DEFAULT_CONFIG,
+                           entry=STARTER_ENTRY)
+
+
+def _is_ours_step(path):
+    text = _read(path)
+    return text is not None and "from vmwn.hooks." in text
+
+
+def _is_ours_starter(path):
+    text = _read(path)
+    return text is not None and f"from {STARTER_ENTRY} import main" in text
+
+
+def _starter_lines(text):
+    return [ln for ln in (text or "").splitlines() if ln.split(None, 1)[:1] == ["$job_starter"]]
+
+
+def _preflight(lay):
+    """Refuse before changing anything when a file install would overwrite is the site's."""
+    for hook in dispatch.HOOKS:
+        p = lay.dest(os.path.join(lay.mom_priv, hook))
+        if os.path.lexists(p) and not dispatch.is_dispatcher(p):
+            raise SiteError(f"{p} exists and is not vmwn's dispatcher",
+                            f"move it into {os.path.join(lay.mom_priv, dispatch.HOOKS[hook][0])}/"
+                            " (it keeps running there as a step) and install again")
+    for line in _starter_lines(_read(lay.dest(lay.mom_config))):
+        if line.split(None, 1)[1:] != [lay.starter]:
+            raise SiteError(f"{lay.mom_config} already names a job starter ({line})",
+                            "remove that line (vmwn's starter runs jobs without a VM "
+                            "unchanged) and install again")
+    if os.path.lexists(lay.dest(lay.starter)) and not _is_ours_starter(lay.dest(lay.starter)):
+        raise SiteError(f"{lay.starter} exists and is not vmwn's", "remove it or choose --prefix")
+
+
+def install(opts):
+    """Install everything; returns the list of paths written."""
+    lay = layout(opts)
+    python = os.path.abspath(opts.python or sys.executable)
+    srcdir = opts.srcdir or SOURCE_DIR
+    _preflight(lay)
+    written = []
+    mom_priv = lay.dest(lay.mom_priv)
+    _makedirs(mom_priv, 0o751)
+    for steps_dir, source in STEP_SOURCES.items():
+        d = os.path.join(mom_priv, steps_dir)
+        _makedirs(d, 0o755)
+        text = _read(os.path.join(srcdir, source))
+        if text is None:
+            raise SiteError(f"{os.path.join(srcdir, source)} is missing",
+                            "run install from a vmwn source tree")
+        p = os.path.join(d, STEP_NAME)
+        _write(p, render_step(text, python, lay.config, lay.pbs_home), 0o755)
+        written.append(p)
+    for hook, (steps_dir, _) in dispatch.HOOKS.items():
+        p = os.path.join(mom_priv, hook)
+        _write(p, dispatch.render(hook, os.path.join(lay.mom_priv, steps_dir)), 0o755)
+        written.append(p)
+    starter = lay.dest(lay.starter)
+    _makedirs(os.path.dirname(starter), 0o755)
+    _write(starter, render_starter(python, lay.config), 0o755)
+    written.append(starter)
+    written += _install_config(lay, opts)
+    written += _add_starter_line(lay)
+    return written
+
+
+def _install_config(lay, opts):
+    target = lay.dest(lay.config)
+    if os.path.lexists(target):
+        return []
+    sample = _read(opts.sample_config or os.path.join(SOURCE_DIR, "etc", "vmwn.conf"))
+    if sample is None:
+        raise SiteError("no sample vmwn.conf to install", "pass --sample-config")
+    if opts.template_dir:
+        tdir = _check_path("template-dir", opts.template_dir)
+        lines = sample.splitlines()
+        if "[site]" in lines:
+            lines.insert(lines.index("[site]") + 1, f"template_dir = {tdir}")
+            sample = "\n".join(lines) + "\n"
+    _makedirs(os.path.dirname(target), 0o755)
+    _write(target, sample, 0o644)
+    return [target]
+
+
+def _add_starter_line(lay):
+    path = lay.dest(lay.mom_config)
+    text = _read(path)
+    if lay.starter_line in (text or "").splitlines():
+        return []
+    new = text or ""
+    if new and not new.endswith("\n"):
+        new += "\n"
+    new += f"{CONFIG_COMMENT}\n{lay.starter_line}\n"
+    _write(path, new, 0o644 if text is None else os.stat(path).st_mode & 0o7777)
+    return [path]
+
+
+def uninstall(opts):
+    """Remove what install put there; returns the list of paths removed or changed."""
+    lay = layout(opts)
+    removed = []
+    mom_priv = lay.dest(lay.mom_priv)
+    for hook in dispatch.HOOKS:
+        p = os.path.join(mom_priv, hook)
+        if dispatch.is_dispatcher(p):
+            os.unlink(p)
+            removed.append(p)
+    for steps_dir in STEP_SOURCES:
+        d = os.path.join(mom_priv, steps_dir)
+        p = os.path.join(d, STEP_NAME)
+        if _is_ours_step(p):
+            os.unlink(p)
+            removed.append(p)
+        if os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)
+            removed.append(d)
+    starter = lay.dest(lay.starter)
+    if _is_ours_starter(starter):
+        os.unlink(starter)
+        removed.append(starter)
+        d = os.path.dirname(starter)
+        if not os.listdir(d):
+            os.rmdir(d)
+    path = lay.dest(lay.mom_config)
+    text = _read(path)
+    if text is not None and lay.starter_line in text.splitlines():
+        keep = [ln for ln in text.splitlines() if ln not in (lay.starter_line, CONFIG_COMMENT)]
+        _write(path, "\n".join(keep) + ("\n" if keep else ""), os.stat(path).st_mode & 0o7777)
+        removed.append(path)
+    return removed
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m vmwn.install",
+                                description="Install vmwn's Torque hooks on this node.")
+    p.add_argument("action", choices=("install", "uninstall"))
+    p.add_argument("--pbs-home", default="/var/spool/torque", help="Torque's PBS_HOME")
+    p.add_argument("--destdir", default="", help="staging root prepended to every path")
+    p.add_argument("--sysconfdir", default="/etc", help="vmwn.conf goes to SYSCONFDIR/vmwn")
+    p.add_argument("--prefix", default="/usr/local",
+                   help="the job starter goes to PREFIX/libexec/vmwn")
+    p.add_argument("--python", help="interpreter for the installed scripts "
+                   "(default: the one running this)")
+    p.add_argument("--template-dir", help="written as template_dir into a new vmwn.conf")
+    p.add_argument("--sample-config", help="vmwn.conf to install when none exists")
+    p.add_argument("--srcdir", help="source tree holding prologue.d/ and epilogue.d/")
+    return p
+
+
+def main(argv=None):
+    opts = build_parser().parse_args(argv)
+    try:
+        done = install(opts) if opts.action == "install" else uninstall(opts)
+    except VmwnError as e:
+        print(f"vmwn {opts.action}: {e.line()}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"vmwn {opts.action}: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+    for p in done:
+        print(f"{opts.action}: {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

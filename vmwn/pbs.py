@@ -1,0 +1,302 @@
+"""What Torque tells a hook about a job: argv, resource strings, the .JB job record.
+
+pbs_mom calls the prologue and epilogue families with fixed argv positions and a
+minimal environment (docs/admin-guide.md); everything else about the job lives in
+the job record ``$PBS_HOME/mom_priv/jobs/<prefix>.JB`` on the mother superior,
+or on the server (pbs_python, optional).  This module only parses: it imports
+nothing beyond the standard library, so a hook for a job without a VM stays cheap.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+import xml.etree.ElementTree as ET
+
+from .errors import SiteError, UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROLOGALARM = 300  # seconds; pbs_mom's default for $prologalarm
+ALARM_MARGIN = 10          # the mom fires its alarm at $prologalarm - 10
+
+
+@dataclasses.dataclass(frozen=True)
+class PrologueArgs:
+    """argv of prologue, prologue.parallel (and prologue.user)."""
+    job_id: str
+    user: str
+    group: str
+    job_name: str
+    resources: str
+    queue: str
+    account: str
+    script: str  # "" before Torque 5.1.3/6.0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class EpilogueArgs:
+    """argv of epilogue, epilogue.parallel (and epilogue.user)."""
+    job_id: str
+    user: str
+    group: str
+    job_name: str
+    session_id: int
+    resources: str
+    resources_used: str
+    queue: str
+    account: str
+    exit_status: int
+    script: str
+
+
+def _need(argv, n, family):
+    if len(argv) < n:
+        raise SiteError(f"{family} called with {len(argv)} arguments, expected at least {n}",
+                        "install the vmwn dispatcher as pbs_mom's prologue/epilogue")
+
+
+def parse_prologue_argv(argv):
+    """``argv`` without argv[0]: $1 job id ... $7 account, $8 script path (optional)."""
+    _need(argv, 7, "prologue")
+    a = list(argv) + [""]
+    return PrologueArgs(job_id=a[0], user=a[1], group=a[2], job_name=a[3], resources=a[4],
+                        queue=a[5], account=a[6], script=a[7])
+
+
+def _int(text, what):
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise SiteError(f"epilogue {what} {text!r} is not a number",
+                        "install the vmwn dispatcher as pbs_mom's epilogue") from None
+
+
+def parse_epilogue_argv(argv):
+    """``argv`` without argv[0]: $1 job id ... $10 exit status, $11 script path (optional)."""
+    _need(argv, 10, "epilogue")
+    a = list(argv) + [""]
+    return EpilogueArgs(job_id=a[0], user=a[1], group=a[2], job_name=a[3],
+                        session_id=_int(a[4], "session id"), resources=a[5],
+                        resources_used=a[6], queue=a[7], account=a[8],
+                        exit_status=_int(a[9], "exit status"), script=a[10])
+
+
+def parse_resources(text):
+    """``'nodes=1:ppn=2,walltime=01:00:00,other=vmwn=x'`` -> dict (later pairs win).
+
+    Pairs are joined by ``,``; a value may itself hold ``:`` ``+`` ``=``, so only
+    the first ``=`` separates name from value.  Entries without ``=`` are kept
+    with an empty value.
+    """
+    out = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        out[name.strip()] = value.strip()
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSpec:
+    """One ``+``-separated part of a ``nodes`` request: a count or a host name."""
+    count: int
+    host: str
+    ppn: int
+    properties: tuple
+
+
+def parse_nodes(text):
+    """``'2:ppn=4+node7:ppn=1:gpus=1'`` -> [NodeSpec, ...]."""
+    parts = []
+    for part in (text or "").split("+"):
+        part = part.strip()
+        if not part:
+            continue
+        fields = part.split(":")
+        head, rest = fields[0], fields[1:]
+        count, host = (int(head), "") if head.isdigit() else (1, head)
+        ppn, props = 1, []
+        for f in rest:
+            name, eq, value = f.partition("=")
+            if name == "ppn" and eq:
+                if not value.isdigit() or int(value) < 1:
+                    raise UserError(f"nodes request {text!r} has a bad ppn {value!r}",
+                                    "ask for nodes=1:ppn=N with N >= 1")
+                ppn = int(value)
+            else:
+                props.append(f)
+        parts.append(NodeSpec(count=count, host=host, ppn=ppn, properties=tuple(props)))
+    return parts
+
+
+# Torque sizes: an integer, an optional multiplier k m g t p (powers of 1024) and
+# an optional unit b (bytes, the default) or w (words of 8 bytes).
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)([bw]?)\s*$", re.IGNORECASE)
+
+
+def size_bytes(text):
+    """``'4gb'`` -> 4294967296; ``'100mw'`` -> words; bad sizes are the user's mistake."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise UserError(f"{text!r} is not a Torque size", "write sizes like 512mb or 4gb")
+    n = int(m.group(1)) << (10 * "_kmgtp".index(m.group(2).lower() or "_"))
+    return n * (8 if m.group(3).lower() == "w" else 1)
+
+
+def seconds(text):
+    """Torque durations: ``SS``, ``MM:SS`` or ``HH:MM:SS`` (``[[HH:]MM:]SS``) -> seconds."""
+    total = 0
+    for f in str(text).strip().split(":"):
+        if not f.isdigit():
+            raise UserError(f"{text!r} is not a duration", "write durations like 01:30:00")
+        total = total * 60 + int(f)
+    return total
+
+
+def split_variable_list(text):
+    """Variable_List ``'A=1,B=x\\,y'`` -> {'A': '1', 'B': 'x,y'}.
+
+    Torque joins ``NAME=value`` pairs with ``,`` and escapes commas inside values
+    with a backslash; a backslash before any other character is kept as it is.
+    """
+    out, cur, i, text = {}, [], 0, text or ""
+    items = []
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and text[i + 1] == ",":
+            cur.append(",")
+            i += 2
+            continue
+        if c == ",":
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    items.append("".join(cur))
+    for item in items:
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        out[name] = value
+    return out
+
+
+def join_variable_list(variables):
+    """The inverse of :func:`split_variable_list` (commas in values escaped)."""
+    return ",".join(f"{k}={str(v).replace(',', chr(92) + ',')}" for k, v in variables.items())
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """What vmwn needs from a job record: its variables and its Resource_List."""
+    variables: dict
+    resources: dict
+    attributes: dict
+
+
+def job_record_path(pbs_home, job_id, script=""):
+    """The .JB path: beside the .SC named by argv (the true prefix), else by job id."""
+    if script and script.endswith(".SC"):
+        return script[:-3] + ".JB"
+    return os.path.join(pbs_home, "mom_priv", "jobs", job_id + ".JB")
+
+
+def read_job_record(path):
+    """Parse Torque's XML job record (4.5+).  Missing file -> None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SiteError(f"cannot read job record {path}: {e.strerror}",
+                        "check permissions of mom_priv/jobs") from None
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as e:
+        raise SiteError(f"job record {path} is not XML: {e}",
+                        "vmwn reads Torque 4.5+ XML job records") from None
+    attrs = root.find("attributes")
+    if attrs is None:
+        attrs = root
+    attributes, resources = {}, {}
+    for el in attrs:
+        if el.tag == "Resource_List":
+            for r in el:
+                resources[r.tag] = (r.text or "").strip()
+        else:
+            attributes[el.tag] = el.text or ""
+    variables = split_variable_list(attributes.get("Variable_List", ""))
+    return JobRecord(variables=variables, resources=resources, attributes=attributes)
+
+
+def server_variables(job_id):
+    """Variable_List from the server via pbs_python, or None when unavailable."""
+    try:
+        import pbs  # noqa: PLC0415 - optional, needs libtorque
+    except ImportError:
+        return None
+    conn = -1
+    try:
+        conn = pbs.pbs_connect(pbs.pbs_default())
+        if conn < 0:
+            return None
+        for job in pbs.pbs_statjob(conn, job_id, None, "NULL") or []:
+            for a in job.attribs:
+                if a.name == "Variable_List":
+                    return split_variable_list(a.value)
+    except Exception as e:  # noqa: BLE001 - pbs_python raises assorted types
+        log.warning("pbs_python lookup of %s failed: %s", job_id, e)
+    finally:
+        if conn >= 0:
+            try:
+                pbs.pbs_disconnect(conn)
+            except Exception:  # noqa: BLE001
+                pass
+    return None
+
+
+def job_variables(pbs_home, args):
+    """The job's Variable_List: the .JB record on this node, else pbs_python, else {}."""
+    rec = read_job_record(job_record_path(pbs_home, args.job_id, args.script))
+    if rec is not None:
+        return rec.variables
+    return server_variables(args.job_id) or {}
+
+
+def read_mom_config(pbs_home):
+    """``mom_priv/config`` as a list of (name, value) for ``$name value`` lines."""
+    path = os.path.join(pbs_home, "mom_priv", "config")
+    out = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("$"):
+                    name, *value = line.split(None, 1)
+                    out.append((name[1:], value[0].strip() if value else ""))
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def mom_setting(pbs_home, name, default=None):
+    """The last value of ``$name`` in mom_priv/config (pbs_mom reads top to bottom)."""
+    value = default
+    for n, v in read_mom_config(pbs_home):
+        if n == name:
+            value = v
+    return value
+
+
+def prologalarm(pbs_home):
+    """``$prologalarm`` in seconds (300 when unset or unreadable)."""
+    v = mom_setting(pbs_home, "prologalarm")
+    try:
+        return int(v) if v is not None else DEFAULT_PROLOGALARM
+    except ValueError:
+        return DEFAULT_PROLOGALARM

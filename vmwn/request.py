@@ -1,0 +1,184 @@
+"""From a parsed Torque job to a vmwn request: which environment, how many vCPUs, how much memory.
+
+The environment comes from ``-l other=vmwn=NAME`` (the only place a user can
+put a free-form request that pbs_mom passes to the prologue), else from
+``VMWN_ENV`` in the job's Variable_List, else from the queue's default in
+``[site] queue_defaults``.  Sizes come from what Torque allocated on this node;
+asking for more than the environment or the node allows is the user's mistake.
+"""
+
+import dataclasses
+import grp
+import logging
+import os
+import pwd
+
+from . import pbs
+from .errors import SiteError, UserError
+
+log = logging.getLogger(__name__)
+
+ENV_VARIABLE = "VMWN_ENV"
+OTHER_PREFIX = "vmwn="
+MIB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """The environment a job asked for, and where the request came from."""
+    name: str
+    source: str
+
+
+def requested_env(cfg, args, variables):
+    """The job's environment request, or None for a plain host job.
+
+    ``variables`` is a callable returning the job's Variable_List; it is only
+    called when argv does not already answer the question.
+    """
+    other = pbs.parse_resources(args.resources).get("other", "")
+    if other.startswith(OTHER_PREFIX):
+        name = other[len(OTHER_PREFIX):].strip()
+        if not name:
+            raise UserError("-l other=vmwn= names no environment",
+                            "ask for -l other=vmwn=NAME")
+        return Choice(name, "-l other")
+    name = (variables().get(ENV_VARIABLE) or "").strip()
+    if name:
+        return Choice(name, ENV_VARIABLE)
+    name = cfg.site["queue_defaults"].get(args.queue)
+    if name:
+        return Choice(name, f"default of queue {args.queue}")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A checked request: everything lifecycle.create needs besides the config."""
+    job_id: str
+    user: str
+    uid: int
+    gid: int
+    group: str
+    job_name: str
+    env: object  # config.Environment
+    vcpus: int
+    memory_mib: int
+    workdir: str
+    host_workdir: str
+    queue: str
+
+    def spec(self):
+        """The lifecycle's JobSpec (imported here: lifecycle is only for VM jobs)."""
+        from .lifecycle import JobSpec
+        return JobSpec(job_id=self.job_id, user=self.user, uid=self.uid, gid=self.gid,
+                       group=self.group, job_name=self.job_name, env=self.env,
+                       vcpus=self.vcpus, memory_mib=self.memory_mib, workdir=self.workdir,
+                       host_workdir=self.host_workdir, queue=self.queue)
+
+
+def _positive_int(text, name):
+    t = str(text).strip()
+    if not t.isdigit() or int(t) < 1:
+        raise UserError(f"-l {name}={text} is not a positive number", f"ask for {name}=N")
+    return int(t)
+
+
+def cores(resources, environ):
+    """Cores the job holds on this node, or None when the job does not say.
+
+    ``nodes=1:ppn=N``, ``ncpus=N`` and ``procs=N`` all count; the largest wins.
+    A request spanning several nodes is refused: a VM lives on one host.
+    """
+    counts = []
+    nodes = resources.get("nodes")
+    if nodes:
+        parts = pbs.parse_nodes(nodes)
+        if sum(p.count for p in parts) > 1:
+            raise UserError(f"vmwn environments run on one node, but the job asks for "
+                            f"nodes={nodes}", "ask for nodes=1:ppn=N")
+        if parts:
+            counts.append(parts[0].ppn)
+    num_nodes = (environ.get("PBS_NUM_NODES") or "").strip()
+    if num_nodes.isdigit() and int(num_nodes) > 1:
+        raise UserError(f"vmwn environments run on one node, but the job was given "
+                        f"{num_nodes} nodes", "ask for nodes=1:ppn=N")
+    for name in ("ncpus", "procs"):
+        if resources.get(name):
+            counts.append(_positive_int(resources[name], name))
+    return max(counts) if counts else None
+
+
+def memory_mib(resources, ncores):
+    """Memory the job asked for in MiB (``mem``, else ``pmem`` x cores), or None."""
+    if resources.get("mem"):
+        b = pbs.size_bytes(resources["mem"])
+    elif resources.get("pmem"):
+        b = pbs.size_bytes(resources["pmem"]) * ncores
+    else:
+        return None
+    return max(1, -(-b // MIB))
+
+
+def _user(name, group):
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise SiteError(f"job user {name!r} is unknown on this node",
+                        "make the node's passwd agree with the server's") from None
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise SiteError(f"job group {group!r} is unknown on this node",
+                            "make the node's group file agree with the server's") from None
+    return pw, gid
+
+
+def _group_name(gid):
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def build(cfg, choice, args, environ, variables):
+    """Check a job's request against its environment and this node; return a Request."""
+    env = cfg.env(choice.name)
+    res = pbs.parse_resources(args.resources)
+    n = cores(res, environ)
+    vcpus = n if n is not None else env.vcpus
+    asked_mib = memory_mib(res, n or 1)
+    # An environment's default memory is what its image needs to boot: a smaller
+    # request still gets that much, never less.
+    mem = max(asked_mib, env.memory_mib) if asked_mib else env.memory_mib
+
+    vcpu_limits = [(env.max_vcpus, f"max_vcpus of environment {env.name}"),
+                   (cfg.max_vcpus_node, "the node's max_vcpus")]
+    for limit, what in vcpu_limits:
+        if vcpus > limit:
+            raise UserError(f"the job asks for {vcpus} cores but {what} is {limit}",
+                            f"ask for at most {min(x for x, _ in vcpu_limits)} cores")
+    mem_limits = [(env.max_memory_mib, f"max_memory of environment {env.name}"),
+                  (cfg.max_memory_node_mib, "the node's max_memory")]
+    for limit, what in mem_limits:
+        if mem > limit:
+            if asked_mib is None or asked_mib <= limit:
+                raise SiteError(f"environment {env.name} needs {mem} MiB but {what} is "
+                                f"{limit} MiB", "raise max_memory or lower the "
+                                "environment's memory")
+            raise UserError(f"the job asks for {mem} MiB of memory but {what} is "
+                            f"{limit} MiB", f"ask for at most "
+                            f"{min(x for x, _ in mem_limits)}mb")
+
+    pw, gid = _user(args.user, args.group)
+    workdir = environ.get("PBS_O_WORKDIR") or variables().get("PBS_O_WORKDIR") or pw.pw_dir
+    if not os.path.isabs(workdir):
+        raise UserError(f"PBS_O_WORKDIR {workdir!r} is not an absolute path",
+                        "submit from an absolute working directory")
+    workdir = os.path.normpath(workdir)
+    return Request(job_id=args.job_id, user=args.user, uid=pw.pw_uid, gid=gid,
+                   group=args.group or _group_name(gid), job_name=args.job_name,
+                   env=env, vcpus=vcpus, memory_mib=mem, workdir=workdir,
+                   host_workdir=workdir, queue=args.queue)
