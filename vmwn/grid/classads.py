@@ -123,7 +123,10 @@ def _truth(value):
     """True, False or None (ClassAd undefined or error)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    value_type = getattr(module(), "Value", None)
+    if value_type is not None and isinstance(value, value_type):
+        return None  # Undefined and Error are an IntEnum: not numbers here
+    if isinstance(value, (int, float)):
         return bool(value)
     return None
 
