@@ -192,6 +192,20 @@ def test_glue1_output_of_the_command_is_found_by_the_broker_query(slapd, tmp_pat
     assert [d for d, _ in below] == [dn]
 
 
+def test_gip_provider_script_output_loads(slapd, tmp_path):
+    """The installed provider, run the way BDII runs it: no arguments, LDIF on stdout."""
+    provider = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "gip", "vmwn-provider")
+    path = make_config(tmp_path, present=("tiny",))
+    env = {"VMWN_BIN": VMWN, "VMWN_CONFIG": str(path), "PATH": "/usr/bin:/bin"}
+    cp = subprocess.run([provider], capture_output=True, text=True, timeout=60, env=env)
+    assert cp.returncode == 0, cp.stderr
+    slapd.add(cp.stdout)
+    assert len(slapd.search(
+        GLUE1_BASE, "(GlueHostApplicationSoftwareRunTimeEnvironment=VMWN-TINY)")) == 1
+    assert len(slapd.search(GLUE2_BASE, "(GLUE2ApplicationEnvironmentAppName=VMWN-TINY)")) == 1
+
+
 def test_glue2_output_is_found_by_the_broker_query(slapd, tmp_path, capsys):
     path = make_config(tmp_path, present=("tiny",))
     assert main(["--config", str(path), "advertise", "--glue2"]) == 0
