@@ -33,7 +33,7 @@ CONFIG = {config!r}
 
 import os  # noqa: E402
 import sys  # noqa: E402
-
+{pythonpath}
 if CONFIG != {default!r}:
     os.environ["VMWN_CONFIG"] = CONFIG
 
@@ -143,9 +143,27 @@ def render_step(source_text, python, config_path, pbs_home):
     return "\n".join(out) + "\n"
 
 
-def render_starter(python, config_path):
+def render_starter(python, config_path, pythonpath=None):
+    extra = f"sys.path.insert(0, {pythonpath!r})\n" if pythonpath else ""
     return _STARTER.format(python=python, config=config_path, default=DEFAULT_CONFIG,
-                           entry=STARTER_ENTRY)
+                           entry=STARTER_ENTRY, pythonpath=extra)
+
+
+def others_can_execute(path):
+    """True when a user other than root can run ``path`` (every directory searchable)."""
+    real = os.path.realpath(path)
+    try:
+        if not os.stat(real).st_mode & 0o001:
+            return False
+        d = os.path.dirname(real)
+        while True:
+            if not os.stat(d).st_mode & 0o001:
+                return False
+            if d == "/":
+                return True
+            d = os.path.dirname(d)
+    except OSError:
+        return False
 
 
 def _is_ours_step(path):
@@ -203,9 +221,14 @@ def install(opts):
         _write(p, dispatch.render(hook, os.path.join(lay.mom_priv, steps_dir)), 0o755)
         written.append(p)
     starter = lay.dest(lay.starter)
+    starter_python = os.path.abspath(opts.starter_python or python)
     _makedirs(os.path.dirname(starter), 0o755)
-    _write(starter, render_starter(python, lay.config), 0o755)
+    _write(starter, render_starter(starter_python, lay.config, opts.pythonpath), 0o755)
     written.append(starter)
+    if not lay.destdir and not others_can_execute(starter_python):
+        print(f"vmwn install: warning: the job starter runs as the job's user, but "
+              f"{starter_python} is not executable by other users: pass --starter-python "
+              "with an interpreter under a world-searchable path", file=sys.stderr)
     written += _install_config(lay, opts)
     written += _add_starter_line(lay)
     return written
@@ -288,6 +311,10 @@ def build_parser():
                    help="the job starter goes to PREFIX/libexec/vmwn")
     p.add_argument("--python", help="interpreter for the installed scripts "
                    "(default: the one running this)")
+    p.add_argument("--starter-python", help="interpreter for the job starter, which runs as "
+                   "the job's user (default: --python)")
+    p.add_argument("--pythonpath", help="directory the job starter puts first on sys.path "
+                   "(for an interpreter without vmwn installed)")
     p.add_argument("--template-dir", help="written as template_dir into a new vmwn.conf")
     p.add_argument("--sample-config", help="vmwn.conf to install when none exists")
     p.add_argument("--srcdir", help="source tree holding prologue.d/ and epilogue.d/")
