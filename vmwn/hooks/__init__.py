@@ -32,6 +32,19 @@ def ensure_std_fds():
         sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)
 
 
+def setup_logging(cfg=None):
+    """Syslog (and the debug log) only: the hook's stderr is the user's .e file."""
+    import logging
+    from .. import logsetup
+    if cfg is None:
+        logsetup.setup(stderr=False)
+    else:
+        logsetup.setup(syslog=cfg.syslog, debug_log=cfg.debug_log, stderr=False)
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())  # not logging's last resort: stderr
+
+
 def is_sister(environ):
     """True on a sister node (``.parallel`` hooks, or PBS_NODENUM other than 0)."""
     if (environ.get(HOOK_VARIABLE) or "").endswith(".parallel"):

@@ -11,7 +11,7 @@ import os
 import sys
 
 from .. import config, errors, logsetup, pbs
-from . import ensure_std_fds, is_sister, say
+from . import ensure_std_fds, is_sister, say, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     from .. import state
     if not state.exists(cfg, args.job_id):
         return 0
-    logsetup.setup(syslog=cfg.syslog, debug_log=cfg.debug_log, stderr=False)
+    setup_logging(cfg)
     jlog = logsetup.job_logger(__name__, args.job_id)
     failures = []
     try:
@@ -66,7 +66,7 @@ def main(argv, config_path=None, pbs_home=None, environ=None):
     try:
         return run(argv[1:], config_path, pbs_home, environ)
     except BaseException as e:  # noqa: BLE001 - report, then exit as the table says
-        logsetup.setup(stderr=False)
+        setup_logging()
         jlog = logsetup.job_logger(__name__, job_id)
         line = e.line() if isinstance(e, errors.VmwnError) else f"{type(e).__name__}: {e}"
         jlog.error("epilogue failed: %s", line, exc_info=not isinstance(e, errors.VmwnError))

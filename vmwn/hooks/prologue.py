@@ -14,7 +14,7 @@ import signal
 import time
 
 from .. import config, errors, logsetup, pbs, request
-from . import ensure_std_fds, is_sister, say, session_age
+from . import ensure_std_fds, is_sister, say, setup_logging, session_age
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,10 @@ def deadline(cfg, pbs_home, now=None):
     """
     now = time.monotonic() if now is None else now
     alarm = pbs.prologalarm(pbs_home) - pbs.ALARM_MARGIN
-    budget = min(cfg.site["prologue_deadline"], alarm - CLEANUP_RESERVE) - session_age()
+    used = session_age()
+    if used >= alarm:
+        used = 0.0  # not started by pbs_mom's alarm (run by hand from a long-lived shell)
+    budget = min(cfg.site["prologue_deadline"], alarm - CLEANUP_RESERVE) - used
     if budget <= 0:
         raise errors.SiteError(f"no time left to boot a VM within $prologalarm "
                                f"({alarm + pbs.ALARM_MARGIN} s)",
@@ -69,7 +72,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     choice = request.requested_env(cfg, args, variables)
     if choice is None:
         return 0
-    logsetup.setup(syslog=cfg.syslog, debug_log=cfg.debug_log, stderr=False)
+    setup_logging(cfg)
     jlog = logsetup.job_logger(__name__, args.job_id)
     jlog.info("environment %s requested by %s", choice.name, choice.source)
     req = request.build(cfg, choice, args, environ, variables)
@@ -104,7 +107,7 @@ def main(argv, config_path=None, pbs_home=None, environ=None):
     try:
         return run(argv[1:], config_path, pbs_home, environ)
     except BaseException as e:  # noqa: BLE001 - no exception may exit 1 by accident
-        logsetup.setup(stderr=False)
+        setup_logging()
         jlog = logsetup.job_logger(__name__, job_id)
         if isinstance(e, errors.VmwnError):
             jlog.warning("prologue failed: %s", e.line())

@@ -1,0 +1,97 @@
+"""Shared fixtures: a real unprivileged job user and a Torque node tree in /tmp.
+
+Hooks run as root and the job starter as the job user, exactly as under
+pbs_mom, so the node tree lives under a world-searchable temporary directory
+(pytest's own tmp_path is private to root).
+"""
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_PY = sys.executable
+TEST_USER = "vmwntest"
+
+
+def _is_root():
+    return os.geteuid() == 0
+
+
+@pytest.fixture(scope="session")
+def test_user():
+    """The unprivileged account jobs run as (created with useradd when missing)."""
+    if not _is_root():
+        pytest.skip("needs root to create and become the test user")
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", TEST_USER],
+                       check=True)
+        return pwd.getpwnam(TEST_USER)
+
+
+@pytest.fixture
+def world_tmp():
+    """A temporary directory every user can search (mode 0755), removed afterwards."""
+    d = tempfile.mkdtemp(prefix="vmwn-test-", dir="/tmp")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def starter_python():
+    """An interpreter the test user may execute (the venv's may sit under /root)."""
+    from vmwn.install import others_can_execute
+    for cand in (VENV_PY, "/usr/bin/python3"):
+        if others_can_execute(cand):
+            return cand
+    pytest.skip("no Python interpreter is executable by unprivileged users")
+
+
+def write_site_config(path, root, extra_site=""):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"""[site]
+state_dir = {root}/state
+overlay_dir = {root}/overlays
+pbs_home = {root}/torque
+syslog = no
+{extra_site}
+[env tiny]
+image = tiny/disk.qcow2
+kernel = tiny/vmlinuz
+initrd = tiny/initrd.img
+accel = qemu
+memory = 256M
+max_memory = 2G
+max_vcpus = 2
+""")
+
+
+@pytest.fixture
+def node(world_tmp, test_user):
+    """vmwn installed into a fresh PBS_HOME, with a site config and a submit directory."""
+    root = world_tmp
+    sysconfdir = os.path.join(root, "etc")
+    config = os.path.join(sysconfdir, "vmwn", "vmwn.conf")
+    write_site_config(config, root, extra_site="queue_defaults = vmq:tiny")
+    from vmwn import install
+    opts = install.build_parser().parse_args(
+        ["install", "--pbs-home", f"{root}/torque", "--sysconfdir", sysconfdir,
+         "--prefix", f"{root}/prefix", "--python", VENV_PY,
+         "--starter-python", starter_python(), "--pythonpath", REPO])
+    install.install(opts)
+    submit = os.path.join(root, "submit")
+    os.mkdir(submit)
+    os.chown(submit, test_user.pw_uid, test_user.pw_gid)
+    return types.SimpleNamespace(root=root, pbs_home=f"{root}/torque",
+                                 mom_priv=f"{root}/torque/mom_priv", config=config,
+                                 submit=submit, user=test_user,
+                                 starter=f"{root}/prefix/libexec/vmwn/job-starter")
