@@ -1,0 +1,143 @@
+"""make install / uninstall into a staging DESTDIR: modes, idempotence, site files kept."""
+
+import os
+import stat
+
+import pytest
+
+from vmwn import install
+from vmwn.hooks import dispatch
+
+from conftest import VENV_PY
+
+MOM = "var/spool/torque/mom_priv"
+
+
+def opts(destdir, action="install", *extra):
+    return install.build_parser().parse_args(
+        [action, "--pbs-home", "/var/spool/torque", "--destdir", str(destdir),
+         "--sysconfdir", "/etc", "--prefix", "/usr/local", "--python", VENV_PY, *extra])
+
+
+def tree(root):
+    """Every path under root with its mode, owner and content."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            content = open(p, "rb").read() if stat.S_ISREG(st.st_mode) else None
+            out[os.path.relpath(p, root)] = (stat.S_IMODE(st.st_mode), st.st_uid, content)
+    return out
+
+
+def test_install_layout_modes_and_ownership(tmp_path):
+    install.install(opts(tmp_path))
+    mom = tmp_path / MOM
+    for hook in dispatch.HOOKS:
+        st = os.lstat(mom / hook)
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == 0
+        assert stat.S_IMODE(st.st_mode) == 0o755
+        assert (mom / hook).read_text().startswith("#!/bin/sh\n")
+    for fam in ("prologue", "epilogue"):
+        d = mom / f"{fam}.d"
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o755 and os.stat(d).st_uid == 0
+        text = (d / "50-vmwn").read_text()
+        assert text.startswith(f"#!{VENV_PY} -Es\n")
+        assert "CONFIG = '/etc/vmwn/vmwn.conf'" in text
+        assert "PBS_HOME = '/var/spool/torque'" in text
+        assert stat.S_IMODE(os.stat(d / "50-vmwn").st_mode) == 0o755
+        # the dispatcher names the directory as the node sees it, not the staging path
+        assert f"steps=/var/spool/torque/mom_priv/{fam}.d\n" in (mom / fam).read_text()
+    starter = tmp_path / "usr/local/libexec/vmwn/job-starter"
+    assert stat.S_IMODE(os.stat(starter).st_mode) == 0o755
+    assert "from vmwn.hooks.starter import main" in starter.read_text()
+    assert (mom / "config").read_text().splitlines()[-1] == \
+        "$job_starter /usr/local/libexec/vmwn/job-starter"
+    conf = tmp_path / "etc/vmwn/vmwn.conf"
+    with open("etc/vmwn.conf") as f:
+        assert conf.read_text() == f.read()
+
+
+def test_installed_step_is_accepted_by_the_dispatcher_contract(tmp_path):
+    install.install(opts(tmp_path))
+    st = os.stat(tmp_path / MOM / "prologue.d" / "50-vmwn")
+    assert st.st_uid == 0 and st.st_mode & 0o500 == 0o500 and not st.st_mode & 0o022
+
+
+def test_install_is_idempotent(tmp_path):
+    install.install(opts(tmp_path))
+    first = tree(tmp_path)
+    install.install(opts(tmp_path))
+    assert tree(tmp_path) == first
+    assert (tmp_path / MOM / "config").read_text().count("$job_starter") == 1
+
+
+def test_existing_mom_config_and_site_files_are_preserved(tmp_path):
+    mom = tmp_path / MOM
+    (mom / "prologue.d").mkdir(parents=True)
+    site_cfg = "$pbsserver head.example.org\n$prologalarm 600\n$usecp *:/home /home"
+    (mom / "config").write_text(site_cfg)
+    (mom / "prologue.d" / "10-site").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "etc/vmwn").mkdir(parents=True)
+    (tmp_path / "etc/vmwn/vmwn.conf").write_text("[site]\n# the site's own\n")
+    install.install(opts(tmp_path))
+    text = (mom / "config").read_text()
+    assert text.startswith(site_cfg + "\n")
+    assert "$job_starter /usr/local/libexec/vmwn/job-starter" in text
+    assert (tmp_path / "etc/vmwn/vmwn.conf").read_text() == "[site]\n# the site's own\n"
+
+    install.uninstall(opts(tmp_path, "uninstall"))
+    assert (mom / "config").read_text() == site_cfg + "\n"
+    assert (mom / "prologue.d" / "10-site").exists()
+    assert not (mom / "prologue.d" / "50-vmwn").exists()
+    assert not (mom / "epilogue.d").exists()
+    for hook in dispatch.HOOKS:
+        assert not (mom / hook).exists()
+    assert not (tmp_path / "usr/local/libexec/vmwn").exists()
+    assert (tmp_path / "etc/vmwn/vmwn.conf").read_text() == "[site]\n# the site's own\n"
+    # uninstalling twice is harmless
+    assert install.uninstall(opts(tmp_path, "uninstall")) == []
+
+
+def test_foreign_prologue_is_never_overwritten(tmp_path):
+    mom = tmp_path / MOM
+    mom.mkdir(parents=True)
+    (mom / "epilogue").write_text("#!/bin/sh\n# the site's epilogue\n")
+    with pytest.raises(Exception) as e:
+        install.install(opts(tmp_path))
+    assert "epilogue.d" in str(e.value)
+    assert (mom / "epilogue").read_text() == "#!/bin/sh\n# the site's epilogue\n"
+    assert not (mom / "prologue").exists()   # nothing was half-installed
+    install.uninstall(opts(tmp_path, "uninstall"))
+    assert (mom / "epilogue").exists()
+
+
+def test_foreign_job_starter_refused(tmp_path):
+    mom = tmp_path / MOM
+    mom.mkdir(parents=True)
+    (mom / "config").write_text("$job_starter /opt/site/starter\n")
+    with pytest.raises(Exception) as e:
+        install.install(opts(tmp_path))
+    assert "/opt/site/starter" in str(e.value)
+    assert (mom / "config").read_text() == "$job_starter /opt/site/starter\n"
+
+
+def test_template_dir_goes_into_a_new_config(tmp_path):
+    install.install(opts(tmp_path, "install", "--template-dir", "/opt/vmwn/templates"))
+    text = (tmp_path / "etc/vmwn/vmwn.conf").read_text()
+    assert "[site]\ntemplate_dir = /opt/vmwn/templates\n" in text
+
+
+def test_command_line_entry(tmp_path, capsys):
+    assert install.main(["install", "--pbs-home", "/var/spool/torque", "--destdir",
+                         str(tmp_path), "--prefix", "/opt/vmwn"]) == 0
+    assert (tmp_path / "opt/vmwn/libexec/vmwn/job-starter").exists()
+    assert install.main(["install", "--pbs-home", "relative/path", "--destdir",
+                         str(tmp_path)]) == 1
+    assert "absolute" in capsys.readouterr().err
+
+
+def test_interpreter_usable_by_others():
+    assert install.others_can_execute("/bin/sh")
+    assert not install.others_can_execute("/nonexistent/python")
