@@ -141,3 +141,13 @@ def test_command_line_entry(tmp_path, capsys):
 def test_interpreter_usable_by_others():
     assert install.others_can_execute("/bin/sh")
     assert not install.others_can_execute("/nonexistent/python")
+
+
+def test_admin_guide_documents_every_configuration_key():
+    from vmwn import config
+    from conftest import REPO
+    with open(os.path.join(REPO, "docs", "admin-guide.md")) as f:
+        guide = f.read()
+    for table in (config.SITE_KEYS, config.ENV_KEYS):
+        for k in table.values():
+            assert f"| `{k.name}` |" in guide and k.doc in guide, k.name
