@@ -66,6 +66,28 @@ GUEST_FILES = {
 datasource_list: [ NoCloud, None ]
 network:
   config: disabled
+# Only the modules a job's seed uses: each one costs boot time under emulation,
+# and growpart/resizefs, locale, apt and the key printers have nothing to do here.
+cloud_init_modules:
+  - seed_random
+  - bootcmd
+  - write-files
+  - set_hostname
+  - update_hostname
+  - update_etc_hosts
+  - users-groups
+  - ssh
+cloud_config_modules:
+  - set-passwords
+  - runcmd
+cloud_final_modules:
+  - write-files-deferred
+  - scripts-per-once
+  - scripts-per-boot
+  - scripts-per-instance
+  - scripts-user
+  - final-message
+  - power-state-change
 """,
     # DHCP on the first (only) ethernet NIC, whatever name udev gives it
     # (ens3 for virtio-net on the pc machine; eth0 with net.ifnames=0).
@@ -110,8 +132,9 @@ TTYPath=/dev/console
 TTYReset=no
 TTYVHangup=no
 
+# cloud-final runs after multi-user.target, so this cannot be part of it.
 [Install]
-WantedBy=multi-user.target
+WantedBy=cloud-init.target
 """,
     "etc/fstab": FSTAB,
     "etc/hostname": "localhost\n",
@@ -275,6 +298,7 @@ def configure(root):
     # Every guest gets its host key from its job's seed, never from the image.
     for key in glob.glob(os.path.join(root, "etc/ssh/ssh_host_*")):
         os.unlink(key)
+    _sshd_no_passwords(os.path.join(root, "etc/ssh/sshd_config"))
     # Each boot makes its own machine id.
     with open(os.path.join(root, "etc/machine-id"), "w", encoding="utf-8"):
         pass
@@ -288,6 +312,16 @@ def configure(root):
         for p in glob.glob(os.path.join(root, d, "*")):
             if os.path.isfile(p):
                 os.unlink(p)
+
+
+def _sshd_no_passwords(path):
+    """Say it in sshd_config itself: cloud-init's ``ssh_pwauth: false`` looks only
+    there and restarts sshd (dropping connections) when it has to add it."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not re.search(r"^\s*PasswordAuthentication\s+no\s*$", text, re.M | re.I):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n# vmwn: keys only\nPasswordAuthentication no\n")
 
 
 def _chroot(root, argv, timeout):
