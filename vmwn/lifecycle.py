@@ -15,6 +15,7 @@ from .domain import domain_name, render as render_domain
 from .errors import GuestLost, SiteError, TransientError, UserError, VmwnError
 from .logsetup import job_logger
 
+PORT_ATTEMPTS = 4
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc",
                 "/root", "/run", "/sbin", "/sys", "/usr", "/var")
@@ -125,14 +126,25 @@ def _prepare(cfg, spec, timer, log):
 def _boot(cfg, spec, st, deadline, timer, log):
     from . import virt
     from .ssh import Guest, banner_ready
-    xml = render_domain(cfg, spec.env, job_id=spec.job_id, user=spec.user,
-                        job_name=spec.job_name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
-                        port=st.port, overlay=st.overlay or None, seed=st.seed,
-                        console_log=st.console_log, created=st.created)
-    timer.mark("render")
     conn = virt.connect(cfg.site["libvirt_uri"])
     try:
-        dom = virt.start(conn, xml)
+        for attempt in range(PORT_ATTEMPTS):
+            xml = render_domain(cfg, spec.env, job_id=spec.job_id, user=spec.user,
+                                job_name=spec.job_name, vcpus=spec.vcpus,
+                                memory_mib=spec.memory_mib, port=st.port,
+                                overlay=st.overlay or None, seed=st.seed,
+                                console_log=st.console_log, created=st.created)
+            timer.mark("render")
+            try:
+                dom = virt.start(conn, xml)
+                break
+            except virt.PortTaken:
+                if attempt == PORT_ATTEMPTS - 1:
+                    raise
+                with ports.locked(cfg):  # something outside vmwn took it: take another
+                    st.port = ports.pick(cfg, taken_extra={st.port})
+                    statemod.save(cfg, st)
+                log.info("SSH port taken by another process; retrying on %d", st.port)
         st.uuid = dom.UUIDString()
         timer.mark("define and start")
         end = min(deadline, time.monotonic() + spec.env.boot_timeout)

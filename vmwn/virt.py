@@ -42,6 +42,10 @@ def _code(e):
     return e.get_error_code()
 
 
+class PortTaken(TransientError):
+    """QEMU could not bind the forwarded SSH port: another process took it meanwhile."""
+
+
 def start(conn, xml):
     """Create and start a transient domain from ``xml``; returns the domain."""
     lv = _lv()
@@ -57,6 +61,9 @@ def start(conn, xml):
         if code == lv.VIR_ERR_OPERATION_FAILED and "already exists" in _msg(e):
             raise TransientError(f"a domain for this job already exists: {_msg(e)}",
                                  "run 'vmwn reap' or wait for the old one to end") from None
+        if "host forwarding rule" in _msg(e):
+            raise PortTaken(f"the forwarded SSH port is taken: {_msg(e)}",
+                            "retry with another port") from None
         if code in (getattr(lv, "VIR_ERR_SYSTEM_ERROR", -1), lv.VIR_ERR_INTERNAL_ERROR,
                     getattr(lv, "VIR_ERR_RPC", -1)):
             raise SiteError(f"libvirt cannot start the domain: {_msg(e)}",

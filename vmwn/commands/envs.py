@@ -88,8 +88,13 @@ def cmd_check(args):
             problems.append(f"template {env.name}: {e.line()}")
         missing = env.missing()
         if missing:
-            problems.append(f"environment {env.name}: missing {', '.join(missing)} "
-                            f"(run 'vmwn image build {env.name}')")
+            # Not an error: a node offers (and advertises) only what it has built.
+            line = (f"environment {env.name}: not installed, missing {', '.join(missing)} "
+                    f"(run 'vmwn image build {env.name}')")
+            if env.name == args.boot:
+                problems.append(line)
+            else:
+                print(f"warning: {line}")
         else:
             print(f"images {env.name}: ok")
     from .. import virt
@@ -124,7 +129,6 @@ def boot_check(cfg, env):
     from .. import lifecycle, state, virt
     from ..ssh import Guest
     job_id = f"check-{os.getpid()}-{int(time.time())}.vmwn"
-    before = _domains(cfg)
     phases = []
     spec = lifecycle.JobSpec(job_id=job_id, user="vmwncheck", uid=60999, gid=60999,
                              group="vmwncheck", job_name="vmwn-check", env=env,
@@ -152,9 +156,6 @@ def boot_check(cfg, env):
     for name, secs in phases:
         print(f"phase {name:<22} {secs:7.3f} s")
     print(f"phase {'total':<22} {time.monotonic() - t0:7.3f} s")
-    after = _domains(cfg)
-    if after != before:
-        problems.append(f"domains differ after the check: {sorted(after ^ before)}")
     if state.exists(cfg, job_id) or os.path.exists(state.job_dir(cfg, job_id)):
         problems.append(f"state left behind in {state.job_dir(cfg, job_id)}")
     from .. import disk
@@ -168,11 +169,3 @@ def boot_check(cfg, env):
         conn.close()
     return problems
 
-
-def _domains(cfg):
-    from .. import virt
-    conn = virt.connect(cfg.site["libvirt_uri"])
-    try:
-        return {d.name() for d in conn.listAllDomains(0)}
-    finally:
-        conn.close()
