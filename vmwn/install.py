@@ -129,8 +129,9 @@ def _read(path):
         return None
 
 
-def render_step(source_text, python, config_path, pbs_home):
+def render_step(source_text, python, config_path, pbs_home, pythonpath=None):
     """A step script with the site's interpreter, configuration path and PBS_HOME."""
+    paths = [p for p in (pythonpath or "").split(os.pathsep) if p]
     out = []
     for i, line in enumerate(source_text.splitlines()):
         if i == 0 and line.startswith("#!"):
@@ -139,12 +140,15 @@ def render_step(source_text, python, config_path, pbs_home):
             line = f"CONFIG = {config_path!r}"
         elif line.startswith("PBS_HOME = "):
             line = f"PBS_HOME = {pbs_home!r}"
+        elif line.startswith("import sys") and paths:
+            line = f"{line}\nsys.path[:0] = {paths!r}"
         out.append(line)
     return "\n".join(out) + "\n"
 
 
 def render_starter(python, config_path, pythonpath=None):
-    extra = f"sys.path.insert(0, {pythonpath!r})\n" if pythonpath else ""
+    paths = [p for p in (pythonpath or "").split(os.pathsep) if p]
+    extra = f"sys.path[:0] = {paths!r}\n" if paths else ""
     return _STARTER.format(python=python, config=config_path, default=DEFAULT_CONFIG,
                            entry=STARTER_ENTRY, pythonpath=extra)
 
@@ -214,7 +218,7 @@ def install(opts):
             raise SiteError(f"{os.path.join(srcdir, source)} is missing",
                             "run install from a vmwn source tree")
         p = os.path.join(d, STEP_NAME)
-        _write(p, render_step(text, python, lay.config, lay.pbs_home), 0o755)
+        _write(p, render_step(text, python, lay.config, lay.pbs_home, opts.pythonpath), 0o755)
         written.append(p)
     for hook, (steps_dir, _) in dispatch.HOOKS.items():
         p = os.path.join(mom_priv, hook)
@@ -313,8 +317,9 @@ def build_parser():
                    "(default: the one running this)")
     p.add_argument("--starter-python", help="interpreter for the job starter, which runs as "
                    "the job's user (default: --python)")
-    p.add_argument("--pythonpath", help="directory the job starter puts first on sys.path "
-                   "(for an interpreter without vmwn installed)")
+    p.add_argument("--pythonpath", help="directories (':'-separated) the job starter puts "
+                   "first on sys.path, in the job starter and the steps (for an interpreter without "
+                   "vmwn installed)")
     p.add_argument("--template-dir", help="written as template_dir into a new vmwn.conf")
     p.add_argument("--sample-config", help="vmwn.conf to install when none exists")
     p.add_argument("--srcdir", help="source tree holding prologue.d/ and epilogue.d/")

@@ -1,0 +1,71 @@
+"""A whole VM job through ``vmwn run``: prologue boots, starter runs in the guest,
+epilogue copies back and destroys.  Needs the tiny image (make guest GUESTS=tiny)."""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO, VENV_PY
+
+IMAGES = "/var/lib/vmwn/images/tiny"
+pytestmark = pytest.mark.integration
+
+
+def user_python_path():
+    """An interpreter the job user can run, and the paths that give it vmwn and paramiko."""
+    from vmwn.install import others_can_execute
+    site = os.path.join(os.path.dirname(os.path.dirname(VENV_PY)), "lib", "python3.11",
+                        "site-packages")
+    if others_can_execute(VENV_PY):
+        return VENV_PY, ""
+    if others_can_execute("/usr/bin/python3"):
+        return "/usr/bin/python3", os.pathsep.join([REPO, site])
+    pytest.skip("no interpreter the job user can run")
+
+
+def test_vm_job_end_to_end(world_tmp, test_user):
+    if not all(os.path.exists(os.path.join(IMAGES, f))
+               for f in ("disk.qcow2", "vmlinuz", "initrd.img")):
+        pytest.skip("tiny image not built")
+    from vmwn import install
+    root = world_tmp
+    conf = os.path.join(root, "etc", "vmwn", "vmwn.conf")
+    os.makedirs(os.path.dirname(conf))
+    with open(conf, "w") as f:
+        f.write(f"[site]\nstate_dir = {root}/state\noverlay_dir = {root}/overlays\n"
+                f"pbs_home = {root}/torque\nsyslog = no\n\n[env tiny]\n"
+                "image = tiny/disk.qcow2\nkernel = tiny/vmlinuz\ninitrd = tiny/initrd.img\n"
+                "cmdline = console=ttyS0 quiet\naccel = qemu\nmemory = 256M\n")
+    python, path = user_python_path()
+    install.install(install.build_parser().parse_args(
+        ["install", "--pbs-home", f"{root}/torque", "--sysconfdir", f"{root}/etc",
+         "--prefix", f"{root}/prefix", "--python", python, "--pythonpath", path]))
+    submit = os.path.join(root, "submit")
+    os.mkdir(submit)
+    with open(os.path.join(submit, "job.sh"), "w") as f:
+        f.write('#!/bin/sh\ncd "$PBS_O_WORKDIR"\necho "host=$(hostname) user=$(id -un)"\n'
+                "cat input.txt\necho made > output.txt\nexit 4\n")
+    with open(os.path.join(submit, "input.txt"), "w") as f:
+        f.write("staged in\n")
+    for n in ("", "job.sh", "input.txt"):
+        os.chown(os.path.join(submit, n), test_user.pw_uid, test_user.pw_gid)
+    r = subprocess.run([os.path.join(os.path.dirname(VENV_PY), "vmwn"), "--config", conf,
+                        "run", "-u", test_user.pw_name, "-l", "other=vmwn=tiny",
+                        "--prologalarm", "300", "job.sh"],
+                       cwd=submit, capture_output=True, text=True, timeout=600)
+    job_id = r.stdout.splitlines()[0]
+    seq = job_id.split(".")[0]
+    out = open(os.path.join(submit, f"job.sh.o{seq}")).read()
+    err = open(os.path.join(submit, f"job.sh.e{seq}")).read()
+    assert r.returncode == 4, (r.stdout, r.stderr, out, err)
+    assert f"host=vmwn-" in out and f"user={test_user.pw_name}" in out, out
+    assert "staged in" in out
+    assert "vmwn: copied back" in out.splitlines()[-1], (out, err)
+    assert open(os.path.join(submit, "output.txt")).read() == "made\n"
+    assert os.stat(os.path.join(submit, "output.txt")).st_uid == test_user.pw_uid
+    assert not os.listdir(os.path.join(root, "state")) or \
+        os.listdir(os.path.join(root, "state")) == [".ports.lock"]
+    dom = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                         capture_output=True, text=True).stdout
+    assert f"vmwn-{job_id}" not in dom
