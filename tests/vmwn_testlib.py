@@ -1,0 +1,94 @@
+"""Shared helpers for tests that use real libvirt, QEMU and guests.
+
+Per-test state lives under /var/tmp (not pytest's 0700 tmp_path), because
+QEMU runs as libvirt-qemu and must reach the job's seed and console log.
+"""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from vmwn import config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_DIR = os.environ.get("VMWN_TEST_IMAGE_DIR", "/var/lib/vmwn/images")
+
+ENVS = """
+[env tiny]
+description = tiny test guest
+image = tiny/disk.qcow2
+kernel = tiny/vmlinuz
+initrd = tiny/initrd.img
+cmdline = console=ttyS0 quiet
+accel = qemu
+memory = 256M
+boot_timeout = 120
+
+[env debian12]
+description = Debian 12
+image = debian12/disk.qcow2
+kernel = debian12/vmlinuz
+initrd = debian12/initrd.img
+cmdline = root=/dev/vda ro console=ttyS0 quiet
+accel = qemu
+memory = 1G
+boot_timeout = 300
+"""
+
+
+def qemu_reachable_dir(prefix="vmwn-test-"):
+    d = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
+    os.chmod(d, 0o711)
+    return d
+
+
+def write_config(base, site_extra="", envs=ENVS, ports="41000-41999"):
+    path = os.path.join(base, "vmwn.conf")
+    with open(path, "w") as f:
+        f.write(f"""[site]
+state_dir = {base}/jobs
+overlay_dir = {base}/overlays
+image_dir = {IMAGE_DIR}
+template_dir = {ROOT}/templates
+port_range = {ports}
+syslog = no
+{site_extra}
+{envs}""")
+    return path
+
+
+@pytest.fixture
+def site():
+    """A configuration whose per-job state lives in a fresh directory; removed afterwards."""
+    base = qemu_reachable_dir()
+    path = write_config(base)
+    cfg = config.load(path)
+    yield cfg
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def needs_image(name):
+    env_dir = os.path.join(IMAGE_DIR, name)
+    have = all(os.path.isfile(os.path.join(env_dir, f))
+               for f in ("disk.qcow2", "vmlinuz", "initrd.img"))
+    return pytest.mark.skipif(not have or os.geteuid() != 0,
+                              reason=f"needs root and the {name} image "
+                                     f"('vmwn image build {name}' / make guest)")
+
+
+def leftovers(cfg, job_id):
+    """Everything of job_id still on the node (must be empty after teardown)."""
+    from vmwn import disk, state, virt
+    found = []
+    conn = virt.connect(cfg.site["libvirt_uri"])
+    try:
+        found += [f"domain {d.name()}" for d in virt.find_job(conn, job_id)]
+    finally:
+        conn.close()
+    if os.path.lexists(state.job_dir(cfg, job_id)):
+        found.append(f"state {state.job_dir(cfg, job_id)}")
+    if os.path.lexists(disk.overlay_path(cfg, job_id)):
+        found.append(f"overlay {disk.overlay_path(cfg, job_id)}")
+    return found
