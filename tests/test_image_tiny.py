@@ -169,6 +169,70 @@ def test_modules_are_copied_with_dependencies_first(tmp_path):
         assert (root / "lib" / "modules" / release / rel).is_file()
 
 
+# --- the image command ----------------------------------------------------------
+
+def write_conf(tmp_path):
+    conf = tmp_path / "vmwn.conf"
+    conf.write_text(f"""[site]
+image_dir = {tmp_path / 'images'}
+[env tiny]
+image = tiny/disk.qcow2
+kernel = tiny/vmlinuz
+initrd = tiny/initrd.img
+[env other]
+kernel = other/vmlinuz
+""")
+    return str(conf)
+
+
+@pytest.fixture
+def no_subprocesses(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"unexpected command: {args[0] if args else kwargs}")
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+def test_build_is_a_no_op_when_the_files_exist(tmp_path, capsys, no_subprocesses):
+    from vmwn import cli
+    conf = write_conf(tmp_path)
+    d = tmp_path / "images" / "tiny"
+    d.mkdir(parents=True)
+    for f in ("disk.qcow2", "vmlinuz", "initrd.img"):
+        (d / f).write_text("x")
+    assert cli.main(["--config", conf, "image", "build", "tiny"]) == 0
+    assert capsys.readouterr().out == "tiny: up to date\n"
+    assert cli.main(["--config", conf, "image", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny\tvmwn image build\tbuilt" in out
+    assert "other\tno builder\tmissing" in out
+
+
+@pytest.mark.parametrize("name, message", [
+    ("other", "no image builder for environment 'other'"),
+    ("nope", "no environment 'nope' in the configuration"),
+])
+def test_build_refuses_environments_it_cannot_build(tmp_path, capsys, name, message):
+    from vmwn import cli
+    assert cli.main(["--config", write_conf(tmp_path), "image", "build", name]) == 3
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_build_names_a_missing_tool_and_writes_nothing(tmp_path, monkeypatch):
+    from vmwn.errors import SiteError
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in tiny.TOOLS:
+        if tool != "cpio" and shutil.which(tool):
+            os.symlink(shutil.which(tool), bindir / tool)
+    monkeypatch.setenv("PATH", str(bindir))
+    env = config.load(write_conf(tmp_path)).environments["tiny"]
+    with pytest.raises(SiteError, match="cpio is not installed: run make deps"):
+        tiny.build(None, env)
+    assert not (tmp_path / "images" / "tiny").exists() or \
+        not os.listdir(tmp_path / "images" / "tiny")
+
+
 # --- boot ---------------------------------------------------------------------
 
 def tiny_env():
@@ -322,6 +386,11 @@ def test_boot_ssh_sftp_and_pinned_host_key(tmp_path):
             status, out, _ = run_cmd(c, "sha256sum " + _sq(workdir + "/data.bin"))
             import hashlib
             assert out.split()[0] == hashlib.sha256(payload).hexdigest()
+            # PID 1 reaps orphans; the usual tools are where scripts expect them.
+            status, out, _ = run_cmd(c, "(sleep 0.2 &); sleep 1; "
+                                        "grep -l '^State:.*Z' /proc/[0-9]*/status; "
+                                        "/usr/bin/env true && echo env-ok; echo $SHELL")
+            assert out.split() == ["env-ok", "/bin/sh"]
             # A pty works (devpts mounted, tty group present).
             _, out, _ = c.exec_command("tty", get_pty=True, timeout=30)
             assert out.read().decode().strip().startswith("/dev/pts/")
