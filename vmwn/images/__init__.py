@@ -7,6 +7,7 @@ the others (or the rest of the ``vmwn`` command) down with it.
 
 import importlib
 import logging
+import signal
 import time
 
 from .. import config
@@ -54,11 +55,17 @@ def cmd_build(args):
     if not args.force and env.artefacts() and not env.missing():
         print(f"{args.name}: up to date")
         return 0
+    # A terminated build still removes its scratch files (KeyboardInterrupt unwinds).
+    signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.monotonic()
     build(cfg, env, force=args.force)
     print(f"{args.name}: built in {time.monotonic() - t0:.1f} s: "
           + ", ".join(p for _, p in env.artefacts()))
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def cmd_list(args):

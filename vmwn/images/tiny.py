@@ -2,7 +2,8 @@
 
 A guest that boots to an SSH prompt in seconds even without KVM, made only of
 Debian packages: the cloud kernel flavour (ext4 and crc32c built in, fewer
-drivers to probe than the generic one), ``busybox-static`` for the userland and
+drivers to probe: under TCG it answers SSH in about 4 s where the generic
+flavour takes about 7 s), ``busybox-static`` for the userland and
 init, ``openssh-server``'s sshd with the host's (Debian's) shared libraries.
 The per-job disk is an empty ext4 filesystem the guest mounts on /home; the
 guest's /init (vmwn/guest/tiny-init) applies the job's cloud-init seed itself.
@@ -312,8 +313,7 @@ def pack_initramfs(root, out):
                      if os.path.islink(os.path.join(dirpath, d)))
     raw = out[:-len(".img")] + ".cpio" if out.endswith(".img") else out + ".cpio"
     run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--reproducible", "--quiet", "-O", raw],
-        input="".join(n + "\n" for n in names), cwd=root,
-        fix="cpio is not installed: run make deps")
+        input="".join(n + "\n" for n in names), cwd=root)
     run(["gzip", "-n", "-9", raw])
     shutil.move(raw + ".gz", out)
     return out
@@ -331,10 +331,9 @@ def make_disk(workdir):
         f.truncate(DISK_BYTES)
     run(["mkfs.ext4", "-q", "-F", "-L", DISK_LABEL, "-m", "0",
          "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0", raw],
-        fix="mkfs.ext4 is not installed: run make deps")
+        fix=f"check free space in {workdir}")
     out = os.path.join(workdir, "disk.qcow2")
-    run(["qemu-img", "convert", "-O", "qcow2", raw, out],
-        fix="qemu-img is not installed: run make deps")
+    run(["qemu-img", "convert", "-O", "qcow2", raw, out], fix=f"check free space in {workdir}")
     os.unlink(raw)
     return out
 
