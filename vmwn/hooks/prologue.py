@@ -78,7 +78,9 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     req = request.build(cfg, choice, args, environ, variables)
     until = deadline(cfg, home)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    from .. import lifecycle
+    from .. import lifecycle, operators
+    # Heal the node first: remains of jobs that ended without their epilogue.
+    operators.bounded_reap(cfg, home)
     try:
         st = lifecycle.create(cfg, req.spec(), until)
         jlog.info("VM %s up: %d vCPUs, %d MiB, %.1f s before the deadline",
