@@ -79,7 +79,7 @@ Enabled: no
         "Types: deb\nURIs: http://mirror.example.org/debian\nSuites: bookworm\n"
         "Components: main contrib\n"
         "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-        "Architectures: amd64\n")
+        "Architectures: amd64")
     assert "vendor.example.com" not in text and "trixie" not in text
     assert "bookworm-backports" not in text and "disabled.example.org" not in text
 

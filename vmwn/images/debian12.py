@@ -52,6 +52,9 @@ MASKED_UNITS = [
     "systemd-tmpfiles-clean.timer", "getty@tty1.service",
     "systemd-networkd-wait-online.service", "systemd-pstore.service",
     "cloud-init-hotplugd.socket", "cloud-init-hotplugd.service", "remote-fs.target",
+    # The seed is read by cloud-init.service alone (as NoCloudNet; the seed says
+    # dsmode net anyway): one Python start less, about 8 s under TCG.
+    "cloud-init-local.service",
 ]
 ENABLED_UNITS = ["systemd-networkd.service", "ssh.service", "vmwn-ready.service"]
 
@@ -109,6 +112,12 @@ UseDomains=yes
     "etc/systemd/system/ssh.service.d/10-vmwn.conf": """\
 [Unit]
 After=cloud-init.service
+""",
+    # What cloud-init-local.service (masked above) ordered for it.
+    "etc/systemd/system/cloud-init.service.d/10-vmwn.conf": """\
+[Unit]
+After=systemd-remount-fs.service
+RequiresMountsFor=/var/lib/cloud
 """,
     "etc/ssh/sshd_config.d/10-vmwn.conf": """\
 PasswordAuthentication no
