@@ -6,9 +6,11 @@ broker queries a site BDII.  Needs: apt-get install slapd glue-schema ldap-utils
 """
 
 import base64
+import ctypes
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +48,12 @@ def _slapd_binary():
         if p and os.path.exists(p):
             return p
     return None
+
+
+def _die_with_parent():
+    """Child side: SIGTERM slapd if the test run itself is killed (Linux prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port():
@@ -124,7 +132,8 @@ def slapd_server(tmp_path_factory):
         url = f"ldap://127.0.0.1:{port}"
         log = open(root / "slapd.log", "w")
         proc = subprocess.Popen([binary, "-d", "0", "-f", str(conf), "-h", url + "/"],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and proc.poll() is None:
             try:

@@ -227,7 +227,7 @@ def main(argv=None):
     try:
         return run(argv, sys.stdin.buffer, sys.stdout.buffer)
     except VmwnError as e:
-        print(f"qsub: vmwn: {e.line()}", file=sys.stderr)
+        print(f"vmwn submit-filter: {e.line()}", file=sys.stderr)
         return exit_code("cli", e)
 
 
