@@ -22,6 +22,50 @@ def summary(res, env):
             f"from environment {env}")
 
 
+def _guest_job_running(st_fields):
+    """As the job user: True while the guest job's process group leader still lives."""
+    from ..ssh import Guest
+    from ..state import JobState
+    guest = Guest.connect(JobState.from_json(st_fields), timeout=10)
+    try:
+        _, out, _ = guest.run('p=$(cat "$HOME/.vmwn/job.pid" 2>/dev/null) && '
+                              'kill -0 "$p" 2>/dev/null && echo running', timeout=15)
+    finally:
+        guest.close()
+    return out.strip() == b"running"
+
+
+def explain_end(cfg, st, exit_status, jlog):
+    """Tell the user on stderr when the job's end on the host is not its end in the guest.
+
+    pbs_mom reports 0 after its own restart and 256+N when the job starter was
+    killed; in both cases the guest job may still be running.  Its output so
+    far is copied back next; this line says why the job ended early.
+    """
+    import dataclasses
+    import signal
+    if exit_status > 256:
+        try:
+            name = signal.Signals(exit_status - 256).name
+        except ValueError:
+            name = f"signal {exit_status - 256}"
+        say(f"the job was killed by {name} (exit status {exit_status})")
+    if exit_status != 0 and exit_status <= 256:
+        return
+    from .. import privs
+    try:
+        running = privs.run_as(st.user, st.uid, st.gid, _guest_job_running,
+                               dataclasses.asdict(st), timeout=30)
+    except errors.VmwnError as e:
+        jlog.info("cannot tell whether the guest job still runs: %s", e.line())
+        return
+    if running:
+        jlog.warning("the guest job was still running at exit status %d", exit_status)
+        say("the job was still running in its virtual machine when it ended on the host "
+            "(pbs_mom restarted or the job starter was killed); it was stopped, its output "
+            f"so far is copied back, and the exit status {exit_status} is not the job's own")
+
+
 def run(argv, config_path=None, pbs_home=None, environ=None):
     """The step's work.  Returns 0; raises only when no state could be reached."""
     environ = os.environ if environ is None else environ
@@ -31,6 +75,13 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     cfg = config.load(config_path)
     from .. import state
     if not state.exists(cfg, args.job_id):
+        if not os.path.lexists(state.job_dir(cfg, args.job_id)):
+            return 0
+        # A prologue killed before its first state record left a key and seed.
+        setup_logging(cfg)
+        from .. import lifecycle
+        lifecycle.destroy(cfg, args.job_id)
+        say("the job's virtual machine was never started; its remains were removed")
         return 0
     setup_logging(cfg)
     jlog = logsetup.job_logger(__name__, args.job_id)
@@ -39,7 +90,10 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
         st = state.load(cfg, args.job_id)
         if st.phase != "running":
             jlog.info("VM never came up (phase %s): nothing to copy back", st.phase)
+            say(f"the job's virtual machine never came up (the prologue stopped while "
+                f"{st.phase}); what it made was removed")
         else:
+            explain_end(cfg, st, args.exit_status, jlog)
             from .. import transfer
             res = transfer.harvest(cfg, st)
             jlog.info("harvested %d files, %d bytes in %.1f s", res.files, res.bytes,
