@@ -73,7 +73,12 @@ def create(cfg, spec, deadline, on_phase=None):
         destroy(cfg, spec.job_id)
     timer = _Phases(on_phase)
     try:
-        st = _prepare(cfg, spec, timer, log)
+        try:
+            st = _prepare(cfg, spec, timer, log)
+        except OSError as e:
+            raise SiteError(f"cannot write job {spec.job_id}'s files: "
+                            f"{e.strerror or e}", "free space or fix permissions in [site] "
+                            "state_dir and overlay_dir") from None
         _boot(cfg, spec, st, deadline, timer, log)
         st.phase = "running"
         statemod.save(cfg, st)
