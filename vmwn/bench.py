@@ -1,0 +1,925 @@
+"""``make bench``: vmwn's per-job overhead against baselines measured in the same run.
+
+Every ratio compares two numbers taken minutes apart on the same machine, never a
+number written down earlier: the floor (the same kernel, initrd and devices
+booted by ``qemu-system-x86_64`` directly, to an authenticated SSH login), a
+naive script (full image copy, ``virsh create``, OpenSSH ``ssh``), OpenSSH's
+``ssh``/``scp`` on the same guest, and the same ``vmwn run`` harness without
+vmwn's hooks.  Everything the run creates (a node tree under /tmp, a job user
+when none is given, overlays, domains, QEMU processes) is removed at the end,
+also after a failure or Ctrl-C.
+
+Usage: ``python -m vmwn.bench --config PATH [--quick] [--jobs N] [--user NAME]``.
+"""
+
+import argparse
+import dataclasses
+import glob
+import logging
+import os
+import pwd
+import grp
+import re
+import shlex
+import signal
+import socket
+import statistics
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import types
+
+from . import config as configmod, subp
+from .errors import SiteError, UserError, VmwnError
+
+log = logging.getLogger(__name__)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARKER = "vmwn-bench-first"
+READY = b"vmwn-guest: ready"
+MIB = 1 << 20
+BIG_MIB = 64
+
+
+# ----------------------------------------------------------------- the table
+
+def median(values):
+    """Median of the numbers in ``values`` (None entries ignored); None when empty."""
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def ratio(a, b):
+    """a / b, or None when either is missing or b is not positive."""
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table.  ``goal`` is (op, limit) on ``ratio``, or on ``value`` if
+    ``goal_on`` is "value"; op is "<=" or ">="."""
+    metric: str
+    value: float = None
+    baseline: float = None
+    unit: str = "s"
+    ratio: float = None
+    goal: tuple = None
+    goal_on: str = "ratio"
+
+    def met(self):
+        """True/False against the goal; None when there is no goal or no number."""
+        if not self.goal:
+            return None
+        x = self.ratio if self.goal_on == "ratio" else self.value
+        if x is None:
+            return None
+        op, limit = self.goal
+        return x <= limit if op == "<=" else x >= limit
+
+
+def _num(x, unit):
+    if x is None:
+        return "-"
+    if unit == "s":
+        return f"{x:.3f} s" if x < 10 else f"{x:.2f} s"
+    if unit == "ms":
+        return f"{x:.0f} ms"
+    if unit == "MiB/s":
+        return f"{x:.1f} MiB/s"
+    if unit == "MiB":
+        return f"{x:.0f} MiB"
+    if unit == "/min":
+        return f"{x:.2f}/min"
+    return f"{x:.3g}{(' ' + unit) if unit else ''}"
+
+
+def format_table(rows):
+    """The table as text: metric, vmwn, baseline, ratio, goal, met?"""
+    head = ("phase / metric", "vmwn", "baseline", "ratio", "goal", "met?")
+    lines = []
+    for r in rows:
+        goal = "" if not r.goal else (f"{'ratio' if r.goal_on == 'ratio' else 'value'} "
+                                      f"{r.goal[0]} {r.goal[1]:g}")
+        m = r.met()
+        lines.append((r.metric, _num(r.value, r.unit), _num(r.baseline, r.unit),
+                      "-" if r.ratio is None else f"{r.ratio:.2f}", goal or "-",
+                      "-" if m is None else ("yes" if m else "NO")))
+    widths = [max(len(str(x[i])) for x in [head] + lines) for i in range(len(head))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths)).rstrip(),
+           "  ".join("-" * w for w in widths)]
+    for ln in lines:
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(ln, widths)).rstrip())
+    return "\n".join(out)
+
+
+def summary_line(s):
+    """The final line: every headline ratio, ``?`` where it could not be measured."""
+    def f(x, fmt):
+        return "?" if x is None else format(x, fmt)
+    return ("bench: first-instruction/floor=" + f(s.get("first_floor"), ".2f")
+            + " naive/vmwn=" + f(s.get("naive_vmwn"), ".2f")
+            + " 20G/200M=" + f(s.get("scale"), ".2f")
+            + " relay/ssh=" + f(s.get("relay_ssh"), ".2f")
+            + " harvest/scp=" + f(s.get("harvest_scp"), ".2f")
+            + " novm-extra=" + f(s.get("novm_ms"), ".0f") + "ms"
+            + " rss-extra=" + f(s.get("rss_extra"), ".0f") + "MiB")
+
+
+# ------------------------------------------------------------- the workbench
+
+def _say(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _write(path, text, mode=0o644, uid=None, gid=None):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    if uid is not None:
+        os.chown(path, uid, gid)
+
+
+def _rss_mib(pid):
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ConsoleWatch:
+    """Notes when ``vmwn-guest: ready`` appears in a console log (polled every 10 ms)."""
+
+    def __init__(self, path):
+        self.path, self.at = path, None
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                with open(self.path, "rb") as f:
+                    if READY in f.read():
+                        self.at = time.monotonic()
+                        return
+            except OSError:
+                pass
+            self._stop.wait(0.01)
+
+    def stop(self):
+        self._stop.set()
+        self._t.join(1)
+
+
+class Bench:
+    """The node tree, job user and everything to remove afterwards."""
+
+    def __init__(self, args):
+        self.args = args
+        self.reps = args.jobs or (2 if args.quick else 3)
+        self.site_cfg = configmod.load(args.config)
+        if "tiny" not in self.site_cfg.environments:
+            raise SiteError(f"{args.config} has no [env tiny]", "add the tiny environment")
+        self.base_env = self.site_cfg.environments["tiny"]
+        missing = self.base_env.missing()
+        if missing:
+            raise SiteError(f"the tiny image is not built (missing {missing[0]})",
+                            "run 'make guest GUESTS=tiny'")
+        self.tag = f"bench{os.getpid()}"
+        self.seq_base = 900000000 + (os.getpid() % 90000) * 100
+        self.host = socket.gethostname()
+        self.created_user = None
+        self.job_ids = set()     # in-process lifecycle jobs
+        self.domains = set()     # domains made with virsh
+        self.pids = set()        # QEMU processes started directly
+        self.root = None
+        self.vmwn = os.path.join(os.path.dirname(sys.executable), "vmwn")
+
+    # -- setup / teardown ---------------------------------------------------
+
+    def setup(self):
+        self.root = tempfile.mkdtemp(prefix="vmwn-bench-", dir="/tmp")
+        os.chmod(self.root, 0o755)
+        self._user()
+        self.timings = os.path.join(self.root, "hook-times")
+        self.vm = self._node("vm", timing_steps=True)
+        self.plain = self._node("plain", timing_steps=False)
+        self.bare = os.path.join(self.root, "bare")
+        os.makedirs(os.path.join(self.bare, "mom_priv"))
+        self.cfg = configmod.load(self.vm.config)
+        self.env = self.cfg.environments["tiny"]
+        self.submit = self._udir("submit")
+        _write(os.path.join(self.submit, "job.sh"), f"#!/bin/sh\necho {MARKER}\n", 0o755,
+               self.uid, self.gid)
+        _write(os.path.join(self.submit, "true.sh"), "#!/bin/sh\ntrue\n", 0o755,
+               self.uid, self.gid)
+        self.stagein = self._udir("stagein")
+        for i in range(3):
+            _write(os.path.join(self.stagein, f"input{i}.txt"), "x" * 4096, 0o644,
+                   self.uid, self.gid)
+        self.empty = self._udir("empty")
+
+    def _udir(self, name):
+        d = os.path.join(self.root, name)
+        os.mkdir(d)
+        os.chown(d, self.uid, self.gid)
+        return d
+
+    def _user(self):
+        name = self.args.user
+        if name is None:
+            name = f"vmwnb{os.getpid() % 100000}"
+            subp.run(["useradd", "-M", "-s", "/bin/sh", name], timeout=30,
+                     fix="check useradd and /etc/passwd")
+            self.created_user = name
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            raise UserError(f"user {name!r} does not exist", "pass --user NAME") from None
+        if pw.pw_uid == 0:
+            raise UserError("the job user must not be root", "pass --user NAME")
+        self.user, self.uid, self.gid = name, pw.pw_uid, pw.pw_gid
+        self.group = grp.getgrgid(self.gid).gr_name
+
+    def _node(self, name, timing_steps):
+        """vmwn installed into ROOT/NAME (PBS_HOME, config, starter)."""
+        from . import install
+        base = os.path.join(self.root, name)
+        conf = os.path.join(base, "etc", "vmwn", "vmwn.conf")
+        os.makedirs(os.path.dirname(conf))
+        e = self.base_env
+        _write(conf, f"""[site]
+state_dir = {self.root}/state
+overlay_dir = {self.root}/overlays
+pbs_home = {base}/torque
+template_dir = {self.site_cfg.site['template_dir']}
+syslog = no
+boot_timeout = 240
+prologue_deadline = 260
+
+[env tiny]
+image = {e.image}
+kernel = {e.kernel}
+initrd = {e.initrd}
+cmdline = {e.cmdline}
+accel = {e.accel}
+machine = {e.machine}
+vcpus = 1
+memory = {e.memory_mib}M
+max_memory = {max(e.memory_mib, 256)}M
+""")
+        python, starter_python, path = sys.executable, sys.executable, ""
+        if not install.others_can_execute(sys.executable):
+            starter_python = "/usr/bin/python3"
+            path = os.pathsep.join([REPO, sysconfig.get_paths()["purelib"]])
+        install.install(install.build_parser().parse_args(
+            ["install", "--pbs-home", f"{base}/torque", "--sysconfdir", f"{base}/etc",
+             "--prefix", f"{base}/prefix", "--python", python, "--starter-python",
+             starter_python] + (["--pythonpath", path] if path else [])))
+        mom_priv = os.path.join(base, "torque", "mom_priv")
+        # Job ids unique to this run: domain names are global to libvirt.
+        _write(os.path.join(mom_priv, "vmwn-run.seq"), f"{self.seq_base}\n")
+        if timing_steps:
+            for d in ("prologue.d", "epilogue.d"):
+                for step, what in (("00-bench", "start"), ("99-bench", "end")):
+                    _write(os.path.join(mom_priv, d, step),
+                           f'#!/bin/sh\necho "$VMWN_HOOK {what} $1 $(date +%s.%N)" >> '
+                           f"{shlex.quote(self.timings)}\n", 0o755)
+        return types.SimpleNamespace(base=base, config=conf, pbs_home=f"{base}/torque",
+                                     spool=f"{base}/torque/spool",
+                                     starter=f"{base}/prefix/libexec/vmwn/job-starter")
+
+    def cleanup(self):
+        """Remove every domain, process, file and account this run made."""
+        from . import lifecycle, virt
+        for pid in list(self.pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.root and os.path.exists(os.path.join(self.root, "vm")):
+            try:
+                cfg = self.cfg
+            except AttributeError:
+                cfg = None
+            try:
+                conn = virt.connect(self.site_cfg.site["libvirt_uri"])
+                try:
+                    for name in list(self.domains):
+                        virt.destroy(conn, name)
+                    for dom, meta in virt.vmwn_domains(conn):
+                        jid = meta.get("id", "")
+                        m = re.match(r"^(\d+)\.", jid)
+                        mine = jid.startswith(self.tag) or (
+                            m and self.seq_base < int(m.group(1)) < self.seq_base + 100)
+                        if mine:
+                            virt.destroy(conn, dom.name())
+                finally:
+                    conn.close()
+                for jid in list(self.job_ids):
+                    if cfg is not None:
+                        lifecycle.destroy(cfg, jid)
+            except VmwnError as e:
+                _say(f"cleanup: {e.line()}")
+        if self.root:
+            subp.run(["rm", "-rf", "--one-file-system", self.root], timeout=120, check=False)
+        if self.created_user:
+            subp.run(["userdel", self.created_user], timeout=30, check=False)
+
+    # -- helpers ----------------------------------------------------------------
+
+    def spec(self, job_id, env=None, host_workdir=None):
+        from .lifecycle import JobSpec
+        env = env or self.env
+        return JobSpec(job_id=job_id, user=self.user, uid=self.uid, gid=self.gid,
+                       group=self.group, job_name="bench", env=env, vcpus=1,
+                       memory_mib=env.memory_mib, workdir=f"/home/{self.user}/bench",
+                       host_workdir=host_workdir or self.submit)
+
+    def create(self, job_id, env=None, host_workdir=None):
+        """lifecycle.create in this process; returns (state, phases, console-ready, t0)."""
+        from . import lifecycle, state as statemod
+        self.job_ids.add(job_id)
+        phases, ends = {}, {}
+
+        def on_phase(name, secs):
+            phases[name] = phases.get(name, 0.0) + secs
+            ends[name] = time.monotonic()
+        watch = ConsoleWatch(os.path.join(statemod.job_dir(self.cfg, job_id), "console.log"))
+        t0 = time.monotonic()
+        try:
+            st = lifecycle.create(self.cfg, self.spec(job_id, env, host_workdir),
+                                  time.monotonic() + 300, on_phase=on_phase)
+        finally:
+            watch.stop()
+        phases["total"] = time.monotonic() - t0
+        return st, phases, ends, watch.at
+
+    def destroy(self, job_id):
+        from . import lifecycle, state as statemod, virt
+        st = statemod.load(self.cfg, job_id)
+        conn = virt.connect(self.cfg.site["libvirt_uri"])
+        t0 = time.monotonic()
+        try:
+            virt.destroy(conn, st.domain)
+        finally:
+            conn.close()
+        t1 = time.monotonic()
+        lifecycle.destroy(self.cfg, job_id)
+        t2 = time.monotonic()
+        self.job_ids.discard(job_id)
+        return t1 - t0, t2 - t0
+
+    def ssh_argv(self, port, key, known_hosts, *rest, scp=False):
+        opts = ["-F", "/dev/null", "-o", "StrictHostKeyChecking=yes",
+                "-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+                "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=5",
+                "-o", "LogLevel=ERROR", "-i", key]
+        if scp:
+            return ["scp", "-q", "-P", str(port)] + opts + list(rest)
+        return ["ssh", "-p", str(port)] + opts + [f"{self.user}@127.0.0.1"] + list(rest)
+
+    def known_hosts(self, path, port, host_public):
+        _write(path, f"[127.0.0.1]:{port} {host_public}\n", 0o644)
+        return path
+
+    def vmwn_run(self, node, script, resources=(), pbs_home=None, timeout=900):
+        argv = [self.vmwn, "--config", node.config, "run", "-u", self.user, "-d", self.submit,
+                "--prologalarm", "300", "--pbs-home", pbs_home or node.pbs_home]
+        for r in resources:
+            argv += ["-l", r]
+        cp = subp.run(argv + [script], cwd=self.submit, timeout=timeout, check=False)
+        lines = cp.stdout.splitlines()
+        if cp.returncode != 0 or len(lines) < 2:
+            raise SiteError(f"vmwn run {script} failed ({cp.returncode}): "
+                            f"{' '.join((cp.stdout + cp.stderr).split())[-300:]}",
+                            "run 'make test' to find the broken part")
+        return lines[0].strip()
+
+
+# ------------------------------------------------------------ measurements
+
+def measure_vm_jobs(b):
+    """Whole VM jobs through ``vmwn run`` with timing steps around vmwn's steps."""
+    out = []
+    for i in range(b.reps):
+        _say(f"vmwn job through the hooks {i + 1}/{b.reps}")
+        first = {}
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                for p in glob.glob(os.path.join(b.vm.spool, "*.OU")):
+                    try:
+                        if os.path.getsize(p) > 0:
+                            first.setdefault(p, time.time())
+                    except OSError:
+                        pass
+                time.sleep(0.002)
+        t = threading.Thread(target=poll, daemon=True)
+        t.start()
+        t0 = time.time()
+        try:
+            job_id = b.vmwn_run(b.vm, "job.sh", ["other=vmwn=tiny"])
+        finally:
+            stop.set()
+            t.join(1)
+        wall = time.time() - t0
+        marks = {}
+        with open(b.timings, encoding="ascii") as f:
+            for line in f:
+                hook, what, jid, ts = line.split()
+                if jid == job_id:
+                    marks[(hook, what)] = float(ts)
+        fb = min(first.values()) if first else None
+        ps, pe = marks.get(("prologue", "start")), marks.get(("prologue", "end"))
+        es, ee = marks.get(("epilogue", "start")), marks.get(("epilogue", "end"))
+        out.append(dict(wall=wall, prologue=pe - ps, epilogue=ee - es,
+                        starter_first=(fb - pe) if fb else None,
+                        first_instruction=(fb - ps) if fb else None))
+    return out
+
+
+def measure_phases(b, throughput):
+    """In-process lifecycle.create: the prologue's phases, the starter's steps, destroy."""
+    from . import ssh, transfer, virt
+    from .hooks.starter import build_command, guest_env, job_argv
+    runs = []
+    for i in range(b.reps + 1):
+        warm = i == 0
+        _say("warm-up VM (not counted)" if warm else f"VM phases {i}/{b.reps}")
+        jid = f"{b.tag}-p{i}"
+        st, ph, ends, console_at = b.create(jid)
+        r = dict(phases=ph)
+        r["ssh_detect_lag"] = (ends["boot to SSH"] - console_at) if console_at else None
+        pid_file = f"/run/libvirt/qemu/{st.domain}.pid"
+        try:
+            with open(pid_file, encoding="ascii") as f:
+                r["rss"] = _rss_mib(int(f.read().strip()))
+        except (OSError, ValueError):
+            r["rss"] = None
+        # The job starter's steps, as vmwn/hooks/starter.py takes them.
+        t0 = time.monotonic()
+        guest = ssh.Guest.connect(st)
+        t1 = time.monotonic()
+        sftp = guest.sftp()
+        ctl = transfer.control_dir(sftp)
+        res = transfer.stage_in(guest, b.stagein, st.workdir, 1 << 30, sftp=sftp)
+        transfer.write_manifest(sftp, ctl, res.manifest)
+        script = ctl + "/job.sh"
+        with sftp.open(script, "wb") as f:
+            f.write(f"#!/bin/sh\necho {MARKER}\n".encode())
+            f.chmod(0o700)
+        sftp.close()
+        t2 = time.monotonic()
+        chan = guest.exec(build_command(ctl + "/job.pid", st.workdir,
+                                        guest_env({"PATH": "/bin:/usr/bin"}),
+                                        job_argv("/bin/sh", "run", script, [])))
+        chan.recv(1)
+        t3 = time.monotonic()
+        chan.recv_exit_status()
+        guest.close()
+        r.update(connect=t1 - t0, transfer=t2 - t1, exec_first=t3 - t2, starter=t3 - t0)
+        if i == 1:
+            throughput.update(measure_throughput(b, st))
+        r["destroy_libvirt"], r["destroy"] = b.destroy(jid)
+        if not warm:
+            runs.append(r)
+    return runs
+
+
+def _timed(argv, **kw):
+    t0 = time.monotonic()
+    cp = subp.run(argv, **kw)
+    return time.monotonic() - t0, cp
+
+
+def measure_throughput(b, st):
+    """Relay (the installed starter) and harvest against OpenSSH ssh and scp, same guest."""
+    from . import ssh, transfer
+    _say("throughput: starter relay and harvest against OpenSSH")
+    kh = b.known_hosts(os.path.join(b.root, "known_hosts"), st.port, st.host_key_public)
+    env = {"PATH": "/bin:/usr/bin", "PBS_JOBID": st.job_id, "PBS_O_WORKDIR": b.empty,
+           "HOME": "/root", "USER": b.user, "LOGNAME": b.user}
+    dd = "dd if=/dev/zero bs=1M count={} 2>/dev/null"
+    res = {}
+    for name, run in (
+            ("relay", lambda n: _timed([b.vm.starter, "/bin/sh"], env=env, timeout=600,
+                                       input=f"#!/bin/sh\n{dd.format(n)}\n")),
+            ("ssh", lambda n: _timed(b.ssh_argv(st.port, st.key_path, kh, dd.format(n)),
+                                     timeout=600))):
+        fixed, full = [], []
+        for _ in range(2):
+            t, cp = run(0)
+            fixed.append(t)
+            t, cp = run(BIG_MIB)
+            if len(cp.stdout) != BIG_MIB * MIB:
+                raise SiteError(f"{name}: got {len(cp.stdout)} bytes of {BIG_MIB} MiB "
+                                f"({cp.stderr.strip()[-200:]})", "check the guest")
+            full.append(t)
+        res[name] = BIG_MIB / max(1e-3, median(full) - median(fixed))
+    guest = ssh.Guest.connect(st)
+    big = f"{st.workdir}/big.bin"
+    status, _, err = guest.run(f"dd if=/dev/zero of={shlex.quote(big)} bs=1M count={BIG_MIB} "
+                               "2>/dev/null && sync", timeout=300)
+    guest.close()
+    if status != 0:
+        raise SiteError(f"cannot write {BIG_MIB} MiB in the guest: {err[-200:]!r}",
+                        "check the guest's disk")
+    hv, sc = [], []
+    dest = b._udir("harvest")
+    for _ in range(2):
+        t0 = time.monotonic()
+        r = transfer.harvest(b.cfg, st)
+        hv.append(time.monotonic() - t0)
+        if r.bytes < BIG_MIB * MIB:
+            raise SiteError(f"harvest copied {r.bytes} bytes", "check transfer.harvest")
+        os.unlink(os.path.join(st.host_workdir, "big.bin"))
+        t, _ = _timed(b.ssh_argv(st.port, st.key_path, kh, f"{b.user}@127.0.0.1:{big}",
+                                 os.path.join(dest, "big.bin"), scp=True), timeout=600)
+        sc.append(t)
+        os.unlink(os.path.join(dest, "big.bin"))
+    res["harvest_s"], res["scp_s"] = median(hv), median(sc)
+    return res
+
+
+def measure_floor(b):
+    """The same kernel, initrd and devices under qemu-system-x86_64 alone, to SSH login."""
+    from . import keys, seed, ssh
+    out = []
+    e = b.env
+    for i in range(b.reps):
+        _say(f"floor: plain QEMU {i + 1}/{b.reps}")
+        d = os.path.join(b.root, f"floor{i}")
+        os.mkdir(d)
+        name = f"{b.tag}-floor{i}"
+        hostkey, userkey = keys.generate(f"host:{name}"), keys.generate(f"job:{name}")
+        key_path = keys.write_private(os.path.join(d, "id"), userkey, 0, 0)
+        ctx = dict(job_id=name, instance_id=name, hostname=name, user=b.user, uid=b.uid,
+                   gid=b.gid, group=b.group, shell=e.ssh_user_shell,
+                   workdir=f"/home/{b.user}/bench", authorized_key=userkey.public_line,
+                   host_key_private=hostkey.private_openssh.rstrip("\n"),
+                   host_key_public=hostkey.public_line)
+        ud, md = seed.render(b.cfg.site["template_dir"], ctx)
+        iso = seed.build_iso(os.path.join(d, "seed.iso"), ud, md)
+        overlay = os.path.join(d, "overlay.qcow2")
+        subp.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", e.image,
+                  overlay], timeout=60)
+        port = _free_port()
+        console, pidfile = os.path.join(d, "console.log"), os.path.join(d, "qemu.pid")
+        argv = ["qemu-system-x86_64", "-name", name, "-machine", f"{e.machine}",
+                "-accel", "tcg" if e.accel == "qemu" else "kvm", "-m", str(e.memory_mib),
+                "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+                "-kernel", e.kernel, "-initrd", e.initrd, "-append", e.cmdline,
+                "-drive", f"file={overlay},if=virtio,format=qcow2,discard=unmap",
+                "-drive", f"file={iso},if=virtio,format=raw,readonly=on",
+                "-serial", f"file:{console}",
+                "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22",
+                "-device", "virtio-net-pci,netdev=n0,addr=0x1e",
+                "-object", "rng-random,id=rng0,filename=/dev/urandom",
+                "-device", "virtio-rng-pci,rng=rng0",
+                "-daemonize", "-pidfile", pidfile]
+        watch = ConsoleWatch(console)
+        t0 = time.monotonic()
+        subp.run(argv, timeout=60, fix="check qemu-system-x86_64")
+        t_started = time.monotonic()
+        with open(pidfile, encoding="ascii") as f:
+            pid = int(f.read().strip())
+        b.pids.add(pid)
+        st = types.SimpleNamespace(job_id=name, bind_address="127.0.0.1", port=port,
+                                   user=b.user, key_path=key_path,
+                                   host_key_public=hostkey.public_line)
+        while True:
+            if ssh.banner_ready("127.0.0.1", port, timeout=0.5):
+                try:
+                    ssh.Guest.connect(st, timeout=10).close()
+                    break
+                except VmwnError:
+                    pass
+            if time.monotonic() - t0 > 240:
+                raise SiteError("the floor guest did not answer SSH in 240 s",
+                                f"see {console}")
+            time.sleep(0.02)
+        t1 = time.monotonic()
+        watch.stop()
+        rss = _rss_mib(pid)
+        t2 = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        while os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.005)
+        b.pids.discard(pid)
+        out.append(dict(boot=t1 - t0, start=t_started - t0, rss=rss,
+                        kill=time.monotonic() - t2,
+                        console_to_login=(t1 - watch.at) if watch.at else None))
+    return out
+
+
+def measure_naive(b):
+    """cp of the base, virsh create, then OpenSSH ssh until the job's first line comes back."""
+    from . import keys, seed
+    from .domain import render
+    out = []
+    e = b.env
+    uri = b.cfg.site["libvirt_uri"]
+    for i in range(b.reps):
+        _say(f"naive: cp + virsh create + ssh {i + 1}/{b.reps}")
+        d = os.path.join(b.root, f"naive{i}")
+        os.mkdir(d)
+        jid = f"{b.tag}-naive{i}"
+        port = _free_port()
+        t0 = time.monotonic()
+        disk = os.path.join(d, "disk.qcow2")
+        subp.run(["cp", e.image, disk], timeout=600)
+        hostkey, userkey = keys.generate(f"host:{jid}"), keys.generate(f"job:{jid}")
+        key_path = keys.write_private(os.path.join(d, "id"), userkey, 0, 0)
+        ctx = dict(job_id=jid, instance_id=jid, hostname="naive", user=b.user, uid=b.uid,
+                   gid=b.gid, group=b.group, shell=e.ssh_user_shell,
+                   workdir=f"/home/{b.user}/bench", authorized_key=userkey.public_line,
+                   host_key_private=hostkey.private_openssh.rstrip("\n"),
+                   host_key_public=hostkey.public_line)
+        ud, md = seed.render(b.cfg.site["template_dir"], ctx)
+        iso = seed.build_iso(os.path.join(d, "seed.iso"), ud, md)
+        xml = render(b.cfg, e, job_id=jid, user=b.user, job_name="naive", port=port,
+                     overlay=disk, seed=iso, console_log=os.path.join(d, "console.log"))
+        xml_path = os.path.join(d, "domain.xml")
+        _write(xml_path, xml)
+        kh = b.known_hosts(os.path.join(d, "known_hosts"), port, hostkey.public_line)
+        from .domain import domain_name
+        b.domains.add(domain_name(jid))
+        subp.run(["virsh", "-q", "-c", uri, "create", xml_path], timeout=120)
+        while True:
+            cp = subp.run(b.ssh_argv(port, key_path, kh, f"echo {MARKER}"), timeout=30,
+                          check=False)
+            if cp.returncode == 0 and MARKER in cp.stdout:
+                break
+            if time.monotonic() - t0 > 240:
+                raise SiteError("the naive guest did not answer ssh in 240 s",
+                                f"see {d}/console.log")
+            time.sleep(0.1)
+        t1 = time.monotonic()
+        subp.run(["virsh", "-q", "-c", uri, "destroy", domain_name(jid)], timeout=120)
+        b.domains.discard(domain_name(jid))
+        out.append(dict(first=t1 - t0, destroy=time.monotonic() - t1))
+    return out
+
+
+def make_base(path, size):
+    """An empty ext4 (label vmwn-home) of ``size`` bytes as a sparse qcow2."""
+    raw = path + ".raw"
+    with open(raw, "wb") as f:
+        f.truncate(size)
+    subp.run(["mkfs.ext4", "-q", "-F", "-L", "vmwn-home", "-m", "0", "-i", "4194304",
+              "-J", "size=16", "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
+              raw], timeout=300)
+    subp.run(["qemu-img", "convert", "-O", "qcow2", raw, path], timeout=600)
+    os.unlink(raw)
+    return path
+
+
+def measure_scale(b):
+    """Prologue time on a 200 MB and a 20 GB (sparse) base image."""
+    res = {}
+    for label, size in (("200M", 200 * 10 ** 6), ("20G", 20 * 10 ** 9)):
+        base = make_base(os.path.join(b.root, f"base-{label}.qcow2"), size)
+        env = dataclasses.replace(b.env, image=base)
+        totals, overlays = [], []
+        for i in range(b.reps):
+            _say(f"image size {label}: prologue {i + 1}/{b.reps}")
+            jid = f"{b.tag}-s{label}{i}"
+            _, ph, _, _ = b.create(jid, env=env)
+            totals.append(ph["total"])
+            overlays.append(ph.get("overlay"))
+            b.destroy(jid)
+        res[label] = dict(total=median(totals), overlay=median(overlays))
+    return res
+
+
+def measure_concurrency(b, levels=(1, 2, 4)):
+    """n simultaneous VM jobs through ``vmwn run``: jobs per minute, overhead per job."""
+    res = {}
+    for n in levels:
+        _say(f"concurrency: {n} simultaneous VM job(s)")
+        walls, errors = [None] * n, []
+
+        def one(k):
+            t = time.monotonic()
+            try:
+                b.vmwn_run(b.plain, "true.sh", ["other=vmwn=tiny"])
+                walls[k] = time.monotonic() - t
+            except VmwnError as e:
+                errors.append(e)
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        total = time.monotonic() - t0
+        if errors:
+            raise errors[0]
+        res[n] = dict(per_min=n * 60.0 / total, per_job=median(walls))
+    return res
+
+
+def measure_novm(b):
+    """A job without a VM: the harness with vmwn's hooks against the harness without."""
+    n = 5 if b.args.quick else 9
+    with_hooks, without = [], []
+    for i in range(n):
+        _say(f"job without VM {i + 1}/{n}")
+        for node, pbs_home, acc in ((b.plain, None, with_hooks), (b.plain, b.bare, without)):
+            t0 = time.monotonic()
+            b.vmwn_run(node, "true.sh", pbs_home=pbs_home)
+            acc.append(time.monotonic() - t0)
+    # The starter alone: exec of the shell through vmwn's starter against the shell itself.
+    env = {"PATH": "/bin:/usr/bin", "PBS_JOBID": f"{b.tag}-none.{b.host}"}
+    st_with, st_without = [], []
+    for _ in range(n):
+        st_with.append(_timed([b.plain.starter, "/bin/sh"], env=env, input="true\n")[0])
+        st_without.append(_timed(["/bin/sh"], env=env, input="true\n")[0])
+    return dict(with_hooks=median(with_hooks), without=median(without),
+                starter=median(st_with) - median(st_without))
+
+
+# ------------------------------------------------------------------- report
+
+def build_rows(m):
+    """Rows and the summary numbers from the measurements dict ``m``."""
+    rows, s = [], {}
+    jobs, phases, floor = m.get("jobs", []), m.get("phases", []), m.get("floor", [])
+
+    def pm(key):
+        return median(r["phases"].get(key) for r in phases)
+    fl = median(r["boot"] for r in floor)
+    rows.append(Row("floor: qemu start to SSH login", fl))
+    rows.append(Row("prologue: configuration load", m.get("config_load")))
+    for key in ("keys and seed", "port", "overlay", "render", "define and start",
+                "boot to SSH"):
+        base = None
+        if key == "define and start":
+            base = median(r["start"] for r in floor)
+        elif key == "boot to SSH":
+            base = fl
+        rows.append(Row(f"prologue: {key}", pm(key), base, ratio=ratio(pm(key), base)))
+    rows.append(Row("prologue: in-process total", pm("total"), fl, ratio=ratio(pm("total"), fl)))
+    lag = median(r.get("ssh_detect_lag") for r in phases)
+    rows.append(Row("boot: console 'ready' to SSH detected", lag,
+                    median(r.get("console_to_login") for r in floor)))
+    rows.append(Row("prologue hook (vmwn step)", median(j["prologue"] for j in jobs)))
+    rows.append(Row("starter: connect", median(r["connect"] for r in phases)))
+    rows.append(Row("starter: script and workdir transfer", median(r["transfer"] for r in phases)))
+    rows.append(Row("starter: exec to first byte", median(r["exec_first"] for r in phases)))
+    rows.append(Row("starter hook: start to first byte",
+                    median(j["starter_first"] for j in jobs)))
+    fi = median(j["first_instruction"] for j in jobs)
+    s["first_floor"] = ratio(fi, fl)
+    rows.append(Row("prologue start to first instruction", fi, fl, ratio=s["first_floor"],
+                    goal=("<=", 1.2)))
+    naive = median(r["first"] for r in m.get("naive", []))
+    s["naive_vmwn"] = ratio(naive, fi)
+    rows.append(Row("naive (cp+virsh+ssh) / vmwn to first instruction", fi, naive,
+                    ratio=s["naive_vmwn"], goal=(">=", 1.0)))
+    rows.append(Row("epilogue: destroy, libvirt domain",
+                    median(r["destroy_libvirt"] for r in phases),
+                    median(r["kill"] for r in floor)))
+    rows.append(Row("epilogue: destroy total", median(r["destroy"] for r in phases),
+                    median(r["destroy"] for r in m.get("naive", []))))
+    rows.append(Row("epilogue hook (harvest + destroy)", median(j["epilogue"] for j in jobs)))
+    rows.append(Row("whole VM job (vmwn run)", median(j["wall"] for j in jobs)))
+    sc = m.get("scale", {})
+    if sc:
+        a, z = sc["200M"]["total"], sc["20G"]["total"]
+        s["scale"] = ratio(z, a)
+        rows.append(Row("prologue, 20 GB base / 200 MB base", z, a, ratio=s["scale"],
+                        goal=("<=", 1.1)))
+        rows.append(Row("overlay, 20 GB base / 200 MB base", sc["20G"]["overlay"],
+                        sc["200M"]["overlay"], ratio=ratio(sc["20G"]["overlay"],
+                                                           sc["200M"]["overlay"])))
+    tp = m.get("throughput", {})
+    if tp:
+        s["relay_ssh"] = ratio(tp["relay"], tp["ssh"])
+        rows.append(Row(f"stdout relay ({BIG_MIB} MiB) vs ssh", tp["relay"], tp["ssh"],
+                        unit="MiB/s", ratio=s["relay_ssh"], goal=(">=", 0.5)))
+        hv, sp = BIG_MIB / tp["harvest_s"], BIG_MIB / tp["scp_s"]
+        s["harvest_scp"] = ratio(hv, sp)
+        rows.append(Row(f"harvest ({BIG_MIB} MiB file) vs scp", hv, sp, unit="MiB/s",
+                        ratio=s["harvest_scp"], goal=(">=", 0.5)))
+    for n, c in sorted(m.get("concurrency", {}).items()):
+        rows.append(Row(f"{n} simultaneous VM jobs: jobs per minute", c["per_min"], unit="/min"))
+        rows.append(Row(f"{n} simultaneous VM jobs: time per job", c["per_job"]))
+    nv = m.get("novm")
+    if nv:
+        s["novm_ms"] = (nv["with_hooks"] - nv["without"]) * 1000
+        rows.append(Row("job without VM: vmwn run, hooks vs none", nv["with_hooks"],
+                        nv["without"], ratio=ratio(nv["with_hooks"], nv["without"])))
+        rows.append(Row("job without VM: extra (3 hooks)", s["novm_ms"], unit="ms",
+                        goal=("<=", 50), goal_on="value"))
+        rows.append(Row("job without VM: extra of the starter", nv["starter"] * 1000, unit="ms"))
+    rss = median(r.get("rss") for r in phases)
+    frss = median(r.get("rss") for r in floor)
+    mem = m.get("memory_mib")
+    if rss is not None:
+        s["rss_extra"] = rss - mem
+        rows.append(Row(f"QEMU RSS per guest ({mem} MiB configured)", rss, frss, unit="MiB",
+                        ratio=ratio(rss, frss)))
+        rows.append(Row("RSS beyond configured memory", s["rss_extra"],
+                        (frss - mem) if frss is not None else None, unit="MiB"))
+    return rows, s
+
+
+# --------------------------------------------------------------------- main
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m vmwn.bench",
+                                description="Measure vmwn's per-job overhead against "
+                                "baselines measured in the same run (needs root).")
+    p.add_argument("--config", default=None, help="vmwn.conf naming the tiny environment")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (2 instead of 3)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="repetitions of each VM measurement (medians over N)")
+    p.add_argument("--user", default=None,
+                   help="existing unprivileged job user (default: a temporary account)")
+    p.add_argument("--skip", action="append", default=[],
+                   choices=("floor", "naive", "scale", "throughput", "concurrency", "novm"),
+                   help="leave out a measurement (repeatable)")
+    return p
+
+
+def run(b):
+    m = {"memory_mib": b.env.memory_mib}
+    skip = set(b.args.skip)
+    t = time.monotonic()
+    configmod.load(b.vm.config)
+    m["config_load"] = time.monotonic() - t
+    if "novm" not in skip:
+        m["novm"] = measure_novm(b)
+    if "floor" not in skip:
+        m["floor"] = measure_floor(b)
+    tp = {}
+    m["phases"] = measure_phases(b, tp if "throughput" not in skip else {})
+    m["throughput"] = tp
+    m["jobs"] = measure_vm_jobs(b)
+    if "naive" not in skip:
+        m["naive"] = measure_naive(b)
+    if "scale" not in skip:
+        m["scale"] = measure_scale(b)
+    if "concurrency" not in skip:
+        m["concurrency"] = measure_concurrency(b)
+    return m
+
+
+def _interrupt(signum, frame):
+    """SIGTERM ends the run like Ctrl-C: through the cleanup."""
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        print("bench: --jobs must be at least 1", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print("bench: must run as root (it starts VMs and plays pbs_mom); run it with sudo",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    old_term = signal.signal(signal.SIGTERM, _interrupt)
+    b = None
+    t0 = time.monotonic()
+    try:
+        b = Bench(args)
+        b.setup()
+        m = run(b)
+    except VmwnError as e:
+        print(f"bench: {e.line()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        if b is not None:
+            b.cleanup()
+        signal.signal(signal.SIGTERM, old_term)
+    rows, s = build_rows(m)
+    print(format_table(rows))
+    print(f"bench: {b.reps} repetitions, {time.monotonic() - t0:.0f} s in all")
+    print(summary_line(s), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
