@@ -107,6 +107,7 @@ def _prepare(cfg, spec, timer, log):
                host_key_public=hostkey.public_line)
     ud, md = seed.render(cfg.site["template_dir"], ctx)
     seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md)
+    os.chmod(seed_path, 0o600)  # holds the guest's private host key; libvirt lends it to QEMU
     timer.mark("keys and seed")
     overlay = disk.overlay_path(cfg, spec.job_id) if env.image else ""
     output_dir = spec.workdir if env.output_dir == "workdir" else env.output_dir
@@ -122,7 +123,7 @@ def _prepare(cfg, spec, timer, log):
         statemod.save(cfg, st)  # recorded before anything outside the job dir exists
     timer.mark("port")
     if env.image:
-        disk.create_overlay(cfg, spec.job_id, env.image)
+        os.chmod(disk.create_overlay(cfg, spec.job_id, env.image), 0o600)  # the job's data
         timer.mark("overlay")
     log.info("prepared seed, key and overlay; SSH port %d", port)
     return st
