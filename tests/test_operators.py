@@ -1,0 +1,253 @@
+"""``vmwn ps`` and ``vmwn reap``: what counts as ended, what is removed, what is left alone."""
+
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import time
+
+import pytest
+
+from vmwn import cli, operators, state
+from vmwn.errors import SiteError
+
+from vmwn_testlib import IMAGE_DIR, leftovers, qemu_reachable_dir, write_config
+
+HAVE_TINY = all(os.path.exists(os.path.join(IMAGE_DIR, "tiny", f))
+                for f in ("disk.qcow2", "vmlinuz", "initrd.img"))
+OLD = time.time() - 3600
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """cli.main configures the root logger onto pytest's captured stderr; undo that."""
+    root = logging.getLogger()
+    handlers, configured = list(root.handlers), getattr(root, "_vmwn_configured", False)
+    yield
+    root.handlers[:] = handlers
+    root._vmwn_configured = configured
+
+
+@pytest.fixture
+def site():
+    """A configuration with its own state, overlays and PBS_HOME (mom_priv/jobs exists)."""
+    from vmwn import config
+    import shutil
+    base = qemu_reachable_dir("vmwn-ops-")
+    path = write_config(base, site_extra=f"pbs_home = {base}/torque", ports="43500-43599")
+    os.makedirs(f"{base}/torque/mom_priv/jobs")
+    cfg = config.load(path)
+    yield cfg
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def jobs_dir(cfg):
+    return os.path.join(cfg.site["pbs_home"], "mom_priv", "jobs")
+
+
+def fake_job(cfg, job_id, created=OLD, overlay=True):
+    """State record, key-like file and overlay of a job, without a domain."""
+    d = state.make_job_dir(cfg, job_id)
+    ov = ""
+    if overlay:
+        os.makedirs(cfg.site["overlay_dir"], exist_ok=True)
+        ov = os.path.join(cfg.site["overlay_dir"], state.safe_name(job_id) + ".qcow2")
+        open(ov, "w").close()
+        os.utime(ov, (created, created))
+    st = state.JobState(job_id=job_id, domain="vmwn-" + state.safe_name(job_id), env="tiny",
+                        user="alice", uid=4242, gid=4242, group="lab", bind_address="127.0.0.1",
+                        port=43555, host_key_public="", key_path=os.path.join(d, "id_ed25519"),
+                        workdir="/w", host_workdir="/w", output_dir="/w", overlay=ov,
+                        seed=os.path.join(d, "seed.iso"), console_log="", created=created)
+    state.save(cfg, st)
+    open(st.key_path, "w").close()
+    return st
+
+
+def mom_record(cfg, job_id, kind=".JB", body=None):
+    with open(os.path.join(jobs_dir(cfg), job_id + kind), "w") as f:
+        f.write(body if body is not None else f"<job><jobid>{job_id}</jobid></job>")
+
+
+def reap(cfg, *argv):
+    return cli.main(["--config", cfg.files[0], "reap", "--pbs-home", cfg.site["pbs_home"], *argv])
+
+
+# ------------------------------------------------------------------ judging jobs
+
+def test_mom_records_decide_which_jobs_are_here(site):
+    mom_record(site, "1.srv", ".JB")
+    mom_record(site, "2.srv", ".SC", body="#!/bin/sh\n")
+    mom_record(site, "3.short", ".JB", body="<job><jobid>3.very.long.server.name</jobid></job>")
+    mom = operators.MomJobs(site.site["pbs_home"])
+    assert mom.present("1.srv") and mom.present("2.srv")
+    assert mom.present("3.very.long.server.name")  # prefix shortened, id in the record
+    assert not mom.present("4.srv")
+
+
+def test_without_mom_priv_reap_refuses_to_judge(site, tmp_path):
+    with pytest.raises(SiteError, match="cannot tell which jobs are still on this node"):
+        operators.MomJobs(str(tmp_path / "nothing"))
+
+
+def test_reap_removes_state_key_and_overlay_of_ended_jobs_only(site, capsys, caplog):
+    gone = fake_job(site, "10.srv")
+    here = fake_job(site, "11.srv")
+    young = fake_job(site, "12.srv", created=time.time())
+    mom_record(site, "11.srv")
+    caplog.set_level(logging.INFO, logger="vmwn.operators")
+    assert reap(site) == 0
+    out = capsys.readouterr().out
+    assert "removed overlay" in out and "of job 10.srv" in out
+    assert "11.srv" not in out and "12.srv" not in out
+    assert not os.path.exists(state.job_dir(site, "10.srv")) and not os.path.exists(gone.overlay)
+    for st in (here, young):
+        assert os.path.exists(st.key_path) and os.path.exists(st.overlay)
+    # Every removal is also a log line (syslog for operators).
+    assert sum("reap: removed" in r.getMessage() for r in caplog.records) == out.count("removed")
+
+
+def test_dry_run_removes_nothing(site, capsys):
+    st = fake_job(site, "20.srv")
+    assert reap(site, "--dry-run") == 0
+    assert "would remove domain, overlay and state of job 20.srv" in capsys.readouterr().out
+    assert os.path.exists(st.key_path) and os.path.exists(st.overlay)
+
+
+def test_orphan_directory_and_overlay_are_removed_after_the_grace_period(site, capsys):
+    orphan = os.path.join(site.site["state_dir"], "30.srv-deadbeef")
+    os.makedirs(orphan)
+    open(os.path.join(orphan, "id_ed25519"), "w").close()
+    os.makedirs(site.site["overlay_dir"], exist_ok=True)
+    lone = os.path.join(site.site["overlay_dir"], "31.srv-cafecafe.qcow2")
+    fresh = os.path.join(site.site["overlay_dir"], "32.srv-abababab.qcow2")
+    open(lone, "w").close()
+    open(fresh, "w").close()
+    os.utime(orphan, (OLD, OLD))
+    os.utime(lone, (OLD, OLD))
+    assert reap(site) == 0
+    out = capsys.readouterr().out
+    assert f"removed state directory {orphan}" in out and f"removed overlay {lone}" in out
+    assert not os.path.exists(orphan) and not os.path.exists(lone)
+    assert os.path.exists(fresh)  # a prologue may be creating it right now
+
+
+def test_grace_option(site):
+    st = fake_job(site, "40.srv", created=time.time() - 30)
+    assert reap(site) == 0 and os.path.exists(st.key_path)
+    assert reap(site, "--grace", "10") == 0 and not os.path.exists(st.key_path)
+
+
+def test_bounded_reap_skips_while_another_process_reaps(site):
+    st = fake_job(site, "50.srv")
+    root = state.ensure_root(site)
+    fd = os.open(os.path.join(root, operators.LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        t = time.monotonic()
+        assert operators.bounded_reap(site, site.site["pbs_home"]) == []
+        assert time.monotonic() - t < 1.0 and os.path.exists(st.key_path)
+    finally:
+        os.close(fd)
+    lines = operators.bounded_reap(site, site.site["pbs_home"])
+    assert any("50.srv" in line for line in lines) and not os.path.exists(st.key_path)
+
+
+def test_bounded_reap_stops_at_its_deadline(site):
+    for i in range(5):
+        fake_job(site, f"6{i}.srv")
+    r = operators.Reaper(site, grace=0, deadline=time.monotonic() - 1)
+    assert r.run() == []
+    assert len(state.all_jobs(site)) == 5
+
+
+def test_bounded_reap_never_raises(site, tmp_path):
+    fake_job(site, "70.srv")
+    assert operators.bounded_reap(site, str(tmp_path / "no-pbs-home")) == []
+
+
+def test_ps_lists_state_records_without_a_domain(site, capsys):
+    fake_job(site, "80.srv")
+    os.makedirs(os.path.join(site.site["state_dir"], "81.srv-00000000"))
+    assert cli.main(["--config", site.files[0], "ps", "--json"]) == 0
+    rows = {r["job_id"] or r["state"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["80.srv"]["state"] == "no domain (phase creating)"
+    assert rows["80.srv"]["user"] == "alice" and rows["80.srv"]["port"] == 43555
+    assert any(k.startswith("no state record:") for k in rows)
+    assert cli.main(["--config", site.files[0], "ps"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["JOB", "USER", "ENV", "STATE"]
+    assert any(line.startswith("80.srv") for line in table)
+
+
+# ------------------------------------------------------------- real domains
+
+def _start_hand_made_domain(cfg, job_id, where):
+    """A transient domain carrying vmwn metadata for ``job_id``, files under ``where``."""
+    from vmwn import domain, virt
+    os.makedirs(where, exist_ok=True)
+    seed = os.path.join(where, "seed.img")
+    with open(seed, "wb") as f:
+        f.truncate(1 << 20)
+    xml = domain.render(cfg, cfg.env("tiny"), job_id=job_id, user="nobody", port=0,
+                        overlay="", seed=seed, console_log=os.path.join(where, "console.log"),
+                        created=int(OLD))
+    conn = virt.connect(cfg.site["libvirt_uri"])
+    try:
+        dom = virt.start(conn, xml)
+        assert dom.isActive()
+    finally:
+        conn.close()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not HAVE_TINY or os.geteuid() != 0, reason="needs root and the tiny image")
+def test_reap_removes_a_hand_made_domain_of_a_job_that_does_not_exist(site, capsys):
+    job = "90.no-such-job.example"
+    _start_hand_made_domain(site, job, os.path.join(site.site["state_dir"],
+                                                    state.safe_name(job)))
+    try:
+        assert cli.main(["--config", site.files[0], "ps", "--json"]) == 0
+        assert job in [r["job_id"] for r in json.loads(capsys.readouterr().out)]
+        assert reap(site) == 0
+        assert f"domain vmwn-{state.safe_name(job)} of job {job}" in capsys.readouterr().out
+        assert leftovers(site, job) == []
+    finally:
+        from vmwn import lifecycle
+        lifecycle.destroy(site, job)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not HAVE_TINY or os.geteuid() != 0, reason="needs root and the tiny image")
+def test_reap_leaves_domains_of_another_configuration_alone(site):
+    """libvirt is shared: a domain whose files live under another state_dir is not ours."""
+    from vmwn import lifecycle
+    other = qemu_reachable_dir("vmwn-ops-other-")
+    job = "91.other-config.example"
+    try:
+        _start_hand_made_domain(site, job, other)
+        assert reap(site) == 0
+        assert leftovers(site, job) != []
+        # Its own configuration does reap it.
+        other_cfg = dataclasses.replace(site, site={**site.site, "state_dir": other})
+        operators.Reaper(other_cfg, grace=0).run()
+        assert leftovers(site, job) == []
+    finally:
+        lifecycle.destroy(site, job)
+        import shutil
+        shutil.rmtree(other, ignore_errors=True)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not HAVE_TINY or os.geteuid() != 0, reason="needs root and the tiny image")
+def test_the_prologue_heals_the_node(world_tmp, test_user):
+    """Remains of an ended job (no epilogue ran) are gone after the next VM job's prologue."""
+    from test_faults import Node
+    node = Node(world_tmp, test_user)
+    gone = fake_job(node.cfg, "99.ended-without-epilogue")
+    run = node.job(script="#!/bin/sh\necho hi\n")
+    assert run.run_all().status == 0
+    assert not os.path.exists(gone.key_path) and not os.path.exists(gone.overlay)
+    assert "removed overlay" in node.logs()
+    run.assert_clean()
