@@ -16,9 +16,9 @@ import argparse
 import dataclasses
 import glob
 import logging
+import grp
 import os
 import pwd
-import grp
 import re
 import shlex
 import signal
@@ -152,6 +152,15 @@ def _rss_mib(pid):
     except (OSError, ValueError):
         pass
     return None
+
+
+def _alive(pid):
+    """True while ``pid`` runs (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _free_port():
@@ -619,7 +628,7 @@ def measure_floor(b):
         rss = _rss_mib(pid)
         t2 = time.monotonic()
         os.kill(pid, signal.SIGTERM)
-        while os.path.exists(f"/proc/{pid}"):
+        while _alive(pid):  # QEMU's own exit; reaping the orphan is init's business
             time.sleep(0.005)
         b.pids.discard(pid)
         out.append(dict(boot=t1 - t0, start=t_started - t0, rss=rss,
@@ -793,7 +802,7 @@ def build_rows(m):
     s["naive_vmwn"] = ratio(naive, fi)
     rows.append(Row("naive (cp+virsh+ssh) / vmwn to first instruction", fi, naive,
                     ratio=s["naive_vmwn"], goal=(">=", 1.0)))
-    rows.append(Row("epilogue: destroy, libvirt domain",
+    rows.append(Row("epilogue: destroy domain (floor: QEMU exit)",
                     median(r["destroy_libvirt"] for r in phases),
                     median(r["kill"] for r in floor)))
     rows.append(Row("epilogue: destroy total", median(r["destroy"] for r in phases),
@@ -900,6 +909,10 @@ def main(argv=None):
     old_term = signal.signal(signal.SIGTERM, _interrupt)
     b = None
     t0 = time.monotonic()
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        _say(f"warning: load average {load:.1f} before the run; other work on this "
+             "machine inflates every number")
     try:
         b = Bench(args)
         b.setup()
@@ -916,7 +929,8 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, old_term)
     rows, s = build_rows(m)
     print(format_table(rows))
-    print(f"bench: {b.reps} repetitions, {time.monotonic() - t0:.0f} s in all")
+    print(f"bench: {b.reps} repetitions, {time.monotonic() - t0:.0f} s in all, "
+          f"load average {load:.1f} before / {os.getloadavg()[0]:.1f} after")
     print(summary_line(s), flush=True)
     return 0
 

@@ -1,0 +1,98 @@
+"""The bench's arithmetic and report: medians, ratios, goals, table and summary line.
+
+No timing is asserted here; the numbers are made up and only their handling is tested.
+"""
+
+from vmwn import bench
+
+
+def test_median_ignores_missing_values():
+    assert bench.median([3.0, None, 1.0, 2.0]) == 2.0
+    assert bench.median([4.0, 1.0]) == 2.5
+    assert bench.median([None, None]) is None
+    assert bench.median([]) is None
+
+
+def test_ratio_refuses_missing_or_zero_baselines():
+    assert bench.ratio(3.0, 2.0) == 1.5
+    assert bench.ratio(None, 2.0) is None
+    assert bench.ratio(1.0, None) is None
+    assert bench.ratio(1.0, 0.0) is None
+
+
+def test_goals_on_ratio_and_on_value():
+    assert bench.Row("a", 1.1, 1.0, ratio=1.1, goal=("<=", 1.2)).met() is True
+    assert bench.Row("a", 1.3, 1.0, ratio=1.3, goal=("<=", 1.2)).met() is False
+    assert bench.Row("b", 0.4, 1.0, ratio=0.4, goal=(">=", 0.5)).met() is False
+    assert bench.Row("c", 12.0, unit="ms", goal=("<=", 50), goal_on="value").met() is True
+    assert bench.Row("c", 60.0, unit="ms", goal=("<=", 50), goal_on="value").met() is False
+    assert bench.Row("d", 1.0).met() is None              # no goal
+    assert bench.Row("e", None, goal=("<=", 1.2)).met() is None  # not measured
+
+
+def test_table_has_one_aligned_line_per_row():
+    rows = [bench.Row("prologue start to first instruction", 10.0, 9.0, ratio=10 / 9,
+                      goal=("<=", 1.2)),
+            bench.Row("stdout relay", 20.0, 50.0, unit="MiB/s", ratio=0.4, goal=(">=", 0.5)),
+            bench.Row("prologue: port", 0.004)]
+    text = bench.format_table(rows).splitlines()
+    assert len(text) == 2 + len(rows)
+    assert text[0].split()[:3] == ["phase", "/", "metric"]
+    first = text[2]
+    assert "10.00 s" in first and "9.000 s" in first and "1.11" in first and first.endswith("yes")
+    assert "20.0 MiB/s" in text[3] and text[3].endswith("NO")
+    assert text[4].rstrip().endswith("-")
+    # columns line up: "vmwn" starts at the same offset in the header and in every row
+    col = text[0].index("vmwn")
+    assert all(ln[col - 2:col] == "  " for ln in text[2:])
+
+
+def _measurements():
+    floor = [dict(boot=8.0, start=0.1, rss=300.0, kill=0.05, console_to_login=0.7),
+             dict(boot=10.0, start=0.1, rss=310.0, kill=0.05, console_to_login=0.9)]
+    phases = [dict(phases={"keys and seed": 0.02, "port": 0.01, "overlay": 0.02, "render": 0.01,
+                           "define and start": 0.9, "boot to SSH": 7.0, "total": 8.0},
+                   ssh_detect_lag=0.8, rss=320.0, connect=0.6, transfer=0.4, exec_first=0.2,
+                   starter=1.2, destroy_libvirt=2.0, destroy=2.05)]
+    jobs = [dict(wall=12.0, prologue=9.0, epilogue=2.5, starter_first=1.3,
+                 first_instruction=9.9),
+            dict(wall=13.0, prologue=10.0, epilogue=2.5, starter_first=1.3,
+                 first_instruction=10.9)]
+    return {"memory_mib": 256, "config_load": 0.003, "floor": floor, "phases": phases,
+            "jobs": jobs, "naive": [dict(first=21.0, destroy=2.0)],
+            "scale": {"200M": dict(total=8.0, overlay=0.02), "20G": dict(total=8.4,
+                                                                        overlay=0.02)},
+            "throughput": dict(relay=40.0, ssh=80.0, harvest_s=4.0, scp_s=2.0),
+            "concurrency": {1: dict(per_min=4.0, per_job=15.0)},
+            "novm": dict(with_hooks=0.45, without=0.25, starter=0.04)}
+
+
+def test_rows_and_summary_from_measurements():
+    rows, s = bench.build_rows(_measurements())
+    assert abs(s["first_floor"] - 10.4 / 9.0) < 1e-9   # medians 10.4 s over 9.0 s
+    assert abs(s["naive_vmwn"] - 21.0 / 10.4) < 1e-9
+    assert abs(s["scale"] - 1.05) < 1e-9
+    assert s["relay_ssh"] == 0.5 and s["harvest_scp"] == 0.5
+    assert abs(s["novm_ms"] - 200.0) < 1e-6
+    assert s["rss_extra"] == 64.0
+    by_name = {r.metric: r for r in rows}
+    assert by_name["prologue start to first instruction"].met() is True
+    assert by_name["job without VM: extra (3 hooks)"].met() is False
+    line = bench.summary_line(s)
+    assert line == ("bench: first-instruction/floor=1.16 naive/vmwn=2.02 20G/200M=1.05 "
+                    "relay/ssh=0.50 harvest/scp=0.50 novm-extra=200ms rss-extra=64MiB")
+
+
+def test_summary_marks_what_was_not_measured():
+    m = _measurements()
+    for k in ("naive", "scale", "throughput", "novm"):
+        del m[k]
+    _, s = bench.build_rows(m)
+    line = bench.summary_line(s)
+    assert "naive/vmwn=?" in line and "20G/200M=?" in line and "relay/ssh=?" in line
+    assert "novm-extra=?ms" in line and "first-instruction/floor=1.16" in line
+
+
+def test_parser_defaults():
+    a = bench.build_parser().parse_args(["--config", "x.conf", "--quick"])
+    assert a.quick and a.jobs is None and a.config == "x.conf" and a.skip == []
