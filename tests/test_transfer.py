@@ -1,0 +1,242 @@
+"""Stage-in and harvest semantics against the in-process guest (no VM)."""
+
+import os
+import stat
+
+import pytest
+
+from vmwn import transfer
+from vmwn.errors import UserError
+
+from test_transfer_guestd import connect, guestd  # noqa: F401 - fixture
+
+
+def _tree(root):
+    """{relative path: (kind, mode, mtime, content-or-link)} of a directory, lstat-based."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", None, None, os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), int(st.st_mtime), None)
+            elif stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    out[rel] = ("file", stat.S_IMODE(st.st_mode), int(st.st_mtime), f.read())
+    return out
+
+
+@pytest.fixture
+def host_tree(tmp_path):
+    h = tmp_path / "host" / "work"
+    (h / "sub" / "deep").mkdir(parents=True)
+    (h / "a.txt").write_bytes(b"alpha\n")
+    (h / "bin.dat").write_bytes(bytes(range(256)) * 1000)
+    (h / "sub" / "run.sh").write_bytes(b"#!/bin/sh\necho hi\n")
+    os.chmod(h / "sub" / "run.sh", 0o750)
+    (h / "sub" / "deep" / "empty").write_bytes(b"")
+    os.symlink("a.txt", h / "rel-link")
+    os.symlink("/etc/passwd", h / "abs-link")
+    os.symlink("../../../outside", h / "sub" / "escape")
+    os.mkfifo(h / "fifo")
+    os.utime(h / "a.txt", (1000000000, 1000000000))
+    os.utime(h / "sub", (1100000000, 1100000000))
+    os.chmod(h / "sub" / "deep", 0o711)
+    return str(h)
+
+
+def test_stage_in_copies_files_dirs_links_with_modes_and_mtimes(guestd, tmp_path, host_tree):
+    gdir = str(tmp_path / "guest" / "work")
+    g = connect(guestd, tmp_path)
+    try:
+        res = transfer.stage_in(g, host_tree, gdir, 10 << 20)
+    finally:
+        g.close()
+    want = {k: v for k, v in _tree(host_tree).items() if k != "fifo"}
+    assert _tree(gdir) == want
+    # Symlinks keep their text and are not followed: no copy of /etc/passwd.
+    assert os.readlink(os.path.join(gdir, "abs-link")) == "/etc/passwd"
+    assert os.readlink(os.path.join(gdir, "sub", "escape")) == "../../../outside"
+    assert not os.path.exists(tmp_path / "guest" / "outside")
+    assert (res.files, res.links, res.dirs) == (4, 3, 2)
+    assert res.bytes == 6 + 256000 + 18
+    assert any(s.startswith("fifo:") for s in res.skipped)
+    assert set(res.manifest["files"]) == {os.path.join(gdir, p) for p in
+                                          ("a.txt", "bin.dat", "sub/run.sh", "sub/deep/empty")}
+    assert res.manifest["files"][os.path.join(gdir, "a.txt")] == [6, 1000000000]
+
+
+def test_stage_in_over_cap_copies_nothing(guestd, tmp_path, host_tree):
+    gdir = str(tmp_path / "guest" / "work")
+    g = connect(guestd, tmp_path)
+    try:
+        with pytest.raises(UserError, match="stage_in_max"):
+            transfer.stage_in(g, host_tree, gdir, 1000)
+    finally:
+        g.close()
+    assert not os.path.exists(gdir)
+
+
+def test_stage_in_missing_workdir_is_users_problem(guestd, tmp_path):
+    g = connect(guestd, tmp_path)
+    try:
+        with pytest.raises(UserError, match="working directory"):
+            transfer.stage_in(g, str(tmp_path / "nope"), str(tmp_path / "g"), 1 << 20)
+    finally:
+        g.close()
+
+
+def _stage_and_write_manifest(g, host, gdir):
+    sftp = g.sftp()
+    res = transfer.stage_in(g, host, gdir, 10 << 20, sftp=sftp)
+    ctl = transfer.control_dir(sftp)
+    transfer.write_manifest(sftp, ctl, res.manifest)
+    return sftp, ctl
+
+
+def test_harvest_copies_new_and_changed_skips_unchanged(guestd, tmp_path, host_tree):
+    gdir = str(tmp_path / "guest" / "work")
+    g = connect(guestd, tmp_path)
+    try:
+        sftp, ctl = _stage_and_write_manifest(g, host_tree, gdir)
+        # The job: a new file, a new directory tree, a changed file.
+        with open(os.path.join(gdir, "result.out"), "wb") as f:
+            f.write(b"\x00result\r\n")
+        os.chmod(os.path.join(gdir, "result.out"), 0o4755)
+        os.makedirs(os.path.join(gdir, "newdir", "inner"))
+        with open(os.path.join(gdir, "newdir", "inner", "x"), "w") as f:
+            f.write("x")
+        with open(os.path.join(gdir, "a.txt"), "w") as f:
+            f.write("changed\n")
+        # Host side meanwhile: unchanged files get host edits that must survive.
+        with open(os.path.join(host_tree, "bin.dat"), "wb") as f:
+            f.write(b"host edit")
+        os.utime(os.path.join(gdir, "result.out"), (1200000000, 1200000000))
+        res = transfer.pull(sftp, gdir, host_tree, 1 << 30)
+        sftp.close()
+    finally:
+        g.close()
+    assert (res.files, res.unchanged, res.truncated, res.problems) == (3, 3, False, [])
+    with open(os.path.join(host_tree, "result.out"), "rb") as f:
+        assert f.read() == b"\x00result\r\n"
+    st = os.stat(os.path.join(host_tree, "result.out"))
+    assert stat.S_IMODE(st.st_mode) == 0o755  # set-id bits never come back
+    assert int(st.st_mtime) == 1200000000
+    with open(os.path.join(host_tree, "a.txt")) as f:
+        assert f.read() == "changed\n"
+    with open(os.path.join(host_tree, "newdir", "inner", "x")) as f:
+        assert f.read() == "x"
+    with open(os.path.join(host_tree, "bin.dat"), "rb") as f:
+        assert f.read() == b"host edit"
+    assert not any(".vmwn" in n for n in os.listdir(host_tree))
+    assert not [n for n in os.listdir(host_tree) if n.endswith(".tmp")]
+
+
+def test_harvest_never_copies_control_dir(guestd, tmp_path):
+    host = tmp_path / "host"
+    host.mkdir()
+    g = connect(guestd, tmp_path)
+    try:
+        sftp = g.sftp()
+        ctl = transfer.control_dir(sftp)
+        with open(os.path.join(ctl, "job.sh"), "w") as f:
+            f.write("secret script")
+        with open(os.path.join(guestd.guest_home, "out.txt"), "w") as f:
+            f.write("out")
+        # The working directory is the guest home: ~/.vmwn lies inside it.
+        res = transfer.pull(sftp, guestd.guest_home, str(host), 1 << 20)
+        sftp.close()
+    finally:
+        g.close()
+    assert sorted(os.listdir(host)) == ["out.txt"]
+    assert res.files == 1
+
+
+def test_harvest_does_not_follow_guest_symlinks(guestd, tmp_path):
+    host = tmp_path / "host"
+    host.mkdir()
+    gdir = tmp_path / "guest" / "work"
+    gdir.mkdir(parents=True)
+    secret = tmp_path / "guest-secret"
+    secret.write_text("guest system file")
+    os.symlink(str(secret), gdir / "link-to-file")
+    os.symlink(str(tmp_path), gdir / "link-to-dir")
+    (gdir / "real").write_text("real")
+    g = connect(guestd, tmp_path)
+    try:
+        sftp = g.sftp()
+        res = transfer.pull(sftp, str(gdir), str(host), 1 << 20)
+        sftp.close()
+    finally:
+        g.close()
+    assert sorted(os.listdir(host)) == ["real"]
+    assert res.files == 1
+
+
+def test_harvest_never_writes_through_host_symlinks(guestd, tmp_path):
+    host = tmp_path / "host"
+    host.mkdir()
+    victim_dir = tmp_path / "victim"
+    victim_dir.mkdir()
+    victim = victim_dir / "file"
+    victim.write_text("precious")
+    os.symlink(str(victim), host / "out.txt")        # host file is a symlink
+    os.symlink(str(victim_dir), host / "sub")         # host directory is a symlink
+    gdir = tmp_path / "guest" / "work"
+    (gdir / "sub").mkdir(parents=True)
+    (gdir / "out.txt").write_text("job output")
+    (gdir / "sub" / "file").write_text("job output")
+    (gdir / "ok.txt").write_text("fine")
+    g = connect(guestd, tmp_path)
+    try:
+        sftp = g.sftp()
+        res = transfer.pull(sftp, str(gdir), str(host), 1 << 20)
+        sftp.close()
+    finally:
+        g.close()
+    assert victim.read_text() == "precious"
+    assert sorted(os.listdir(victim_dir)) == ["file"]
+    assert os.path.islink(host / "out.txt") and os.path.islink(host / "sub")
+    assert (host / "ok.txt").read_text() == "fine"
+    assert res.files == 1
+    probs = " | ".join(res.problems)
+    assert "out.txt: the host path is a symlink" in probs
+    assert "sub" in probs and "not written through" in probs
+
+
+def test_harvest_cap_truncates_and_protects_host(guestd, tmp_path):
+    host = tmp_path / "host"
+    host.mkdir()
+    gdir = tmp_path / "guest" / "work"
+    gdir.mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (gdir / name).write_bytes(b"z" * 4000)
+    g = connect(guestd, tmp_path)
+    try:
+        sftp = g.sftp()
+        res = transfer.pull(sftp, str(gdir), str(host), 9000)
+        sftp.close()
+    finally:
+        g.close()
+    assert res.truncated and res.files == 2 and res.bytes == 8000
+    assert sorted(os.listdir(host)) == ["a", "b"]
+    assert "harvest_max" in res.problems[0] and res.problems[0].startswith("c:")
+    assert "STOPPED" in res.summary()
+
+
+def test_manifest_round_trip(guestd, tmp_path):
+    g = connect(guestd, tmp_path)
+    try:
+        sftp = g.sftp()
+        ctl = transfer.control_dir(sftp)
+        transfer.write_manifest(sftp, ctl, {"files": {"/w/a": [3, 7]}, "dirs": ["/w"]})
+        assert transfer.read_manifest(sftp, ctl) == ({"/w/a": (3, 7)}, {"/w"})
+        with open(os.path.join(ctl, "manifest.json"), "w") as f:
+            f.write("{not json")
+        assert transfer.read_manifest(sftp, ctl) == ({}, set())
+        sftp.close()
+    finally:
+        g.close()
