@@ -324,7 +324,11 @@ class _Proxy:
                 c, _ = self.lsock.accept()
             except OSError:
                 return
-            s = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                s = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                c.close()
+                continue
             self.pairs.append((c, s))
             for a, b in ((c, s), (s, c)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
@@ -360,6 +364,10 @@ class _Proxy:
 
     def close(self):
         self.closed = True
+        try:
+            self.lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.lsock.close()
         self.drop()
 
@@ -414,6 +422,10 @@ class GuestServer:
 
     def close(self):
         self.proxy.close()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         for t in self.transports:
             t.close()

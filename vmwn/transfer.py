@@ -282,6 +282,7 @@ def harvest(cfg, st, timeout=180.0):
     from . import privs
     from .config import parse_bytes
     cap = parse_bytes(cfg.site["harvest_max"])
+    _preload()
     t0 = time.monotonic()
     out = privs.run_as(st.user, st.uid, st.gid, _harvest_as_user,
                        dataclasses.asdict(st), cap, timeout=timeout)
@@ -289,6 +290,16 @@ def harvest(cfg, st, timeout=180.0):
     res.seconds = time.monotonic() - t0
     log.info("job %s: harvest %s", st.job_id, res.summary())
     return res
+
+
+def _preload():
+    """Import before the fork what the child needs: once it is the job user it may not
+    be able to read the Python installation (a root-only prefix, for instance)."""
+    import encodings.idna  # noqa: F401 - socket.getaddrinfo on a str host
+    import paramiko
+    import paramiko.sftp_client  # noqa: F401
+    from . import ssh, state  # noqa: F401
+    paramiko.Ed25519Key, paramiko.SFTPClient  # noqa: B018
 
 
 def _harvest_as_user(st_fields, cap):

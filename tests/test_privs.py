@@ -1,0 +1,126 @@
+"""Dropping to the job user in a forked child, with a real unprivileged user."""
+
+import grp
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from vmwn import errors, privs
+
+USER = "vmwntest"
+GROUP2 = "vmwntest2"
+
+
+@pytest.fixture(scope="session")
+def unpriv():
+    """(name, uid, gid, extra gid) of a real unprivileged user; created when missing."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to change user")
+    try:
+        grp.getgrnam(GROUP2)
+    except KeyError:
+        subprocess.run(["groupadd", GROUP2], check=True)
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-s", "/bin/sh", USER], check=True)
+    subprocess.run(["usermod", "-a", "-G", GROUP2, USER], check=True)
+    pw = pwd.getpwnam(USER)
+    return USER, pw.pw_uid, pw.pw_gid, grp.getgrnam(GROUP2).gr_gid
+
+
+@pytest.fixture
+def open_tmp():
+    """A temporary directory the unprivileged user can traverse (pytest's is root-only)."""
+    d = tempfile.mkdtemp(prefix="vmwn-test-")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _ids():
+    return {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
+            "egid": os.getegid(), "groups": sorted(os.getgroups())}
+
+
+def test_child_runs_with_users_ids_and_groups(unpriv):
+    name, uid, gid, extra = unpriv
+    got = privs.run_as(name, uid, gid, _ids)
+    assert got == {"uid": uid, "euid": uid, "gid": gid, "egid": gid,
+                   "groups": sorted({gid, extra})}
+    assert os.geteuid() == 0  # the parent is untouched
+
+
+def _try_root():
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return "refused"
+    return "became root"
+
+
+def test_drop_is_irrevocable(unpriv):
+    name, uid, gid, _ = unpriv
+    assert privs.run_as(name, uid, gid, _try_root) == "refused"
+
+
+def _write(path):
+    with open(path, "w") as f:
+        f.write("x")
+    return os.stat(path).st_uid
+
+
+def test_files_are_written_with_users_rights(unpriv, open_tmp):
+    import pathlib
+    tmp_path = pathlib.Path(open_tmp)
+    name, uid, gid, _ = unpriv
+    mine = tmp_path / "users"
+    mine.mkdir()
+    os.chown(mine, uid, gid)
+    assert privs.run_as(name, uid, gid, _write, str(mine / "f")) == uid
+    rootdir = tmp_path / "roots"
+    rootdir.mkdir(mode=0o755)
+    with pytest.raises(errors.SiteError, match="PermissionError"):
+        privs.run_as(name, uid, gid, _write, str(rootdir / "f"))
+    assert not (rootdir / "f").exists()
+
+
+def _raise(cls_name):
+    raise getattr(errors, cls_name)("the problem", "the fix")
+
+
+@pytest.mark.parametrize("cls", ["UserError", "SiteError", "TransientError", "GuestLost"])
+def test_vmwn_errors_come_back_as_the_same_class(unpriv, cls):
+    name, uid, gid, _ = unpriv
+    with pytest.raises(getattr(errors, cls)) as ei:
+        privs.run_as(name, uid, gid, _raise, cls)
+    assert type(ei.value) is getattr(errors, cls)
+    assert str(ei.value) == "the problem: the fix"
+
+
+def _sleep(n):
+    time.sleep(n)
+    return "woke"
+
+
+def test_timeout_kills_the_child(unpriv):
+    name, uid, gid, _ = unpriv
+    t0 = time.monotonic()
+    with pytest.raises(errors.TransientError, match="did not finish"):
+        privs.run_as(name, uid, gid, _sleep, 30, timeout=0.5)
+    assert time.monotonic() - t0 < 5
+
+
+def _die():
+    os._exit(3)
+
+
+def test_silent_death_is_reported(unpriv):
+    name, uid, gid, _ = unpriv
+    with pytest.raises(errors.SiteError, match="without a result"):
+        privs.run_as(name, uid, gid, _die)
