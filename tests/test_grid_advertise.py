@@ -44,7 +44,7 @@ def values(attrs, name):
     return [v for a, v in attrs if a == name]
 
 
-def test_glue1_advertises_present_environments_upper_cased(tmp_path, capsys):
+def test_glue1_advertises_present_environments_upper_cased(tmp_path, capsys, caplog):
     path = make_config(tmp_path, present=("tiny",))
     assert main(["--config", str(path), "advertise", "--glue1"]) == 0
     out = capsys.readouterr()
@@ -60,7 +60,8 @@ def test_glue1_advertises_present_environments_upper_cased(tmp_path, capsys):
     cluster = recs[cluster_dn]
     assert sorted(values(cluster, "GlueForeignKey")) == [
         "GlueCEUniqueID=ce.example.org:8443/cream-pbs-batch", "GlueSiteUniqueID=EXAMPLE-SITE"]
-    assert "debian12" in out.err and "not advertising" in out.err
+    warned = [r.getMessage() for r in caplog.records if r.name == "vmwn.grid.glue"]
+    assert any("not advertising environment debian12" in m for m in warned)
     assert "GLUE2" not in out.out
 
 
