@@ -99,6 +99,8 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
             jlog.info("harvested %d files, %d bytes in %.1f s", res.files, res.bytes,
                       res.seconds)
             say(summary(res, st.env), sys.stdout)
+            for problem in res.problems:
+                say(f"not copied back: {problem}")
     except Exception as e:  # noqa: BLE001 - the VM is destroyed whatever happened
         failures.append(("output not copied back", e))
     try:
