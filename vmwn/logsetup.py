@@ -18,6 +18,21 @@ class JobAdapter(logging.LoggerAdapter):
         return f"job {self.extra['job_id']}: {msg}", kwargs
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (it may be replaced after setup)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def job_logger(name, job_id):
     return JobAdapter(logging.getLogger(name), {"job_id": job_id})
 
@@ -30,7 +45,7 @@ def setup(verbose=False, syslog=True, debug_log=None, stderr=True):
     root._vmwn_configured = True
     root.setLevel(logging.DEBUG)
     if stderr:
-        h = logging.StreamHandler(sys.stderr)
+        h = _CurrentStderr()
         h.setLevel(logging.DEBUG if verbose else logging.WARNING)
         h.setFormatter(logging.Formatter("vmwn: %(levelname)s %(message)s"))
         root.addHandler(h)
