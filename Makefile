@@ -87,9 +87,11 @@ uninstall:
 	$(PY) -m vmwn.install uninstall --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
 		--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX)
 
+# The BDII provider (GIP convention), pointed at this installation's vmwn command.
 install-gip: deps
 	install -d -m 0755 $(DESTDIR)$(GIPDIR)
-	sed -e '1s|^#!.*|#!$(PY)|' gip/vmwn-provider > $(DESTDIR)$(GIPDIR)/vmwn-provider
+	sed -e 's|$${VMWN_BIN:-vmwn}|$${VMWN_BIN:-$(VENV)/bin/vmwn}|' gip/vmwn-provider \
+		> $(DESTDIR)$(GIPDIR)/vmwn-provider
 	chmod 0755 $(DESTDIR)$(GIPDIR)/vmwn-provider
 
 uninstall-gip:
