@@ -1,6 +1,8 @@
 # vmwn: every target is idempotent on a fresh Debian 12 machine (run as root).
 SHELL      := /bin/bash
 VENV       ?= $(CURDIR)/.venv
+# Debian's interpreter: job users must be able to run it (a pyenv under /root is 0700).
+PYTHON     ?= $(firstword $(wildcard /usr/bin/python3) python3)
 PY         := $(VENV)/bin/python
 VMWN       := $(VENV)/bin/vmwn
 CONFIG     ?= $(CURDIR)/etc/vmwn.conf
@@ -40,7 +42,7 @@ apt:
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
-	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $@
 
