@@ -220,7 +220,8 @@ class _Session:
                      threading.Thread(target=self._pump_fd,
                                       args=(proc.stderr.fileno(), chan.sendall_stderr),
                                       daemon=True),
-                     threading.Thread(target=self._feed, args=(proc.stdin.fileno(),),
+                     threading.Thread(target=self._feed, args=(proc.stdin.fileno(),
+                                                               proc.stdin.close),
                                       daemon=True)]
         for p in pumps:
             p.start()
@@ -249,7 +250,7 @@ class _Session:
             except (OSError, EOFError, paramiko.SSHException):
                 return
 
-    def _feed(self, fd):
+    def _feed(self, fd, close=None):
         chan = self.chan
         while True:
             try:
@@ -257,9 +258,9 @@ class _Session:
             except (OSError, EOFError, paramiko.SSHException):
                 data = b""
             if not data:
-                if not self.pty_req:
+                if close:
                     try:
-                        os.close(fd)
+                        close()
                     except OSError:
                         pass
                 return

@@ -67,9 +67,7 @@ def _fail(exc, cfg):
     if isinstance(exc, KeyboardInterrupt):
         _die_of(2)
     log = logging.getLogger(__name__)
-    if not logging.getLogger().handlers:
-        from .. import logsetup
-        logsetup.setup(syslog=True if cfg is None else cfg.site["syslog"], stderr=False)
+    _setup_logging(cfg)
     if isinstance(exc, GuestLost):
         line = f"vmwn: the job's virtual machine was lost: {exc.line()}"
         log.error("job %s: %s", os.environ.get("PBS_JOBID"), exc.line())
@@ -87,6 +85,17 @@ def _fail(exc, cfg):
     return exit_code("starter", exc)
 
 
+def _setup_logging(cfg):
+    """Log to syslog (and the debug log) only: stderr is the user's .e file."""
+    import logging
+    from .. import logsetup
+    root = logging.getLogger()
+    logsetup.setup(syslog=True if cfg is None else cfg.site["syslog"],
+                   debug_log=None if cfg is None else cfg.site["debug_log"], stderr=False)
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
+
+
 def _die_of(signum):
     """End this process by ``signum`` so pbs_mom records 256+signum, like a native job."""
     import resource
@@ -96,8 +105,9 @@ def _die_of(signum):
     except (ValueError, OSError):
         pass
     if signum not in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
-        signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+        if signum != signal.SIGKILL:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
         os.kill(os.getpid(), signum)
     # Signals whose default action is not to terminate: the shell convention.
     os._exit(128 + signum)
@@ -221,7 +231,7 @@ def _run_vm(cfg, job_id, rest):
     from .. import logsetup, ssh, state, transfer
     from ..config import parse_bytes
     from ..errors import SiteError, UserError
-    logsetup.setup(syslog=cfg.site["syslog"], debug_log=cfg.site["debug_log"], stderr=False)
+    _setup_logging(cfg)
     log = logsetup.job_logger(__name__, job_id)
     st = state.load(cfg, job_id)
     environ = dict(os.environ)
@@ -541,7 +551,8 @@ class Relay:
         import tty
         try:
             saved = termios.tcgetattr(0)
-            tty.setraw(0)
+            # TCSADRAIN, not setraw's default TCSAFLUSH: keep what the user typed ahead.
+            tty.setraw(0, termios.TCSADRAIN)
         except (termios.error, OSError):
             return None
 

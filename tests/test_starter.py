@@ -1,0 +1,277 @@
+"""The job starter with a VM: the in-process guest stands in for the VM.
+
+The starter runs as a real subprocess (as pbs_mom would run it) so that exit
+statuses, deaths by signal and signal forwarding are the real thing.
+"""
+
+import hashlib
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+
+from vmwn import config, state
+
+from test_transfer_guestd import GuestServer
+
+RUNNER = ("import sys; from vmwn.hooks import starter as s; "
+          "s.LOST_AFTER = float(sys.argv[1]); s.PROBE_EVERY = float(sys.argv[2]); "
+          "sys.exit(s.main(['starter'] + sys.argv[3:]))")
+
+
+class Job:
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.srv = GuestServer(str(tmp_path / "guest" / "home" / "guestuser"))
+        self.host = tmp_path / "host" / "work"
+        self.host.mkdir(parents=True)
+        (self.host / "input.txt").write_text("staged input\n")
+        self.gwork = tmp_path / "guest" / "work"
+        self.conf = tmp_path / "vmwn.conf"
+        self.conf.write_text(f"[site]\nstate_dir = {tmp_path}/state\nsyslog = no\n"
+                             f"pbs_home = {tmp_path}/torque\nstage_in_max = 1M\n")
+        self.cfg = config.load(str(self.conf))
+        key = self.srv.write_user_key(str(tmp_path / "id_job"))
+        self.job_id = "42.server.example.org"
+        self.st = self.srv.job_state(self.job_id, key, str(self.gwork), str(self.host))
+        state.save(self.cfg, self.st)
+        jobs = tmp_path / "torque" / "mom_priv" / "jobs"
+        jobs.mkdir(parents=True)
+        self.sc = jobs / f"{self.job_id}.SC"
+        self.env = {"PATH": "/usr/bin:/bin", "HOME": "/host/home/user", "USER": "user",
+                    "LOGNAME": "user", "SHELL": "/bin/bash", "VMWN_CONFIG": str(self.conf),
+                    "PBS_JOBID": self.job_id, "PBS_O_WORKDIR": str(self.host),
+                    "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_QUEUE": "batch", "PBS_TASKNUM": "1",
+                    "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def script(self, text, mode=0o700):
+        self.sc.write_text(text)
+        os.chmod(self.sc, mode)
+        return f"exec {self.sc}\n".encode()
+
+    def start(self, stdin=b"", argv=("/bin/sh",), env=None, lost_after=120, probe=30,
+              **kw):
+        e = dict(self.env, **(env or {}))
+        p = subprocess.Popen([sys.executable, "-c", RUNNER, str(lost_after), str(probe),
+                              *argv], env=e, stdin=kw.pop("stdin_fd", subprocess.PIPE),
+                             stdout=kw.pop("stdout", subprocess.PIPE),
+                             stderr=kw.pop("stderr", subprocess.PIPE), **kw)
+        if p.stdin:
+            p.stdin.write(stdin)
+            p.stdin.close()
+            p.stdin = None
+        return p
+
+    def run(self, stdin=b"", timeout=60, **kw):
+        p = self.start(stdin, **kw)
+        out, err = p.communicate(timeout=timeout)
+        return p.returncode, out, err
+
+
+@pytest.fixture
+def job(tmp_path):
+    j = Job(tmp_path)
+    yield j
+    j.srv.close()
+
+
+def wait_for(stream, token, timeout=20):
+    """Read from a pipe until ``token`` shows up; returns what was read."""
+    buf, end = b"", time.monotonic() + timeout
+    fd = stream.fileno()
+    while token not in buf:
+        left = end - time.monotonic()
+        assert left > 0, f"{token!r} not seen; got {buf!r}"
+        r, _, _ = select.select([fd], [], [], left)
+        if r:
+            chunk = os.read(fd, 65536)
+            assert chunk, f"EOF before {token!r}; got {buf!r}"
+            buf += chunk
+    return buf
+
+
+def test_batch_job_runs_in_guest_with_args_workdir_and_status(job):
+    line = job.script("#!/bin/sh\necho \"args:$#:$1:$2\"\npwd\ncat input.txt\n"
+                      "echo to-stderr >&2\nexit 7\n")
+    line = line[:-1] + b" one 'two words'\n"
+    rc, out, err = job.run(line)
+    assert rc == 7, err
+    assert out.decode().splitlines() == ["args:2:one:two words", str(job.gwork),
+                                         "staged input"]
+    assert err == b"to-stderr\n"
+    # The script itself is not left in the working directory (nothing to harvest).
+    assert sorted(os.listdir(job.gwork)) == ["input.txt"]
+
+
+def test_script_text_on_stdin(job):
+    rc, out, err = job.run(b"echo from text\nexit 3\n")
+    assert (rc, out, err) == (3, b"from text\n", b"")
+
+
+def test_shebang_of_the_script_is_honoured(job):
+    line = job.script(f"#!{sys.executable}\nimport sys; print('python', sys.argv[1:])\n")
+    rc, out, err = job.run(line[:-1] + b" x\n")
+    assert (rc, out) == (0, b"python ['x']\n"), err
+
+
+def test_malformed_line_is_one_line_error_and_runs_nothing(job):
+    rc, out, err = job.run(f"exec {job.tmp}/torque/mom_priv/jobs/nope.SC\n".encode())
+    assert rc == 1
+    assert err.count(b"\n") == 1 and err.startswith(b"vmwn: cannot read the job script")
+    assert b"Traceback" not in err and out == b""
+    assert job.srv.commands == []
+
+
+def test_stage_in_over_cap_fails_before_running(job):
+    (job.host / "big").write_bytes(b"x" * (2 << 20))
+    rc, out, err = job.run(job.script("#!/bin/sh\necho ran\n"))
+    assert rc == 1 and out == b""
+    assert b"stage_in_max" in err and err.count(b"\n") == 1
+    assert job.srv.commands == []
+
+
+def test_environment_is_the_jobs_with_guest_identity(job, tmp_path):
+    hostile = "$(touch /tmp/vmwn-pwned) `id` \"dq\" 'sq' ; & | \\ \n second line *"
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("node1\nnode1\n")
+    gtmp = tmp_path / "guest-tmp"
+    gtmp.mkdir()
+    line = job.script("#!/bin/sh\nprintf '%s\\037' \"$HOSTILE\" \"$HOME\" \"$USER\" \"$PBS_QUEUE\" "
+                      "\"$PATH\" \"${TMPDIR-unset}\" \"${BAD_NAME-unset}\"\n"
+                      "cat \"$PBS_NODEFILE\"\nenv | grep -c '^VMWN_CONFIG=' || true\n")
+    rc, out, err = job.run(line, env={"HOSTILE": hostile, "PBS_NODEFILE": str(nodefile),
+                                      "TMPDIR": "/nonexistent-tmp", "BAD-NAME": "x"})
+    assert rc == 0, err
+    fields = out.decode().split("\x1f")
+    assert fields[:6] == [hostile, job.srv.guest_home, "guestuser", "batch", "/usr/bin:/bin",
+                          "unset"]
+    assert fields[6].startswith("unset")
+    assert fields[7] == "node1\nnode1\n0\n"
+    assert not os.path.exists("/tmp/vmwn-pwned")
+    # TMPDIR survives when the guest has it.
+    rc, out, _ = job.run(job.script('#!/bin/sh\necho "$TMPDIR"\n'), env={"TMPDIR": str(gtmp)})
+    assert out.decode().strip() == str(gtmp), (out, _, job.srv.commands[-1][-300:])
+
+
+def test_missing_shell_falls_back_with_a_note(job):
+    rc, out, err = job.run(b"echo hi\n", argv=("/bin/no-such-shell",))
+    assert (rc, out) == (0, b"hi\n")
+    assert err == b"vmwn: /bin/no-such-shell does not exist in environment tiny; using /bin/sh\n"
+
+
+def test_tm_task_runs_argv_quoted_without_stage_in(job):
+    job.gwork.mkdir()
+    rc, out, err = job.run(b"", argv=("echo", "task", "$HOME", "a b"),
+                           env={"PBS_TASKNUM": "3"})
+    assert (rc, out) == (0, b"task $HOME a b\n"), err
+    assert os.listdir(job.gwork) == []
+
+
+def test_binary_output_is_relayed_byte_exact_and_separately(job, tmp_path):
+    blob = os.urandom(8 << 20) + bytes(range(256)) + b"\r\n\n\r"
+    (tmp_path / "blob").write_bytes(blob)
+    line = job.script(f"#!/bin/sh\ncat {tmp_path}/blob\nprintf 'e\\r\\n\\0' >&2\n")
+    rc, out, err = job.run(line)
+    assert rc == 0
+    assert hashlib.sha256(out).hexdigest() == hashlib.sha256(blob).hexdigest()
+    assert err == b"e\r\n\0"
+
+
+def test_output_is_streamed_as_produced(job):
+    p = job.start(job.script("#!/bin/sh\necho first\nsleep 3\necho second\n"))
+    t0 = time.monotonic()
+    got = wait_for(p.stdout, b"first\n")
+    assert time.monotonic() - t0 < 2.5 and p.poll() is None
+    assert got == b"first\n"
+    assert p.stdout.read() == b"second\n"
+    assert p.wait(30) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV])
+def test_death_by_signal_is_reproduced(job, sig):
+    rc, out, err = job.run(job.script(f"#!/bin/sh\nkill -s {sig.name[3:]} $$\necho alive\n"))
+    assert rc == -sig, err
+    assert out == b""
+
+
+def test_exit_status_above_128_is_not_a_signal(job):
+    rc, out, err = job.run(b"exit 143\n")
+    assert rc == 143
+
+
+def test_usr1_is_forwarded_and_job_continues(job):
+    p = job.start(job.script("#!/bin/sh\ntrap 'echo got-usr1' USR1\necho ready\n"
+                             "i=0; while [ $i -lt 40 ]; do sleep 0.1; i=$((i+1)); done\n"
+                             "echo done\n"))
+    wait_for(p.stdout, b"ready\n")
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert out == b"got-usr1\ndone\n"
+
+
+def test_sigterm_reaches_the_whole_guest_process_group(job, tmp_path):
+    pidf = tmp_path / "bg.pid"
+    p = job.start(job.script(f"#!/bin/sh\nsleep 60 &\necho $! > {pidf}\necho ready\nwait\n"))
+    wait_for(p.stdout, b"ready\n")
+    bg = int(pidf.read_text())
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=20)
+    assert p.returncode == -signal.SIGTERM
+    for _ in range(50):
+        if not os.path.exists(f"/proc/{bg}") or \
+                open(f"/proc/{bg}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the job's background process survived SIGTERM")
+
+
+def test_lost_guest_gives_253_and_a_clear_message(job):
+    p = job.start(job.script("#!/bin/sh\necho ready\nsleep 30\n"))
+    wait_for(p.stdout, b"ready\n")
+    job.srv.proxy.drop()
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 253
+    assert err.startswith(b"vmwn: the job's virtual machine was lost: ")
+    assert err.count(b"\n") == 1
+
+
+def test_hung_guest_is_declared_lost(job):
+    p = job.start(job.script("#!/bin/sh\necho ready\nsleep 30\n"), lost_after=2, probe=0.5)
+    wait_for(p.stdout, b"ready\n")
+    job.srv.proxy.frozen.set()
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 253
+    assert b"no answer from the guest" in err
+
+
+def test_interactive_job_gets_a_pty_and_the_tty_is_restored(job):
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    # Typed ahead while the job starts: must not be lost when the tty goes raw.
+    p = job.start(b"", stdin_fd=slave, stdout=slave, stderr=slave,
+                  env={"PBS_ENVIRONMENT": "PBS_INTERACTIVE", "TERM": "xterm-test"})
+    os.close(slave)
+    os.write(master, b"echo \"tty:$TERM:$((6*7))\"; [ -t 0 ] && echo is-a-tty; exit 3\n")
+    buf = b""
+    end = time.monotonic() + 20
+    while p.poll() is None and time.monotonic() < end:
+        r, _, _ = select.select([master], [], [], 0.2)
+        if r:
+            try:
+                buf += os.read(master, 4096)
+            except OSError:
+                break
+    p.wait(10)
+    assert p.returncode == 3, buf
+    assert b"tty:xterm-test:42" in buf and b"is-a-tty" in buf
+    assert job.srv.commands and "TERM=xterm-test" in job.srv.commands[0]
+    assert termios.tcgetattr(master) == before  # raw mode was undone
+    os.close(master)
