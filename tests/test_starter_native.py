@@ -1,0 +1,74 @@
+"""The job starter for jobs without a VM: exec the job exactly as pbs_mom would have."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+RUNNER = "import sys; from vmwn.hooks.starter import main; sys.exit(main(['starter'] + sys.argv[1:]))"
+
+
+@pytest.fixture
+def env(tmp_path):
+    conf = tmp_path / "vmwn.conf"
+    conf.write_text(f"[site]\nstate_dir = {tmp_path}/state\nsyslog = no\n")
+    return {"PATH": "/usr/bin:/bin", "VMWN_CONFIG": str(conf), "PBS_JOBID": "5.srv",
+            "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def run(argv, env, stdin=b"", pyflags=()):
+    p = subprocess.Popen([sys.executable, *pyflags, "-c", RUNNER, *argv], env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.communicate(stdin, timeout=30)
+    return p.pid, p.returncode, out, err
+
+
+@pytest.mark.parametrize("jobid", [None, "5.srv"])
+def test_exec_replaces_the_starter_and_leaves_stdin_to_the_shell(env, jobid):
+    if jobid is None:
+        del env["PBS_JOBID"]
+    pid, rc, out, err = run(["/bin/sh"], env, b"echo pid=$$; exit 4\n")
+    assert (rc, err) == (4, b"")
+    assert out == f"pid={pid}\n".encode()  # same process: exec'd, not forked
+
+
+def test_interactive_command_form(env):
+    pid, rc, out, err = run(["/bin/sh", "-c", "echo \"$0:$1\"", "zero", "one"], env)
+    assert (rc, out) == (0, b"zero:one\n")
+
+
+def test_tm_task_argv_is_searched_in_path(env):
+    pid, rc, out, err = run(["echo", "task", "$HOME"], env)
+    assert (rc, out) == (0, b"task $HOME\n")
+
+
+def test_no_heavy_imports_on_the_native_path(env):
+    pid, rc, out, err = run(["/bin/true"], env, pyflags=("-X", "importtime"))
+    assert rc == 0
+    mods = {line.split("|")[-1].strip() for line in err.decode().splitlines()
+            if line.startswith("import time:")}
+    assert "vmwn.state" in mods and "vmwn.config" in mods
+    for heavy in ("paramiko", "libvirt", "jinja2", "cryptography", "vmwn.ssh",
+                  "vmwn.transfer", "logging"):
+        assert heavy not in mods
+
+
+def test_missing_shell_is_one_clear_line(env):
+    pid, rc, out, err = run(["/bin/no-such-shell"], env)
+    assert rc == 1
+    assert err == (b"vmwn: cannot execute the job's shell /bin/no-such-shell: No such file or "
+                   b"directory: check qsub -S or your login shell on the execution host\n")
+
+
+def test_no_arguments(env):
+    pid, rc, out, err = run([], env)
+    assert rc == 2 and err.startswith(b"vmwn: the job starter was called without")
+    assert err.count(b"\n") == 1
+
+
+def test_broken_configuration_fails_closed_without_traceback(env, tmp_path):
+    (tmp_path / "vmwn.conf").write_text("[site]\nbogus = 1\n")
+    pid, rc, out, err = run(["/bin/sh"], env, b"echo ran\n")
+    assert rc == 2 and out == b""
+    assert err.startswith(b"vmwn: ") and b"unknown key" in err and err.count(b"\n") == 1
