@@ -8,6 +8,11 @@ is read from stdin, PBS_O_WORKDIR is staged into the guest, and the script
 runs there over SSH with the job's environment; output is relayed as it comes,
 signals are forwarded to the guest job's process group, and the starter ends
 the way the guest job ended (same exit status, or death by the same signal).
+
+Signals go through a second exec channel running ``kill -s SIG -- -PGID`` (the
+PGID the job's shell recorded in ~/.vmwn).  The SSH "signal" channel request
+is not sent as well: OpenSSH may or may not honour it, and a signal delivered
+twice would run a job's USR1 handler twice.
 """
 
 import os
@@ -228,9 +233,9 @@ def _read_stdin():
 def _run_vm(cfg, job_id, rest):
     import posixpath
     import stat
+    import paramiko
     from .. import logsetup, ssh, state, transfer
     from ..config import parse_bytes
-    from ..errors import SiteError, UserError
     _setup_logging(cfg)
     log = logsetup.job_logger(__name__, job_id)
     st = state.load(cfg, job_id)
@@ -280,11 +285,10 @@ def _run_vm(cfg, job_id, rest):
                 argv = rest
             else:
                 argv = [shell] + rest[1:]
-        except (IOError, EOFError) as e:
-            if isinstance(e, (UserError, SiteError)):
-                raise
+        except (IOError, EOFError, paramiko.SSHException) as e:
             from ..errors import GuestLost
-            raise GuestLost(f"preparing the job in the guest failed: {e}",
+            raise GuestLost(f"preparing the job in the guest failed: "
+                            f"{' '.join(str(e).split()) or type(e).__name__}",
                             "the virtual machine may be out of disk space") from None
         finally:
             sftp.close()
@@ -382,7 +386,7 @@ class Relay:
         self.pending = []
         self.output_ok = {1: True, 2: True}
         self.probe_sent = None
-        self.probe_ok = None
+        self.kill_channels = []
 
     def run(self):
         """Relay until the guest job ends: ("exit", status) or ("signal", signum)."""
@@ -408,6 +412,8 @@ class Relay:
             return self._loop(wake_r)
         finally:
             stop.set()
+            for c in self.kill_channels:
+                c.close()
             if restore_tty:
                 restore_tty()
             for s, h in old.items():
@@ -529,6 +535,7 @@ class Relay:
         try:
             c = self.guest.exec(cmd)
             c.shutdown_write()
+            self.kill_channels.append(c)
         except Exception as e:  # noqa: BLE001 - a lost guest is reported by the relay loop
             logging.getLogger(__name__).warning("cannot forward SIG%s: %s", name, e)
 
