@@ -40,7 +40,7 @@ DISK_LABEL = "vmwn-root"
 APT_SOURCES = "/etc/apt/sources.list"
 # Program -> Debian package that provides it on the building host.
 TOOLS = {"mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs", "qemu-img": "qemu-utils",
-         "chroot": "coreutils", "mount": "mount"}
+         "systemctl": "systemd", "chroot": "coreutils", "mount": "mount"}
 
 # Units a one-job worker never needs; masked so no preset or dependency can
 # start them.  getty@tty1 has no screen to serve: the console is ttyS0.
@@ -195,6 +195,9 @@ def build(cfg, env, force=False):
 
 
 def check_tools():
+    if os.geteuid() != 0:
+        raise SiteError("building debian12 needs root (mmdebstrap --mode=root, chroot mounts)",
+                        "run 'vmwn image build debian12' as root")
     missing = sorted({pkg for prog, pkg in TOOLS.items() if not shutil.which(prog)})
     if missing:
         raise SiteError(f"building debian12 needs the Debian packages {', '.join(missing)}",
