@@ -72,6 +72,7 @@ def create(cfg, spec, deadline, on_phase=None):
         log.info("removing what an earlier attempt of this job left")
         destroy(cfg, spec.job_id)
     timer = _Phases(on_phase)
+    progress = []
     try:
         try:
             st = _prepare(cfg, spec, timer, log)
@@ -79,7 +80,7 @@ def create(cfg, spec, deadline, on_phase=None):
             raise SiteError(f"cannot write job {spec.job_id}'s files: "
                             f"{e.strerror or e}", "free space or fix permissions in [site] "
                             "state_dir and overlay_dir") from None
-        _boot(cfg, spec, st, deadline, timer, log)
+        _boot(cfg, spec, st, deadline, timer, log, progress)
         st.phase = "running"
         statemod.save(cfg, st)
         log.info("VM %s of %s ready on %s:%d", st.domain, env.name, st.bind_address, st.port)
@@ -89,7 +90,10 @@ def create(cfg, spec, deadline, on_phase=None):
         try:
             destroy(cfg, spec.job_id)
         except VmwnError as e2:
-            log.error("cleanup after failed create also failed: %s", e2)
+            if progress:
+                log.error("cleanup after failed create also failed: %s", e2)
+            else:  # libvirt never got the domain: the files alone are the job's remains
+                _remove_files(cfg, spec.job_id, None, log)
         raise
 
 
@@ -129,11 +133,12 @@ def _prepare(cfg, spec, timer, log):
     return st
 
 
-def _boot(cfg, spec, st, deadline, timer, log):
+def _boot(cfg, spec, st, deadline, timer, log, progress):
     from . import virt
     from .ssh import Guest, banner_ready
     conn = virt.connect(cfg.site["libvirt_uri"])
     try:
+        progress.append("start")  # from here on a domain may exist
         for attempt in range(PORT_ATTEMPTS):
             xml = render_domain(cfg, spec.env, job_id=spec.job_id, user=spec.user,
                                 job_name=spec.job_name, vcpus=spec.vcpus,
@@ -219,6 +224,14 @@ def destroy(cfg, job_id, grace=0.0):
                 removed.append(f"domain {other}")
     finally:
         conn.close()
+    for what in removed:
+        log.info("removed %s", what)
+    return removed + _remove_files(cfg, job_id, st, log)
+
+
+def _remove_files(cfg, job_id, st, log):
+    """Remove the job's overlay and state directory; returns what was removed."""
+    removed = []
     overlay = st.overlay if st and st.overlay else disk.overlay_path(cfg, job_id)
     if disk.remove(overlay):
         removed.append(f"overlay {overlay}")
