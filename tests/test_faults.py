@@ -73,6 +73,10 @@ class Node:
         install.install(install.build_parser().parse_args(
             ["install", "--pbs-home", f"{root}/torque", "--sysconfdir", f"{root}/etc",
              "--prefix", f"{root}/prefix", "--python", python, "--pythonpath", path]))
+        # Job ids (and so domain names) must not collide with other nodes' tests
+        # sharing this libvirtd: start the sequence somewhere of this node's own.
+        with open(os.path.join(root, "torque", "mom_priv", "vmwn-run.seq"), "w") as f:
+            f.write(f"{int.from_bytes(os.urandom(3), 'big') * 100}\n")
         self.submit = os.path.join(root, "submit")
         os.mkdir(self.submit)
         os.chown(self.submit, user.pw_uid, user.pw_gid)
