@@ -6,7 +6,6 @@ Each command module exposes ``register(subparsers)``; the parser it adds sets
 
 import argparse
 import importlib
-import logging
 import sys
 
 from . import errors

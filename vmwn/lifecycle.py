@@ -5,7 +5,6 @@ making it, so that a prologue killed at any instant leaves enough behind for
 ``destroy`` (run from any later process) to remove everything.
 """
 
-import dataclasses
 import os
 import re
 import time
@@ -14,27 +13,12 @@ from . import disk, keys, ports, seed, state as statemod
 from .domain import domain_name, render as render_domain
 from .errors import GuestLost, SiteError, TransientError, UserError, VmwnError
 from .logsetup import job_logger
+from .request import JobSpec
 
 PORT_ATTEMPTS = 4
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc",
                 "/root", "/run", "/sbin", "/sys", "/usr", "/var")
-
-
-@dataclasses.dataclass(frozen=True)
-class JobSpec:
-    job_id: str
-    user: str
-    uid: int
-    gid: int
-    group: str
-    job_name: str
-    env: object
-    vcpus: int
-    memory_mib: int
-    workdir: str
-    host_workdir: str
-    queue: str = ""
 
 
 def validate(spec):

@@ -53,8 +53,11 @@ def requested_env(cfg, args, variables):
 
 
 @dataclasses.dataclass(frozen=True)
-class Request:
-    """A checked request: everything lifecycle.create needs besides the config."""
+class JobSpec:
+    """A checked request: everything lifecycle.create needs besides the config.
+
+    Defined here, not in lifecycle, so that sizing a request stays cheap.
+    """
     job_id: str
     user: str
     uid: int
@@ -66,15 +69,7 @@ class Request:
     memory_mib: int
     workdir: str
     host_workdir: str
-    queue: str
-
-    def spec(self):
-        """The lifecycle's JobSpec (imported here: lifecycle is only for VM jobs)."""
-        from .lifecycle import JobSpec
-        return JobSpec(job_id=self.job_id, user=self.user, uid=self.uid, gid=self.gid,
-                       group=self.group, job_name=self.job_name, env=self.env,
-                       vcpus=self.vcpus, memory_mib=self.memory_mib, workdir=self.workdir,
-                       host_workdir=self.host_workdir, queue=self.queue)
+    queue: str = ""
 
 
 def _positive_int(text, name):
@@ -144,7 +139,7 @@ def _group_name(gid):
 
 
 def build(cfg, choice, args, environ, variables):
-    """Check a job's request against its environment and this node; return a Request."""
+    """Check a job's request against its environment and this node; return a JobSpec."""
     env = cfg.env(choice.name)
     res = pbs.parse_resources(args.resources)
     n = cores(res, environ)
@@ -178,7 +173,7 @@ def build(cfg, choice, args, environ, variables):
         raise UserError(f"PBS_O_WORKDIR {workdir!r} is not an absolute path",
                         "submit from an absolute working directory")
     workdir = os.path.normpath(workdir)
-    return Request(job_id=args.job_id, user=args.user, uid=pw.pw_uid, gid=gid,
+    return JobSpec(job_id=args.job_id, user=args.user, uid=pw.pw_uid, gid=gid,
                    group=args.group or _group_name(gid), job_name=args.job_name,
                    env=env, vcpus=vcpus, memory_mib=mem, workdir=workdir,
                    host_workdir=workdir, queue=args.queue)

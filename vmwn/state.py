@@ -146,17 +146,21 @@ def remove(cfg, job_id):
     return True
 
 
-def all_jobs(cfg):
-    """Every readable state record on this node."""
-    out = []
+def _job_dirs(cfg):
     try:
         names = sorted(os.listdir(root_dir(cfg)))
     except FileNotFoundError:
-        return out
-    for n in names:
-        p = os.path.join(root_dir(cfg), n, "state.json")
+        return []
+    return [os.path.join(root_dir(cfg), n) for n in names
+            if os.path.isdir(os.path.join(root_dir(cfg), n))]
+
+
+def all_jobs(cfg):
+    """Every readable state record on this node."""
+    out = []
+    for d in _job_dirs(cfg):
         try:
-            with open(p, encoding="utf-8") as f:
+            with open(os.path.join(d, "state.json"), encoding="utf-8") as f:
                 out.append(JobState.from_json(json.load(f)))
         except (OSError, ValueError, TypeError):
             continue
@@ -165,13 +169,4 @@ def all_jobs(cfg):
 
 def orphan_dirs(cfg):
     """Job directories without a readable state record (a prologue died early)."""
-    out = []
-    try:
-        names = sorted(os.listdir(root_dir(cfg)))
-    except FileNotFoundError:
-        return out
-    for n in names:
-        d = os.path.join(root_dir(cfg), n)
-        if os.path.isdir(d) and not os.path.exists(os.path.join(d, "state.json")):
-            out.append(d)
-    return out
+    return [d for d in _job_dirs(cfg) if not os.path.exists(os.path.join(d, "state.json"))]

@@ -82,7 +82,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     # Heal the node first: remains of jobs that ended without their epilogue.
     operators.bounded_reap(cfg, home)
     try:
-        st = lifecycle.create(cfg, req.spec(), until)
+        st = lifecycle.create(cfg, req, until)
         jlog.info("VM %s up: %d vCPUs, %d MiB, %.1f s before the deadline",
                   st.domain, req.vcpus, req.memory_mib, until - time.monotonic())
     except BaseException:
