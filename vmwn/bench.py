@@ -194,6 +194,19 @@ class ConsoleWatch:
         self._t.join(1)
 
 
+def _connect_retrying(uri, wait=30.0):
+    """libvirt, waiting up to ``wait`` seconds for a libvirtd that is restarting."""
+    from . import virt
+    end = time.monotonic() + wait
+    while True:
+        try:
+            return virt.connect(uri)
+        except SiteError:
+            if time.monotonic() >= end:
+                raise
+            time.sleep(0.5)
+
+
 class Bench:
     """The node tree, job user and everything to remove afterwards."""
 
@@ -326,7 +339,7 @@ max_memory = {max(e.memory_mib, 256)}M
             except AttributeError:
                 cfg = None
             try:
-                conn = virt.connect(self.site_cfg.site["libvirt_uri"])
+                conn = _connect_retrying(self.site_cfg.site["libvirt_uri"])
                 try:
                     for name in list(self.domains):
                         virt.destroy(conn, name)
@@ -889,9 +902,10 @@ def run(b):
             continue
         try:
             m[name] = fn()
-        except VmwnError as e:
-            _say(f"{name} not measured: {e.line()}")
-            m["failed"].append(f"{name}: {e.line()}")
+        except Exception as e:  # noqa: BLE001 - e.g. libvirtd restarted: report, go on
+            line = e.line() if isinstance(e, VmwnError) else f"{type(e).__name__}: {e}"
+            _say(f"{name} not measured: {line}")
+            m["failed"].append(f"{name}: {line}")
     m["throughput"] = tp
     return m
 
