@@ -30,7 +30,6 @@ from .errors import SiteError, VmwnError
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = 120.0
-LOCK_NAME = ".reap.lock"
 # A prologue's reap: at most this long, and never while another process reaps.
 PROLOGUE_REAP_SECONDS = 2.0
 
@@ -357,8 +356,8 @@ def reap_command(args):
 @contextlib.contextmanager
 def _try_lock(cfg):
     """Yield True while holding the node's reap lock, False when another process has it."""
-    root = statemod.ensure_root(cfg)
-    fd = os.open(os.path.join(root, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    # The lock is the state root directory itself: no lock file to leave behind.
+    fd = os.open(statemod.ensure_root(cfg), os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
