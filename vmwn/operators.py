@@ -24,7 +24,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 
-from . import config as configmod, disk, pbs, state as statemod
+from . import config as configmod, disk, state as statemod
 from .errors import SiteError, VmwnError
 
 log = logging.getLogger(__name__)
