@@ -14,6 +14,8 @@ from vmwn.ssh import Guest
 from vmwn_testlib import leftovers, needs_image, site  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
+# Domain names are node-wide: job ids carry this run's pid so parallel runs never collide.
+RUN = os.getpid()
 
 
 def spec(cfg, job_id, env="tiny", user="alice", uid=4242, gid=4343, workdir="/home/alice/w"):
@@ -25,7 +27,7 @@ def spec(cfg, job_id, env="tiny", user="alice", uid=4242, gid=4343, workdir="/ho
 
 @needs_image("tiny")
 def test_boot_exec_copy_destroy_leaves_nothing(site, tmp_path):
-    job = "101.lifecycle.test"
+    job = f"101.{RUN}.lifecycle.test"
     st = lifecycle.create(site, spec(site, job), time.monotonic() + 180)
     try:
         assert st.phase == "running" and state.load(site, job).port == st.port
@@ -61,7 +63,7 @@ def test_boot_exec_copy_destroy_leaves_nothing(site, tmp_path):
 
 @needs_image("tiny")
 def test_three_concurrent_jobs_get_distinct_names_and_ports(site):
-    jobs = [f"{200 + i}.lifecycle.test" for i in range(3)]
+    jobs = [f"{200 + i}.{RUN}.lifecycle.test" for i in range(3)]
 
     def one(job):
         st = lifecycle.create(site, spec(site, job), time.monotonic() + 240)
@@ -85,7 +87,7 @@ def test_three_concurrent_jobs_get_distinct_names_and_ports(site):
 
 @needs_image("tiny")
 def test_a_guest_presenting_another_host_key_is_refused(site):
-    job = "301.lifecycle.test"
+    job = f"301.{RUN}.lifecycle.test"
     st = lifecycle.create(site, spec(site, job), time.monotonic() + 180)
     try:
         forged = state.JobState(**{**st.__dict__,
@@ -102,7 +104,7 @@ def test_a_guest_presenting_another_host_key_is_refused(site):
 def test_a_guest_that_never_answers_fails_cleanly(site, tmp_path):
     """A kernel command line that panics: the prologue's error names the fix, nothing is left."""
     import dataclasses
-    job = "401.lifecycle.test"
+    job = f"401.{RUN}.lifecycle.test"
     env = dataclasses.replace(site.env("tiny"), cmdline="console=ttyS0 panic=-1 rdinit=/nonexistent",
                               boot_timeout=20)
     s = dataclasses.replace(spec(site, job), env=env)
@@ -116,7 +118,7 @@ def test_a_guest_that_never_answers_fails_cleanly(site, tmp_path):
 
 def test_missing_image_fails_before_anything_is_made(site):
     import dataclasses
-    job = "501.lifecycle.test"
+    job = f"501.{RUN}.lifecycle.test"
     env = dataclasses.replace(site.env("tiny"), image="/nonexistent/base.qcow2")
     with pytest.raises(SiteError, match="not installed on this node.*vmwn image build tiny"):
         lifecycle.create(site, dataclasses.replace(spec(site, job), env=env), time.monotonic() + 5)
@@ -133,7 +135,7 @@ def test_missing_image_fails_before_anything_is_made(site):
     (dict(workdir="/tmp/../etc"), "not a plain absolute path"),
 ])
 def test_unsafe_specs_are_refused_before_anything_is_made(site, kw, needle):
-    job = "601.lifecycle.test"
+    job = f"601.{RUN}.lifecycle.test"
     with pytest.raises(UserError, match=needle):
         lifecycle.create(site, spec(site, job, **kw), time.monotonic() + 5)
     assert not os.path.exists(state.job_dir(site, job))
@@ -142,7 +144,7 @@ def test_unsafe_specs_are_refused_before_anything_is_made(site, kw, needle):
 @needs_image("tiny")
 def test_libvirt_unreachable_leaves_nothing(site):
     import dataclasses
-    job = "701.lifecycle.test"
+    job = f"701.{RUN}.lifecycle.test"
     cfg = dataclasses.replace(site, site={**site.site,
                                           "libvirt_uri": "qemu+unix:///system?socket=/nonexistent"})
     with pytest.raises(SiteError, match="cannot reach libvirt"):
@@ -154,7 +156,7 @@ def test_libvirt_unreachable_leaves_nothing(site):
 @needs_image("debian12")
 @pytest.mark.slow
 def test_debian12_boots_and_runs_a_command(site):
-    job = "801.lifecycle.test"
+    job = f"801.{RUN}.lifecycle.test"
     st = lifecycle.create(site, spec(site, job, env="debian12"), time.monotonic() + 400)
     try:
         with Guest.connect(st) as g:
