@@ -50,7 +50,7 @@ def main(argv=None):
         vmwn = os.path.join(os.path.dirname(sys.executable), "vmwn")
         cmd = [vmwn, "--config", args.config, "run", "--pbs-home", args.pbs_home,
                "-u", DEMO_USER, "-l", f"other=vmwn={args.env}", "-N", "demo", "job.sh"]
-        print("$ cd", submit, "&&", " ".join(cmd[3:]), flush=True)
+        print("$ cd", submit, "&& vmwn", " ".join(cmd[3:]), flush=True)
         r = subprocess.run(cmd, cwd=submit)
         for name in sorted(os.listdir(submit)):
             if name.startswith("demo.") or name == "result.txt":
