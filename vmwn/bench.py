@@ -478,7 +478,7 @@ def measure_vm_jobs(b):
 
 def measure_phases(b, throughput):
     """In-process lifecycle.create: the prologue's phases, the starter's steps, destroy."""
-    from . import ssh, transfer, virt
+    from . import ssh, transfer
     from .hooks.starter import build_command, guest_env, job_argv
     runs = []
     for i in range(b.reps + 1):
