@@ -90,7 +90,8 @@ def is_active(dom):
     except lv.libvirtError as e:
         if _code(e) == lv.VIR_ERR_NO_DOMAIN:
             return False
-        raise
+        raise TransientError(f"lost contact with libvirt: {_msg(e)}",
+                             "check libvirtd; the job is requeued") from None
 
 
 def destroy(conn, name, grace=0.0):
