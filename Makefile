@@ -17,7 +17,7 @@ GUESTS     ?= tiny debian12
 # Debian packages vmwn, its image builds and its tests use.
 APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev \
 	pkg-config gcc python3-dev python3-venv cpio busybox-static openssh-server openssh-client \
-	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema
+	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini
 
 .PHONY: all deps apt venv daemons guest test test-unit demo bench install uninstall \
 	install-gip uninstall-gip check clean
@@ -47,15 +47,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@touch $@
 
 daemons:
-	@mkdir -p /var/run/libvirt /var/log/libvirt /var/lib/libvirt /var/cache/libvirt
 	@# Without udev /dev/kvm stays root-only; libvirt then finds its cached QEMU probe
 	@# inconsistent and re-probes QEMU on every domain start (~35 s).  Give it Debian's
 	@# usual root:kvm 0660; TCG domains (type='qemu') are unaffected.
 	@if [ -c /dev/kvm ] && getent group kvm >/dev/null; then chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; fi
-	@pgrep -x virtlogd >/dev/null || virtlogd -d
-	@pgrep -x libvirtd >/dev/null || libvirtd -d
-	@for i in $$(seq 1 50); do virsh -c qemu:///system version >/dev/null 2>&1 && exit 0; sleep 0.2; done; \
-		echo "libvirtd did not come up" >&2; exit 1
+	@scripts/start-libvirtd
 
 guest: deps
 	@for g in $(GUESTS); do $(VMWN) --config $(CONFIG) image build $$g || exit 1; done

@@ -377,7 +377,7 @@ def libvirtd_restored():
         yield
     finally:
         if not _libvirtd_pids():
-            subprocess.run(["libvirtd", "-d"], check=False)
+            subprocess.run([os.path.join(REPO, "scripts", "start-libvirtd")], check=False)
         wait_for(lambda: os.path.exists(LIBVIRT_SOCK) and _libvirt_answers(), 60,
                  "libvirtd to answer again")
 
