@@ -43,9 +43,15 @@ def test_install_layout_modes_and_ownership(tmp_path):
         d = mom / f"{fam}.d"
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o755 and os.stat(d).st_uid == 0
         text = (d / "50-vmwn").read_text()
-        assert text.startswith(f"#!{VENV_PY} -Es\n")
-        assert "CONFIG = '/etc/vmwn/vmwn.conf'" in text
-        assert "PBS_HOME = '/var/spool/torque'" in text
+        if fam == "epilogue":
+            assert text.startswith(f"#!{VENV_PY} -Es\n")
+            assert "CONFIG = '/etc/vmwn/vmwn.conf'" in text
+            assert "PBS_HOME = '/var/spool/torque'" in text
+        else:
+            assert text.startswith("#!/bin/sh\n")
+            assert f"\nPYTHON={VENV_PY}\n" in text
+            assert "\nCONFIG=/etc/vmwn/vmwn.conf\n" in text
+            assert "\nPBS_HOME=/var/spool/torque\n" in text
         assert stat.S_IMODE(os.stat(d / "50-vmwn").st_mode) == 0o755
         # the dispatcher names the directory as the node sees it, not the staging path
         assert f"steps=/var/spool/torque/mom_priv/{fam}.d\n" in (mom / fam).read_text()

@@ -13,6 +13,7 @@ is never overwritten: the site must move it into the steps directory first.
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 
 from .errors import SiteError, VmwnError
@@ -131,6 +132,8 @@ def _read(path):
 
 def render_step(source_text, python, config_path, pbs_home, pythonpath=None):
     """A step script with the site's interpreter, configuration path and PBS_HOME."""
+    if source_text.startswith("#!/bin/sh"):
+        return _render_sh_step(source_text, python, config_path, pbs_home, pythonpath)
     paths = [p for p in (pythonpath or "").split(os.pathsep) if p]
     out = []
     for i, line in enumerate(source_text.splitlines()):
@@ -142,6 +145,19 @@ def render_step(source_text, python, config_path, pbs_home, pythonpath=None):
             line = f"PBS_HOME = {pbs_home!r}"
         elif line.startswith("import sys") and paths:
             line = f"{line}\nsys.path[:0] = {paths!r}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _render_sh_step(source_text, python, config_path, pbs_home, pythonpath):
+    """Shell steps carry the same settings as shell assignments, quoted."""
+    values = {"PYTHON": python, "CONFIG": config_path, "PBS_HOME": pbs_home,
+              "VMWN_PATH": ":".join(p for p in (pythonpath or "").split(os.pathsep) if p)}
+    out = []
+    for line in source_text.splitlines():
+        name = line.split("=", 1)[0]
+        if "=" in line and name in values and line == line.lstrip():
+            line = f"{name}={shlex.quote(values.pop(name))}"
         out.append(line)
     return "\n".join(out) + "\n"
 

@@ -1,0 +1,83 @@
+"""The prologue step's shell gate: jobs that cannot want a VM never start Python.
+
+The installed step is run with PYTHON pointing at a program that records its
+call, so each case shows whether vmwn itself was consulted.
+"""
+
+import os
+import subprocess
+
+import pytest
+
+from vmwn import install
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def step(tmp_path):
+    marker = tmp_path / "python-called"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {marker}\nexit 0\n")
+    fake.chmod(0o755)
+    home = tmp_path / "torque"
+    (home / "mom_priv" / "jobs").mkdir(parents=True)
+    conf = tmp_path / "vmwn.conf"
+    conf.write_text("[site]\n")
+    with open(os.path.join(ROOT, "prologue.d", "50-vmwn")) as f:
+        text = install.render_step(f.read(), str(fake), str(conf), str(home), "/opt/a:/opt/b")
+    path = tmp_path / "50-vmwn"
+    path.write_text(text)
+    path.chmod(0o755)
+
+    def run(resources, jb_vars="PBS_O_WORKDIR=/home/u", queue="batch", job="7.srv", jb=True):
+        if marker.exists():
+            marker.unlink()
+        if jb:
+            (home / "mom_priv" / "jobs" / f"{job}.JB").write_text(
+                f"<job><Variable_List>{jb_vars}</Variable_List></job>")
+        r = subprocess.run([str(path), job, "u", "g", "name", resources, queue, "", "/x.SC"],
+                           env={"PATH": "/bin:/usr/bin"}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return marker.read_text() if marker.exists() else None
+
+    run.conf = conf
+    return run
+
+
+def test_plain_job_never_starts_python(step):
+    assert step("walltime=01:00:00,nodes=1:ppn=2") is None
+
+
+def test_vm_request_in_resources_reaches_vmwn_with_the_settings_and_argv(step, tmp_path):
+    called = step("other=vmwn=tiny,walltime=01:00:00")
+    assert called is not None
+    words = called.split()
+    assert words[0] == "-Es" and words[1] == "-c"
+    assert str(tmp_path / "vmwn.conf") in words and "/opt/a:/opt/b" in words
+    # the hook's argv follows the settings unchanged (the empty account included)
+    assert called.rstrip("\n").endswith(
+        " /opt/a:/opt/b 7.srv u g name other=vmwn=tiny,walltime=01:00:00 batch  /x.SC")
+
+
+def test_variable_in_job_record_reaches_vmwn(step):
+    assert step("walltime=1:00:00", jb_vars="PBS_O_WORKDIR=/w,VMWN_ENV=tiny") is not None
+
+
+def test_missing_job_record_lets_vmwn_decide(step):
+    assert step("walltime=1:00:00", job="8.srv", jb=False) is not None
+
+
+def test_queue_default_in_configuration_lets_vmwn_decide(step):
+    step.conf.write_text("[site]\nqueue_defaults = vmq:tiny\n")
+    assert step("walltime=1:00:00") is not None
+
+
+def test_rendered_settings_are_shell_quoted(tmp_path):
+    with open(os.path.join(ROOT, "prologue.d", "50-vmwn")) as f:
+        text = install.render_step(f.read(), "/opt/my python/bin/python3", "/etc/v w/vmwn.conf",
+                                   "/var/spool/tor'que", None)
+    assert "PYTHON='/opt/my python/bin/python3'" in text
+    assert "PBS_HOME='/var/spool/tor'\"'\"'que'" in text
+    r = subprocess.run(["sh", "-n", "-c", text])
+    assert r.returncode == 0
