@@ -41,7 +41,7 @@ def test_user_data_survives_hostile_values(workdir):
     assert u["ssh_authorized_keys"] == [user.public_line]
     assert data["ssh_keys"]["ed25519_private"].strip() == host.private_openssh.strip()
     assert data["ssh_keys"]["ed25519_public"] == host.public_line
-    assert data["ssh_genkeytypes"] == [] and data["disable_root"] is True
+    assert data["ssh_genkeytypes"] == ["ed25519"] and data["disable_root"] is True
     assert yaml.safe_load(md) == {"instance-id": "vmwn-5", "local-hostname": "vmwn-5"}
 
 
