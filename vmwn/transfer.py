@@ -511,3 +511,125 @@ def _pull_file(sftp, tree, gpath, rel, a, cap, res, problem):
     res.files += 1
     res.bytes += n
     return True
+
+
+def write_tree(src_dir, host_dir, cap, staged=None, skip=()):
+    """Copy a local tree's regular files and directories into ``host_dir`` as :func:`pull` does.
+
+    For output recovered from a dead guest's disk (``vmwn.offline``): the same
+    symlink-safe writer, cap and manifest rule, with ``staged`` mapping a path
+    relative to ``src_dir`` to its stage-in (size, mtime) and ``skip`` naming
+    top-level entries never copied.  Runs as the job user.
+    """
+    staged = staged or {}
+    res = HarvestResult()
+    tree = _HostTree(host_dir)
+
+    def problem(rel, why):
+        rel = "".join(c if c.isprintable() else repr(c)[1:-1]
+                      for c in os.fsencode(rel).decode("utf-8", "backslashreplace"))
+        if len(res.problems) < _MAX_PROBLEMS:
+            res.problems.append(f"{rel}: {why}")
+        elif len(res.problems) == _MAX_PROBLEMS:
+            res.problems.append("... more problems not listed")
+
+    def copy(sfd, name, rel, a):
+        if res.bytes + a.st_size > cap:
+            res.truncated = True
+            problem(rel, f"not copied: the output exceeds [site] harvest_max ({_fmt(cap)}); "
+                         "this and later files stay behind")
+            return False
+        parent, base = posixpath.split(rel)
+        try:
+            dfd = tree.dir(parent)
+        except OSError as e:
+            problem(rel, _why(e))
+            return True
+        why = tree.blocker(dfd, base)
+        if why:
+            problem(rel, why)
+            return True
+        tmp = tree.tmpname(base)
+        try:
+            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=sfd)
+        except OSError as e:
+            problem(rel, e.strerror)
+            return True
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                         dir_fd=dfd)
+        except OSError as e:
+            os.close(src)
+            problem(rel, _why(e))
+            return True
+        n, done = 0, False
+        try:
+            while True:
+                chunk = os.read(src, CHUNK)
+                if not chunk:
+                    break
+                n += len(chunk)
+                if res.bytes + n > cap:
+                    res.truncated = True
+                    problem(rel, "not copied: it grew past [site] harvest_max")
+                    return False
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fchmod(fd, stat.S_IMODE(a.st_mode) & 0o777)
+            os.utime(fd, (a.st_atime, a.st_mtime))
+            why = tree.blocker(dfd, base)
+            if why:
+                problem(rel, why)
+                return True
+            os.rename(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd)
+            done = True
+        except OSError as e:
+            problem(rel, _why(e))
+            return True
+        finally:
+            os.close(src)
+            os.close(fd)
+            if not done:
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except OSError:
+                    pass
+        res.files += 1
+        res.bytes += n
+        return True
+
+    def walk(sfd, rel):
+        for name in sorted(os.listdir(sfd)):
+            r = posixpath.join(rel, name) if rel else name
+            if not rel and name in skip:
+                continue
+            a = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+            if stat.S_ISDIR(a.st_mode):
+                try:
+                    tree.dir(r, stat.S_IMODE(a.st_mode) & 0o777)
+                except OSError as e:
+                    problem(r, _why(e))
+                    continue
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=sfd)
+                try:
+                    if not walk(sub, r):
+                        return False
+                finally:
+                    os.close(sub)
+            elif stat.S_ISREG(a.st_mode):
+                if staged.get(r) == (a.st_size, int(a.st_mtime)):
+                    res.unchanged += 1
+                elif not copy(sfd, name, r, a):
+                    return False
+            elif stat.S_ISLNK(a.st_mode):
+                problem(r, "a symlink in the guest; not copied back")
+        return True
+
+    top = os.open(src_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        walk(top, "")
+    finally:
+        os.close(top)
+        tree.close()
+    return res
