@@ -50,6 +50,8 @@ def test_dropins_override_in_name_order(tmp_path):
     ("[env tiny]\nkernel = /k\naccel = xen\n", "bad value for accel"),
     ("[env tiny]\nkernel = /k\nvcpus = 0\n", "bad value for vcpus"),
     ("[env tiny]\nkernel = /k\nmemory = lots\n", "bad value for memory"),
+    ("[env tiny]\nkernel = /k\nmemory = 512k\n", "less than 1 MiB"),
+    ("[env tiny]\nkernel = /k\nmemory = 0\n", "at least 1M"),
     ("[env tiny]\ndescription = no disk\n", "neither image nor kernel"),
     ("[env tiny]\nkernel = /k\nvcpus = 8\nmax_vcpus = 2\n", "exceeds max_vcpus"),
     ("[env ../etc]\nkernel = /k\n", "environment names"),

@@ -8,7 +8,6 @@ templates/user-data.j2 and talks to it with paramiko, pinning the host key.
 
 import contextlib
 import glob
-import json
 import os
 import re
 import shutil
@@ -16,7 +15,6 @@ import socket
 import subprocess
 import time
 
-import jinja2
 import pytest
 
 from vmwn import config
@@ -32,10 +30,9 @@ needs_busybox = pytest.mark.skipif(not BUSYBOX, reason="busybox is not installed
 
 
 def render(name, **values):
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    env.filters["yq"] = json.dumps
-    return env.get_template(name).render(**values)
+    """The seed exactly as vmwn renders it (the production Jinja2 set-up and yq quoting)."""
+    from vmwn.templating import render_template
+    return render_template(TEMPLATES, name, values)
 
 
 def seed_values(**over):

@@ -54,6 +54,10 @@ def test_boot_exec_copy_destroy_leaves_nothing(site, tmp_path):
             sftp.get("/home/alice/w/out.bin", str(tmp_path / "out.bin"))
             assert (tmp_path / "out.bin").read_bytes() == payload
             sftp.close()
+            t = time.monotonic()
+            with pytest.raises(TransientError, match="did not finish in 1 s"):
+                g.run("sleep 30", timeout=1)
+            assert time.monotonic() - t < 25  # gave up, did not wait for the command
     finally:
         removed = lifecycle.destroy(site, job)
     assert any(r.startswith("domain") for r in removed)
@@ -125,8 +129,14 @@ def test_missing_image_fails_before_anything_is_made(site):
     assert not os.path.exists(state.job_dir(site, job))
 
 
+def test_account_names_a_guest_cannot_take_are_the_sites_concern(site):
+    job = "602.lifecycle.test"
+    with pytest.raises(SiteError, match="cannot be used in a guest"):
+        lifecycle.create(site, spec(site, job, user="Bad User"), time.monotonic() + 5)
+    assert not os.path.exists(state.job_dir(site, job))
+
+
 @pytest.mark.parametrize("kw, needle", [
-    (dict(user="Bad User"), "cannot be used in a guest"),
     (dict(uid=0), "root"),
     (dict(workdir="relative/dir"), "not a plain absolute path"),
     (dict(workdir="/tmp/a\nb"), "not a plain absolute path"),

@@ -53,6 +53,8 @@ def test_seed_iso_has_cidata_label_and_both_files(tmp_path):
         f.seek(0x8000)
         pvd = f.read(2048)
     assert pvd[1:6] == b"CD001" and pvd[40:72].rstrip() == b"cidata"
+    # it carries the guest's private host key: private from the moment it has its name
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     out = subprocess.run(["isoinfo", "-R", "-f", "-i", path], capture_output=True, text=True)
     if out.returncode == 0:
         assert {"/user-data", "/meta-data"} <= set(out.stdout.split())

@@ -33,6 +33,8 @@ def parse_size_mib(text):
         raise ValueError(f"{text!r} is not a size such as 512M or 2G")
     n, unit = int(m.group(1)), m.group(2).lower()
     factor = {"": 1, "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}[unit]
+    if n and n * factor < 1:
+        raise ValueError(f"{text!r} is less than 1 MiB")
     return int(n * factor)
 
 
@@ -354,6 +356,9 @@ def _environment(name, raw, site, origin):
         v[k] = _convert(ENV_KEYS[k], val, where(k))
     for k in ("memory", "max_memory"):
         v[k] = _convert(Key(k, None, parse_size_mib, ""), v[k], where(k))
+        if v[k] < 1:
+            raise SiteError(f"{where(k)}: bad value for {k}: must be at least 1M",
+                            "fix the configuration file")
     if not v["image"] and not v["kernel"]:
         raise SiteError(f"{where('image')}: environment {name!r} has neither image nor kernel",
                         "set image = BASE.qcow2 and/or kernel/initrd")

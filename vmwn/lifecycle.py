@@ -24,8 +24,8 @@ _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/p
 def validate(spec):
     """Reject what cannot safely reach a guest; the message names what to change."""
     if not USER_RE.match(spec.user) or not USER_RE.match(spec.group):
-        raise UserError(f"user/group name {spec.user!r}/{spec.group!r} cannot be used in a guest",
-                        "vmwn supports POSIX portable names (a-z 0-9 _ . -)")
+        raise SiteError(f"user/group name {spec.user!r}/{spec.group!r} cannot be used in a guest",
+                        "vmwn supports POSIX portable account names (a-z 0-9 _ . -)")
     if spec.uid <= 0 or spec.gid < 0:
         raise UserError("jobs of root cannot run in a vmwn guest", "submit as a normal user")
     wd = spec.workdir
@@ -73,7 +73,7 @@ def create(cfg, spec, deadline, on_phase=None):
         log.warning("create failed (%s); removing what was made", _short(e))
         try:
             destroy(cfg, spec.job_id)
-        except VmwnError as e2:
+        except Exception as e2:  # noqa: BLE001 - the original error must propagate
             if progress:
                 log.error("cleanup after failed create also failed: %s", e2)
             else:  # libvirt never got the domain: the files alone are the job's remains
@@ -95,7 +95,6 @@ def _prepare(cfg, spec, timer, log):
                host_key_public=hostkey.public_line)
     ud, md = seed.render(cfg.site["template_dir"], ctx)
     seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md)
-    os.chmod(seed_path, 0o600)  # holds the guest's private host key; libvirt lends it to QEMU
     timer.mark("keys and seed")
     overlay = disk.overlay_path(cfg, spec.job_id) if env.image else ""
     output_dir = spec.workdir if env.output_dir == "workdir" else env.output_dir

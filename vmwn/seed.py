@@ -30,7 +30,7 @@ def build_iso(path, user_data, meta_data):
         subp.run(["genisoimage", "-quiet", "-output", out, "-volid", "cidata", "-joliet",
                   "-rock", os.path.join(tmp, "user-data"), os.path.join(tmp, "meta-data")],
                  timeout=60, fix="install genisoimage ('make deps')")
-        os.chmod(out, 0o644)
+        os.chmod(out, 0o600)  # holds the guest's private host key; libvirt lends it to QEMU
         try:
             os.rename(out, path)
         except OSError as e:

@@ -115,27 +115,27 @@ class Guest:
         if stdin is not None:
             chan.sendall(stdin)
         chan.shutdown_write()
-        chan.settimeout(timeout)
+        end = time.monotonic() + timeout
         out, err = bytearray(), bytearray()
-        try:
-            while True:
-                got = False
-                if chan.recv_ready():
-                    out += chan.recv(65536)
-                    got = True
-                if chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
-                    got = True
-                if chan.exit_status_ready() and not chan.recv_ready() \
-                        and not chan.recv_stderr_ready():
-                    break
-                if not got:
-                    if chan.closed and not chan.exit_status_ready():
-                        raise GuestLost("the guest closed the session", "the VM stopped")
-                    time.sleep(0.005)
-        except socket.timeout:
-            raise TransientError(f"guest command did not finish in {timeout:.0f} s",
-                                 "check the guest") from None
+        while True:
+            got = False
+            if chan.recv_ready():
+                out += chan.recv(65536)
+                got = True
+            if chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+                got = True
+            if chan.exit_status_ready() and not chan.recv_ready() \
+                    and not chan.recv_stderr_ready():
+                break
+            if not got:
+                if chan.closed and not chan.exit_status_ready():
+                    raise GuestLost("the guest closed the session", "the VM stopped")
+                if time.monotonic() >= end:
+                    chan.close()
+                    raise TransientError(f"guest command did not finish in {timeout:.0f} s",
+                                         "check the guest")
+                time.sleep(0.005)
         return chan.recv_exit_status(), bytes(out), bytes(err)
 
     def sftp(self):

@@ -13,11 +13,12 @@ _YQ_SHORT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def yq(value):
-    """Quote any value as a YAML double-quoted scalar, pure ASCII.
+    """Quote any value as a YAML double-quoted scalar that JSON readers accept too.
 
-    Printable ASCII passes; everything else becomes an escape YAML defines
-    (``\\uXXXX``, or ``\\UXXXXXXXX`` beyond the BMP, where JSON's surrogate
-    pairs would not round-trip).  Lone surrogates (undecodable bytes) become U+FFFD.
+    Printable ASCII passes; other BMP characters become ``\\uXXXX`` (an escape
+    both YAML and JSON define, so cloud-init and the tiny guest's parser agree);
+    characters beyond the BMP pass as UTF-8, because YAML readers do not pair
+    JSON-style surrogate escapes.  Lone surrogates (undecodable bytes) become U+FFFD.
     """
     if value is None:
         raise ValueError("None cannot be quoted")
@@ -31,7 +32,7 @@ def yq(value):
         elif 0xD800 <= o <= 0xDFFF:
             out.append("\\ufffd")
         elif o > 0xFFFF:
-            out.append("\\U%08x" % o)
+            out.append(ch)  # printable to YAML; JSON-style surrogate escapes would not pair
         else:
             out.append("\\u%04x" % o)
     out.append('"')

@@ -131,12 +131,20 @@ def destroy(conn, name, grace=0.0):
 def vmwn_domains(conn):
     """[(domain, metadata dict)] for every domain carrying vmwn's metadata."""
     lv = _lv()
+    not_ours = (getattr(lv, "VIR_ERR_NO_DOMAIN_METADATA", -1), lv.VIR_ERR_NO_DOMAIN)
     out = []
-    for dom in conn.listAllDomains(0):
+    try:
+        domains = conn.listAllDomains(0)
+    except lv.libvirtError as e:
+        raise TransientError(f"libvirt cannot list domains: {_msg(e)}", "check libvirtd") from None
+    for dom in domains:
         try:
             xml = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
-        except lv.libvirtError:
-            continue  # not ours (no vmwn metadata), or gone meanwhile
+        except lv.libvirtError as e:
+            if _code(e) in not_ours:
+                continue  # no vmwn metadata, or gone meanwhile
+            raise TransientError(f"libvirt cannot read domain metadata: {_msg(e)}",
+                                 "check libvirtd") from None
         out.append((dom, parse_metadata_element(xml)))
     return out
 
