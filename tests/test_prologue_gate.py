@@ -81,3 +81,35 @@ def test_rendered_settings_are_shell_quoted(tmp_path):
     assert "PBS_HOME='/var/spool/tor'\"'\"'que'" in text
     r = subprocess.run(["sh", "-n", "-c", text])
     assert r.returncode == 0
+
+
+def test_a_broken_install_requeues_instead_of_aborting(tmp_path):
+    """If vmwn cannot be imported the step exits 2 (requeue), never 1 (abort)."""
+    import sys
+    home = tmp_path / "torque"
+    (home / "mom_priv" / "jobs").mkdir(parents=True)
+    with open(os.path.join(ROOT, "prologue.d", "50-vmwn")) as f:
+        text = install.render_step(f.read(), sys.executable, str(tmp_path / "c.conf"),
+                                   str(home), str(tmp_path / "empty"))
+    step = tmp_path / "50-vmwn"
+    step.write_text(text.replace("from vmwn.hooks.prologue import main",
+                                 "from vmwn.hooks.no_such_module import main"))
+    step.chmod(0o755)
+    r = subprocess.run([str(step), "7.srv", "u", "g", "n", "other=vmwn=tiny", "batch", "", "/x"],
+                       env={"PATH": "/bin:/usr/bin"}, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("vmwn: cannot load vmwn") and r.stderr.count("\n") == 1
+
+
+def test_a_broken_install_never_fails_the_epilogue(tmp_path):
+    import sys
+    with open(os.path.join(ROOT, "epilogue.d", "50-vmwn")) as f:
+        text = install.render_step(f.read(), sys.executable, str(tmp_path / "c.conf"),
+                                   str(tmp_path), None)
+    step = tmp_path / "50-vmwn"
+    step.write_text(text.replace("from vmwn.hooks.epilogue import main",
+                                 "from vmwn.hooks.no_such_module import main"))
+    step.chmod(0o755)
+    r = subprocess.run([str(step), "7.srv", "u", "g", "n", "0", "", "", "batch", "", "0", "/x"],
+                       env={"PATH": "/bin:/usr/bin"}, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr.startswith("vmwn: cannot load vmwn")
