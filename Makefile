@@ -11,6 +11,10 @@ DESTDIR    ?=
 SYSCONFDIR ?= /etc
 PREFIX     ?= /usr/local
 GIPDIR     ?= /var/lib/bdii/gip/provider
+# Hooks run as root, so they run a root-owned, non-editable copy of vmwn, never
+# the checkout (whoever could write the checkout would otherwise get root).
+RUNTIME    ?= $(PREFIX)/lib/vmwn
+HOOK_PYTHON ?= $(if $(DESTDIR),$(PYTHON),$(RUNTIME)/bin/python)
 PYTEST_ARGS ?=
 GUESTS     ?= tiny debian12
 
@@ -35,9 +39,6 @@ apt:
 		apt-get update -q && \
 		RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
-	@# Debian's slapd package starts a daemon on port 389; tests run their own on loopback.
-	@if pgrep -x slapd >/dev/null && [ -e /run/slapd/slapd.pid ]; then \
-		kill $$(cat /run/slapd/slapd.pid) 2>/dev/null || true; fi
 
 venv: $(VENV)/.installed
 
@@ -77,13 +78,22 @@ bench: deps
 	$(PY) -m vmwn.bench --config $(CONFIG)
 
 install: deps
+	@if [ -z '$(DESTDIR)' ]; then \
+		[ -x $(RUNTIME)/bin/python ] || $(PYTHON) -m venv $(RUNTIME) || exit 1; \
+		$(RUNTIME)/bin/pip install -q --disable-pip-version-check . && \
+		$(RUNTIME)/bin/pip install -q --disable-pip-version-check --force-reinstall \
+			--no-deps . || exit 1; \
+	fi
+	install -d -m 0755 $(DESTDIR)$(PREFIX)/share/vmwn/templates
+	install -m 0644 templates/*.j2 $(DESTDIR)$(PREFIX)/share/vmwn/templates/
 	$(PY) -m vmwn.install install --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
-		--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX) --python $(PY) \
-		--template-dir $(CURDIR)/templates --sample-config $(CURDIR)/etc/vmwn.conf
+		--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX) --python $(HOOK_PYTHON) \
+		--template-dir $(PREFIX)/share/vmwn/templates --sample-config $(CURDIR)/etc/vmwn.conf
 
 uninstall:
 	$(PY) -m vmwn.install uninstall --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
 		--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX)
+	rm -rf $(DESTDIR)$(PREFIX)/share/vmwn $(if $(DESTDIR),,$(RUNTIME))
 
 # The BDII provider (GIP convention), pointed at this installation's vmwn command.
 install-gip: deps
