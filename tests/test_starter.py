@@ -17,12 +17,13 @@ import time
 import pytest
 
 from vmwn import config, state
+from vmwn.hooks import starter
 
 from test_transfer_guestd import GuestServer
 
 RUNNER = ("import sys; from vmwn.hooks import starter as s; "
           "s.LOST_AFTER = float(sys.argv[1]); s.PROBE_EVERY = float(sys.argv[2]); "
-          "sys.exit(s.main(['starter'] + sys.argv[3:]))")
+          "sys.exit(s.main(['starter'] + sys.argv[4:], config_path=sys.argv[3]))")
 
 
 class Job:
@@ -44,8 +45,12 @@ class Job:
         jobs = tmp_path / "torque" / "mom_priv" / "jobs"
         jobs.mkdir(parents=True)
         self.sc = jobs / f"{self.job_id}.SC"
+        # What a job can put in its own environment (qsub -v): a configuration
+        # whose state_dir has no record of this job.  The starter must ignore it.
+        self.decoy = tmp_path / "decoy.conf"
+        self.decoy.write_text(f"[site]\nstate_dir = {tmp_path}/decoy-state\nsyslog = no\n")
         self.env = {"PATH": "/usr/bin:/bin", "HOME": "/host/home/user", "USER": "user",
-                    "LOGNAME": "user", "SHELL": "/bin/bash", "VMWN_CONFIG": str(self.conf),
+                    "LOGNAME": "user", "SHELL": "/bin/bash", "VMWN_CONFIG": str(self.decoy),
                     "PBS_JOBID": self.job_id, "PBS_O_WORKDIR": str(self.host),
                     "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_QUEUE": "batch", "PBS_TASKNUM": "1",
                     "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -59,7 +64,7 @@ class Job:
               **kw):
         e = dict(self.env, **(env or {}))
         p = subprocess.Popen([sys.executable, "-c", RUNNER, str(lost_after), str(probe),
-                              *argv], env=e, stdin=kw.pop("stdin_fd", subprocess.PIPE),
+                              str(self.conf), *argv], env=e, stdin=kw.pop("stdin_fd", subprocess.PIPE),
                              stdout=kw.pop("stdout", subprocess.PIPE),
                              stderr=kw.pop("stderr", subprocess.PIPE), **kw)
         if p.stdin:
@@ -120,12 +125,73 @@ def test_shebang_of_the_script_is_honoured(job):
     assert (rc, out) == (0, b"python ['x']\n"), err
 
 
-def test_malformed_line_is_one_line_error_and_runs_nothing(job):
-    rc, out, err = job.run(f"exec {job.tmp}/torque/mom_priv/jobs/nope.SC\n".encode())
+def test_malformed_arguments_are_one_line_error_and_run_nothing(job):
+    line = job.script("#!/bin/sh\necho ran\n")
+    rc, out, err = job.run(line[:-1] + b" 'unterminated\n")
     assert rc == 1
-    assert err.count(b"\n") == 1 and err.startswith(b"vmwn: cannot read the job script")
+    assert err.count(b"\n") == 1 and err.startswith(b"vmwn: cannot parse the job's -F")
     assert b"Traceback" not in err and out == b""
     assert job.srv.commands == []
+
+
+def test_the_job_environment_cannot_choose_the_configuration(job):
+    # VMWN_CONFIG (set by the job, qsub -v) names a config without this job's
+    # record: honouring it would run the job on the host, outside its VM.
+    assert not config.load(str(job.decoy)).site["state_dir"].startswith(str(job.tmp / "state"))
+    rc, out, err = job.run(b"pwd\n")
+    assert (rc, out, err) == (0, f"{job.gwork}\n".encode(), b"")
+    assert len(job.srv.commands) == 1
+
+
+def test_installed_starter_uses_its_baked_configuration(job, tmp_path):
+    from vmwn import install
+    path = tmp_path / "job-starter"
+    path.write_text(install.render_starter(sys.executable, str(job.conf),
+                                           os.pathsep.join(p for p in sys.path if p)))
+    os.chmod(path, 0o755)
+    p = subprocess.run([str(path), "/bin/sh"], input=b"pwd\n", env=job.env,
+                       capture_output=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (0, f"{job.gwork}\n".encode(), b"")
+    assert len(job.srv.commands) == 1
+
+
+def mom_jobs(job):
+    return job.tmp / "torque" / "mom_priv" / "jobs"
+
+
+@pytest.mark.parametrize("line", [
+    "exec /bin/echo hi",                       # absolute, but not a mom script
+    "/bin/echo hi",
+    "exec {tmp}/elsewhere/1.srv.SC",          # .SC outside <pbs_home>/mom_priv/jobs
+    "exec {jobs}/missing.SC",                 # not an existing file
+    "exec {jobs}/1.srv.JB",                   # existing, but not .SC
+    "exec {jobs}/dir.SC",                     # not a regular file
+    "exec {jobs}/link.SC",                    # a symlink to a script elsewhere
+    "exec {jobs}/../jobs/2.srv.SC",           # not the path the mom builds
+])
+def test_only_a_mom_script_path_counts_as_one(job, line):
+    jobs = mom_jobs(job)
+    (job.tmp / "elsewhere").mkdir()
+    (job.tmp / "elsewhere" / "1.srv.SC").write_text("#!/bin/sh\necho wrong\n")
+    (jobs / "1.srv.JB").write_text("<job/>")
+    (jobs / "dir.SC").mkdir()
+    (jobs / "2.srv.SC").write_text("#!/bin/sh\necho wrong\n")
+    os.symlink(job.tmp / "elsewhere" / "1.srv.SC", jobs / "link.SC")
+    data = line.format(tmp=job.tmp, jobs=jobs).encode() + b"\n"
+    assert starter.read_job_script(job.cfg, data) == (data, [], "text")
+
+
+def test_a_mom_script_path_is_read_with_its_arguments(job):
+    line = job.script("#!/bin/sh\necho from-file\n")
+    for prefix, how in ((b"", "run"), (b"exec ", "exec")):
+        data = prefix + line[len(b"exec "):-1] + b" a 'b c'\n"
+        assert starter.read_job_script(job.cfg, data) == \
+            (b"#!/bin/sh\necho from-file\n", ["a", "b c"], how)
+
+
+def test_one_line_script_naming_an_absolute_program_runs_as_script(job):
+    rc, out, err = job.run(b"exec /bin/echo one line\n")
+    assert (rc, out, err) == (0, b"one line\n", b"")
 
 
 def test_stage_in_over_cap_fails_before_running(job):
@@ -183,12 +249,15 @@ def test_binary_output_is_relayed_byte_exact_and_separately(job, tmp_path):
     assert err == b"e\r\n\0"
 
 
-def test_output_is_streamed_as_produced(job):
-    p = job.start(job.script("#!/bin/sh\necho first\nsleep 3\necho second\n"))
-    t0 = time.monotonic()
+def test_output_is_streamed_as_produced(job, tmp_path):
+    # The job cannot finish before the gate exists, and the gate is created only
+    # once "first" has arrived: buffered output would never arrive (wait_for fails).
+    gate = tmp_path / "gate"
+    p = job.start(job.script(f"#!/bin/sh\necho first\n"
+                             f"while [ ! -e {gate} ]; do sleep 0.05; done\necho second\n"))
     got = wait_for(p.stdout, b"first\n")
-    assert time.monotonic() - t0 < 2.5 and p.poll() is None
-    assert got == b"first\n"
+    assert got == b"first\n" and p.poll() is None
+    gate.touch()
     assert p.stdout.read() == b"second\n"
     assert p.wait(30) == 0
 
@@ -214,6 +283,28 @@ def test_usr1_is_forwarded_and_job_continues(job):
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert out == b"got-usr1\ndone\n"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT])
+def test_hup_and_quit_are_forwarded_and_job_continues(job, sig):
+    name = sig.name[3:]
+    p = job.start(job.script(f"#!/bin/sh\ntrap 'echo got-{name}' {name}\necho ready\n"
+                             "i=0; while [ $i -lt 40 ]; do sleep 0.1; i=$((i+1)); done\n"
+                             "echo done\n"))
+    wait_for(p.stdout, b"ready\n")
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert out == f"got-{name}\ndone\n".encode()
+
+
+def test_untrapped_hup_ends_the_job_and_the_starter_by_hup(job):
+    p = job.start(job.script("#!/bin/sh\necho ready\nsleep 30\necho not-reached\n"))
+    wait_for(p.stdout, b"ready\n")
+    p.send_signal(signal.SIGHUP)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGHUP, err
+    assert out == b""
 
 
 def test_sigterm_reaches_the_whole_guest_process_group(job, tmp_path):

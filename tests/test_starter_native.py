@@ -6,19 +6,22 @@ import sys
 
 import pytest
 
-RUNNER = "import sys; from vmwn.hooks.starter import main; sys.exit(main(['starter'] + sys.argv[1:]))"
+RUNNER = ("import sys; from vmwn.hooks.starter import main; "
+          "sys.exit(main(['starter'] + sys.argv[2:], config_path=sys.argv[1]))")
 
 
 @pytest.fixture
 def env(tmp_path):
     conf = tmp_path / "vmwn.conf"
     conf.write_text(f"[site]\nstate_dir = {tmp_path}/state\nsyslog = no\n")
-    return {"PATH": "/usr/bin:/bin", "VMWN_CONFIG": str(conf), "PBS_JOBID": "5.srv",
-            "PYTHONPATH": os.pathsep.join(sys.path)}
+    # The job's own VMWN_CONFIG names something else; the starter ignores it.
+    return {"PATH": "/usr/bin:/bin", "VMWN_CONFIG": str(tmp_path / "nonexistent.conf"),
+            "PBS_JOBID": "5.srv", "PYTHONPATH": os.pathsep.join(sys.path),
+            "CONF": str(conf)}
 
 
 def run(argv, env, stdin=b"", pyflags=()):
-    p = subprocess.Popen([sys.executable, *pyflags, "-c", RUNNER, *argv], env=env,
+    p = subprocess.Popen([sys.executable, *pyflags, "-c", RUNNER, env["CONF"], *argv], env=env,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = p.communicate(stdin, timeout=30)
     return p.pid, p.returncode, out, err

@@ -30,9 +30,11 @@ def vm(test_user, tmp_path_factory):
     from vmwn import config
     from vmwn_testlib import qemu_reachable_dir, write_config
     base = qemu_reachable_dir()
-    cfg = config.load(write_config(base, site_extra="stage_in_max = 8M\nharvest_max = 8M"))
     work = tempfile.mkdtemp(prefix="vmwn-starter-", dir="/tmp")
     os.chmod(work, 0o755)
+    # The starter reads a .SC line only under its configured PBS_HOME.
+    cfg = config.load(write_config(base, site_extra="stage_in_max = 8M\nharvest_max = 8M\n"
+                                   f"pbs_home = {work}/torque"))
     host = os.path.join(work, "submit")
     os.mkdir(host)
     with open(os.path.join(host, "input.txt"), "w") as f:
@@ -63,7 +65,7 @@ def start(vm, script, args=""):
     python = starter_python()
     site_pkgs = [p for p in sys.path if p.endswith("site-packages")]
     env = {"PATH": "/usr/bin:/bin", "HOME": user.pw_dir, "USER": user.pw_name,
-           "LOGNAME": user.pw_name, "SHELL": "/bin/bash", "VMWN_CONFIG": cfg.files[0],
+           "LOGNAME": user.pw_name, "SHELL": "/bin/bash",
            "PBS_JOBID": JOB, "PBS_O_WORKDIR": host, "PBS_ENVIRONMENT": "PBS_BATCH",
            "PBS_TASKNUM": "1", "PYTHONPATH": os.pathsep.join([REPO] + site_pkgs)}
 
@@ -73,7 +75,8 @@ def start(vm, script, args=""):
         os.setuid(user.pw_uid)
         os.setsid()
     p = subprocess.Popen([python, "-c", "import sys; from vmwn.hooks.starter import main; "
-                          "sys.exit(main())", "/bin/bash"], env=env, cwd=host,
+                          "sys.exit(main(['starter'] + sys.argv[2:], config_path=sys.argv[1]))",
+                          cfg.files[0], "/bin/bash"], env=env, cwd=host,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          preexec_fn=drop)
     p.stdin.write(f"exec {sc}{' ' + args if args else ''}\n".encode())

@@ -25,22 +25,17 @@ STEP_SOURCES = {"prologue.d": "prologue.d/50-vmwn", "epilogue.d": "epilogue.d/50
 STARTER_NAME = "job-starter"
 STARTER_ENTRY = "vmwn.hooks.starter"
 CONFIG_COMMENT = "# vmwn job starter (added by vmwn install, removed by vmwn uninstall)"
-DEFAULT_CONFIG = "/etc/vmwn/vmwn.conf"
 
 _STARTER = '''#!{python} -Es
 """vmwn job starter (pbs_mom's $job_starter): runs the job in its VM, or on the host
 when the job has none.  Installed by vmwn; do not edit."""
 CONFIG = {config!r}
 
-import os  # noqa: E402
 import sys  # noqa: E402
 {pythonpath}
-if CONFIG != {default!r}:
-    os.environ["VMWN_CONFIG"] = CONFIG
-
 from {entry} import main  # noqa: E402
 
-sys.exit(main())
+sys.exit(main(config_path=CONFIG))
 '''
 
 
@@ -165,8 +160,8 @@ def _render_sh_step(source_text, python, config_path, pbs_home, pythonpath):
 def render_starter(python, config_path, pythonpath=None):
     paths = [p for p in (pythonpath or "").split(os.pathsep) if p]
     extra = f"sys.path[:0] = {paths!r}\n" if paths else ""
-    return _STARTER.format(python=python, config=config_path, default=DEFAULT_CONFIG,
-                           entry=STARTER_ENTRY, pythonpath=extra)
+    return _STARTER.format(python=python, config=config_path, entry=STARTER_ENTRY,
+                           pythonpath=extra)
 
 
 def others_can_execute(path):

@@ -19,7 +19,11 @@ import os
 import sys
 
 _STDIN_MAX = 64 << 20
-_FORWARDED = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+# Every signal whose default action would end the starter without reaching the
+# guest and that a job can be sent (qdel, qsig -s, a hangup on an interactive
+# job's pty).  SIGKILL and SIGSTOP cannot be caught: guest teardown after a
+# SIGKILL belongs to the epilogue.
+_FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 # Variables the guest must provide itself; everything else of the job's
 # environment is passed on.
 _HOST_ONLY = frozenset(("HOME", "USER", "LOGNAME", "SHELL", "PWD", "OLDPWD", "SHLVL", "_",
@@ -32,8 +36,14 @@ PROBE_EVERY = 30.0
 _LINGER = 2.0
 
 
-def main(argv=None):
-    """Entry point; returns the job's exit status (or dies of the job's signal)."""
+def main(argv=None, config_path=None):
+    """Entry point; returns the job's exit status (or dies of the job's signal).
+
+    ``config_path`` is the configuration baked in at install time (None: the
+    default path).  The environment is the job's own (``qsub -v``), so it never
+    chooses the configuration: a job could otherwise name a state_dir without
+    its record and run on the host instead of in its VM.
+    """
     argv = list(sys.argv if argv is None else argv)
     rest = argv[1:]
     cfg = None
@@ -45,7 +55,7 @@ def main(argv=None):
         job_id = os.environ.get("PBS_JOBID")
         if job_id:
             from .. import config, state
-            cfg = config.load()
+            cfg = config.load(config_path or config.DEFAULT_PATH)
             if state.exists(cfg, job_id):
                 return _run_vm(cfg, job_id, rest)
         return _exec_native(rest)
@@ -124,9 +134,11 @@ def read_job_script(cfg, data):
     """Interpret the job starter's stdin.  Returns (script bytes, args, how).
 
     ``how`` is "exec" (the mom's ``exec PATH args`` line), "run" (a ``PATH
-    args`` line) or "text" (stdin is the script itself).  A line naming a mom
-    script that cannot be read is an error; the -F arguments are split with
-    shell quoting rules (no expansion) exactly once.
+    args`` line) or "text" (stdin is the script itself).  Only what pbs_mom
+    sends counts as a script path: one line naming an existing regular file
+    ``<pbs_home>/mom_priv/jobs/*.SC``; any other input, ``exec /bin/x`` included,
+    is script text.  The -F arguments are split with shell quoting rules (no
+    expansion) exactly once.
     """
     import shlex
     import stat
@@ -138,16 +150,14 @@ def read_job_script(cfg, data):
         if text.startswith("exec "):
             how, text = "exec", text[5:].lstrip()
         path, _, argtext = text.partition(" ")
-        jobs_dir = os.path.join(cfg.site["pbs_home"], "mom_priv", "jobs") + "/"
-        if path.startswith("/") and (how == "exec" or path.endswith(".SC")
-                                     or path.startswith(jobs_dir)):
+        if _is_mom_script(cfg, path):
             try:
                 args = shlex.split(argtext)
             except ValueError as e:
                 raise UserError(f"cannot parse the job's -F arguments {argtext!r}: {e}",
                                 "fix the quoting of qsub -F") from None
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
                 with os.fdopen(fd, "rb") as f:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
                         raise UserError(f"the job script {path} named on the starter's stdin "
@@ -165,6 +175,20 @@ def read_job_script(cfg, data):
         raise UserError("the job starter's stdin is neither a script path nor script text "
                         "(it holds NUL bytes)", "check the mom's job_starter setting")
     return data, [], "text"
+
+
+def _is_mom_script(cfg, path):
+    """True for an existing regular file ``<pbs_home>/mom_priv/jobs/NAME.SC``."""
+    import stat
+    jobs_dir = os.path.join(os.path.normpath(cfg.site["pbs_home"]), "mom_priv", "jobs")
+    if not (path.startswith("/") and path.endswith(".SC")
+            and os.path.dirname(os.path.normpath(path)) == jobs_dir
+            and os.path.normpath(path) == path):
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def guest_env(environ, guest_has_tmpdir=False):
@@ -572,4 +596,5 @@ class Relay:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .. import config as _config
+    sys.exit(main(config_path=_config.DEFAULT_PATH))
