@@ -76,15 +76,16 @@ def metadata_of(xml):
     except ET.ParseError:
         return {}
     job = root.find(f"metadata/{{{METADATA_NS}}}job")
-    if job is None:
-        return {}
-    return {child.tag.split("}", 1)[-1]: (child.text or "") for child in job}
+    return {} if job is None else _fields(job)
 
 
 def parse_metadata_element(xml):
     """Fields of the ``<job>`` element libvirt returns from metadata() (namespace stripped)."""
     try:
-        job = ET.fromstring(xml)
+        return _fields(ET.fromstring(xml))
     except ET.ParseError:
         return {}
+
+
+def _fields(job):
     return {child.tag.split("}", 1)[-1]: (child.text or "") for child in job}

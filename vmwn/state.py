@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 
 from .errors import SiteError
@@ -86,9 +87,18 @@ def exists(cfg, job_id):
 
 
 def ensure_root(cfg):
-    """Create STATE_DIR 0711: users may reach their own job's key, but not list others'."""
+    """Create STATE_DIR 0711: users may reach their own job's key, but not list others'.
+
+    An existing directory must be root's and writable by nobody else: every
+    job's records and keys would otherwise be at the mercy of its owner.
+    """
     d = root_dir(cfg)
     os.makedirs(d, mode=0o711, exist_ok=True)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise SiteError(f"state directory {d} is not a directory owned by uid {os.geteuid()} "
+                        "and writable only by it",
+                        f"chown root {d} && chmod 0711 {d}")
     return d
 
 

@@ -64,10 +64,6 @@ def start(conn, xml):
         if "host forwarding rule" in _msg(e):
             raise PortTaken(f"the forwarded SSH port is taken: {_msg(e)}",
                             "retry with another port") from None
-        if code in (getattr(lv, "VIR_ERR_SYSTEM_ERROR", -1), lv.VIR_ERR_INTERNAL_ERROR,
-                    getattr(lv, "VIR_ERR_RPC", -1)):
-            raise SiteError(f"libvirt cannot start the domain: {_msg(e)}",
-                            "see the libvirt log for the QEMU error") from None
         raise SiteError(f"libvirt cannot start the domain: {_msg(e)}",
                         "see the libvirt log") from None
 
