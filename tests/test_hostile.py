@@ -93,7 +93,7 @@ def test_user_and_group_names_that_cannot_reach_a_guest_are_refused(site, user):
     spec = lifecycle.JobSpec(job_id="7.srv", user=user, uid=1000, gid=1000, group="g",
                              job_name="j", env=cfg.env("tiny"), vcpus=1, memory_mib=256,
                              workdir="/tmp/w", host_workdir="/tmp/w")
-    with pytest.raises(UserError, match="cannot be used in a guest"):
+    with pytest.raises(SiteError, match="cannot be used in a guest"):
         lifecycle.validate(spec)
 
 
