@@ -26,7 +26,7 @@ def base_format(base):
         raise SiteError(f"qemu-img cannot read {base}", "rebuild the environment's image") from None
 
 
-def create_overlay(cfg, job_id, base):
+def create_overlay(cfg, job_id, base, timeout=60):
     """Create the job's overlay; raises SiteError when the base is missing or unreadable."""
     if not os.path.isfile(base):
         raise SiteError(f"base image {base} is missing",
@@ -37,7 +37,7 @@ def create_overlay(cfg, job_id, base):
         os.unlink(path)  # a leftover of an earlier attempt of the same job id
     fmt = "qcow2" if base.endswith(".qcow2") else base_format(base)
     subp.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", base, path],
-             timeout=60, fix="check the overlay directory and the base image")
+             timeout=timeout, fix="check the overlay directory and the base image")
     return path
 
 

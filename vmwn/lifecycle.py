@@ -59,7 +59,7 @@ def create(cfg, spec, deadline, on_phase=None):
     progress = []
     try:
         try:
-            st = _prepare(cfg, spec, timer, log)
+            st = _prepare(cfg, spec, timer, log, deadline)
         except OSError as e:
             raise SiteError(f"cannot write job {spec.job_id}'s files: "
                             f"{e.strerror or e}", "free space or fix permissions in [site] "
@@ -81,7 +81,7 @@ def create(cfg, spec, deadline, on_phase=None):
         raise
 
 
-def _prepare(cfg, spec, timer, log):
+def _prepare(cfg, spec, timer, log, deadline):
     env = spec.env
     jdir = statemod.make_job_dir(cfg, spec.job_id)
     name = domain_name(spec.job_id)
@@ -94,7 +94,8 @@ def _prepare(cfg, spec, timer, log):
                host_key_private=hostkey.private_openssh.rstrip("\n"),
                host_key_public=hostkey.public_line)
     ud, md = seed.render(cfg.site["template_dir"], ctx)
-    seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md)
+    seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md,
+                               timeout=_left(deadline))
     timer.mark("keys and seed")
     overlay = disk.overlay_path(cfg, spec.job_id) if env.image else ""
     output_dir = spec.workdir if env.output_dir == "workdir" else env.output_dir
@@ -110,7 +111,8 @@ def _prepare(cfg, spec, timer, log):
         statemod.save(cfg, st)  # recorded before anything outside the job dir exists
     timer.mark("port")
     if env.image:
-        os.chmod(disk.create_overlay(cfg, spec.job_id, env.image), 0o600)  # the job's data
+        os.chmod(disk.create_overlay(cfg, spec.job_id, env.image, timeout=_left(deadline)),
+                 0o600)  # the job's data
         timer.mark("overlay")
     log.info("prepared seed, key and overlay; SSH port %d", port)
     return st
@@ -278,6 +280,15 @@ def _remove_files(cfg, job_id, st, log):
     for what in removed:
         log.info("removed %s", what)
     return removed
+
+
+def _left(deadline, cap=60.0):
+    """Seconds a helper program may take: what is left before the deadline, at most cap."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TransientError("the prologue's deadline passed while preparing the VM",
+                             "the job is requeued; the node may be overloaded")
+    return min(cap, left)
 
 
 class _Phases:

@@ -19,7 +19,7 @@ def render(tmpl, ctx):
             render_template(tmpl, "meta-data.j2", ctx))
 
 
-def build_iso(path, user_data, meta_data):
+def build_iso(path, user_data, meta_data, timeout=60):
     """Write the seed ISO atomically at ``path`` (genisoimage, Rock Ridge + Joliet)."""
     d = os.path.dirname(path)
     with tempfile.TemporaryDirectory(dir=d, prefix=".seed-") as tmp:
@@ -29,7 +29,7 @@ def build_iso(path, user_data, meta_data):
         out = os.path.join(tmp, "seed.iso")
         subp.run(["genisoimage", "-quiet", "-output", out, "-volid", "cidata", "-joliet",
                   "-rock", os.path.join(tmp, "user-data"), os.path.join(tmp, "meta-data")],
-                 timeout=60, fix="install genisoimage ('make deps')")
+                 timeout=timeout, fix="install genisoimage ('make deps')")
         os.chmod(out, 0o600)  # holds the guest's private host key; libvirt lends it to QEMU
         try:
             os.rename(out, path)
