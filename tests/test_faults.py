@@ -419,22 +419,45 @@ def test_libvirtd_stopped_during_the_prologue(node):
     run.assert_clean()
 
 
-@pytest.mark.xfail(strict=True, reason="offline harvest from the overlay of a dead guest is "
-                   "not implemented: the job's files are lost with the guest (for the tiny "
-                   "environment a workdir outside /home lives in guest RAM anyway)")
+# Output a job flushed to its disk (sync, or older than the guest's ~30 s writeback)
+# survives the VM; in the tiny environment the disk is /home.
+SYNCED_JOB = """#!/bin/sh
+cd "$PBS_O_WORKDIR"
+printf 'written before the fault\\n' > kept.txt
+mkdir -p 'out dir' && printf 'nested\\n' > 'out dir/n.txt'
+sync
+echo started
+sleep 300
+echo never
+"""
+
+
 def test_output_of_a_dead_guest_is_harvested_from_its_overlay(node):
-    run = node.job()
-    assert run.prologue() == 0
-    run.start()
-    run.wait_output("started")
-    os.kill(qemu_pid(run.domain_state().domain), signal.SIGKILL)
-    sid, status, _ = run.join()
-    run.epilogue(status, sid)
-    run.finish()
+    import tempfile
+    u = node.user
+    node.submit = tempfile.mkdtemp(prefix="vmwn-fault-", dir=u.pw_dir)
+    os.chown(node.submit, u.pw_uid, u.pw_gid)
     try:
-        assert run.workdir_file("kept.txt") == "written before the fault\n"
-    finally:
+        run = node.job(script=SYNCED_JOB)
+        assert run.prologue() == 0
+        run.start()
+        run.wait_output("started")
+        os.kill(qemu_pid(run.domain_state().domain), signal.SIGKILL)
+        sid, status, _ = run.join()
+        assert status == GUEST_LOST
+        run.epilogue(status, sid)
+        run.finish()
+        out, err = run.texts()
+        assert run.workdir_file("kept.txt") == "written before the fault\n", (out, err)
+        assert run.workdir_file("out dir/n.txt") == "nested\n"
+        for name in ("kept.txt", "out dir/n.txt"):
+            assert os.stat(os.path.join(node.submit, name)).st_uid == u.pw_uid
+        # The job script was staged in and is unchanged: not copied back.
+        assert "the VM was lost; recovered 2 files (32 bytes) from its disk in" in out, out
+        assert "virtual machine was lost" in err and "output not copied back" not in err, err
         run.assert_clean()
+    finally:
+        shutil.rmtree(node.submit, ignore_errors=True)
 
 
 def test_no_private_key_text_in_any_log_or_output(node):

@@ -70,8 +70,9 @@ def recover(cfg, st, timeout=240.0):
     if not st.overlay or not os.path.isfile(st.overlay):
         raise GuestLost("the VM's disk is gone", "the output was lost with the VM")
     debugfs = shutil.which("debugfs", path=os.pathsep.join(_SBIN))
-    if not debugfs:
-        raise SiteError("debugfs is not installed", "install Debian package e2fsprogs")
+    e2fsck = shutil.which("e2fsck", path=os.pathsep.join(_SBIN))
+    if not debugfs or not e2fsck:
+        raise SiteError("debugfs or e2fsck is not installed", "install Debian package e2fsprogs")
     t0 = time.monotonic()
     end = t0 + timeout
     scratch = tempfile.mkdtemp(prefix="offline-", dir=state.job_dir(cfg, st.job_id))
@@ -87,7 +88,7 @@ def recover(cfg, st, timeout=240.0):
         os.chown(out, st.uid, st.gid)
         os.chmod(scratch, 0o711)
         t1 = time.monotonic()
-        found = privs.run_as(st.user, st.uid, st.gid, _extract_as_user, debugfs, raw, out,
+        found = privs.run_as(st.user, st.uid, st.gid, _extract_as_user, debugfs, e2fsck, raw, out,
                              st.output_dir, st.user, timeout=max(1.0, end - time.monotonic()))
         t2 = time.monotonic()
         done = privs.run_as(st.user, st.uid, st.gid, _write_as_user, found["tree"],
@@ -113,10 +114,11 @@ def _write_as_user(tree, host_dir, cap, staged, skip):
     return dataclasses.asdict(transfer.write_tree(tree, host_dir, cap, staged, skip))
 
 
-def _extract_as_user(debugfs, raw, out, output_dir, user):
+def _extract_as_user(debugfs, e2fsck, raw, out, output_dir, user):
     """Child side: confine, find the output on the disk, extract it with debugfs."""
-    confine(out)
+    confine(out, raw)
     fs = _Fs(debugfs, raw, out)
+    fs.replay(e2fsck)
     label = fs.label()
     mount = MOUNTS.get(label)
     if mount is None and fs.kind(ROOT_MARK) is not None:
@@ -208,18 +210,33 @@ class _Fs:
     def __init__(self, debugfs, raw, out):
         self.debugfs, self.raw, self.out = debugfs, raw, out
 
+    ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "DEBUGFS_PAGER": "__none__"}
+
+    def replay(self, e2fsck):
+        """Apply the journal to the copy: a guest that died mid-flight left its last
+        committed changes (synced files among them) only in the journal."""
+        cp = subp.run([e2fsck, "-E", "journal_only", "-y", self.raw], cwd=self.out,
+                      timeout=600, env=self.ENV, check=False)
+        if cp.returncode not in (0, 1, 2):
+            log.warning("e2fsck could not replay the journal of the VM's disk (status %d): %s",
+                        cp.returncode, " ".join(cp.stdout.split()[-20:]))
+
     def run(self, request, cwd=None, cmdfile=None):
-        argv = [self.debugfs] + (["-f", cmdfile] if cmdfile else ["-R", request]) + [self.raw]
-        cp = subp.run(argv, cwd=cwd or self.out, timeout=600,
-                      env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "DEBUGFS_PAGER": "__none__"},
+        # -n: a disk that was in use when its VM died may fail checksums debugfs need not trust
+        argv = ([self.debugfs, "-n"] + (["-f", cmdfile] if cmdfile else ["-R", request])
+                + [self.raw])
+        cp = subp.run(argv, cwd=cwd or self.out, timeout=600, env=self.ENV,
                       fix="the VM's disk is damaged; its output cannot be recovered")
+        self.stderr = cp.stderr
         return cp.stdout
 
     def label(self):
         m = re.search(r"^Filesystem volume name:\s*(.*)$", self.run("stats"), re.M)
         if not m:
-            raise GuestLost("the VM's disk holds no ext2/3/4 filesystem debugfs can read",
-                            "its output cannot be recovered")
+            why = " ".join(ln for ln in self.stderr.splitlines()
+                           if not ln.startswith("debugfs ")).strip()[:200]
+            raise GuestLost(f"the VM's disk holds no ext2/3/4 filesystem debugfs can read "
+                            f"({why or 'no message'})", "its output cannot be recovered")
         name = m.group(1).strip()
         return "" if name == "<none>" else name
 
@@ -257,8 +274,9 @@ _WRITE_FILE, _TRUNCATE, _REFER = 1 << 1, 1 << 14, 1 << 13
 _DIR_WRITES = (1 << 1) | (1 << 4) | (1 << 5) | sum(1 << i for i in range(6, 13))
 
 
-def confine(writable):
-    """Allow this process and its children to write only below ``writable`` (and /dev/null).
+def confine(writable, *files):
+    """Allow this process and its children to write only below ``writable``, to ``files``
+    and to /dev/null.
 
     Returns False (and logs) when the kernel has no Landlock: the process is
     then bounded only by the job user's own rights.
@@ -277,8 +295,8 @@ def confine(writable):
         raise SiteError(f"cannot create a Landlock ruleset: {os.strerror(ctypes.get_errno())}",
                         "see the operator log")
     try:
-        rules = ((writable, handled, os.O_DIRECTORY),
-                 (os.devnull, handled & (_WRITE_FILE | _TRUNCATE), 0))
+        rules = [(writable, handled, os.O_DIRECTORY)] + [
+            (f, handled & (_WRITE_FILE | _TRUNCATE), 0) for f in (os.devnull,) + files]
         for path, rights, flags in rules:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC | flags)
             try:

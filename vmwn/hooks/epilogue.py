@@ -66,6 +66,30 @@ def explain_end(cfg, st, exit_status, jlog):
             f"so far is copied back, and the exit status {exit_status} is not the job's own")
 
 
+def _guest_gone(cfg, st, jlog):
+    """True when the guest's domain has stopped and its disk is still there to read."""
+    from .. import offline
+    try:
+        return offline.guest_gone(cfg, st)
+    except errors.VmwnError as e:
+        jlog.info("cannot tell whether the guest stopped: %s", e.line())
+        return False
+
+
+def recover_offline(cfg, st, jlog):
+    """Copy back what the dead guest had written to its disk (before its overlay goes)."""
+    from .. import offline
+    res = offline.recover(cfg, st)
+    jlog.info("recovered %d files, %d bytes in %.1f s from the overlay", res.files,
+              res.bytes, res.seconds)
+    say(f"the VM was lost; recovered {res.files} files ({res.bytes} bytes) from its disk "
+        f"in {res.seconds:.1f} s", sys.stdout)
+    if res.files == 0 and not res.problems:
+        say("the VM was lost and its disk holds no new or changed output (output written "
+            "in its last seconds may not have reached the disk)")
+    return res
+
+
 def run(argv, config_path=None, pbs_home=None, environ=None):
     """The step's work.  Returns 0; raises only when no state could be reached."""
     environ = os.environ if environ is None else environ
@@ -95,10 +119,17 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
         else:
             explain_end(cfg, st, args.exit_status, jlog)
             from .. import transfer
-            res = transfer.harvest(cfg, st)
-            jlog.info("harvested %d files, %d bytes in %.1f s", res.files, res.bytes,
-                      res.seconds)
-            say(summary(res, st.env), sys.stdout)
+            try:
+                res = transfer.harvest(cfg, st)
+            except (errors.GuestLost, errors.TransientError) as e:
+                if not _guest_gone(cfg, st, jlog):
+                    raise
+                jlog.info("guest gone (%s); reading its disk", e.line())
+                res = recover_offline(cfg, st, jlog)
+            else:
+                jlog.info("harvested %d files, %d bytes in %.1f s", res.files, res.bytes,
+                          res.seconds)
+                say(summary(res, st.env), sys.stdout)
             for problem in res.problems:
                 say(f"not copied back: {problem}")
     except Exception as e:  # noqa: BLE001 - the VM is destroyed whatever happened
