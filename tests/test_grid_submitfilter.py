@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from vmwn.errors import UserError
 from vmwn.grid import submitfilter
 
 from test_grid_advertise import make_config
@@ -126,7 +127,7 @@ def test_vmwn_line_after_the_first_command_is_rejected():
 
 def test_two_environments_are_rejected():
     err = rejected(b"#!/bin/sh\n#VMWN env=tiny\n", "-l", "other=vmwn=debian12")
-    assert "more than one" in err and "tiny (line 2)" in err and "debian12 (qsub -l)" in err
+    assert "more than one" in err and "tiny (line 2)" in err and "debian12 (qsub)" in err
     assert "more than one" in rejected(b"#PBS -l other=vmwn=tiny\n#PBS -l other=vmwn=debian12\n")
     # The same environment twice is one request.
     assert filt(b"#VMWN env=tiny\n", "-l", "other=vmwn=tiny") == b"#PBS -l other=vmwn=tiny\n"
@@ -196,3 +197,13 @@ def test_filter_is_quick(conf):
     assert cp.returncode == 0
     # A generous bound: qsub waits for this on every submission.
     assert elapsed < 3, f"submit filter took {elapsed:.2f} s"
+
+
+def test_vmwn_env_variable_is_checked_like_the_resource():
+    """qsub -v VMWN_ENV=NAME asks for an environment too (the prologue honours it)."""
+    from vmwn.grid import submitfilter
+    opts = submitfilter.qsub_options(["-v", "A=1,VMWN_ENV=tiny", "-vB=2\\,3", "job.sh"])
+    assert submitfilter.env_requests(opts) == ["tiny"]
+    with pytest.raises(UserError, match="nosuch"):
+        submitfilter.check([("qsub -v", n) for n in submitfilter.env_requests(
+            submitfilter.qsub_options(["-v", "VMWN_ENV=nosuch"]))], ["tiny", "debian12"])

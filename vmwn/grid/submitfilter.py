@@ -60,15 +60,22 @@ def qsub_options(argv):
 
 
 def env_requests(options):
-    """Environment names requested by ``-l`` values among ``options``."""
+    """Environment names requested among ``options``: ``-l other=vmwn=NAME`` and
+    ``-v VMWN_ENV=NAME`` (the prologue honours both)."""
     names = []
     for letter, value in options:
-        if letter != "l" or value is None:
+        if value is None:
             continue
-        for item in value.split(","):
-            key, _, rest = item.partition("=")
-            if key.strip().lower() == "other" and rest.startswith("vmwn="):
-                names.append(rest[len("vmwn="):].strip())
+        if letter == "l":
+            for item in value.split(","):
+                key, _, rest = item.partition("=")
+                if key.strip().lower() == "other" and rest.startswith("vmwn="):
+                    names.append(rest[len("vmwn="):].strip())
+        elif letter == "v":
+            for item in re.split(r"(?<!\\),", value):
+                key, eq, rest = item.partition("=")
+                if key.strip() == "VMWN_ENV" and eq:
+                    names.append(rest.strip())
     return names
 
 
@@ -123,7 +130,7 @@ class Result:
 
 def scan(script, argv):
     """Collect environment requests and rewrite ``#VMWN`` lines; raises UserError."""
-    requests = [("qsub -l", n) for n in env_requests(qsub_options(argv))]
+    requests = [("qsub", n) for n in env_requests(qsub_options(argv))]
     prefix = directive_prefix(argv)
     lines = re.split(rb"(?<=\n)", script)
     changed = False
