@@ -38,6 +38,7 @@ ROOT_MARK = "/etc/debian_version"
 GUEST_HOME = "/home"            # where vmwn's guests put the job user's home
 _MAX_MANIFEST = 64 << 20
 _MAX_LISTED_DIRS = 20000
+_MAX_SPECIALS = 50
 _SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
 
 _LS_P = re.compile(r"^/(\d+)/([0-7]+)/\d+/\d+/(.*)/(\d*)/$")
@@ -201,7 +202,7 @@ def _specials(fs, src):
                 elif stat.S_IFMT(mode) in _KINDS:
                     found.append(f"{r}: {_KINDS[stat.S_IFMT(mode)]} in the guest; not copied back")
         level = nxt
-    return found[:transfer._MAX_PROBLEMS]
+    return found[:_MAX_SPECIALS]
 
 
 class _Fs:
