@@ -4,6 +4,7 @@ import grp
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -103,17 +104,54 @@ def test_vmwn_errors_come_back_as_the_same_class(unpriv, cls):
     assert str(ei.value) == "the problem: the fix"
 
 
-def _sleep(n):
+def _sleep(n, tmp):
+    """Record the pid, sleep, then leave a mark that only a child allowed to finish leaves."""
+    with open(os.path.join(tmp, "pid"), "w") as f:
+        f.write(str(os.getpid()))
     time.sleep(n)
+    with open(os.path.join(tmp, "woke"), "w") as f:
+        f.write("woke")
     return "woke"
 
 
-def test_timeout_kills_the_child(unpriv):
+def assert_killed_and_reaped(tmp):
+    pid = int(open(os.path.join(tmp, "pid")).read())
+    assert not os.path.exists(os.path.join(tmp, "woke"))   # its sleep never ended
+    assert not os.path.exists(f"/proc/{pid}")               # gone, not even a zombie
+
+
+def test_timeout_kills_the_child(unpriv, open_tmp):
     name, uid, gid, _ = unpriv
-    t0 = time.monotonic()
+    os.chown(open_tmp, uid, gid)
     with pytest.raises(errors.TransientError, match="did not finish"):
-        privs.run_as(name, uid, gid, _sleep, 30, timeout=0.5)
-    assert time.monotonic() - t0 < 5
+        privs.run_as(name, uid, gid, _sleep, 20, open_tmp, timeout=0.5)
+    assert_killed_and_reaped(open_tmp)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exc", [Interrupted, KeyboardInterrupt])
+def test_interrupted_parent_kills_and_reaps_the_child(unpriv, open_tmp, exc):
+    name, uid, gid, _ = unpriv
+    os.chown(open_tmp, uid, gid)
+    pidfile = os.path.join(open_tmp, "pid")
+
+    def on_alarm(signum, frame):
+        if not os.path.exists(pidfile):       # interrupt only once the child is at work
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        raise exc()
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(exc):
+            privs.run_as(name, uid, gid, _sleep, 20, open_tmp)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert_killed_and_reaped(open_tmp)
 
 
 def _die():

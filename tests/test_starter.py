@@ -143,14 +143,31 @@ def test_the_job_environment_cannot_choose_the_configuration(job):
     assert len(job.srv.commands) == 1
 
 
-def test_installed_starter_uses_its_baked_configuration(job, tmp_path):
+BIND_AND_EXEC = ("import os, subprocess, sys; "
+                 "subprocess.run(['mount', '--bind', sys.argv[1], sys.argv[2]], check=True); "
+                 "os.execv(sys.argv[3], sys.argv[3:])")
+
+
+@pytest.mark.parametrize("where", ["default", "elsewhere"])
+def test_installed_starter_uses_its_baked_configuration(job, tmp_path, where):
+    """The starter as installed, at the default configuration path (in a private
+    mount namespace, where a temporary directory covers /etc/vmwn) or another."""
     from vmwn import install
+    etc = tmp_path / "etc-vmwn"
+    etc.mkdir()
+    (etc / "vmwn.conf").write_text(job.conf.read_text())
+    baked = config.DEFAULT_PATH if where == "default" else str(etc / "vmwn.conf")
     path = tmp_path / "job-starter"
-    path.write_text(install.render_starter(sys.executable, str(job.conf),
+    path.write_text(install.render_starter(sys.executable, baked,
                                            os.pathsep.join(p for p in sys.path if p)))
     os.chmod(path, 0o755)
-    p = subprocess.run([str(path), "/bin/sh"], input=b"pwd\n", env=job.env,
-                       capture_output=True, timeout=60)
+    argv = [str(path), "/bin/sh"]
+    if where == "default":
+        if not os.path.isdir(os.path.dirname(config.DEFAULT_PATH)) or os.geteuid() != 0:
+            pytest.skip("needs root and an existing /etc/vmwn to cover")
+        argv = ["unshare", "--mount", "--propagation", "private", "--", sys.executable,
+                "-c", BIND_AND_EXEC, str(etc), os.path.dirname(config.DEFAULT_PATH)] + argv
+    p = subprocess.run(argv, input=b"pwd\n", env=job.env, capture_output=True, timeout=60)
     assert (p.returncode, p.stdout, p.stderr) == (0, f"{job.gwork}\n".encode(), b"")
     assert len(job.srv.commands) == 1
 
@@ -190,8 +207,9 @@ def test_a_mom_script_path_is_read_with_its_arguments(job):
 
 
 def test_one_line_script_naming_an_absolute_program_runs_as_script(job):
-    rc, out, err = job.run(b"exec /bin/echo one line\n")
-    assert (rc, out, err) == (0, b"one line\n", b"")
+    # Read as a script path, /bin/sh itself would be copied and run as the job's script.
+    rc, out, err = job.run(b"exec /bin/sh -c 'echo \"$0\"'\n")
+    assert (rc, out, err) == (0, b"/bin/sh\n", b"")
 
 
 def test_stage_in_over_cap_fails_before_running(job):

@@ -95,7 +95,7 @@ def run_as(user, uid, gid, func, *args, timeout=None):
         _child(wfd, user, uid, gid, func, args)
     os.close(wfd)
     deadline = None if timeout is None else time.monotonic() + timeout
-    buf, killed = bytearray(), False
+    buf, killed, finished = bytearray(), False, False
     try:
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -114,8 +114,13 @@ def run_as(user, uid, gid, func, *args, timeout=None):
                 os.kill(pid, signal.SIGKILL)
                 raise errors.SiteError(f"the child running as {user} sent too much",
                                        "see the operator log")
+        finished = True
     finally:
         os.close(rfd)
+        if not finished:
+            # Interrupted (the hook's SIGTERM, a KeyboardInterrupt) or gave up:
+            # a child still at work would make the wait below endless.
+            os.kill(pid, signal.SIGKILL)
         _, wstatus = os.waitpid(pid, 0)
     if killed:
         raise errors.TransientError(f"work as {user} did not finish within {timeout:.0f} s",
