@@ -140,7 +140,7 @@ def test_command_line_entry(tmp_path, capsys):
                          str(tmp_path), "--prefix", "/opt/vmwn"]) == 0
     assert (tmp_path / "opt/vmwn/libexec/vmwn/job-starter").exists()
     assert install.main(["install", "--pbs-home", "relative/path", "--destdir",
-                         str(tmp_path)]) == 1
+                         str(tmp_path)]) == 3     # a SiteError, as for the vmwn command
     assert "absolute" in capsys.readouterr().err
 
 

@@ -6,9 +6,12 @@ Each command module exposes ``register(subparsers)``; the parser it adds sets
 
 import argparse
 import importlib
+import logging
 import sys
 
 from . import errors
+
+log = logging.getLogger(__name__)
 
 # Modules providing commands, in help order.  A module that fails to import
 # because an optional dependency is missing only loses its own commands.
@@ -55,6 +58,17 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"vmwn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line for the operator, details with -v
+        print(f"vmwn {args.command}: {internal_error_line(e)}", file=sys.stderr)
+        log.debug("vmwn %s failed", args.command, exc_info=e)
+        return errors.exit_code("cli", e)
+
+
+def internal_error_line(exc):
+    """One line for an exception vmwn did not anticipate."""
+    detail = " ".join(str(exc).split())
+    what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return f"internal error ({what}); run with -v for details"
 
 
 if __name__ == "__main__":

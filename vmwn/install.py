@@ -12,12 +12,15 @@ is never overwritten: the site must move it into the steps directory first.
 
 import argparse
 import dataclasses
+import logging
 import os
 import shlex
 import sys
 
 from .errors import SiteError, VmwnError
 from .hooks import dispatch
+
+log = logging.getLogger(__name__)
 
 SOURCE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_NAME = "50-vmwn"
@@ -334,19 +337,33 @@ def build_parser():
     p.add_argument("--template-dir", help="written as template_dir into a new vmwn.conf")
     p.add_argument("--sample-config", help="vmwn.conf to install when none exists")
     p.add_argument("--srcdir", help="source tree holding prologue.d/ and epilogue.d/")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug lines to stderr")
     return p
 
 
 def main(argv=None):
+    """Command line entry; exit codes come from vmwn.errors like the vmwn command's."""
+    from . import errors
+    from .cli import internal_error_line
+    from .logsetup import setup
     opts = build_parser().parse_args(argv)
+    if opts.verbose:
+        setup(verbose=True, syslog=False)
     try:
-        done = install(opts) if opts.action == "install" else uninstall(opts)
+        try:
+            done = install(opts) if opts.action == "install" else uninstall(opts)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise SiteError(f"cannot {opts.action}: {where}{e.strerror or e}",
+                            "check the paths and run as root") from e
     except VmwnError as e:
         print(f"vmwn {opts.action}: {e.line()}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"vmwn {opts.action}: {e.filename or ''}: {e.strerror}", file=sys.stderr)
-        return 1
+        log.debug("vmwn %s failed", opts.action, exc_info=e)
+        return errors.exit_code("cli", e)
+    except Exception as e:  # noqa: BLE001 - a bug: one line for the operator, details with -v
+        print(f"vmwn {opts.action}: {internal_error_line(e)}", file=sys.stderr)
+        log.debug("vmwn %s failed", opts.action, exc_info=e)
+        return errors.exit_code("cli", e)
     for p in done:
         print(f"{opts.action}: {p}")
     return 0
