@@ -83,10 +83,9 @@ def test_sigterm_is_forwarded_like_qdel(node):
         if os.path.exists(spool) and "started" in read(spool):
             break
         time.sleep(0.05)
-    t = time.monotonic()
     p.send_signal(signal.SIGTERM)
     rest, _ = p.communicate(timeout=30)
-    assert time.monotonic() - t < 10
+    # 271 = 256 + SIGTERM: the job died of the forwarded signal, not after its sleep
     assert rest.splitlines()[-1] == f"{job_id} Exit_status=271"
     assert p.returncode == 128 + signal.SIGTERM
     seq = job_id.split(".")[0]
@@ -152,13 +151,16 @@ def test_prologue_killed_at_the_alarm(node):
     pidfile = os.path.join(node.root, "sleeper")
     add_step(node, "prologue", "10-hang", f"sleep 60 & echo $! > {pidfile}; wait")
     write_script(node, "job", "exit 0")
-    t = time.monotonic()
     r = vmwn_run(node, "--prologalarm", "12", "job")
-    assert time.monotonic() - t < 10
+    # -4 is the alarm's verdict: the hook did not end by itself (its sleep is 60 s)
     assert r.returncode == harness.EXIT_REQUEUED and "prologue exited -4" in r.stdout
     pid = int(read(pidfile))
-    time.sleep(0.2)
-    assert not os.path.exists(f"/proc/{pid}") or "Z" in read(f"/proc/{pid}/stat").split()[2]
+    for _ in range(100):   # the killed sleeper is reaped by init shortly after
+        if not os.path.exists(f"/proc/{pid}") or "Z" in read(f"/proc/{pid}/stat").split()[2]:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the hook's background process survived the alarm")
 
 
 def test_must_run_as_root(node):

@@ -128,11 +128,9 @@ def test_guest_death_by_signal_is_the_starters(vm):
 def test_sigterm_is_forwarded_to_the_guest_job(vm):
     p = start(vm, "#!/bin/sh\necho ready\nsleep 100\n")
     wait_for(p, b"ready\n")
-    t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)
-    p.communicate(timeout=60)
+    p.communicate(timeout=60)   # the job's sleep (100 s) outlasts this: only TERM ends it
     assert p.returncode == -signal.SIGTERM
-    assert time.monotonic() - t0 < 30
 
 
 def test_losing_the_guest_gives_253(vm):
