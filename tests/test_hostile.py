@@ -158,21 +158,35 @@ def test_job_record_with_hostile_variable_list(site, capsys):
 
 # ------------------------------------------------------------ the starter's stdin
 
-@pytest.mark.parametrize("data, text", [
-    (b"/nonexistent/jobs/1.srv.SC\n", "cannot read the job script"),
-    (b"exec /nonexistent/1.srv.SC 'unterminated\n", "cannot parse the job's -F arguments"),
-    (b"/dev/zero.SC\n", "cannot read the job script"),
+def jobs_dir(site):
+    return os.path.join(site[2], "mom_priv", "jobs")
+
+
+def test_sc_line_with_broken_f_arguments_is_a_clear_error(site):
+    sc = os.path.join(jobs_dir(site), "1.srv.SC")
+    with open(sc, "w") as f:
+        f.write("echo hi\n")
+    with pytest.raises(UserError, match="cannot parse the job's -F arguments"):
+        starter.read_job_script(site[0], f"exec {sc} 'unterminated\n".encode())
+
+
+@pytest.mark.parametrize("line", [
+    b"/nonexistent/jobs/1.srv.SC\n",      # not in this mom's jobs directory
+    b"/dev/zero.SC\n",                    # a device, elsewhere
+    b"exec /bin/sh -c 'cat /etc/shadow'\n",
+    b"exec ../../../etc/passwd.SC\n",
 ])
-def test_malformed_sc_lines_are_clear_errors(site, data, text):
-    with pytest.raises(UserError, match=text):
-        starter.read_job_script(site[0], data)
+def test_lines_that_are_not_the_moms_script_are_script_text(site, line):
+    """Only <pbs_home>/mom_priv/jobs/*.SC is ever opened; anything else runs as text."""
+    script, args, how = starter.read_job_script(site[0], line)
+    assert (script, args, how) == (line, [], "text")
 
 
-def test_sc_line_naming_a_fifo_is_refused_without_blocking(site, tmp_path):
-    fifo = tmp_path / "9.srv.SC"
+def test_sc_line_naming_a_fifo_is_never_opened(site):
+    fifo = os.path.join(jobs_dir(site), "9.srv.SC")
     os.mkfifo(fifo)
-    with pytest.raises(UserError, match="not a regular file"):
-        starter.read_job_script(site[0], str(fifo).encode() + b"\n")
+    line = fifo.encode() + b"\n"
+    assert starter.read_job_script(site[0], line) == (line, [], "text")
 
 
 def test_stdin_with_nul_bytes_is_refused(site):
@@ -182,20 +196,25 @@ def test_stdin_with_nul_bytes_is_refused(site):
 
 def test_sc_line_naming_a_root_only_file_is_not_read_for_the_user(site, test_user, tmp_path):
     from vmwn import privs
-    secret = tmp_path / "secret.SC"
-    secret.write_text("root only\n")
+    secret = os.path.join(jobs_dir(site), "8.srv.SC")
+    with open(secret, "w") as f:
+        f.write("root only\n")
     os.chmod(secret, 0o600)
 
     def attempt(line):
         try:
-            starter.read_job_script(site[0], line.encode())
+            script, _, _ = starter.read_job_script(site[0], line.encode())
         except UserError as e:
             return str(e)
-        return "read"
-    os.chmod(tmp_path, 0o755)
+        return script.decode()
+    for d in (tmp_path, tmp_path / "torque", tmp_path / "torque" / "mom_priv",
+              tmp_path / "torque" / "mom_priv" / "jobs"):
+        os.chmod(d, 0o755)
     got = privs.run_as(test_user.pw_name, test_user.pw_uid, test_user.pw_gid, attempt,
                        f"{secret}\n", timeout=30)
-    assert "Permission denied" in got
+    # Reading happens with the user's rights: the file is refused, never its content shown.
+    assert "root only" not in got
+    assert "Permission denied" in got or got == f"{secret}\n"
 
 
 # ------------------------------------------------------- the guest command line
