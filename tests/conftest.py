@@ -20,6 +20,22 @@ VENV_PY = sys.executable
 TEST_USER = "vmwntest"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_logging():
+    """Entry points configure logging once per process; a test is a process of its own."""
+    import logging
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    configured = getattr(root, "_vmwn_configured", False)
+    yield
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+    root._vmwn_configured = configured
+
+
 def _is_root():
     return os.geteuid() == 0
 
