@@ -266,10 +266,10 @@ def test_job_starter_sigkilled(node):
 
 def test_prologue_killed_at_its_alarm_mid_boot(node):
     # $prologalarm 14: pbs_mom SIGKILLs the prologue's session after 4 s, while
-    # the guest boots (mom_priv/config still says 300, so vmwn's own deadline
-    # is far away: the alarm, not vmwn, ends the prologue).
+    # vmwn waits for a guest that never answers (its own wait is 8 s, and
+    # mom_priv/config still says 300): the alarm, not vmwn, ends the prologue.
     from vmwn import harness
-    run = node.job(alarm=14)
+    run = node.job(resources=("other=vmwn=hang",), alarm=14)
     rc = run.prologue()
     assert rc == harness.PELOG_TIMEOUT
     assert "prepared seed, key and overlay" in node.logs()
