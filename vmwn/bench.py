@@ -779,11 +779,18 @@ def measure_novm(b):
     prologue = os.path.join(b.plain.pbs_home, "mom_priv", "prologue")
     argv = [f"{b.tag}-none.{b.host}", "root", "root", "plain", "walltime=00:01:00",
             "batch", "", "/nonexistent.SC"]
+    # pbs_mom writes the job record before the prologue runs; the gate reads it.
+    jb = os.path.join(b.plain.pbs_home, "mom_priv", "jobs", f"{argv[0]}.JB")
+    os.makedirs(os.path.dirname(jb), exist_ok=True)
+    with open(jb, "w") as f:
+        f.write("<job><attributes><Variable_List>PBS_O_WORKDIR=/tmp</Variable_List>"
+                "</attributes></job>\n")
     pro_with, pro_without = [], []
     for _ in range(n):
         pro_with.append(_timed([prologue, *argv], env={"PATH": "/bin:/usr/bin"}, input="")[0])
         pro_without.append(_timed(["/bin/true", *argv], env={"PATH": "/bin:/usr/bin"},
                                   input="")[0])
+    os.unlink(jb)
     return dict(with_hooks=median(with_hooks), without=median(without),
                 starter=median(st_with) - median(st_without),
                 prologue=median(pro_with) - median(pro_without))

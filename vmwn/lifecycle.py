@@ -187,8 +187,9 @@ def _wait_ready(st, env, dom, end, virt, log):
     """Return when the guest's SSH server takes the job's key; raise otherwise.
 
     A vmwn guest prints ``vmwn-guest: ready`` on its console once sshd listens
-    with the job's keys installed; the job starter's login (host key pinned)
-    is the proof, so no login is spent here.  Other guests are probed.
+    with the job's keys installed; one banner then confirms the forward, and the
+    job starter's login (host key pinned) is the proof, so no login is spent
+    here.  Guests that never announce themselves are probed.
     """
     from .ssh import Guest, banner_ready
     console = Console(st.console_log)
@@ -198,8 +199,8 @@ def _wait_ready(st, env, dom, end, virt, log):
            f"'vmwn check --boot {env.name}'")
     while True:
         said = console.poll()
-        if said == "ready":
-            return
+        if said == "ready" and banner_ready(st.bind_address, st.port, timeout=1.0):
+            return  # announced, and sshd answers (a unit-ordered guest may still be settling)
         if said:
             raise SiteError(f"the guest could not prepare the job ({said})", fix)
         now = time.monotonic()
