@@ -448,6 +448,25 @@ def _why(e):
 
 def _pull_file(sftp, tree, gpath, rel, a, cap, res, problem):
     """Copy one guest file; False when the cap stops the harvest."""
+    def source():
+        f = sftp.open(gpath, "rb")
+        f.prefetch(a.st_size or 0)
+        return f
+
+    def on_error(e):
+        if not _alive(sftp):
+            raise e
+        return _why(e) if e.errno else f"unreadable in the guest ({e})"
+    return _store(tree, rel, a, cap, res, problem, source, on_error)
+
+
+def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
+    """Write one file at ``rel`` under the host tree from ``open_source()``.
+
+    The one writer behind online and offline harvests: the cap, the refusal to
+    write through host symlinks, a temporary name renamed into place, the
+    guest's mode (no set-id bits) and mtime.  False when the cap stops the copy.
+    """
     size = a.st_size or 0
     if res.bytes + size > cap:
         res.truncated = True
@@ -473,8 +492,7 @@ def _pull_file(sftp, tree, gpath, rel, a, cap, res, problem):
         return True
     n, done = 0, False
     try:
-        with sftp.open(gpath, "rb") as src:
-            src.prefetch(size)
+        with open_source() as src:
             while True:
                 chunk = src.read(CHUNK)
                 if not chunk:
@@ -497,9 +515,7 @@ def _pull_file(sftp, tree, gpath, rel, a, cap, res, problem):
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         done = True
     except OSError as e:
-        if not _alive(sftp):
-            raise
-        problem(rel, _why(e) if e.errno else f"unreadable in the guest ({e})")
+        problem(rel, on_error(e))
         return True
     finally:
         os.close(fd)
@@ -534,70 +550,10 @@ def write_tree(src_dir, host_dir, cap, staged=None, skip=()):
             res.problems.append("... more problems not listed")
 
     def copy(sfd, name, rel, a):
-        if res.bytes + a.st_size > cap:
-            res.truncated = True
-            problem(rel, f"not copied: the output exceeds [site] harvest_max ({_fmt(cap)}); "
-                         "this and later files stay behind")
-            return False
-        parent, base = posixpath.split(rel)
-        try:
-            dfd = tree.dir(parent)
-        except OSError as e:
-            problem(rel, _why(e))
-            return True
-        why = tree.blocker(dfd, base)
-        if why:
-            problem(rel, why)
-            return True
-        tmp = tree.tmpname(base)
-        try:
+        def source():
             src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=sfd)
-        except OSError as e:
-            problem(rel, e.strerror)
-            return True
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                         dir_fd=dfd)
-        except OSError as e:
-            os.close(src)
-            problem(rel, _why(e))
-            return True
-        n, done = 0, False
-        try:
-            while True:
-                chunk = os.read(src, CHUNK)
-                if not chunk:
-                    break
-                n += len(chunk)
-                if res.bytes + n > cap:
-                    res.truncated = True
-                    problem(rel, "not copied: it grew past [site] harvest_max")
-                    return False
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-            os.fchmod(fd, stat.S_IMODE(a.st_mode) & 0o777)
-            os.utime(fd, (a.st_atime, a.st_mtime))
-            why = tree.blocker(dfd, base)
-            if why:
-                problem(rel, why)
-                return True
-            os.rename(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd)
-            done = True
-        except OSError as e:
-            problem(rel, _why(e))
-            return True
-        finally:
-            os.close(src)
-            os.close(fd)
-            if not done:
-                try:
-                    os.unlink(tmp, dir_fd=dfd)
-                except OSError:
-                    pass
-        res.files += 1
-        res.bytes += n
-        return True
+            return os.fdopen(src, "rb", buffering=0)
+        return _store(tree, rel, a, cap, res, problem, source)
 
     def walk(sfd, rel):
         for name in sorted(os.listdir(sfd)):
