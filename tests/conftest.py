@@ -71,6 +71,18 @@ def starter_python():
     pytest.skip("no Python interpreter is executable by unprivileged users")
 
 
+def user_python_path():
+    """An interpreter the job user can run, and the sys.path entries that give it vmwn."""
+    from vmwn.install import others_can_execute
+    site = os.path.join(os.path.dirname(os.path.dirname(VENV_PY)), "lib",
+                        f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
+    if others_can_execute(VENV_PY):
+        return VENV_PY, ""
+    if others_can_execute("/usr/bin/python3"):
+        return "/usr/bin/python3", os.pathsep.join([REPO, site])
+    pytest.skip("no interpreter the job user can run")
+
+
 def write_site_config(path, root, extra_site=""):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -7,7 +7,6 @@ the same code paths the QEMU driver uses for the generic parts of a domain.
 import os
 import xml.etree.ElementTree as ET
 
-import libvirt
 import pytest
 
 from vmwn import config, domain, virt

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import REPO, VENV_PY
+from conftest import REPO, user_python_path
 from vmwn_testlib import IMAGE_DIR, leftovers
 
 pytestmark = [pytest.mark.integration,
@@ -37,16 +37,6 @@ sleep 300
 echo never
 """
 
-
-def _user_python():
-    from vmwn.install import others_can_execute
-    site = os.path.join(os.path.dirname(os.path.dirname(VENV_PY)), "lib", "python3.11",
-                        "site-packages")
-    if others_can_execute(VENV_PY):
-        return VENV_PY, ""
-    if others_can_execute("/usr/bin/python3"):
-        return "/usr/bin/python3", os.pathsep.join([REPO, site])
-    pytest.skip("no interpreter the job user can run")
 
 
 class Node:
@@ -69,7 +59,7 @@ class Node:
                     # A guest whose kernel never finds an init: it runs, but SSH never answers.
                     f"[env hang]\n{tiny}cmdline = console=ttyS0 rdinit=/nonexistent\n"
                     "boot_timeout = 8\n")
-        python, path = _user_python()
+        python, path = user_python_path()
         install.install(install.build_parser().parse_args(
             ["install", "--pbs-home", f"{root}/torque", "--sysconfdir", f"{root}/etc",
              "--prefix", f"{root}/prefix", "--python", python, "--pythonpath", path]))

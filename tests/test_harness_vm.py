@@ -6,22 +6,11 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, VENV_PY
+from conftest import VENV_PY, user_python_path
 
 IMAGES = "/var/lib/vmwn/images/tiny"
 pytestmark = pytest.mark.integration
 
-
-def user_python_path():
-    """An interpreter the job user can run, and the paths that give it vmwn and paramiko."""
-    from vmwn.install import others_can_execute
-    site = os.path.join(os.path.dirname(os.path.dirname(VENV_PY)), "lib", "python3.11",
-                        "site-packages")
-    if others_can_execute(VENV_PY):
-        return VENV_PY, ""
-    if others_can_execute("/usr/bin/python3"):
-        return "/usr/bin/python3", os.pathsep.join([REPO, site])
-    pytest.skip("no interpreter the job user can run")
 
 
 def test_vm_job_end_to_end(world_tmp, test_user):

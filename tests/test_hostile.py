@@ -36,15 +36,6 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    import logging
-    root = logging.getLogger()
-    handlers, configured = list(root.handlers), getattr(root, "_vmwn_configured", False)
-    yield
-    root.handlers[:] = handlers
-    root._vmwn_configured = configured
-
 
 @pytest.fixture
 def site(tmp_path):

@@ -19,15 +19,6 @@ HAVE_TINY = all(os.path.exists(os.path.join(IMAGE_DIR, "tiny", f))
 OLD = time.time() - 3600
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """cli.main configures the root logger onto pytest's captured stderr; undo that."""
-    root = logging.getLogger()
-    handlers, configured = list(root.handlers), getattr(root, "_vmwn_configured", False)
-    yield
-    root.handlers[:] = handlers
-    root._vmwn_configured = configured
-
 
 @pytest.fixture
 def site():
