@@ -75,6 +75,15 @@ class Node:
     def job(self, script=JOB, resources=("other=vmwn=tiny",), alarm=300, name="job.sh"):
         return Run(self, script, resources, alarm, name)
 
+    def sweep(self):
+        """After the test, pass or fail: every job of this node is gone from the mom,
+        so a reap removes whatever a failed assertion left (domains included)."""
+        from vmwn import operators
+        jobs = os.path.join(self.root, "torque", "mom_priv", "jobs")
+        for name in os.listdir(jobs) if os.path.isdir(jobs) else []:
+            os.unlink(os.path.join(jobs, name))
+        operators.Reaper(self.cfg, pbs_home=os.path.join(self.root, "torque"), grace=0).run()
+
     def logs(self):
         try:
             with open(self.debug_log, encoding="utf-8", errors="replace") as f:
@@ -85,7 +94,9 @@ class Node:
 
 @pytest.fixture
 def node(world_tmp, test_user):
-    return Node(world_tmp, test_user)
+    n = Node(world_tmp, test_user)
+    yield n
+    n.sweep()
 
 
 class Run:

@@ -105,8 +105,14 @@ def _one(node, fault, rng):
     return run, reported, True
 
 
-def test_soak(world_tmp, test_user):
-    node = Node(world_tmp, test_user)
+@pytest.fixture
+def node(world_tmp, test_user):
+    n = Node(world_tmp, test_user)
+    yield n
+    n.sweep()
+
+
+def test_soak(node):
     rng = random.Random(SEED)
     # Every kind of fault before any repeats, in a seeded random order.
     faults = []
