@@ -9,11 +9,27 @@ reported on the job's stderr and in syslog instead.
 import logging
 import os
 import sys
+import time
 
 from .. import config, errors, logsetup, pbs
-from . import ensure_std_fds, is_sister, say, setup_logging
+from . import ensure_std_fds, is_sister, say, session_age, setup_logging
 
 log = logging.getLogger(__name__)
+
+
+# Seconds kept back from pbs_mom's alarm for destroying the VM after the harvest:
+# a killed epilogue would leave the domain to the next reap.
+DESTROY_RESERVE = 20.0
+HARVEST_MAX_SECONDS = 180.0
+
+
+def budget(cfg, pbs_home):
+    """Seconds the harvest may take: what pbs_mom's alarm leaves, less the destroy's share."""
+    alarm = pbs.prologalarm(pbs_home or cfg.pbs_home) - pbs.ALARM_MARGIN
+    used = session_age()
+    if used >= alarm:
+        used = 0.0  # not started under pbs_mom's alarm (run by hand)
+    return max(5.0, min(HARVEST_MAX_SECONDS, alarm - used - DESTROY_RESERVE))
 
 
 def summary(res, env):
@@ -35,7 +51,7 @@ def _guest_job_running(st_fields):
     return out.strip() == b"running"
 
 
-def explain_end(cfg, st, exit_status, jlog):
+def explain_end(cfg, st, exit_status, jlog, timeout=30.0):
     """Tell the user on stderr when the job's end on the host is not its end in the guest.
 
     pbs_mom reports 0 after its own restart and 256+N when the job starter was
@@ -55,7 +71,7 @@ def explain_end(cfg, st, exit_status, jlog):
     from .. import privs
     try:
         running = privs.run_as(st.user, st.uid, st.gid, _guest_job_running,
-                               dataclasses.asdict(st), timeout=30)
+                               dataclasses.asdict(st), timeout=timeout)
     except errors.VmwnError as e:
         jlog.info("cannot tell whether the guest job still runs: %s", e.line())
         return
@@ -117,10 +133,12 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
             say(f"the job's virtual machine never came up (the prologue stopped while "
                 f"{st.phase}); what it made was removed")
         else:
-            explain_end(cfg, st, args.exit_status, jlog)
+            end = time.monotonic() + budget(cfg, pbs_home)
+            explain_end(cfg, st, args.exit_status, jlog,
+                        timeout=max(1.0, min(30.0, (end - time.monotonic()) / 4)))
             from .. import transfer
             try:
-                res = transfer.harvest(cfg, st)
+                res = transfer.harvest(cfg, st, timeout=max(1.0, end - time.monotonic()))
             except (errors.GuestLost, errors.TransientError) as e:
                 if not _guest_gone(cfg, st, jlog):
                     raise
