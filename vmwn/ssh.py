@@ -65,33 +65,49 @@ class Guest:
 
     @classmethod
     def connect(cls, st, timeout=30.0, pkey=None):
+        """Log in as the job's user; the guest must present the job's host key.
+
+        A connection the guest drops before the key exchange (its sshd settling
+        or restarting while it boots) is retried until ``timeout``; a wrong host
+        key or a refused key is final at once.
+        """
         pm = _paramiko()
-        client = pm.SSHClient()
-        hk = client.get_host_keys()  # empty: system known_hosts are never loaded
-        for host, keys in pinned_host_keys(st).items():
-            for kind, key in keys.items():
-                hk.add(host, kind, key)
-        client.set_missing_host_key_policy(pm.RejectPolicy())
         pkey = pkey or load_user_key(st.key_path)
-        try:
-            client.connect(st.bind_address, port=st.port, username=st.user, pkey=pkey,
-                           look_for_keys=False, allow_agent=False, timeout=timeout,
-                           banner_timeout=timeout, auth_timeout=timeout)
-        except pm.BadHostKeyException:
-            client.close()
-            raise SiteError(f"the server on {st.bind_address}:{st.port} presented a host key "
-                            f"that is not job {st.job_id}'s; refused",
-                            "another process holds the job's port: run 'vmwn ps' and "
-                            "investigate") from None
-        except pm.AuthenticationException as e:
-            client.close()
-            raise TransientError(f"the guest refused the job's key ({e})",
-                                 "the guest may still be starting") from None
-        except (pm.SSHException, OSError, EOFError) as e:
-            client.close()
-            raise GuestLost(f"cannot reach the job's guest on {st.bind_address}:{st.port}: "
-                            f"{' '.join(str(e).split()) or type(e).__name__}",
-                            "the job's VM is not running") from None
+        end = time.monotonic() + timeout
+        while True:
+            client = pm.SSHClient()
+            hk = client.get_host_keys()  # empty: system known_hosts are never loaded
+            for host, keys in pinned_host_keys(st).items():
+                for kind, key in keys.items():
+                    hk.add(host, kind, key)
+            client.set_missing_host_key_policy(pm.RejectPolicy())
+            left = max(1.0, end - time.monotonic())
+            try:
+                client.connect(st.bind_address, port=st.port, username=st.user, pkey=pkey,
+                               look_for_keys=False, allow_agent=False, timeout=left,
+                               banner_timeout=left, auth_timeout=left)
+                break
+            except pm.BadHostKeyException:
+                client.close()
+                raise SiteError(f"the server on {st.bind_address}:{st.port} presented a host "
+                                f"key that is not job {st.job_id}'s; refused",
+                                "another process holds the job's port: run 'vmwn ps' and "
+                                "investigate") from None
+            except pm.AuthenticationException as e:
+                client.close()
+                raise TransientError(f"the guest refused the job's key ({e})",
+                                     "the guest may still be starting") from None
+            except (pm.SSHException, OSError, EOFError) as e:
+                client.close()
+                # Nothing listens (QEMU is gone): final.  Accepted, then dropped: retry.
+                settling = not isinstance(e, ConnectionRefusedError) and isinstance(
+                    e, (pm.SSHException, EOFError, ConnectionResetError))
+                if settling and time.monotonic() + 0.2 < end:
+                    time.sleep(0.2)
+                    continue
+                raise GuestLost(f"cannot reach the job's guest on {st.bind_address}:{st.port}: "
+                                f"{' '.join(str(e).split()) or type(e).__name__}",
+                                "the job's VM is not running") from None
         transport = client.get_transport()
         transport.set_keepalive(15)
         return cls(client, st)
