@@ -591,11 +591,9 @@ def measure_floor(b):
         name = f"{b.tag}-floor{i}"
         hostkey, userkey = keys.generate(f"host:{name}"), keys.generate(f"job:{name}")
         key_path = keys.write_private(os.path.join(d, "id"), userkey, 0, 0)
-        ctx = dict(job_id=name, instance_id=name, hostname=name, user=b.user, uid=b.uid,
-                   gid=b.gid, group=b.group, shell=e.ssh_user_shell,
-                   workdir=f"/home/{b.user}/bench", authorized_key=userkey.public_line,
-                   host_key_private=hostkey.private_openssh.rstrip("\n"),
-                   host_key_public=hostkey.public_line)
+        ctx = seed.context(job_id=name, instance_id=name, hostname=name, user=b.user,
+                           uid=b.uid, gid=b.gid, group=b.group, shell=e.ssh_user_shell,
+                           workdir=f"/home/{b.user}/bench", hostkey=hostkey, userkey=userkey)
         ud, md = seed.render(b.cfg.site["template_dir"], ctx)
         iso = seed.build_iso(os.path.join(d, "seed.iso"), ud, md)
         overlay = os.path.join(d, "overlay.qcow2")
@@ -668,11 +666,9 @@ def measure_naive(b):
         subp.run(["cp", e.image, disk], timeout=600)
         hostkey, userkey = keys.generate(f"host:{jid}"), keys.generate(f"job:{jid}")
         key_path = keys.write_private(os.path.join(d, "id"), userkey, 0, 0)
-        ctx = dict(job_id=jid, instance_id=jid, hostname="naive", user=b.user, uid=b.uid,
-                   gid=b.gid, group=b.group, shell=e.ssh_user_shell,
-                   workdir=f"/home/{b.user}/bench", authorized_key=userkey.public_line,
-                   host_key_private=hostkey.private_openssh.rstrip("\n"),
-                   host_key_public=hostkey.public_line)
+        ctx = seed.context(job_id=jid, instance_id=jid, hostname="naive", user=b.user,
+                           uid=b.uid, gid=b.gid, group=b.group, shell=e.ssh_user_shell,
+                           workdir=f"/home/{b.user}/bench", hostkey=hostkey, userkey=userkey)
         ud, md = seed.render(b.cfg.site["template_dir"], ctx)
         iso = seed.build_iso(os.path.join(d, "seed.iso"), ud, md)
         xml = render(b.cfg, e, job_id=jid, user=b.user, job_name="naive", port=port,

@@ -88,11 +88,9 @@ def _prepare(cfg, spec, timer, log, deadline):
     hostkey = keys.generate(f"vmwn-host:{name}")
     userkey = keys.generate(f"vmwn-job:{name}")
     key_path = keys.write_private(os.path.join(jdir, "id_ed25519"), userkey, spec.uid, spec.gid)
-    ctx = dict(job_id=spec.job_id, instance_id=name, hostname=name, user=spec.user,
-               uid=spec.uid, gid=spec.gid, group=spec.group, shell=env.ssh_user_shell,
-               workdir=spec.workdir, authorized_key=userkey.public_line,
-               host_key_private=hostkey.private_openssh.rstrip("\n"),
-               host_key_public=hostkey.public_line)
+    ctx = seed.context(job_id=spec.job_id, instance_id=name, hostname=name, user=spec.user,
+                       uid=spec.uid, gid=spec.gid, group=spec.group, shell=env.ssh_user_shell,
+                       workdir=spec.workdir, hostkey=hostkey, userkey=userkey)
     ud, md = seed.render(cfg.site["template_dir"], ctx)
     seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md,
                                timeout=_left(deadline))

@@ -12,6 +12,16 @@ from . import subp
 from .errors import SiteError
 
 
+def context(*, job_id, instance_id, hostname, user, uid, gid, group, shell, workdir,
+            hostkey, userkey):
+    """The variables the seed templates use (documented in docs/admin-guide.md)."""
+    return dict(job_id=job_id, instance_id=instance_id, hostname=hostname, user=user, uid=uid,
+                gid=gid, group=group, shell=shell, workdir=workdir,
+                authorized_key=userkey.public_line,
+                host_key_private=hostkey.private_openssh.rstrip("\n"),
+                host_key_public=hostkey.public_line)
+
+
 def render(tmpl, ctx):
     """Render user-data and meta-data; returns (user_data, meta_data) text."""
     from .templating import render_template
