@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "vmwn-bench-first"
-READY = b"vmwn-guest: ready"
 MIB = 1 << 20
 BIG_MIB = 64
 
@@ -179,14 +178,12 @@ class ConsoleWatch:
         self._t.start()
 
     def _run(self):
+        from .lifecycle import Console  # the prologue's own reader of the announcement
+        console = Console(self.path)
         while not self._stop.is_set():
-            try:
-                with open(self.path, "rb") as f:
-                    if READY in f.read():
-                        self.at = time.monotonic()
-                        return
-            except OSError:
-                pass
+            if console.poll() == "ready":
+                self.at = time.monotonic()
+                return
             self._stop.wait(0.01)
 
     def stop(self):
