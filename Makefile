@@ -17,6 +17,10 @@ RUNTIME    ?= $(PREFIX)/lib/vmwn
 HOOK_PYTHON ?= $(if $(DESTDIR),$(PYTHON),$(RUNTIME)/bin/python)
 PYTEST_ARGS ?=
 GUESTS     ?= tiny debian12
+# A real Torque for the tests (built from ../shared/vendor, cached by checksum).
+TORQUE_PREFIX ?= /opt/vmwn-torque
+export TORQUE_PREFIX
+QSTAT      ?= $(firstword $(shell command -v qstat 2>/dev/null) $(wildcard $(TORQUE_PREFIX)/bin/qstat))
 
 # Debian packages vmwn, its image builds and its tests use.
 APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev \
@@ -24,7 +28,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
 	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini
 
 .PHONY: all deps apt venv daemons guest test test-unit demo bench install uninstall \
-	install-gip uninstall-gip check clean
+	install-gip uninstall-gip check clean torque torque-up torque-down pbs-python
 
 all: deps
 
@@ -60,7 +64,21 @@ guest: deps
 check: deps
 	$(VMWN) --config $(CONFIG) check --boot tiny
 
-test: deps guest
+# Torque 6.1 from source, once per machine (about 5-10 minutes the first time).
+torque:
+	@scripts/build-torque
+
+# pbs_python's _pbs built against that Torque, for the test venv.
+pbs-python: venv torque
+	@scripts/build-pbs-python $(VENV)
+
+torque-up: torque
+	@scripts/torque-up
+
+torque-down:
+	@scripts/torque-down
+
+test: deps guest torque pbs-python
 	@set +e; $(VENV)/bin/pytest $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
@@ -83,12 +101,15 @@ install: deps
 		$(RUNTIME)/bin/pip install -q --disable-pip-version-check . && \
 		$(RUNTIME)/bin/pip install -q --disable-pip-version-check --force-reinstall \
 			--no-deps . || exit 1; \
+		if [ -e $(TORQUE_PREFIX)/include/pbs_ifl.h ]; then \
+			scripts/build-pbs-python $(RUNTIME) || exit 1; fi; \
 	fi
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/share/vmwn/templates
 	install -m 0644 templates/*.j2 $(DESTDIR)$(PREFIX)/share/vmwn/templates/
 	$(PY) -m vmwn.install install --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
 		--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX) --python $(HOOK_PYTHON) \
-		--template-dir $(PREFIX)/share/vmwn/templates --sample-config $(CURDIR)/etc/vmwn.conf
+		--template-dir $(PREFIX)/share/vmwn/templates --sample-config $(CURDIR)/etc/vmwn.conf \
+		--qstat '$(QSTAT)'
 
 uninstall:
 	$(PY) -m vmwn.install uninstall --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \

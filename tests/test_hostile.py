@@ -158,7 +158,7 @@ def test_sc_line_with_broken_f_arguments_is_a_clear_error(site):
     with open(sc, "w") as f:
         f.write("echo hi\n")
     with pytest.raises(UserError, match="cannot parse the job's -F arguments"):
-        starter.read_job_script(site[0], f"exec {sc} 'unterminated\n".encode())
+        starter.read_job_script(site[0].site["pbs_home"], f"exec {sc} 'unterminated\n".encode())
 
 
 @pytest.mark.parametrize("line", [
@@ -169,7 +169,7 @@ def test_sc_line_with_broken_f_arguments_is_a_clear_error(site):
 ])
 def test_lines_that_are_not_the_moms_script_are_script_text(site, line):
     """Only <pbs_home>/mom_priv/jobs/*.SC is ever opened; anything else runs as text."""
-    script, args, how = starter.read_job_script(site[0], line)
+    script, args, how = starter.read_job_script(site[0].site["pbs_home"], line)
     assert (script, args, how) == (line, [], "text")
 
 
@@ -177,12 +177,12 @@ def test_sc_line_naming_a_fifo_is_never_opened(site):
     fifo = os.path.join(jobs_dir(site), "9.srv.SC")
     os.mkfifo(fifo)
     line = fifo.encode() + b"\n"
-    assert starter.read_job_script(site[0], line) == (line, [], "text")
+    assert starter.read_job_script(site[0].site["pbs_home"], line) == (line, [], "text")
 
 
 def test_stdin_with_nul_bytes_is_refused(site):
     with pytest.raises(UserError, match="NUL"):
-        starter.read_job_script(site[0], b"#!/bin/sh\necho\0hi\n")
+        starter.read_job_script(site[0].site["pbs_home"], b"#!/bin/sh\necho\0hi\n")
 
 
 def test_sc_line_naming_a_root_only_file_is_not_read_for_the_user(site, test_user, tmp_path):
@@ -194,7 +194,7 @@ def test_sc_line_naming_a_root_only_file_is_not_read_for_the_user(site, test_use
 
     def attempt(line):
         try:
-            script, _, _ = starter.read_job_script(site[0], line.encode())
+            script, _, _ = starter.read_job_script(site[0].site["pbs_home"], line.encode())
         except UserError as e:
             return str(e)
         return script.decode()

@@ -195,14 +195,14 @@ def test_only_a_mom_script_path_counts_as_one(job, line):
     (jobs / "2.srv.SC").write_text("#!/bin/sh\necho wrong\n")
     os.symlink(job.tmp / "elsewhere" / "1.srv.SC", jobs / "link.SC")
     data = line.format(tmp=job.tmp, jobs=jobs).encode() + b"\n"
-    assert starter.read_job_script(job.cfg, data) == (data, [], "text")
+    assert starter.read_job_script(job.cfg.site["pbs_home"], data) == (data, [], "text")
 
 
 def test_a_mom_script_path_is_read_with_its_arguments(job):
     line = job.script("#!/bin/sh\necho from-file\n")
     for prefix, how in ((b"", "run"), (b"exec ", "exec")):
         data = prefix + line[len(b"exec "):-1] + b" a 'b c'\n"
-        assert starter.read_job_script(job.cfg, data) == \
+        assert starter.read_job_script(job.cfg.site["pbs_home"], data) == \
             (b"#!/bin/sh\necho from-file\n", ["a", "b c"], how)
 
 

@@ -32,6 +32,8 @@ def create_overlay(cfg, job_id, base, timeout=60):
         raise SiteError(f"base image {base} is missing",
                         "build it ('vmwn image build ENV') or fix the environment's image key")
     os.makedirs(cfg.site["overlay_dir"], mode=0o711, exist_ok=True)
+    if os.stat(cfg.site["overlay_dir"]).st_mode & 0o111 != 0o111:
+        os.chmod(cfg.site["overlay_dir"], 0o711)  # made under a umask of 077: QEMU must reach it
     path = overlay_path(cfg, job_id)
     if os.path.lexists(path):
         os.unlink(path)  # a leftover of an earlier attempt of the same job id

@@ -34,6 +34,18 @@ def domain_name(job_id):
     return DOMAIN_PREFIX + safe_name(job_id)
 
 
+def guest_hostname(job_id):
+    """A valid single-label host name for the job's guest (RFC 1123: a-z 0-9 -, <= 63).
+
+    Array subjob ids (``9024[1].server``) and the like keep their digits and a
+    hash of the whole id, so distinct jobs keep distinct names.
+    """
+    from .state import safe_name
+    head, _, digest = safe_name(job_id).rpartition("-")
+    label = re.sub(r"[^a-z0-9]+", "-", head.lower()).strip("-")[:63 - 6 - len(digest)]
+    return f"vmwn-{label.strip('-')}-{digest}" if label.strip("-") else f"vmwn-{digest}"
+
+
 def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, port=0,
            overlay=None, seed="/dev/null", console_log="/dev/null", created=None):
     """The domain XML for one job, validated; raises SiteError if the template is unfit."""

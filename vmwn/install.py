@@ -33,12 +33,14 @@ _STARTER = '''#!{python} -Es
 """vmwn job starter (pbs_mom's $job_starter): runs the job in its VM, or on the host
 when the job has none.  Installed by vmwn; do not edit."""
 CONFIG = {config!r}
+STATE_DIR = {state_dir!r}
+PBS_HOME = {pbs_home!r}
 
 import sys  # noqa: E402
 {pythonpath}
 from {entry} import main  # noqa: E402
 
-sys.exit(main(config_path=CONFIG))
+sys.exit(main(config_path=CONFIG, state_dir=STATE_DIR, pbs_home=PBS_HOME))
 '''
 
 
@@ -128,10 +130,10 @@ def _read(path):
         return None
 
 
-def render_step(source_text, python, config_path, pbs_home, pythonpath=None):
-    """A step script with the site's interpreter, configuration path and PBS_HOME."""
+def render_step(source_text, python, config_path, pbs_home, pythonpath=None, qstat=""):
+    """A step script with the site's interpreter, configuration path, PBS_HOME and qstat."""
     if source_text.startswith("#!/bin/sh"):
-        return _render_sh_step(source_text, python, config_path, pbs_home, pythonpath)
+        return _render_sh_step(source_text, python, config_path, pbs_home, pythonpath, qstat)
     paths = [p for p in (pythonpath or "").split(os.pathsep) if p]
     out = []
     for i, line in enumerate(source_text.splitlines()):
@@ -147,9 +149,9 @@ def render_step(source_text, python, config_path, pbs_home, pythonpath=None):
     return "\n".join(out) + "\n"
 
 
-def _render_sh_step(source_text, python, config_path, pbs_home, pythonpath):
+def _render_sh_step(source_text, python, config_path, pbs_home, pythonpath, qstat=""):
     """Shell steps carry the same settings as shell assignments, quoted."""
-    values = {"PYTHON": python, "CONFIG": config_path, "PBS_HOME": pbs_home,
+    values = {"PYTHON": python, "CONFIG": config_path, "PBS_HOME": pbs_home, "QSTAT": qstat,
               "VMWN_PATH": ":".join(p for p in (pythonpath or "").split(os.pathsep) if p)}
     out = []
     for line in source_text.splitlines():
@@ -160,11 +162,19 @@ def _render_sh_step(source_text, python, config_path, pbs_home, pythonpath):
     return "\n".join(out) + "\n"
 
 
-def render_starter(python, config_path, pythonpath=None):
+def render_starter(python, config_path, pythonpath=None, state_dir=None, pbs_home=None):
+    """The job starter, with what it must know without reading vmwn.conf baked in.
+
+    A job without a VM must run whatever state vmwn.conf is in, so where job
+    records live (``state_dir``) and PBS_HOME are fixed at install time.
+    """
+    from .config import SITE_KEYS
     paths = [p for p in (pythonpath or "").split(os.pathsep) if p]
     extra = f"sys.path[:0] = {paths!r}\n" if paths else ""
     return _STARTER.format(python=python, config=config_path, entry=STARTER_ENTRY,
-                           pythonpath=extra)
+                           pythonpath=extra,
+                           state_dir=state_dir or SITE_KEYS["state_dir"].default,
+                           pbs_home=pbs_home or SITE_KEYS["pbs_home"].default)
 
 
 def others_can_execute(path):
@@ -221,7 +231,7 @@ def install(opts):
     python = os.path.abspath(opts.python or sys.executable)
     srcdir = opts.srcdir or SOURCE_DIR
     _preflight(lay)
-    written = []
+    written = _install_config(lay, opts)
     mom_priv = lay.dest(lay.mom_priv)
     _makedirs(mom_priv, 0o751)
     for steps_dir, source in STEP_SOURCES.items():
@@ -232,7 +242,8 @@ def install(opts):
             raise SiteError(f"{os.path.join(srcdir, source)} is missing",
                             "run install from a vmwn source tree")
         p = os.path.join(d, STEP_NAME)
-        _write(p, render_step(text, python, lay.config, lay.pbs_home, opts.pythonpath), 0o755)
+        _write(p, render_step(text, python, lay.config, lay.pbs_home, opts.pythonpath,
+                              _qstat(opts)), 0o755)
         written.append(p)
     for hook, (steps_dir, _) in dispatch.HOOKS.items():
         p = os.path.join(mom_priv, hook)
@@ -241,15 +252,32 @@ def install(opts):
     starter = lay.dest(lay.starter)
     starter_python = os.path.abspath(opts.starter_python or python)
     _makedirs(os.path.dirname(starter), 0o755)
-    _write(starter, render_starter(starter_python, lay.config, opts.pythonpath), 0o755)
+    _write(starter, render_starter(starter_python, lay.config, opts.pythonpath,
+                                   _state_dir(lay), lay.pbs_home), 0o755)
     written.append(starter)
     if not lay.destdir and not others_can_execute(starter_python):
         print(f"vmwn install: warning: the job starter runs as the job's user, but "
               f"{starter_python} is not executable by other users: pass --starter-python "
               "with an interpreter under a world-searchable path", file=sys.stderr)
-    written += _install_config(lay, opts)
     written += _add_starter_line(lay)
     return written
+
+
+def _qstat(opts):
+    """Torque's qstat for the prologue's quick look at a job's variables ("" for none)."""
+    if opts.qstat is not None:
+        return opts.qstat and _check_path("qstat", opts.qstat)
+    import shutil
+    return shutil.which("qstat") or ""
+
+
+def _state_dir(lay):
+    """The site's state_dir as its vmwn.conf says now (the default when it cannot be read)."""
+    from . import config
+    try:
+        return config.load(lay.dest(lay.config)).site["state_dir"]
+    except (VmwnError, OSError):
+        return config.SITE_KEYS["state_dir"].default
 
 
 def _install_config(lay, opts):
@@ -334,6 +362,8 @@ def build_parser():
     p.add_argument("--pythonpath", help="directories (':'-separated) the job starter puts "
                    "first on sys.path, in the job starter and the steps (for an interpreter without "
                    "vmwn installed)")
+    p.add_argument("--qstat", help="Torque's qstat, used by the prologue to see qsub -v "
+                   "VMWN_ENV (default: qstat on PATH; '' for none)")
     p.add_argument("--template-dir", help="written as template_dir into a new vmwn.conf")
     p.add_argument("--sample-config", help="vmwn.conf to install when none exists")
     p.add_argument("--srcdir", help="source tree holding prologue.d/ and epilogue.d/")

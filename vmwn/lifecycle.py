@@ -10,7 +10,7 @@ import re
 import time
 
 from . import disk, keys, ports, seed, state as statemod
-from .domain import domain_name, render as render_domain
+from .domain import domain_name, guest_hostname, render as render_domain
 from .errors import GuestLost, SiteError, TransientError, UserError, VmwnError
 from .logsetup import job_logger
 from .request import JobSpec
@@ -43,8 +43,19 @@ def create(cfg, spec, deadline, on_phase=None):
 
     ``deadline`` is a ``time.monotonic()`` value.  ``on_phase(name, seconds)``
     is told the duration of each phase.  On any failure everything made so far
-    is removed before the error propagates.
+    is removed before the error propagates.  (The prologue does the same in
+    two halves: :func:`prepare` in the mom, :func:`boot` in the job's warden.)
     """
+    return _made(cfg, spec, deadline, on_phase, boot_too=True)
+
+
+def prepare(cfg, spec, deadline, on_phase=None):
+    """Everything but the boot: keys, seed, overlay and the state record (phase
+    "prepared").  On any failure everything made so far is removed."""
+    return _made(cfg, spec, deadline, on_phase, boot_too=False)
+
+
+def _made(cfg, spec, deadline, on_phase, boot_too):
     log = job_logger(__name__, spec.job_id)
     validate(spec)
     env = spec.env
@@ -64,7 +75,12 @@ def create(cfg, spec, deadline, on_phase=None):
             raise SiteError(f"cannot write job {spec.job_id}'s files: "
                             f"{e.strerror or e}", "free space or fix permissions in [site] "
                             "state_dir and overlay_dir") from None
-        _boot(cfg, spec, st, deadline, timer, log, progress)
+        if not boot_too:
+            st.phase = "prepared"
+            statemod.save(cfg, st)
+            return st
+        progress.append("start")  # from here on a domain may exist
+        _boot(cfg, env, st, deadline, timer, log)
         st.phase = "running"
         statemod.save(cfg, st)
         log.info("VM %s of %s ready on %s:%d", st.domain, env.name, st.bind_address, st.port)
@@ -88,7 +104,7 @@ def _prepare(cfg, spec, timer, log, deadline):
     hostkey = keys.generate(f"vmwn-host:{name}")
     userkey = keys.generate(f"vmwn-job:{name}")
     key_path = keys.write_private(os.path.join(jdir, "id_ed25519"), userkey, spec.uid, spec.gid)
-    ctx = seed.context(job_id=spec.job_id, instance_id=name, hostname=name, user=spec.user,
+    ctx = seed.context(job_id=spec.job_id, instance_id=name, hostname=guest_hostname(spec.job_id), user=spec.user,
                        uid=spec.uid, gid=spec.gid, group=spec.group, shell=env.ssh_user_shell,
                        workdir=spec.workdir, hostkey=hostkey, userkey=userkey)
     ud, md = seed.render(cfg.site["template_dir"], ctx)
@@ -105,7 +121,7 @@ def _prepare(cfg, spec, timer, log, deadline):
             host_key_public=hostkey.public_line, key_path=key_path, workdir=spec.workdir,
             host_workdir=spec.host_workdir, output_dir=output_dir, overlay=overlay,
             seed=seed_path, console_log=os.path.join(jdir, "console.log"),
-            vcpus=spec.vcpus, memory_mib=spec.memory_mib)
+            vcpus=spec.vcpus, memory_mib=spec.memory_mib, job_name=spec.job_name)
         statemod.save(cfg, st)  # recorded before anything outside the job dir exists
     timer.mark("port")
     if env.image:
@@ -116,15 +132,37 @@ def _prepare(cfg, spec, timer, log, deadline):
     return st
 
 
-def _boot(cfg, spec, st, deadline, timer, log, progress):
+def boot(cfg, st, env, deadline, on_phase=None):
+    """Start the prepared job's domain and wait until its SSH server takes the job's key.
+
+    Raises like create; a failed boot leaves the domain for :func:`undo_boot`
+    (a retry) or :func:`destroy`.
+    """
+    _boot(cfg, env, st, deadline, _Phases(on_phase), job_logger(__name__, st.job_id))
+
+
+def undo_boot(cfg, st, env):
+    """Remove the domain of a failed boot and give the job a fresh overlay to retry on."""
     from . import virt
     conn = virt.connect(cfg.site["libvirt_uri"])
     try:
-        progress.append("start")  # from here on a domain may exist
+        virt.destroy(conn, st.domain)
+    finally:
+        conn.close()
+    if env.image:
+        deadline = time.monotonic() + 60
+        os.chmod(disk.create_overlay(cfg, st.job_id, env.image, timeout=_left(deadline)),
+                 0o600)
+
+
+def _boot(cfg, env, st, deadline, timer, log):
+    from . import virt
+    conn = virt.connect(cfg.site["libvirt_uri"])
+    try:
         for attempt in range(PORT_ATTEMPTS):
-            xml = render_domain(cfg, spec.env, job_id=spec.job_id, user=spec.user,
-                                job_name=spec.job_name, vcpus=spec.vcpus,
-                                memory_mib=spec.memory_mib, port=st.port,
+            xml = render_domain(cfg, env, job_id=st.job_id, user=st.user,
+                                job_name=st.job_name, vcpus=st.vcpus,
+                                memory_mib=st.memory_mib, port=st.port,
                                 overlay=st.overlay or None, seed=st.seed,
                                 console_log=st.console_log, created=st.created)
             timer.mark("render")
@@ -140,8 +178,8 @@ def _boot(cfg, spec, st, deadline, timer, log, progress):
                 log.info("SSH port taken by another process; retrying on %d", st.port)
         st.uuid = dom.UUIDString()
         timer.mark("define and start")
-        end = min(deadline, time.monotonic() + spec.env.boot_timeout)
-        _wait_ready(st, spec.env, dom, end, virt, log)
+        end = min(deadline, time.monotonic() + env.boot_timeout)
+        _wait_ready(st, env, dom, end, virt, log)
         timer.mark("boot to SSH")
     finally:
         conn.close()
@@ -253,6 +291,10 @@ def destroy(cfg, job_id, grace=0.0):
     except SiteError:
         st = None  # corrupt record: fall back to names derived from the job id
     name = st.domain if st else domain_name(job_id)
+    if st:
+        from . import warden
+        if warden.stop(st):  # no boot may race the teardown
+            removed.append(f"warden {st.warden_pid}")
     conn = virt.connect(cfg.site["libvirt_uri"])
     try:
         if virt.destroy(conn, name, grace=grace):

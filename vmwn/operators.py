@@ -238,6 +238,10 @@ def _domain_is_ours(dom, cfg, roots):
     return any(os.path.realpath(p).startswith(roots) for p in paths if p)
 
 
+# A requeued job restarts within seconds; a start count this old has lost its job.
+STARTS_MAX_AGE = 86400.0
+
+
 class Reaper:
     """One pass over the node; every removal is logged and returned as a line."""
 
@@ -299,6 +303,11 @@ class Reaper:
                 self._report(f"state directory {d}", "no state record")
             else:
                 live.add(os.path.basename(d))
+        for path in statemod.stale_starts(self.cfg, STARTS_MAX_AGE):
+            if not self.dry_run:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            self._report(f"start count {path}", "untouched for a day")
         for path in _overlays(self.cfg):
             if self._out_of_time():
                 return self.lines

@@ -104,6 +104,15 @@ def cores(resources, environ):
     return max(counts) if counts else None
 
 
+def allocated_cores(environ):
+    """Cores pbs_mom allocated the job on this node (PBS_NUM_PPN, else PBS_NP), or None."""
+    for name in ("PBS_NUM_PPN", "PBS_NP"):
+        v = (environ.get(name) or "").strip()
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    return None
+
+
 def memory_mib(resources, ncores):
     """Memory the job asked for in MiB (``mem``, else ``pmem`` x cores), or None."""
     if resources.get("mem"):
@@ -143,7 +152,13 @@ def build(cfg, choice, args, environ, variables):
     env = cfg.env(choice.name)
     res = pbs.parse_resources(args.resources)
     n = cores(res, environ)
-    vcpus = n if n is not None else env.vcpus
+    given = allocated_cores(environ)
+    # The guest gets the cores the scheduler gave the job on this node, never
+    # more (-l ncpus=N does not make pbs_sched allocate N slots).
+    vcpus = given or (n if n is not None else env.vcpus)
+    if given and n is not None and n > given:
+        log.info("job %s asks for %d cores but holds %d on this node; the guest gets %d",
+                 args.job_id, n, given, given)
     asked_mib = memory_mib(res, n or 1)
     # An environment's default memory is what its image needs to boot: a smaller
     # request still gets that much, never less.

@@ -1,6 +1,6 @@
 """Per-job state records: what teardown needs, on disk, so any process can finish a job.
 
-Layout: ``STATE_DIR/<safe job name>/state.json`` (root-owned, 0644, written
+Layout: ``STATE_DIR/<safe job name>/state.json`` (root-owned, 0600, written
 atomically) beside the job's private key (0600, owned by the job's user) and
 its cloud-init seed.  The directory is the unit of cleanup: removing it removes
 every per-job file that is not a libvirt domain or an overlay.
@@ -63,6 +63,11 @@ class JobState:
     phase: str = "creating"
     vcpus: int = 1
     memory_mib: int = 0
+    job_name: str = ""
+    warden_pid: int = 0
+    warden_start: int = 0
+    boot_seconds: float = 0.0
+    boot_attempts: int = 0
 
     @classmethod
     def from_json(cls, data):
@@ -99,13 +104,16 @@ def ensure_root(cfg):
         raise SiteError(f"state directory {d} is not a directory owned by uid {os.geteuid()} "
                         "and writable only by it",
                         f"chown root {d} && chmod 0711 {d}")
+    if stat.S_IMODE(st.st_mode) & 0o111 != 0o111:
+        os.chmod(d, 0o711)  # made under pbs_mom's umask 077: job users must reach their job
     return d
 
 
 def make_job_dir(cfg, job_id):
     ensure_root(cfg)
     d = job_dir(cfg, job_id)
-    os.makedirs(d, mode=0o755, exist_ok=True)
+    os.makedirs(d, mode=0o711, exist_ok=True)
+    os.chmod(d, 0o711)  # never the caller's umask: the job user reaches its key and socket
     return d
 
 
@@ -129,8 +137,9 @@ def save(cfg, st):
     tmp = final + ".tmp"
     data = json.dumps(dataclasses.asdict(st), indent=1, sort_keys=True).encode()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # root's alone: the starter gets its part from the warden
             os.write(fd, data)
             os.fsync(fd)
         finally:
@@ -162,7 +171,102 @@ def _job_dirs(cfg):
     except FileNotFoundError:
         return []
     return [os.path.join(root_dir(cfg), n) for n in names
-            if os.path.isdir(os.path.join(root_dir(cfg), n))]
+            if not n.startswith(".") and os.path.isdir(os.path.join(root_dir(cfg), n))]
+
+
+# ---------------------------------------------------------------- refusals
+# A job the node will not run gets a refusal record instead of a VM: the
+# prologue then lets pbs_mom start the job, and the job starter prints the
+# reason on the job's stderr and exits non-zero.  (A prologue exit 1 would
+# leave the reason in the mom's spool, where the user never sees it.)
+REFUSAL_NAME = "refused"
+
+
+def refusal_path(state_dir, job_id):
+    return os.path.join(state_dir, safe_name(job_id), REFUSAL_NAME)
+
+
+def write_refusal(cfg, job_id, error):
+    """Record why ``job_id`` is refused (``error`` is a VmwnError); world-readable, root's."""
+    d = make_job_dir(cfg, job_id)
+    data = json.dumps({"kind": type(error).__name__, "problem": error.problem,
+                       "fix": error.fix}).encode()
+    tmp = os.path.join(d, REFUSAL_NAME + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, os.path.join(d, REFUSAL_NAME))
+
+
+def read_refusal(state_dir, job_id):
+    """The refusal record as a dict, or None."""
+    try:
+        with open(refusal_path(state_dir, job_id), encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"kind": "SiteError", "problem": "this node refused the job",
+                "fix": "ask the site why (its refusal record is unreadable)"}
+
+
+# ---------------------------------------------------------------- start counts
+# pbs_server restarts a job whose prologue exited 2 at once and without limit;
+# vmwn counts the starts of each job and refuses it after [site] start_attempts.
+STARTS_DIR = ".starts"
+
+
+def _starts_path(cfg, job_id):
+    return os.path.join(root_dir(cfg), STARTS_DIR, safe_name(job_id))
+
+
+def count_start(cfg, job_id):
+    """Record one more failed start of ``job_id``; returns how many there were."""
+    d = os.path.join(ensure_root(cfg), STARTS_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    p = _starts_path(cfg, job_id)
+    try:
+        with open(p, encoding="ascii") as f:
+            n = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        n = 0
+    n += 1
+    fd = os.open(p + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, str(n).encode())
+    finally:
+        os.close(fd)
+    os.rename(p + ".tmp", p)
+    return n
+
+
+def clear_starts(cfg, job_id):
+    try:
+        os.unlink(_starts_path(cfg, job_id))
+    except FileNotFoundError:
+        pass
+
+
+def stale_starts(cfg, older_than):
+    """Start-count files not touched for ``older_than`` seconds (their jobs are gone)."""
+    d = os.path.join(root_dir(cfg), STARTS_DIR)
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return []
+    now = time.time()
+    out = []
+    for n in names:
+        p = os.path.join(d, n)
+        try:
+            if now - os.lstat(p).st_mtime > older_than:
+                out.append(p)
+        except FileNotFoundError:
+            pass
+    return out
 
 
 def all_jobs(cfg):

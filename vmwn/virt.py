@@ -148,3 +148,20 @@ def vmwn_domains(conn):
 def find_job(conn, job_id):
     """Domains whose vmwn metadata names ``job_id`` (normally zero or one)."""
     return [dom for dom, meta in vmwn_domains(conn) if meta.get("id") == job_id]
+
+
+def set_paused(conn, name, paused):
+    """Pause (suspend) or resume domain ``name``; doing what is already done is fine."""
+    lv = _lv()
+    dom = lookup(conn, name)
+    if dom is None:
+        raise TransientError(f"domain {name} is gone", "nothing to pause or resume")
+    try:
+        state = dom.state()[0]
+        if paused and state != lv.VIR_DOMAIN_PAUSED:
+            dom.suspend()
+        elif not paused and state == lv.VIR_DOMAIN_PAUSED:
+            dom.resume()
+    except lv.libvirtError as e:
+        raise TransientError(f"cannot {'pause' if paused else 'resume'} domain {name}: "
+                             f"{_msg(e)}", "check libvirtd") from None

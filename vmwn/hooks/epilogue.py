@@ -114,24 +114,29 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
         return 0
     cfg = config.load(config_path)
     from .. import state
+    if not os.path.lexists(state.job_dir(cfg, args.job_id)):
+        return 0  # no VM; a start count of a requeued job is kept for its next start
+    setup_logging(cfg)
+    state.clear_starts(cfg, args.job_id)
     if not state.exists(cfg, args.job_id):
-        if not os.path.lexists(state.job_dir(cfg, args.job_id)):
-            return 0
-        # A prologue killed before its first state record left a key and seed.
-        setup_logging(cfg)
         from .. import lifecycle
         lifecycle.destroy(cfg, args.job_id)
-        say("the job's virtual machine was never started; its remains were removed")
+        if state.read_refusal(cfg.site["state_dir"], args.job_id) is None:
+            # A prologue killed before its first state record left a key and seed.
+            say("the job's virtual machine was never started; its remains were removed")
         return 0
-    setup_logging(cfg)
     jlog = logsetup.job_logger(__name__, args.job_id)
     failures = []
     try:
         st = state.load(cfg, args.job_id)
+        from .. import warden
+        if warden.stop(st):  # the job has ended: no boot, pause or resume from here on
+            st = state.load(cfg, args.job_id)
         if st.phase != "running":
             jlog.info("VM never came up (phase %s): nothing to copy back", st.phase)
-            say(f"the job's virtual machine never came up (the prologue stopped while "
-                f"{st.phase}); what it made was removed")
+            if st.phase != "failed":  # a failed boot was reported by the job starter
+                say(f"the job's virtual machine never came up (it stopped while "
+                    f"{st.phase}); what it made was removed")
         else:
             end = time.monotonic() + budget(cfg, pbs_home)
             explain_end(cfg, st, args.exit_status, jlog,

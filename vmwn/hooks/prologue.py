@@ -1,11 +1,13 @@
 """vmwn's prologue step: boot the job's VM when the job asks for one.
 
 Runs as root on the mother superior, with the prologue's argv and minimal
-environment.  A job that asks for no environment costs a config read and
-nothing else (no libvirt, paramiko or Jinja2).  Exit codes come from
-vmwn.errors alone: 0 run, 1 the user's mistake (the job is aborted and the
-one-line reason lands in the user's .e file), 2 anything else (requeued),
-always after removing whatever was half-built.
+environment, synchronously inside pbs_mom's job start: so it only prepares the
+job's files and forks the job's warden (vmwn.warden), which boots the guest
+while pbs_mom goes on.  A job that asks for no environment costs a config read
+and nothing else (no libvirt, paramiko or Jinja2).  Exit codes come from
+vmwn.errors alone: 0 run (or refused: the starter tells the user why), 2 a
+failure that may pass (requeued, at most [site] start_attempts times), always
+after removing whatever was half-built.
 """
 
 import logging
@@ -61,7 +63,13 @@ def _cached(fn):
 
 
 def run(argv, config_path=None, pbs_home=None, environ=None):
-    """The step's work; raises vmwn errors.  Returns 0 when the job may start."""
+    """The step's work; raises vmwn errors.  Returns 0 when the job may start.
+
+    A job vmwn will not run (the user's mistake, or too many failed starts)
+    is still started: its refusal record makes the job starter print the
+    reason on the job's stderr and exit non-zero, so the owner reads why in
+    the .e file (after a prologue exit 1 pbs_mom returns no .o/.e at all).
+    """
     environ = os.environ if environ is None else environ
     args = pbs.parse_prologue_argv(argv)
     if is_sister(environ):
@@ -69,27 +77,53 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     cfg = config.load(config_path)
     home = pbs_home or cfg.pbs_home
     variables = _cached(lambda: pbs.job_variables(home, args))
-    choice = request.requested_env(cfg, args, variables)
-    if choice is None:
-        return 0
-    setup_logging(cfg)
     jlog = logsetup.job_logger(__name__, args.job_id)
-    jlog.info("environment %s requested by %s", choice.name, choice.source)
-    req = request.build(cfg, choice, args, environ, variables)
+    try:
+        choice = request.requested_env(cfg, args, variables)
+        if choice is None:
+            return 0
+        setup_logging(cfg)
+        jlog.info("environment %s requested by %s", choice.name, choice.source)
+        req = request.build(cfg, choice, args, environ, variables)
+        from .. import lifecycle
+        lifecycle.validate(req)
+    except errors.UserError as e:
+        setup_logging(cfg)
+        return _refuse(cfg, args.job_id, e, jlog)
     until = deadline(cfg, home)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    from .. import lifecycle, operators
+    from .. import lifecycle, operators, state, warden
     # Heal the node first: remains of jobs that ended without their epilogue.
     operators.bounded_reap(cfg, home)
     try:
-        st = lifecycle.create(cfg, req, until)
-        jlog.info("VM %s up: %d vCPUs, %d MiB, %.1f s before the deadline",
-                  st.domain, req.vcpus, req.memory_mib, until - time.monotonic())
-    except BaseException:
-        # create removes what it built when it fails itself; destroy is
-        # idempotent and covers anything failing after create returned.
-        _teardown(cfg, args.job_id)
-        raise
+        st = lifecycle.prepare(cfg, req, until)
+        try:
+            pid = warden.spawn(cfg, st, warden.listen(cfg, st))
+        except BaseException:
+            _teardown(cfg, args.job_id)
+            raise
+        jlog.info("VM %s prepared (%d vCPUs, %d MiB); warden %d boots it",
+                  st.domain, req.vcpus, req.memory_mib, pid)
+    except errors.UserError as e:
+        return _refuse(cfg, args.job_id, e, jlog)
+    except errors.VmwnError as e:
+        n = state.count_start(cfg, args.job_id)
+        limit = cfg.site["start_attempts"]
+        if n < limit:
+            jlog.warning("start %d of %d failed: %s", n, limit, e.line())
+            raise
+        return _refuse(cfg, args.job_id, type(e)(
+            f"the job's virtual machine could not be prepared in {n} starts; "
+            f"last: {e.problem}", e.fix), jlog)
+    return 0
+
+
+def _refuse(cfg, job_id, error, jlog):
+    """Let the job start only to fail with ``error`` shown to its owner; returns 0."""
+    from .. import state
+    jlog.warning("job refused: %s", error.line())
+    state.write_refusal(cfg, job_id, error)
+    state.clear_starts(cfg, job_id)
     return 0
 
 
@@ -105,6 +139,7 @@ def _teardown(cfg, job_id):
 def main(argv, config_path=None, pbs_home=None, environ=None):
     """Entry point of prologue.d/50-vmwn: every outcome becomes a deliberate exit code."""
     ensure_std_fds()
+    os.umask(0o022)  # pbs_mom hands the prologue the job's umask (077 by default)
     job_id = argv[1] if len(argv) > 1 else "?"
     try:
         return run(argv[1:], config_path, pbs_home, environ)

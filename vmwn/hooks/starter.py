@@ -9,8 +9,11 @@ runs there over SSH with the job's environment; output is relayed as it comes,
 signals are forwarded to the guest job's process group, and the starter ends
 the way the guest job ended (same exit status, or death by the same signal).
 
-Signals go through a second exec channel running ``kill -s SIG -- -PGID`` (the
-PGID the job's shell recorded in ~/.vmwn).  The SSH "signal" channel request
+Signals go through a second exec channel running ``kill -s SIG -PGID`` (the
+PGID the job's shell recorded in ~/.vmwn), once per burst: pbs_mom repeats a
+signal within milliseconds, a native job sees it once.  ``qsig -s suspend``
+(SIGTSTP) and ``resume`` (SIGCONT) pause and resume the whole VM through the
+job's warden.  The SSH "signal" channel request
 is not sent as well: OpenSSH may or may not honour it, and a signal delivered
 twice would run a job's USR1 handler twice.
 """
@@ -29,6 +32,8 @@ _FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 _HOST_ONLY = frozenset(("HOME", "USER", "LOGNAME", "SHELL", "PWD", "OLDPWD", "SHLVL", "_",
                         "TMPDIR", "MAIL", "SSH_AUTH_SOCK", "SSH_CLIENT", "SSH_CONNECTION",
                         "SSH_TTY", "XDG_RUNTIME_DIR", "XDG_SESSION_ID", "VMWN_CONFIG"))
+# The same signal again within this many seconds is one delivery (see Relay._fresh).
+REPEAT_WINDOW = 0.5
 # No answer to a keepalive for this long means the guest is gone.
 LOST_AFTER = 120.0
 PROBE_EVERY = 30.0
@@ -36,13 +41,15 @@ PROBE_EVERY = 30.0
 _LINGER = 2.0
 
 
-def main(argv=None, config_path=None):
+def main(argv=None, config_path=None, state_dir=None, pbs_home=None):
     """Entry point; returns the job's exit status (or dies of the job's signal).
 
-    ``config_path`` is the configuration baked in at install time (None: the
-    default path).  The environment is the job's own (``qsub -v``), so it never
-    chooses the configuration: a job could otherwise name a state_dir without
-    its record and run on the host instead of in its VM.
+    ``config_path``, ``state_dir`` and ``pbs_home`` are baked in at install
+    time (None: from the configuration).  The environment is the job's own (``qsub -v``), so it never
+    chooses them: a job could otherwise name a state_dir without its record
+    and run on the host instead of in its VM.  Whether the job has a VM is
+    told by its directory in the state directory alone, so a job without one
+    runs natively even when vmwn.conf is missing or broken.
     """
     argv = list(sys.argv if argv is None else argv)
     rest = argv[1:]
@@ -54,10 +61,28 @@ def main(argv=None, config_path=None):
                             "set $job_starter in mom_priv/config to this program only")
         job_id = os.environ.get("PBS_JOBID")
         if job_id:
-            from .. import config, state
-            cfg = config.load(config_path or config.DEFAULT_PATH)
-            if state.exists(cfg, job_id):
-                return _run_vm(cfg, job_id, rest)
+            from .. import state
+            if state_dir is None:
+                from .. import config
+                cfg = config.load(config_path or config.DEFAULT_PATH)
+                state_dir = cfg.site["state_dir"]
+            refusal = state.read_refusal(state_dir, job_id)
+            if refusal is not None:
+                from ..warden import answer_error
+                raise answer_error(refusal)
+            sock = os.path.join(state_dir, state.safe_name(job_id), "warden.sock")
+            if os.path.exists(sock):
+                if cfg is None:
+                    from .. import config
+                    cfg = config.load(config_path or config.DEFAULT_PATH)
+                return _run_vm(cfg, job_id, rest, sock, pbs_home or cfg.site["pbs_home"])
+            wanted = os.environ.get("VMWN_ENV", "").strip()
+            if wanted:
+                from ..errors import UserError
+                raise UserError(f"the job asks for environment {wanted!r} in VMWN_ENV, but "
+                                "this node's prologue did not see that request, so the job "
+                                "was not run", f"submit with -l other=vmwn={wanted} (or ask "
+                                "the site to install vmwn's submit filter)")
         return _exec_native(rest)
     except BaseException as exc:  # noqa: BLE001 - nothing may reach the user's .e file raw
         return _fail(exc, cfg)
@@ -130,7 +155,7 @@ def _die_of(signum):
 
 # ------------------------------------------------------------------ the VM path
 
-def read_job_script(cfg, data):
+def read_job_script(pbs_home, data):
     """Interpret the job starter's stdin.  Returns (script bytes, args, how).
 
     ``how`` is "exec" (the mom's ``exec PATH args`` line), "run" (a ``PATH
@@ -150,7 +175,7 @@ def read_job_script(cfg, data):
         if text.startswith("exec "):
             how, text = "exec", text[5:].lstrip()
         path, _, argtext = text.partition(" ")
-        if _is_mom_script(cfg, path):
+        if _is_mom_script(pbs_home, path):
             try:
                 args = shlex.split(argtext)
             except ValueError as e:
@@ -177,10 +202,10 @@ def read_job_script(cfg, data):
     return data, [], "text"
 
 
-def _is_mom_script(cfg, path):
+def _is_mom_script(pbs_home, path):
     """True for an existing regular file ``<pbs_home>/mom_priv/jobs/NAME.SC``."""
     import stat
-    jobs_dir = os.path.join(os.path.normpath(cfg.site["pbs_home"]), "mom_priv", "jobs")
+    jobs_dir = os.path.join(os.path.normpath(pbs_home), "mom_priv", "jobs")
     if not (path.startswith("/") and path.endswith(".SC")
             and os.path.dirname(os.path.normpath(path)) == jobs_dir
             and os.path.normpath(path) == path):
@@ -209,19 +234,48 @@ def guest_env(environ, guest_has_tmpdir=False):
     return out
 
 
-def build_command(pidfile, workdir, env_items, argv):
+def build_command(pidfile, start_dir, env_items, argv):
     """The one guest command line; every job-supplied string goes through shlex.quote.
 
     The guest user's shell records its PID (sshd made it a session and
     process-group leader) and execs the job, so that PID is the job's
-    process group for signal forwarding.
+    process group for signal forwarding.  The job starts in ``start_dir``
+    (None: the guest user's home), where a native job would start: the home
+    directory, or qsub -d/-w's directory; one the guest lacks is reported and
+    the home directory used instead.
     """
     from shlex import quote
     guest_own = ('HOME="$HOME" USER="$USER" LOGNAME="$LOGNAME" SHELL="$SHELL"')
-    parts = [f"echo $$ > {quote(pidfile)}", f"cd -- {quote(workdir)}",
+    if start_dir is None:
+        cd = 'cd "$HOME"'
+    else:
+        d = quote(start_dir)
+        cd = (f"{{ cd -- {d} 2>/dev/null || {{ echo \"vmwn: {_sh_text(start_dir)} does not "
+              f"exist in the virtual machine; starting in $HOME\" >&2; cd \"$HOME\"; }}; }}")
+    parts = [f"echo $$ > {quote(pidfile)}", cd,
              "exec env -i " + guest_own + "".join(" " + quote(f"{k}={v}") for k, v in env_items)
              + "".join(" " + quote(a) for a in argv)]
     return " && ".join(parts)
+
+
+def _sh_text(text):
+    """``text`` safe inside a double-quoted shell string (only printable, no $`"\\)."""
+    return "".join(c if c.isprintable() and c not in '$`"\\' else "?" for c in text)[:200]
+
+
+def start_dir(environ):
+    """Where the native job would have started: pbs_mom made it the starter's cwd.
+
+    None means the user's home directory (the guest's own $HOME then).
+    """
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return None
+    home = environ.get("HOME") or ""
+    if not home or os.path.normpath(cwd) == os.path.normpath(home):
+        return None
+    return cwd
 
 
 def job_argv(shell, how, script_path, args):
@@ -254,20 +308,40 @@ def _read_stdin():
                     "keep data out of the job script")
 
 
-def _run_vm(cfg, job_id, rest):
+def _await_guest(sock_path, mode):
+    """Wait for the job's warden: (connection record, warden socket) or its error.
+
+    The wait is the guest's boot; pbs_mom counts it as walltime (the job has
+    started), and the first line on stderr says how long it took.
+    """
+    import time
+    import types
+    from .. import warden
+    t0 = time.monotonic()
+    answer, wsock = warden.wait_answer(sock_path)
+    if not answer.get("ready"):
+        wsock.close()
+        raise warden.answer_error(answer)
+    if mode != "task":
+        _say(f"the job waited {time.monotonic() - t0:.1f} s for its virtual machine "
+             f"({answer['record']['env']}); walltime counts from before that wait")
+    return types.SimpleNamespace(**answer["record"]), wsock
+
+
+def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
     import posixpath
     import stat
     import paramiko
-    from .. import logsetup, ssh, state, transfer
+    from .. import logsetup, ssh, transfer
     from ..config import parse_bytes
     _setup_logging(cfg)
     log = logsetup.job_logger(__name__, job_id)
-    st = state.load(cfg, job_id)
     environ = dict(os.environ)
     mode = _mode(rest, environ)
     script = args = how = None
     if mode == "batch":
-        script, args, how = read_job_script(cfg, _read_stdin())
+        script, args, how = read_job_script(pbs_home, _read_stdin())
+    st, wsock = _await_guest(sock_path, mode)
     log.info("starting %s in guest %s as %s", mode, st.domain, st.user)
     guest = ssh.Guest.connect(st)
     try:
@@ -317,14 +391,15 @@ def _run_vm(cfg, job_id, rest):
         finally:
             sftp.close()
         pidfile = posixpath.join(ctl, tag + ".pid")
-        command = build_command(pidfile, st.workdir, guest_env(environ, has_tmp), argv)
+        command = build_command(pidfile, start_dir(environ), guest_env(environ, has_tmp), argv)
         interactive = mode == "interactive"
         term = environ.get("TERM") or "vt100"
         size = _tty_size() if interactive else (80, 24)
         chan = guest.exec(command, pty=interactive, term=term, size=size)
-        outcome = Relay(guest, chan, pidfile, interactive=interactive).run()
+        outcome = Relay(guest, chan, pidfile, interactive=interactive, warden=wsock).run()
     finally:
         guest.close()
+        wsock.close()
     kind, value = outcome
     log.info("guest job ended: %s %s", kind, value)
     if kind == "signal":
@@ -404,9 +479,11 @@ def signal_number(name):
 class Relay:
     """Moves bytes between the guest job and fds 0-2, and signals to the guest."""
 
-    def __init__(self, guest, chan, pidfile, interactive=False):
+    def __init__(self, guest, chan, pidfile, interactive=False, warden=None):
         self.guest, self.chan, self.pidfile = guest, chan, pidfile
         self.interactive = interactive
+        self.warden = warden
+        self.last_sent = {}
         self.pending = []
         self.output_ok = {1: True, 2: True}
         self.probe_sent = None
@@ -421,6 +498,8 @@ class Relay:
         os.set_blocking(wake_w, False)
         old = {}
         handled = [getattr(signal, n) for n in _FORWARDED]
+        if self.warden is not None:
+            handled += [signal.SIGTSTP, signal.SIGCONT]  # qsig -s suspend / resume
         if self.interactive:
             handled.append(signal.SIGWINCH)
         old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -477,7 +556,9 @@ class Relay:
                         chan.resize_pty(width=w, height=h)
                     except Exception:  # noqa: BLE001 - a lost guest shows up below
                         pass
-                else:
+                elif s in (signal.SIGTSTP, signal.SIGCONT):
+                    self._pause(s == signal.SIGTSTP)
+                elif self._fresh(s):
                     self._forward(s)
             self._drain()
             if stdin_open and 0 in ready:
@@ -546,6 +627,30 @@ class Relay:
                 self.output_ok[fd] = False
                 return
 
+    def _fresh(self, signum):
+        """False for a repeat of ``signum`` within REPEAT_WINDOW of the last one sent.
+
+        pbs_mom's kill_task sends the same signal to the same process several
+        times within milliseconds; a native process sees one pending signal
+        (standard signals do not queue), so the guest job must see one too.
+        """
+        import time
+        now = time.monotonic()
+        last = self.last_sent.get(signum)
+        if last is not None and now - last < REPEAT_WINDOW:
+            return False
+        self.last_sent[signum] = now
+        return True
+
+    def _pause(self, paused):
+        """Ask the job's warden to pause or resume the whole VM (qsig -s suspend/resume)."""
+        import logging
+        try:
+            self.warden.sendall(b"suspend\n" if paused else b"resume\n")
+        except OSError as e:
+            logging.getLogger(__name__).warning("cannot %s the VM: %s",
+                                                "pause" if paused else "resume", e)
+
     def _forward(self, signum):
         """Deliver ``signum`` to the guest job's process group (a second exec channel)."""
         import logging
@@ -554,8 +659,7 @@ class Relay:
         name = signal.Signals(signum).name[3:]
         p = quote(self.pidfile)
         cmd = (f"i=0; while [ ! -s {p} ] && [ $i -lt 50 ]; do sleep 0.1 2>/dev/null || sleep 1; "
-               f"i=$((i+1)); done; read p < {p} && "
-               f"{{ kill -s {name} -- -$p 2>/dev/null || kill -s {name} $p; }}")
+               f"i=$((i+1)); done; read p < {p} && kill -s {name} -$p")
         try:
             c = self.guest.exec(cmd)
             c.shutdown_write()
@@ -596,5 +700,4 @@ class Relay:
 
 
 if __name__ == "__main__":
-    from .. import config as _config
-    sys.exit(main(config_path=_config.DEFAULT_PATH))
+    sys.exit(main())

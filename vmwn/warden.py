@@ -1,0 +1,392 @@
+"""The job's warden: one root process per VM job that boots its guest outside pbs_mom.
+
+Why it exists: pbs_mom runs the prologue synchronously inside its job start and
+serves nothing else meanwhile (docs/admin-guide.md).  So the prologue only
+prepares the job's files (milliseconds), opens the warden's socket and forks
+the warden; the guest boots in the warden while the mom goes on, and the job
+starter (the job user) waits on the socket until the guest is ready.
+
+The warden
+- boots the guest, at most ``[site] max_parallel_boots`` at a time on the node,
+  retrying a boot that failed for a passing reason up to ``[site] boot_attempts``
+  times with a doubling back-off, so a busy node delays jobs instead of failing them;
+- answers the starter with one JSON line: the guest's connection record, or the
+  one-line reason the guest could not be started (the starter shows it to the user);
+- pauses and resumes the domain when the starter relays ``qsig -s suspend/resume``;
+- ends when the job starter's connection closes (the job ended), when SIGTERM
+  arrives (the epilogue), or when no starter came for ``IDLE_LIMIT`` seconds.
+
+The socket belongs to the job's user (0600 in the job's 0711 directory); the
+warden also checks the peer's uid, so only the job's own starter is answered.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import time
+
+from . import lifecycle, state as statemod
+from .errors import GuestLost, SiteError, TransientError, VmwnError
+from .logsetup import job_logger
+
+SOCKET_NAME = "warden.sock"
+IDLE_LIMIT = 300.0       # seconds without any starter after the answer is known
+SLOT_WAIT_LIMIT = 900.0  # seconds a boot may wait for a free slot
+BACKOFF_FIRST = 2.0      # seconds before the second attempt; doubles after that
+# Fields of the job record the starter needs; the record itself stays root's.
+STARTER_FIELDS = ("job_id", "domain", "env", "user", "uid", "gid", "bind_address", "port",
+                  "host_key_public", "key_path", "workdir", "host_workdir", "vcpus",
+                  "memory_mib")
+
+
+def socket_path(cfg, job_id):
+    return os.path.join(statemod.job_dir(cfg, job_id), SOCKET_NAME)
+
+
+def listen(cfg, st):
+    """The warden's listening socket, made by the prologue so that it exists when the
+    starter looks for it.  Owned by the job's user, mode 0600."""
+    path = socket_path(cfg, st.job_id)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        os.chown(path, st.uid, st.gid)
+        os.chmod(path, 0o600)
+        s.listen(8)
+    except OSError as e:
+        s.close()
+        raise SiteError(f"cannot create the job's socket {path}: {e.strerror}",
+                        "check [site] state_dir") from None
+    return s
+
+
+def spawn(cfg, st, listener):
+    """Fork the warden (detached: its own session, stdio on /dev/null); return its pid."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: fork again so the warden is nobody's child in pbs_mom's tree
+        try:
+            os.close(r)
+            os.setsid()
+            gpid = os.fork()
+            if gpid:
+                os.write(w, struct.pack("i", gpid))
+                os._exit(0)
+            os.close(w)
+            _detach(listener.fileno())
+            code = 0
+            try:
+                Warden(cfg, st.job_id, listener).run()
+            except BaseException:  # noqa: BLE001 - logged; a warden never raises into pbs_mom
+                job_logger(__name__, st.job_id).error("warden failed", exc_info=True)
+                code = 1
+            os._exit(code)
+        finally:
+            os._exit(1)
+    os.close(w)
+    try:
+        data = os.read(r, 4)
+    finally:
+        os.close(r)
+    os.waitpid(pid, 0)
+    if len(data) != 4:
+        raise SiteError("the job's warden could not be started", "see the node's syslog")
+    listener.close()
+    return struct.unpack("i", data)[0]
+
+
+def _detach(keep_fd):
+    """stdio to /dev/null (they are the job's .o/.e files), other fds closed, umask 022."""
+    nul = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(nul, fd)
+    os.close(nul)
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, 65536)
+    os.umask(0o022)
+    os.chdir("/")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+class Stop(Exception):
+    """SIGTERM: the epilogue (or reap) is taking over the job."""
+
+
+class Warden:
+    def __init__(self, cfg, job_id, listener):
+        self.cfg, self.job_id, self.listener = cfg, job_id, listener
+        self.log = job_logger(__name__, job_id)
+        self.answer = None          # bytes: the JSON line every starter gets
+        self.conns = {}             # socket -> (pid, buffered bytes)
+        self.primary = None         # the first starter's socket (the job's own)
+        self.dom_name = None
+
+    def run(self):
+        signal.signal(signal.SIGTERM, self._on_term)
+        st = statemod.load(self.cfg, self.job_id)
+        st.warden_pid = os.getpid()
+        st.warden_start = proc_start_time(os.getpid())
+        statemod.save(self.cfg, st)
+        self.dom_name = st.domain
+        try:
+            self.answer = self._boot(st)
+            self._serve()
+        except Stop:
+            self.log.info("warden stopped by SIGTERM")
+
+    def _on_term(self, signo, frame):
+        raise Stop()
+
+    # ---------------------------------------------------------------- boot
+
+    def _boot(self, st):
+        cfg = self.cfg
+        env = cfg.environments.get(st.env)
+        if env is None:
+            return _failure(SiteError(f"environment {st.env} is no longer configured",
+                                      "the site changed vmwn.conf while the job started"))
+        attempts = cfg.site["boot_attempts"]
+        err = None
+        for attempt in range(1, attempts + 1):
+            try:
+                with boot_slot(cfg, self.log):
+                    t0 = time.monotonic()
+                    lifecycle.boot(cfg, st, env, time.monotonic() + env.boot_timeout)
+                    st.phase = "running"
+                    st.boot_seconds = round(time.monotonic() - t0, 3)
+                    st.boot_attempts = attempt
+                    statemod.save(cfg, st)
+                self.log.info("guest ready after %.1f s (attempt %d of %d)",
+                              st.boot_seconds, attempt, attempts)
+                return _line({"ready": True, "record": starter_record(st)})
+            except (TransientError, GuestLost) as e:
+                err = e
+                self.log.warning("boot attempt %d of %d failed: %s", attempt, attempts, e.line())
+                try:
+                    lifecycle.undo_boot(cfg, st, env)
+                except VmwnError as e2:
+                    return _failure(e2)
+                if attempt < attempts:
+                    time.sleep(BACKOFF_FIRST * 2 ** (attempt - 1))
+            except VmwnError as e:
+                self.log.error("boot failed: %s", e.line())
+                return _failure(e)
+        st.phase = "failed"
+        statemod.save(cfg, st)
+        return _failure(type(err)(f"the job's virtual machine did not start in {attempts} "
+                                  f"attempts; last: {err.problem}", err.fix))
+
+    # ---------------------------------------------------------------- serve
+
+    def _serve(self):
+        idle_since = time.monotonic()
+        while True:
+            rlist = [self.listener] + list(self.conns)
+            ready, _, _ = select.select(rlist, [], [], 1.0)
+            for s in ready:
+                if s is self.listener:
+                    self._accept()
+                elif not self._read(s):
+                    if s is self.primary:
+                        self.log.info("job starter gone: the job ended")
+                        return
+            if self.conns:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > IDLE_LIMIT:
+                self.log.warning("no job starter came for %.0f s; warden ends", IDLE_LIMIT)
+                return
+            if not os.path.isdir(statemod.job_dir(self.cfg, self.job_id)):
+                return
+
+    def _accept(self):
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        pid, uid, _ = peer_credentials(conn)
+        st_uid = statemod.load(self.cfg, self.job_id).uid
+        if uid not in (st_uid, 0):
+            self.log.warning("refused a connection from uid %d (pid %d)", uid, pid)
+            conn.close()
+            return
+        try:
+            conn.sendall(self.answer)
+        except OSError:
+            conn.close()
+            return
+        self.conns[conn] = b""
+        if self.primary is None:
+            self.primary = conn
+
+    def _read(self, conn):
+        """Handle what a starter sent; False when it closed."""
+        try:
+            data = conn.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            del self.conns[conn]
+            conn.close()
+            return False
+        buf = self.conns[conn] + data
+        *lines, rest = buf.split(b"\n")
+        self.conns[conn] = rest[-256:]
+        for line in lines:
+            self._command(line.strip().decode("ascii", "replace"))
+        return True
+
+    def _command(self, word):
+        if word not in ("suspend", "resume"):
+            return
+        from . import virt
+        conn = virt.connect(self.cfg.site["libvirt_uri"])
+        try:
+            virt.set_paused(conn, self.dom_name, word == "suspend")
+            self.log.info("domain %s %s", self.dom_name,
+                          "paused" if word == "suspend" else "resumed")
+        except VmwnError as e:
+            self.log.warning("cannot %s domain %s: %s", word, self.dom_name, e.line())
+        finally:
+            conn.close()
+
+
+def starter_record(st):
+    return {k: getattr(st, k) for k in STARTER_FIELDS}
+
+
+def _failure(e):
+    return _line({"ready": False, "kind": type(e).__name__, "problem": e.problem,
+                  "fix": e.fix})
+
+
+def _line(obj):
+    return (json.dumps(obj, sort_keys=True) + "\n").encode()
+
+
+def peer_credentials(conn):
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", data)
+
+
+def proc_start_time(pid):
+    """Start time of ``pid`` in clock ticks since boot, or 0 (tells a reused pid apart)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def stop(st, timeout=5.0):
+    """SIGTERM the job's warden if it still runs (then SIGKILL); idempotent."""
+    pid = getattr(st, "warden_pid", 0)
+    if not pid or proc_start_time(pid) != st.warden_start:
+        return False
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            if proc_start_time(pid) != st.warden_start:
+                return True
+            time.sleep(0.05)
+    return True
+
+
+class boot_slot:
+    """At most ``[site] max_parallel_boots`` guests boot at once on this node.
+
+    Each slot is a lock file in the state directory held with flock, so a
+    warden that dies frees its slot with it.
+    """
+
+    def __init__(self, cfg, log):
+        self.cfg, self.log, self.fd = cfg, log, None
+
+    def __enter__(self):
+        n = self.cfg.site["max_parallel_boots"] or os.cpu_count() or 1
+        root = statemod.ensure_root(self.cfg)
+        end = time.monotonic() + SLOT_WAIT_LIMIT
+        waited = False
+        while True:
+            for i in range(n):
+                fd = os.open(os.path.join(root, f".boot-slot-{i}"),
+                             os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    os.close(fd)
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                    continue
+                self.fd = fd
+                return self
+            if not waited:
+                self.log.info("all %d boot slots busy; waiting", n)
+                waited = True
+            if time.monotonic() > end:
+                raise TransientError(f"no boot slot came free in {SLOT_WAIT_LIMIT:.0f} s",
+                                     "the node is overloaded; lower the jobs per node")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def wait_answer(path, timeout=None):
+    """The starter's side: connect to the warden and read its answer.
+
+    Returns (answer dict, socket); the socket stays open for the job's life
+    (its closing tells the warden the job ended).
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError as e:
+        s.close()
+        raise SiteError(f"the job's warden does not answer ({e.strerror})",
+                        "the node's prologue failed; see its syslog") from None
+    s.settimeout(timeout)
+    buf = b""
+    while b"\n" not in buf:
+        try:
+            chunk = s.recv(65536)
+        except InterruptedError:
+            continue
+        if not chunk:
+            s.close()
+            raise SiteError("the job's warden ended without an answer",
+                            "see the node's syslog") from None
+        buf += chunk
+    s.settimeout(None)
+    return json.loads(buf.split(b"\n", 1)[0]), s
+
+
+def answer_error(answer):
+    """The VmwnError a failure answer carries."""
+    from . import errors
+    cls = getattr(errors, answer.get("kind", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, VmwnError)):
+        cls = SiteError
+    return cls(answer.get("problem") or "the job's virtual machine could not be started",
+               answer.get("fix"))
+
+
+__all__ = ["listen", "spawn", "stop", "wait_answer", "answer_error", "Warden"]
