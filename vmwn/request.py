@@ -105,12 +105,29 @@ def cores(resources, environ):
 
 
 def allocated_cores(environ):
-    """Cores pbs_mom allocated the job on this node (PBS_NUM_PPN, else PBS_NP), or None."""
+    """Cores the scheduler gave the job on this node, or None when nothing says.
+
+    Measured under Torque 6.1: the prologue's environment has PBS_NODEFILE but
+    none of PBS_NP / PBS_NUM_PPN, so the node file decides: one line per slot,
+    this node's name on the lines that are this node's (the first line names
+    the mother superior).
+    """
     for name in ("PBS_NUM_PPN", "PBS_NP"):
         v = (environ.get(name) or "").strip()
         if v.isdigit() and int(v) > 0:
             return int(v)
-    return None
+    path = environ.get("PBS_NODEFILE")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            hosts = [ln.strip() for ln in f.read(1 << 20).splitlines() if ln.strip()]
+    except OSError:
+        return None
+    if not hosts:
+        return None
+    here = (environ.get("PBS_MSHOST") or hosts[0]).strip()
+    return sum(1 for h in hosts if h == here) or None
 
 
 def memory_mib(resources, ncores):

@@ -120,8 +120,9 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     state.clear_starts(cfg, args.job_id)
     if not state.exists(cfg, args.job_id):
         from .. import lifecycle
+        refused = state.read_refusal(cfg.site["state_dir"], args.job_id) is not None
         lifecycle.destroy(cfg, args.job_id)
-        if state.read_refusal(cfg.site["state_dir"], args.job_id) is None:
+        if not refused:  # the job starter told the owner about a refusal already
             # A prologue killed before its first state record left a key and seed.
             say("the job's virtual machine was never started; its remains were removed")
         return 0

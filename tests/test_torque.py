@@ -1,0 +1,241 @@
+"""vmwn under a real Torque 6.1: jobs submitted with qsub by an unprivileged user.
+
+Each test checks what the job's owner sees (qstat -f, the .o/.e files pbs_mom
+delivers, files in the working directory) and that the node keeps nothing.
+The mom runs with its default umask (077 for the job and so for the prologue).
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+import torquelib
+from vmwn_testlib import needs_image
+
+pytestmark = [pytest.mark.torque, pytest.mark.integration, needs_image("tiny")]
+
+
+@pytest.fixture(scope="module")
+def cluster(test_user):
+    torquelib.bring_up()
+    yield torquelib.Cluster(test_user)
+    torquelib.take_down()
+
+
+@pytest.fixture
+def workdir(test_user):
+    """A submission directory below the user's home, as most users submit from."""
+    d = tempfile.mkdtemp(prefix="vmwn-torque-", dir=test_user.pw_dir)
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _running_in_guest(cluster, job_id, workdir, marker="started", timeout=90):
+    """Wait until the job runs and its guest-side script wrote ``marker`` (via -k oe)."""
+    cluster.wait(job_id, states=("R",), timeout=timeout)
+    seq = job_id.split(".")[0]
+    out = os.path.join(os.path.expanduser(f"~{cluster.user.pw_name}"), f"job.sh.o{seq}")
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(out, encoding="utf-8", errors="replace") as f:
+                if marker in f.read():
+                    return out
+        except FileNotFoundError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} never printed {marker!r}")
+
+
+JOB = """#!/bin/sh
+echo "host=$(hostname) np=$(nproc) pwd=$(pwd)"
+echo "array=${PBS_ARRAYID:-none}"
+echo data > "$PBS_O_WORKDIR/result.txt"
+echo to-stderr >&2
+exit 3
+"""
+
+
+def test_vm_job_runs_in_its_guest_with_the_default_umask(cluster, workdir):
+    job = cluster.submit(workdir, JOB, "-l other=vmwn=tiny -l ncpus=2")
+    st = cluster.wait(job)
+    out, err = cluster.wait_output(workdir, job)
+    assert st["exit_status"] == "3", (st, out, err)
+    assert st["start_count"] == "1"
+    assert "host=vmwn-" in out, out
+    # -l ncpus=2 does not make pbs_sched allocate 2 slots: the guest gets what was given.
+    assert "np=1" in out
+    # A native batch job starts in $HOME (pbs_mom's cwd for the starter).
+    assert f"pwd={cluster.user.pw_dir}" in out
+    assert "to-stderr" in err
+    with open(os.path.join(workdir, "result.txt")) as f:
+        assert f.read() == "data\n"
+    assert os.stat(os.path.join(workdir, "result.txt")).st_uid == cluster.user.pw_uid
+    assert torquelib.wait_clean(job) == []
+
+
+def test_qsub_d_directory_is_where_the_guest_job_starts(cluster, workdir):
+    job = cluster.submit(workdir, JOB, f"-l other=vmwn=tiny -d {workdir}")
+    cluster.wait(job)
+    out, _ = cluster.wait_output(workdir, job)
+    assert f"pwd={workdir}" in out
+    assert torquelib.wait_clean(job) == []
+
+
+def test_vmwn_env_variable_runs_in_the_guest_or_is_refused(cluster, workdir):
+    job = cluster.submit(workdir, JOB, "-v VMWN_ENV=tiny")
+    st = cluster.wait(job)
+    out, err = cluster.wait_output(workdir, job)
+    if "host=vmwn-" in out:
+        assert st["exit_status"] == "3"
+    else:  # never on the host: refused, and the owner reads why
+        assert "host=" not in out, out
+        assert "VMWN_ENV" in err and st["exit_status"] != "0", (st, err)
+    assert torquelib.wait_clean(job) == []
+
+
+def test_unknown_environment_is_refused_and_the_owner_reads_why(cluster, workdir):
+    job = cluster.submit(workdir, JOB, "-l other=vmwn=nosuch")
+    st = cluster.wait(job)
+    out, err = cluster.wait_output(workdir, job)
+    assert st["start_count"] == "1"
+    assert st["exit_status"] not in ("0", "3"), st
+    assert "host=" not in out  # the script never ran, on the host or anywhere
+    assert "nosuch" in err, err
+    assert len([ln for ln in err.splitlines() if ln.startswith("vmwn:")]) == 1, err
+    assert torquelib.wait_clean(job) == []
+
+
+def test_guest_that_never_boots_is_started_once_and_reported(cluster, workdir):
+    job = cluster.submit(workdir, JOB, "-l other=vmwn=stuck")
+    st = cluster.wait(job, timeout=180)
+    out, err = cluster.wait_output(workdir, job)
+    assert st["start_count"] == "1", st
+    assert "host=" not in out
+    assert "did not start in 2 attempts" in err, err
+    assert st["exit_status"] not in ("0", "3")
+    assert torquelib.wait_clean(job) == []
+
+
+def test_missing_image_is_retried_a_bounded_number_of_times(cluster, workdir):
+    job = cluster.submit(workdir, JOB, "-l other=vmwn=ghost")
+    st = cluster.wait(job, timeout=120)
+    out, err = cluster.wait_output(workdir, job)
+    assert int(st["start_count"]) == 2, st  # [site] start_attempts = 2
+    assert "host=" not in out
+    assert "could not be prepared in 2 starts" in err, err
+    assert torquelib.wait_clean(job) == []
+
+
+TRAPS = """#!/bin/sh
+trap 'echo got-TERM; exit 0' TERM
+trap 'echo got-USR1' USR1
+echo started
+i=0
+while [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done
+"""
+
+
+def test_qdel_delivers_one_term(cluster, workdir):
+    job = cluster.submit(workdir, TRAPS, "-l other=vmwn=tiny -k oe")
+    _running_in_guest(cluster, job, workdir)
+    torquelib.run(["qdel", job])
+    cluster.wait(job)
+    home = cluster.user.pw_dir
+    out, _ = cluster.wait_output(home, job)
+    assert out.count("got-TERM") == 1, out
+    assert torquelib.wait_clean(job) == []
+
+
+def test_qsig_usr1_runs_the_trap_once(cluster, workdir):
+    job = cluster.submit(workdir, TRAPS, "-l other=vmwn=tiny -k oe")
+    path = _running_in_guest(cluster, job, workdir)
+    torquelib.run(["qsig", "-s", "SIGUSR1", job])
+    end = time.monotonic() + 20
+    while time.monotonic() < end and "got-USR1" not in open(path).read():
+        time.sleep(0.3)
+    time.sleep(2)  # later repeats of the same delivery would land by now
+    torquelib.run(["qdel", job])
+    cluster.wait(job)
+    out, _ = cluster.wait_output(cluster.user.pw_dir, job)
+    assert out.count("got-USR1") == 1, out
+    assert torquelib.wait_clean(job) == []
+
+
+CLOCK = """#!/bin/sh
+echo started
+i=0
+while [ $i -lt 400 ]; do echo tick; sleep 0.1; i=$((i+1)); done
+"""
+
+
+def _domain_state(job_id):
+    cp = torquelib.run(["virsh", "-c", "qemu:///system", "list", "--all"], check=False)
+    return cp.stdout
+
+
+def test_suspend_pauses_the_guest_and_resume_continues_it(cluster, workdir):
+    job = cluster.submit(workdir, CLOCK, "-l other=vmwn=tiny -k oe")
+    path = _running_in_guest(cluster, job, workdir)
+    torquelib.run(["qsig", "-s", "suspend", job], timeout=60)
+    end = time.monotonic() + 15
+    while time.monotonic() < end and "paused" not in _domain_state(job):
+        time.sleep(0.3)
+    assert "paused" in _domain_state(job)
+    ticks = open(path).read().count("tick")
+    cluster.wait(job, states=("S",), timeout=30)  # pbs_mom's SIGSTOP follows 5 s later
+    time.sleep(2)
+    assert open(path).read().count("tick") == ticks  # its clock-driven output stopped
+    torquelib.run(["qsig", "-s", "resume", job], timeout=60)
+    end = time.monotonic() + 15
+    while time.monotonic() < end and open(path).read().count("tick") == ticks:
+        time.sleep(0.3)
+    assert open(path).read().count("tick") > ticks
+    st = cluster.wait(job, timeout=180)
+    assert st["exit_status"] == "0", st
+    assert torquelib.wait_clean(job) == []
+
+
+def test_array_subjobs_run_in_guests_with_their_array_id(cluster, workdir):
+    job = cluster.submit(workdir, JOB, "-l other=vmwn=tiny -t 1-2")
+    base = job.split("[")[0]
+    outs = []
+    for i in (1, 2):
+        sub = f"{base}[{i}]" + job.split("]", 1)[1]
+        st = cluster.wait(sub)
+        assert st["exit_status"] == "3", st
+        assert st["start_count"] == "1"
+        with open(os.path.join(workdir, f"job.sh.o{base}-{i}")) as f:
+            outs.append(f.read())
+    for i, out in zip((1, 2), outs):
+        assert "host=vmwn-" in out and f"array={i}" in out, out
+    assert torquelib.wait_clean() == []
+
+
+def test_native_jobs_run_when_vmwn_conf_is_missing(cluster, workdir):
+    conf = "/etc/vmwn/vmwn.conf"
+    os.rename(conf, conf + ".away")
+    try:
+        job = cluster.submit(workdir, JOB)
+        st = cluster.wait(job)
+    finally:
+        os.rename(conf + ".away", conf)
+    out, err = cluster.wait_output(workdir, job)
+    assert st["exit_status"] == "3", (st, err)
+    assert "host=vmwn-" not in out and "host=" in out
+    assert "vmwn" not in err
+
+
+def test_native_job_pays_no_vmwn_output(cluster, workdir):
+    job = cluster.submit(workdir, JOB)
+    st = cluster.wait(job)
+    out, err = cluster.wait_output(workdir, job)
+    assert st["exit_status"] == "3"
+    assert err == "to-stderr\n", err
+    assert subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip() in out

@@ -1,0 +1,172 @@
+"""A real Torque for the tests: pbs_server, pbs_mom and pbs_sched on this host.
+
+The cluster comes from ``scripts/torque-up`` (Torque built by ``make torque``),
+vmwn goes into its pbs_mom with ``make install`` exactly as a site installs it,
+and jobs are submitted with ``qsub`` by an unprivileged user.  What the tests
+check is what that user sees: ``qstat -f``, the .o/.e files pbs_mom delivers,
+the files in the working directory, and that nothing is left on the node.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFIX = os.environ.get("TORQUE_PREFIX", "/opt/vmwn-torque")
+PBS_HOME = "/var/spool/torque"
+CONF_D = "/etc/vmwn/vmwn.conf.d"
+TEST_CONF = os.path.join(CONF_D, "50-torque-tests.conf")
+PATH = f"{PREFIX}/bin:{PREFIX}/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+STATE_DIR = "/var/lib/vmwn/jobs"
+OVERLAY_DIR = "/var/lib/vmwn/overlays"
+
+# Environments only the Torque tests use: 'stuck' boots a kernel whose init
+# never starts (the guest never answers), 'ghost' names a missing image.
+TEST_ENVS = """
+[site]
+boot_attempts = 2
+start_attempts = 2
+
+[env stuck]
+description = a guest that never boots (tests only)
+kernel = tiny/vmlinuz
+initrd = tiny/initrd.img
+cmdline = console=ttyS0 rdinit=/nonexistent panic=0
+accel = qemu
+memory = 256M
+boot_timeout = 6
+
+[env ghost]
+description = an environment whose image is missing (tests only)
+image = ghost/disk.qcow2
+accel = qemu
+memory = 256M
+"""
+
+
+def run(cmd, check=True, timeout=120, **kw):
+    env = dict(os.environ, PATH=PATH)
+    return subprocess.run(cmd, check=check, timeout=timeout, capture_output=True, text=True,
+                          env=env, **kw)
+
+
+class Cluster:
+    """The running one-host cluster, as the tests' job submitter uses it."""
+
+    def __init__(self, user):
+        self.user = user
+
+    def as_user(self, command, cwd, timeout=60):
+        """Run a shell command as the job submitter in ``cwd``; returns CompletedProcess."""
+        line = f"cd {shlex.quote(cwd)} && PATH={shlex.quote(PATH)} {command}"
+        return run(["su", "-s", "/bin/sh", self.user.pw_name, "-c", line], check=False,
+                   timeout=timeout)
+
+    def submit(self, workdir, script, options="", name="job.sh"):
+        """Write ``script`` into ``workdir`` and qsub it; returns the job id."""
+        path = os.path.join(workdir, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(script)
+        os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        os.chmod(path, 0o755)
+        cp = self.as_user(f"qsub {options} {shlex.quote(name)}", workdir)
+        assert cp.returncode == 0, f"qsub failed: {cp.stderr.strip()}"
+        return cp.stdout.strip()
+
+    def stat(self, job_id):
+        """``qstat -f -1`` as a dict (empty when the server no longer knows the job)."""
+        cp = run(["qstat", "-f", "-1", job_id], check=False)
+        out = {}
+        for line in cp.stdout.splitlines():
+            name, sep, value = line.strip().partition(" = ")
+            if sep:
+                out[name] = value
+        return out
+
+    def wait(self, job_id, states=("C",), timeout=240):
+        """Wait until the job is in one of ``states``; returns its qstat -f dict."""
+        end = time.monotonic() + timeout
+        st = {}
+        while time.monotonic() < end:
+            st = self.stat(job_id)
+            if st.get("job_state") in states:
+                return st
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {st}")
+
+    def wait_output(self, workdir, job_id, name="job.sh", timeout=30):
+        """(stdout, stderr) of a finished job as pbs_mom delivered them to ``workdir``."""
+        seq = job_id.split(".")[0]
+        paths = [os.path.join(workdir, f"{name}.{k}{seq}") for k in "oe"]
+        end = time.monotonic() + timeout
+        while not all(os.path.exists(p) for p in paths) and time.monotonic() < end:
+            time.sleep(0.2)
+        out = []
+        for p in paths:
+            with open(p, "rb") as f:
+                out.append(f.read().decode("utf-8", "replace"))
+        return tuple(out)
+
+    def mom_log(self):
+        d = os.path.join(PBS_HOME, "mom_logs")
+        return "".join(open(os.path.join(d, n), errors="replace").read()
+                       for n in sorted(os.listdir(d)))
+
+
+def leftovers(job_id=None):
+    """Domains, overlays, state and spool files left on the node (must be empty)."""
+    found = []
+    cp = run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], check=False)
+    found += [f"domain {n}" for n in cp.stdout.split() if n.startswith("vmwn-")]
+    for d in (STATE_DIR, OVERLAY_DIR):
+        if os.path.isdir(d):
+            found += [os.path.join(d, n) for n in os.listdir(d) if not n.startswith(".")]
+    starts = os.path.join(STATE_DIR, ".starts")
+    if os.path.isdir(starts):
+        found += [os.path.join(starts, n) for n in os.listdir(starts)]
+    spool = os.path.join(PBS_HOME, "spool")
+    if job_id and os.path.isdir(spool):
+        seq = job_id.split(".")[0]
+        found += [os.path.join(spool, n) for n in os.listdir(spool)
+                  if re.match(rf"^{re.escape(seq)}[.\[]", n)]
+    return found
+
+
+def wait_clean(job_id=None, timeout=20):
+    end = time.monotonic() + timeout
+    left = leftovers(job_id)
+    while left and time.monotonic() < end:
+        time.sleep(0.5)
+        left = leftovers(job_id)
+    return left
+
+
+def bring_up():
+    """make install into the cluster's pbs_mom, the tests' environments, cluster up."""
+    if os.geteuid() != 0:
+        pytest.skip("the Torque tests need root (they run pbs_server and pbs_mom)")
+    if not os.path.exists(os.path.join(PREFIX, "sbin", "pbs_mom")):
+        pytest.fail(f"no Torque in {PREFIX}: run 'make torque' (make test does)")
+    cp = run(["make", "-C", REPO, "--no-print-directory", "install"], check=False, timeout=600)
+    assert cp.returncode == 0, f"make install failed:\n{cp.stdout[-2000:]}\n{cp.stderr[-2000:]}"
+    os.makedirs(CONF_D, mode=0o755, exist_ok=True)
+    with open(TEST_CONF, "w", encoding="utf-8") as f:
+        f.write(TEST_ENVS)
+    os.chmod(TEST_CONF, 0o644)
+    cp = run([os.path.join(REPO, "scripts", "torque-up")], check=False, timeout=120)
+    assert cp.returncode == 0, f"torque-up failed: {cp.stderr.strip()}"
+    # pbs_mom reads $job_starter at start and on SIGHUP.
+    run(["pkill", "-HUP", "-x", "pbs_mom"], check=False)
+    time.sleep(1)
+
+
+def take_down():
+    try:
+        os.unlink(TEST_CONF)
+    except FileNotFoundError:
+        pass
+    run([os.path.join(REPO, "scripts", "torque-down")], check=False, timeout=120)
