@@ -123,3 +123,12 @@ def node(world_tmp, test_user):
                                  mom_priv=f"{root}/torque/mom_priv", config=config,
                                  submit=submit, user=test_user,
                                  starter=f"{root}/prefix/libexec/vmwn/job-starter")
+
+
+@pytest.fixture(scope="session")
+def torque_cluster(test_user):
+    """The one-host Torque cluster with vmwn installed by 'make install' (tests/torquelib)."""
+    import torquelib
+    torquelib.bring_up()
+    yield torquelib.Cluster(test_user)
+    torquelib.take_down()

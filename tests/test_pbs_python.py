@@ -40,7 +40,7 @@ def _torque(cmd, *args, user=None, stdin=None):
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(torque_cluster):
     """The name of the pbs_server answering on this host (skip when none does)."""
     if not os.access(os.path.join(BIN, "qstat"), os.X_OK):
         pytest.skip(f"no Torque clients in {BIN} (run scripts/build-torque)")

@@ -19,11 +19,9 @@ from vmwn_testlib import needs_image
 pytestmark = [pytest.mark.torque, pytest.mark.integration, needs_image("tiny")]
 
 
-@pytest.fixture(scope="module")
-def cluster(test_user):
-    torquelib.bring_up()
-    yield torquelib.Cluster(test_user)
-    torquelib.take_down()
+@pytest.fixture
+def cluster(torque_cluster):
+    return torque_cluster
 
 
 @pytest.fixture
@@ -88,15 +86,36 @@ def test_qsub_d_directory_is_where_the_guest_job_starts(cluster, workdir):
     assert torquelib.wait_clean(job) == []
 
 
-def test_vmwn_env_variable_runs_in_the_guest_or_is_refused(cluster, workdir):
+def test_vmwn_env_variable_runs_in_the_guest(cluster, workdir):
+    # The prologue sees qsub -v only on the server (qstat, then pbs_python).
     job = cluster.submit(workdir, JOB, "-v VMWN_ENV=tiny")
     st = cluster.wait(job)
     out, err = cluster.wait_output(workdir, job)
-    if "host=vmwn-" in out:
-        assert st["exit_status"] == "3"
-    else:  # never on the host: refused, and the owner reads why
-        assert "host=" not in out, out
-        assert "VMWN_ENV" in err and st["exit_status"] != "0", (st, err)
+    assert "host=vmwn-" in out, (out, err)
+    assert st["exit_status"] == "3"
+    assert torquelib.wait_clean(job) == []
+
+
+def test_vmwn_env_variable_the_prologue_cannot_see_is_refused_never_run_on_the_host(
+        cluster, workdir):
+    # A node whose prologue cannot ask the server (no qstat, no pbs_python).
+    step = os.path.join(torquelib.PBS_HOME, "mom_priv", "prologue.d", "50-vmwn")
+    with open(step) as f:
+        text = f.read()
+    blind = "\n".join("QSTAT=" if ln.startswith("QSTAT=") else ln
+                      for ln in text.splitlines()) + "\n"
+    with open(step, "w") as f:
+        f.write(blind)
+    try:
+        job = cluster.submit(workdir, JOB, "-v VMWN_ENV=tiny")
+        st = cluster.wait(job)
+    finally:
+        with open(step, "w") as f:
+            f.write(text)
+    out, err = cluster.wait_output(workdir, job)
+    assert "host=" not in out, out
+    assert "VMWN_ENV" in err and "-l other=vmwn=tiny" in err, err
+    assert st["exit_status"] not in ("0", "3"), st
     assert torquelib.wait_clean(job) == []
 
 

@@ -234,8 +234,39 @@ def read_job_record(path):
     return JobRecord(variables=variables, resources=resources, attributes=attributes)
 
 
+def split_server_variable_list(text):
+    """Variable_List as pbs_server sends it: ``,`` joins pairs, ``\\`` escapes any character.
+
+    (pbs_server escapes ``,`` ``"`` ``'`` ``\\`` and newlines; its own decoder
+    drops a backslash before any character.  The .JB record is not escaped.)
+    """
+    out, cur, items, i, text = {}, [], [], 0, text or ""
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i + 1])
+            i += 2
+            continue
+        if c == ",":
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    items.append("".join(cur))
+    for item in items:
+        if item:
+            name, _, value = item.partition("=")
+            out[name] = value
+    return out
+
+
 def server_variables(job_id):
-    """Variable_List from the server via pbs_python, or None when unavailable."""
+    """Variable_List from the server via pbs_python, or None when unavailable.
+
+    Root on the server host always may read it; root on another mom host must
+    be one of the server's operators or managers (docs/admin-guide.md).
+    """
     try:
         import pbs  # noqa: PLC0415 - optional, needs libtorque
     except ImportError:
@@ -245,10 +276,12 @@ def server_variables(job_id):
         conn = pbs.pbs_connect(pbs.pbs_default())
         if conn < 0:
             return None
-        for job in pbs.pbs_statjob(conn, job_id, None, "NULL") or []:
+        want = pbs.new_attrl(1)
+        want[0].name = pbs.ATTR_v
+        for job in pbs.pbs_statjob(conn, job_id, want, None) or []:
             for a in job.attribs:
-                if a.name == "Variable_List":
-                    return split_variable_list(a.value)
+                if a.name == pbs.ATTR_v:
+                    return split_server_variable_list(a.value)
     except Exception as e:  # noqa: BLE001 - pbs_python raises assorted types
         log.warning("pbs_python lookup of %s failed: %s", job_id, e)
     finally:
