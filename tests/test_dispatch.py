@@ -214,8 +214,8 @@ def test_prologue_reads_vmwn_env_from_the_job_record(site, tmp_path):
         f.write("<job><attributes><Variable_List>PBS_O_HOME=/root,VMWN_ENV=nosuch"
                 "</Variable_List></attributes></job>")
     r = run_step("prologue", PRO_ARGV[:7], config, home)
-    assert result(r)["rc"] == 1
-    assert r.stderr.count("\n") == 1 and "unknown vmwn environment 'nosuch'" in r.stderr
+    assert result(r)["rc"] == 0 and r.stderr == ""
+    assert "unknown vmwn environment 'nosuch'" in refusal_line(config, "9.testhost")
 
 
 @pytest.mark.parametrize("res,text", [
@@ -225,14 +225,25 @@ def test_prologue_reads_vmwn_env_from_the_job_record(site, tmp_path):
     ("mem=64gb,other=vmwn=tiny", "max_memory of environment tiny"),
     ("nodes=1:ppn=3,other=vmwn=tiny", "max_vcpus of environment tiny"),
 ])
-def test_prologue_users_mistakes_exit_1_with_one_line(site, res, text):
+def test_prologue_refuses_users_mistakes_with_one_line_for_the_starter(site, res, text):
+    # Exit 1 would abort the job with the reason stuck in the mom's spool; the
+    # refusal lets the job start so that its starter prints the line on its .e.
     config, home = site
     argv = list(PRO_ARGV)
     argv[4] = res
     r = run_step("prologue", argv, config, home)
-    assert result(r) == {"rc": 1, "heavy": []}
-    assert r.stderr.startswith("vmwn: ") and r.stderr.count("\n") == 1
-    assert text in r.stderr
+    assert result(r) == {"rc": 0, "heavy": []}
+    assert r.stderr == ""
+    line = refusal_line(config, "9.testhost")
+    assert text in line and "\n" not in line
+
+
+def refusal_line(config_path, job_id):
+    from vmwn import config, state
+    from vmwn.warden import answer_error
+    refusal = state.read_refusal(config.load(config_path).site["state_dir"], job_id)
+    assert refusal is not None, "no refusal recorded"
+    return answer_error(refusal).line()
 
 
 def test_prologue_multi_node_on_a_sister_is_a_no_op(site):

@@ -92,17 +92,20 @@ def test_sigterm_is_forwarded_like_qdel(node):
     assert read(os.path.join(node.submit, f"long.o{seq}")) == "started\n"
 
 
-def test_unknown_environment_aborts_with_the_message_in_the_e_file(node):
+def test_unknown_environment_is_refused_with_the_message_in_the_e_file(node):
+    # The prologue records the refusal and exits 0; the job starter prints it and
+    # exits 1, so pbs_mom delivers the .e file (a prologue exit 1 would not).
     marker = os.path.join(node.submit, "ran")
     write_script(node, "job", f"touch {marker}")
     r = vmwn_run(node, "-l", "other=vmwn=nosuch", "job")
-    assert r.returncode == harness.EXIT_ABORTED
     job_id = r.stdout.splitlines()[0]
-    assert "aborted: prologue exited 1" in r.stdout
+    assert f"{job_id} Exit_status=1" in r.stdout
     assert not os.path.exists(marker)
-    er = os.path.join(node.pbs_home, "spool", job_id + ".ER")   # stays in spool, as in Torque
+    seq = job_id.split(".")[0]
+    er = os.path.join(node.submit, f"job.e{seq}")
     assert read(er) == "vmwn: unknown vmwn environment 'nosuch': request one of: tiny\n"
     assert os.stat(er).st_uid == node.user.pw_uid
+    assert not os.path.exists(os.path.join(node.pbs_home, "spool", job_id + ".ER"))
 
 
 def test_hooks_see_pbs_moms_argv_and_minimal_environment(node):

@@ -24,18 +24,24 @@ def step(tmp_path):
     (home / "mom_priv" / "jobs").mkdir(parents=True)
     conf = tmp_path / "vmwn.conf"
     conf.write_text("[site]\n")
+    # A stand-in for Torque's qstat: the job's variables as the server has them.
+    variables = tmp_path / "server-variables"
+    qstat = tmp_path / "qstat"
+    qstat.write_text(f"#!/bin/sh\n[ \"$1 $2 $3\" = \"-f -1 7.srv\" ] || exit 153\n"
+                     f"echo \"Job Id: $3\"\n"
+                     f"echo \"    Variable_List = $(cat {variables})\"\n")
+    qstat.chmod(0o755)
     with open(os.path.join(ROOT, "prologue.d", "50-vmwn")) as f:
-        text = install.render_step(f.read(), str(fake), str(conf), str(home), "/opt/a:/opt/b")
+        text = install.render_step(f.read(), str(fake), str(conf), str(home), "/opt/a:/opt/b",
+                                   str(qstat))
     path = tmp_path / "50-vmwn"
     path.write_text(text)
     path.chmod(0o755)
 
-    def run(resources, jb_vars="PBS_O_WORKDIR=/home/u", queue="batch", job="7.srv", jb=True):
+    def run(resources, server_vars="PBS_O_WORKDIR=/home/u", queue="batch", job="7.srv"):
         if marker.exists():
             marker.unlink()
-        if jb:
-            (home / "mom_priv" / "jobs" / f"{job}.JB").write_text(
-                f"<job><Variable_List>{jb_vars}</Variable_List></job>")
+        variables.write_text(server_vars)
         r = subprocess.run([str(path), job, "u", "g", "name", resources, queue, "", "/x.SC"],
                            env={"PATH": "/bin:/usr/bin"}, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
@@ -60,12 +66,31 @@ def test_vm_request_in_resources_reaches_vmwn_with_the_settings_and_argv(step, t
         " /opt/a:/opt/b 7.srv u g name other=vmwn=tiny,walltime=01:00:00 batch  /x.SC")
 
 
-def test_variable_in_job_record_reaches_vmwn(step):
-    assert step("walltime=1:00:00", jb_vars="PBS_O_WORKDIR=/w,VMWN_ENV=tiny") is not None
+def test_variable_on_the_server_reaches_vmwn(step):
+    # pbs_mom writes the .JB record only after the prologue: qsub -v is on the server.
+    assert step("walltime=1:00:00", server_vars="PBS_O_WORKDIR=/w,VMWN_ENV=tiny") is not None
 
 
-def test_missing_job_record_lets_vmwn_decide(step):
-    assert step("walltime=1:00:00", job="8.srv", jb=False) is not None
+def test_a_job_the_server_does_not_answer_for_is_a_plain_job(step):
+    assert step("walltime=1:00:00", job="8.srv") is None
+
+
+def test_without_qstat_only_resources_and_queue_defaults_count(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho called > {tmp_path}/called\n")
+    fake.chmod(0o755)
+    with open(os.path.join(ROOT, "prologue.d", "50-vmwn")) as f:
+        text = install.render_step(f.read(), str(fake), str(tmp_path / "none.conf"),
+                                   str(tmp_path), "", "")
+    path = tmp_path / "50-vmwn"
+    path.write_text(text)
+    path.chmod(0o755)
+    args = [str(path), "7.srv", "u", "g", "n", "walltime=1:00:00", "batch", "", "/x.SC"]
+    assert subprocess.run(args, env={"PATH": "/bin:/usr/bin"}).returncode == 0
+    assert not (tmp_path / "called").exists()
+    args[5] = "other=vmwn=tiny"
+    assert subprocess.run(args, env={"PATH": "/bin:/usr/bin"}).returncode == 0
+    assert (tmp_path / "called").exists()
 
 
 def test_queue_default_in_configuration_lets_vmwn_decide(step):

@@ -12,11 +12,12 @@ import signal
 import subprocess
 import sys
 import termios
+import threading
 import time
 
 import pytest
 
-from vmwn import config, state
+from vmwn import config, state, warden
 from vmwn.hooks import starter
 
 from test_transfer_guestd import GuestServer
@@ -42,6 +43,7 @@ class Job:
         self.job_id = "42.server.example.org"
         self.st = self.srv.job_state(self.job_id, key, str(self.gwork), str(self.host))
         state.save(self.cfg, self.st)
+        self.warden = self.serve_warden(warden.starter_record(self.st))
         jobs = tmp_path / "torque" / "mom_priv" / "jobs"
         jobs.mkdir(parents=True)
         self.sc = jobs / f"{self.job_id}.SC"
@@ -55,6 +57,16 @@ class Job:
                     "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_QUEUE": "batch", "PBS_TASKNUM": "1",
                     "PYTHONPATH": os.pathsep.join(sys.path)}
 
+    def serve_warden(self, record=None, failure=None):
+        """The job's warden with its boot already done: vmwn.warden's own serving
+        code answers the starter (no libvirt here: the in-process guest is the VM)."""
+        w = warden.Warden(self.cfg, self.job_id, warden.listen(self.cfg, self.st))
+        w.answer = warden._failure(failure) if failure else \
+            warden._line({"ready": True, "record": record})
+        t = threading.Thread(target=w._serve, daemon=True)
+        t.start()
+        return t
+
     def script(self, text, mode=0o700):
         self.sc.write_text(text)
         os.chmod(self.sc, mode)
@@ -63,10 +75,14 @@ class Job:
     def start(self, stdin=b"", argv=("/bin/sh",), env=None, lost_after=120, probe=30,
               **kw):
         e = dict(self.env, **(env or {}))
+        self.gwork.mkdir(parents=True, exist_ok=True)  # the starter's cwd, as with qsub -d
+        if not self.warden.is_alive():  # a warden serves one job starter's life
+            self.warden = self.serve_warden(warden.starter_record(self.st))
         p = subprocess.Popen([sys.executable, "-c", RUNNER, str(lost_after), str(probe),
                               str(self.conf), *argv], env=e, stdin=kw.pop("stdin_fd", subprocess.PIPE),
                              stdout=kw.pop("stdout", subprocess.PIPE),
-                             stderr=kw.pop("stderr", subprocess.PIPE), **kw)
+                             stderr=kw.pop("stderr", subprocess.PIPE),
+                             cwd=kw.pop("cwd", str(self.gwork)), **kw)
         if p.stdin:
             p.stdin.write(stdin)
             p.stdin.close()
@@ -159,7 +175,8 @@ def test_installed_starter_uses_its_baked_configuration(job, tmp_path, where):
     baked = config.DEFAULT_PATH if where == "default" else str(etc / "vmwn.conf")
     path = tmp_path / "job-starter"
     path.write_text(install.render_starter(sys.executable, baked,
-                                           os.pathsep.join(p for p in sys.path if p)))
+                                           os.pathsep.join(p for p in sys.path if p),
+                                           job.cfg.site["state_dir"], job.cfg.site["pbs_home"]))
     os.chmod(path, 0o755)
     argv = [str(path), "/bin/sh"]
     if where == "default":
@@ -167,7 +184,9 @@ def test_installed_starter_uses_its_baked_configuration(job, tmp_path, where):
             pytest.skip("needs root and an existing /etc/vmwn to cover")
         argv = ["unshare", "--mount", "--propagation", "private", "--", sys.executable,
                 "-c", BIND_AND_EXEC, str(etc), os.path.dirname(config.DEFAULT_PATH)] + argv
-    p = subprocess.run(argv, input=b"pwd\n", env=job.env, capture_output=True, timeout=60)
+    job.gwork.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(argv, input=b"pwd\n", env=job.env, capture_output=True, timeout=60,
+                       cwd=str(job.gwork))
     assert (p.returncode, p.stdout, p.stderr) == (0, f"{job.gwork}\n".encode(), b"")
     assert len(job.srv.commands) == 1
 
@@ -250,7 +269,7 @@ def test_missing_shell_falls_back_with_a_note(job):
 
 
 def test_tm_task_runs_argv_quoted_without_stage_in(job):
-    job.gwork.mkdir()
+    job.gwork.mkdir(exist_ok=True)
     rc, out, err = job.run(b"", argv=("echo", "task", "$HOME", "a b"),
                            env={"PBS_TASKNUM": "3"})
     assert (rc, out) == (0, b"task $HOME a b\n"), err

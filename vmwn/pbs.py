@@ -261,6 +261,20 @@ def split_server_variable_list(text):
     return out
 
 
+class _quiet_stderr:
+    """fd 2 on /dev/null for the duration (C libraries write there directly)."""
+
+    def __enter__(self):
+        self.saved = os.dup(2)
+        nul = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(nul, 2)
+        os.close(nul)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
 def server_variables(job_id):
     """Variable_List from the server via pbs_python, or None when unavailable.
 
@@ -273,8 +287,10 @@ def server_variables(job_id):
         return None
     conn = -1
     try:
-        conn = pbs.pbs_connect(pbs.pbs_default())
+        with _quiet_stderr():  # libtorque prints connection failures: fd 2 is the job's .e
+            conn = pbs.pbs_connect(pbs.pbs_default())
         if conn < 0:
+            log.warning("pbs_python cannot reach pbs_server for %s", job_id)
             return None
         want = pbs.new_attrl(1)
         want[0].name = pbs.ATTR_v

@@ -60,7 +60,8 @@ def listen(cfg, st):
     try:
         old = os.umask(0o177)
         try:
-            s.bind(path)
+            with _short(path) as short:
+                s.bind(short)
         finally:
             os.umask(old)
         os.chown(path, st.uid, st.gid)
@@ -71,6 +72,22 @@ def listen(cfg, st):
         raise SiteError(f"cannot create the job's socket {path}: {e.strerror}",
                         "check [site] state_dir") from None
     return s
+
+
+class _short:
+    """A name for ``path`` that fits a Unix socket address (108 bytes on Linux):
+    ``/proc/self/fd/N/NAME`` through an open descriptor of its directory."""
+
+    def __init__(self, path):
+        self.dir, self.name = os.path.split(path)
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self.fd}/{self.name}"
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
 
 
 def spawn(cfg, st, listener):
@@ -358,7 +375,8 @@ def wait_answer(path, timeout=None):
     """
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.connect(path)
+        with _short(path) as short:
+            s.connect(short)
     except OSError as e:
         s.close()
         raise SiteError(f"the job's warden does not answer ({e.strerror})",

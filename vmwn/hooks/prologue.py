@@ -78,17 +78,16 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     home = pbs_home or cfg.pbs_home
     variables = _cached(lambda: pbs.job_variables(home, args))
     jlog = logsetup.job_logger(__name__, args.job_id)
+    setup_logging(cfg)  # before anything may log: stderr is the job's .e file
     try:
         choice = request.requested_env(cfg, args, variables)
         if choice is None:
             return 0
-        setup_logging(cfg)
         jlog.info("environment %s requested by %s", choice.name, choice.source)
         req = request.build(cfg, choice, args, environ, variables)
         from .. import lifecycle
         lifecycle.validate(req)
     except errors.UserError as e:
-        setup_logging(cfg)
         return _refuse(cfg, args.job_id, e, jlog)
     until = deadline(cfg, home)
     signal.signal(signal.SIGTERM, _on_sigterm)

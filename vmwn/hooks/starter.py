@@ -9,7 +9,7 @@ runs there over SSH with the job's environment; output is relayed as it comes,
 signals are forwarded to the guest job's process group, and the starter ends
 the way the guest job ended (same exit status, or death by the same signal).
 
-Signals go through a second exec channel running ``kill -s SIG -PGID`` (the
+Signals go through a second exec channel running ``kill -s SIG -- -PGID`` (the
 PGID the job's shell recorded in ~/.vmwn), once per burst: pbs_mom repeats a
 signal within milliseconds, a native job sees it once.  ``qsig -s suspend``
 (SIGTSTP) and ``resume`` (SIGCONT) pause and resume the whole VM through the
@@ -32,6 +32,8 @@ _FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 _HOST_ONLY = frozenset(("HOME", "USER", "LOGNAME", "SHELL", "PWD", "OLDPWD", "SHLVL", "_",
                         "TMPDIR", "MAIL", "SSH_AUTH_SOCK", "SSH_CLIENT", "SSH_CONNECTION",
                         "SSH_TTY", "XDG_RUNTIME_DIR", "XDG_SESSION_ID", "VMWN_CONFIG"))
+# A wait for the guest this long is told on the job's stderr (walltime includes it).
+WAIT_NOTE_AFTER = 1.0
 # The same signal again within this many seconds is one delivery (see Relay._fresh).
 REPEAT_WINDOW = 0.5
 # No answer to a keepalive for this long means the guest is gone.
@@ -322,8 +324,9 @@ def _await_guest(sock_path, mode):
     if not answer.get("ready"):
         wsock.close()
         raise warden.answer_error(answer)
-    if mode != "task":
-        _say(f"the job waited {time.monotonic() - t0:.1f} s for its virtual machine "
+    waited = time.monotonic() - t0
+    if mode != "task" and waited >= WAIT_NOTE_AFTER:
+        _say(f"the job waited {waited:.1f} s for its virtual machine "
              f"({answer['record']['env']}); walltime counts from before that wait")
     return types.SimpleNamespace(**answer["record"]), wsock
 
@@ -659,7 +662,11 @@ class Relay:
         name = signal.Signals(signum).name[3:]
         p = quote(self.pidfile)
         cmd = (f"i=0; while [ ! -s {p} ] && [ $i -lt 50 ]; do sleep 0.1 2>/dev/null || sleep 1; "
-               f"i=$((i+1)); done; read p < {p} && kill -s {name} -$p")
+               f"i=$((i+1)); done; read p < {p} && "
+               # dash needs '--' before a negative pid; busybox rejects '--' but still
+               # signals (so 'a || b' would signal twice): ask with signal 0 first.
+               f"if kill -s 0 -- -$p 2>/dev/null; then kill -s {name} -- -$p; "
+               f"else kill -s {name} -$p; fi")
         try:
             c = self.guest.exec(cmd)
             c.shutdown_write()
