@@ -144,7 +144,7 @@ class Run:
                 if text in f.read():
                     return
             assert self.thread is None or self.thread.is_alive() or self.result is None, \
-                "the starter ended before the job printed " + repr(text)
+                f"the starter ended before the job printed {text!r}: {_read(self.job.er)}"
             time.sleep(0.1)
         raise AssertionError(f"job {self.id} never printed {text!r}")
 
@@ -204,6 +204,14 @@ class Run:
         assert leftovers(self.node.cfg, self.id) == []
         assert not any(n.endswith(".qcow2") for n in _ls(self.node.cfg.site["overlay_dir"]))
         assert [n for n in _ls(self.node.cfg.site["state_dir"]) if not n.startswith(".")] == []
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError as e:
+        return f"({e.strerror})"
 
 
 def _ls(d):

@@ -293,7 +293,7 @@ class Job:
             fcntl.flock(f, fcntl.LOCK_EX)
             text = f.read().strip()
             seq = int(text) + 1 if text.isdigit() else 1
-            while os.path.exists(os.path.join(self.mom_priv, "jobs", f"{seq}.{self.host}.JB")):
+            while os.path.exists(os.path.join(self.mom_priv, "jobs", f"{seq}.{self.host}.SC")):
                 seq += 1
             f.seek(0)
             f.truncate()
@@ -335,14 +335,18 @@ class Job:
             ET.SubElement(rl, k, flags="1").text = val
         ET.SubElement(attrs, "Variable_List", flags="1").text = \
             pbs.join_variable_list(self.variables)
-        fd = os.open(self.jb, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(ET.tostring(root, encoding="utf-8", xml_declaration=True))
+        self.record = ET.tostring(root, encoding="utf-8", xml_declaration=True)
         with open(self.nodefile, "w", encoding="ascii") as f:
             f.write(f"{self.host}\n" * self.np)
         spool = [self.ou] if self.merged else [self.ou, self.er]
         from . import privs
         privs.run_as(self.user, self.uid, self.gid, _create_spool_files, spool, timeout=30)
+
+    def _write_record(self):
+        """The .JB record: pbs_mom writes it in req_commit, after the prologue returned."""
+        fd = os.open(self.jb, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.record)
 
     def out_path(self, kind):
         return os.path.join(self.submit_dir, f"{self.name}.{kind}{self.seq}")
@@ -352,13 +356,9 @@ class Job:
     def hook_env(self):
         """The hooks' minimal environment (pbs_environment plus the mom's few)."""
         env = _read_env_file(os.path.join(self.pbs_home, "pbs_environment"))
+        # As measured under Torque 6.1's pbs_mom: no PBS_NP, PBS_NUM_PPN or PBS_NUM_NODES.
         env.update({"PBS_NODENUM": "0", "PBS_MSHOST": self.host, "PBS_NODEFILE": self.nodefile,
-                    "PBS_NUM_NODES": str(self.num_nodes), "PBS_NUM_PPN": str(self.ppn),
-                    "PBS_NP": str(self.np), "PBS_O_WORKDIR": self.submit_dir})
-        if "nodes" in self.resources:
-            env["PBS_RESOURCE_NODES"] = self.resources["nodes"]
-        if "gres" in self.resources:
-            env["PBS_RESOURCE_GRES"] = self.resources["gres"]
+                    "PBS_O_WORKDIR": self.submit_dir})
         return env
 
     def job_env(self):
@@ -397,9 +397,10 @@ class Job:
             return -1
         out, err = self._open_output()
         try:
+            # pbs_mom sets the job's umask (077 by default) before it runs the prologue.
             proc = subprocess.Popen([path, *argv], cwd=self.mom_priv, env=self.hook_env(),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, close_fds=True)
+                                    start_new_session=True, close_fds=True, umask=0o077)
         finally:
             os.close(out)
             if err != out:
@@ -439,6 +440,7 @@ class Job:
         elif self.cancelled is not None:
             status = 256 + signal.SIGTERM
         else:
+            self._write_record()
             sid, status, used = self.run_starter()
         self.run_hook("epilogue", [self.job_id, self.user, self.group, self.name, str(sid),
                                    self.resource_string, used, a.queue, a.account,

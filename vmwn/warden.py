@@ -83,7 +83,8 @@ class _short:
         self.fd = None
 
     def __enter__(self):
-        self.fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # O_PATH: the job user may search its job directory (0711), not read it.
+        self.fd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         return f"/proc/self/fd/{self.fd}/{self.name}"
 
     def __exit__(self, *exc):
