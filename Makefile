@@ -91,9 +91,10 @@ demo: deps
 	@$(MAKE) --no-print-directory install
 	$(PY) -m vmwn.demo --pbs-home $(PBS_HOME) --config $(DESTDIR)$(SYSCONFDIR)/vmwn/vmwn.conf
 
-bench: deps
+bench: deps torque
 	@$(MAKE) --no-print-directory guest GUESTS=tiny
 	$(PY) -m vmwn.bench --config $(CONFIG)
+	$(PY) bench/torque_bench.py
 
 install: deps
 	@if [ -z '$(DESTDIR)' ]; then \

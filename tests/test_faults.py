@@ -54,7 +54,7 @@ class Node:
             f.write(f"[site]\nstate_dir = {root}/state\noverlay_dir = {root}/overlays\n"
                     f"pbs_home = {root}/torque\nimage_dir = {IMAGE_DIR}\nsyslog = no\n"
                     f"debug_log = {self.debug_log}\nport_range = 43000-43499\n"
-                    f"boot_timeout = 120\n{site_extra}\n"
+                    f"boot_timeout = 120\nboot_attempts = 2\n{site_extra}\n"
                     f"[env tiny]\n{tiny}cmdline = console=ttyS0 quiet\n\n"
                     # A guest whose kernel never finds an init: it runs, but SSH never answers.
                     f"[env hang]\n{tiny}cmdline = console=ttyS0 rdinit=/nonexistent\n"
@@ -229,8 +229,9 @@ def qemu_pid(domain):
 def wait_for(pred, timeout, what):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if pred():
-            return
+        value = pred()
+        if value:
+            return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -273,31 +274,47 @@ def test_job_starter_sigkilled(node):
     run.assert_clean()
 
 
-def test_prologue_killed_at_its_alarm_mid_boot(node):
-    # $prologalarm 14: pbs_mom SIGKILLs the prologue's session after 4 s, while
-    # vmwn waits for a guest that never answers (its own wait is 8 s, and
-    # mom_priv/config still says 300): the alarm, not vmwn, ends the prologue.
-    from vmwn import harness
-    run = node.job(resources=("other=vmwn=hang",), alarm=14)
-    rc = run.prologue()
-    assert rc == harness.PELOG_TIMEOUT
-    assert "prepared seed, key and overlay" in node.logs()
-    run.epilogue(harness.JOB_EXEC_RETRY)
+def test_warden_killed_mid_boot(node):
+    # The boot happens in the job's warden, outside pbs_mom's alarm: SIGKILL it
+    # while its guest boots.  The starter says so in one line; nothing is left.
+    from vmwn import state
+    run = node.job(resources=("other=vmwn=hang",))
+    assert run.prologue() == 0
+    st = wait_for(lambda: _warden_started(node, run.id), 20, "the warden")
+    os.kill(st.warden_pid, signal.SIGKILL)
+    run.start()
+    _, status, _ = run.join()
+    assert status == 2
+    run.epilogue(status, sid=run.result[0])
     run.finish()
     _, err = run.texts()
-    assert "never came up" in err or "never started" in err, err
+    assert err.count("\n") == 1 and "warden ended before the guest was ready" in err, err
+    assert not os.path.exists(state.job_dir(node.cfg, run.id))
     run.assert_clean()
+
+
+def _warden_started(node, job_id):
+    from vmwn import state
+    try:
+        st = state.load(node.cfg, job_id)
+    except state.NoSuchJob:
+        return None
+    return st if st.warden_pid else None
 
 
 def test_ssh_never_comes_up(node):
     run = node.job(resources=("other=vmwn=hang",))
     t = time.monotonic()
-    assert run.prologue() == 2  # requeue: nobody's mistake, the site must look
-    assert time.monotonic() - t < 60
-    run.epilogue(-3)
+    assert run.prologue() == 0  # the warden boots; pbs_mom is not held up
+    assert time.monotonic() - t < 5
+    run.start()
+    _, status, _ = run.join()
+    assert status == 2  # the site's problem, told once: no requeue loop
+    run.epilogue(status, sid=run.result[0])
     run.finish()
     _, err = run.texts()
-    assert "did not answer SSH within 8 s" in err and "vmwn check --boot hang" in err, err
+    assert "did not start in 2 attempts" in err and "did not answer SSH within 8 s" in err \
+        and "vmwn check --boot hang" in err, err
     run.assert_clean()
 
 
@@ -311,8 +328,10 @@ def test_state_directory_full(node):
             with contextlib.suppress(OSError):
                 f.write(b"\0" * (64 << 10))
         run = node.job()
-        assert run.prologue() == 2
-        run.epilogue(-3)
+        # No room even to count the job's starts: a requeue could loop without end,
+        # so the job is aborted (exit 1) with the reason, never retried.
+        assert run.prologue() == 1
+        run.epilogue(-2)
         run.finish()
         _, err = run.texts()
         assert "No space left on device" in err and "state_dir" in err, err
@@ -391,13 +410,13 @@ def libvirtd_restored():
                  "libvirtd to answer again")
 
 
-def test_libvirtd_stopped_during_the_prologue(node):
+def test_libvirtd_stopped_during_the_boot(node):
     run = node.job()
     from vmwn import state
     with libvirtd_restored():
-        t = threading.Thread(target=run.prologue, daemon=True)
-        t.start()
-        # Stop libvirtd once the domain exists (the prologue waits for SSH).
+        assert run.prologue() == 0  # the job's warden boots the guest
+        run.start()  # the job starter waits for the warden's answer
+        # Stop libvirtd once the domain exists (the warden waits for SSH).
         def booting():
             try:
                 st = state.load(node.cfg, run.id)
@@ -408,12 +427,11 @@ def test_libvirtd_stopped_during_the_prologue(node):
         for pid in _libvirtd_pids():
             os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not _libvirtd_pids(), 30, "libvirtd to stop")
-        t.join(120)
-        assert run.prologue_rc == 2  # requeue: the site must act
+        _, status, _ = run.join()
+        assert status == 2  # the site must act; told once, never requeued in a loop
         time.sleep(1)
-    # libvirtd is back: the epilogue (which pbs_mom runs after the failed start)
-    # removes what the prologue could not.
-    run.epilogue(-3)
+    # libvirtd is back: the epilogue removes what the warden could not.
+    run.epilogue(status, sid=run.result[0])
     run.finish()
     _, err = run.texts()
     assert "libvirt" in err, err

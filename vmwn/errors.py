@@ -26,6 +26,11 @@ class SiteError(VmwnError):
     """The site administrator must act (configuration, images, templates, libvirt)."""
 
 
+class NodeBroken(SiteError):
+    """The site must act, and retrying the job here cannot help even once: the node
+    cannot record the job's starts, so a requeue could loop without end."""
+
+
 class TransientError(VmwnError):
     """Nobody did anything wrong; trying again later may work (guest slow, ports busy)."""
 
@@ -43,7 +48,10 @@ GUEST_LOST_STATUS = 253
 # throw the user's job away where a requeue retries it.
 _TABLE = {
     # pbs_mom: 0 run, 1 abort the job, 2..255 requeue it.
-    "prologue": {UserError: 1, SiteError: 2, TransientError: 2, GuestLost: 2, "other": 2},
+    # vmwn's prologue refuses the submitter's mistakes through the job starter
+    # (the job's .e file); exit 1 is left for a node that cannot even do that.
+    "prologue": {UserError: 1, NodeBroken: 1, SiteError: 2, TransientError: 2, GuestLost: 2,
+                 "other": 2},
     # Epilogue exit codes are only logged on the mother superior; any non-zero is
     # noise in the mom's log, so the epilogue reports through its stderr and exits 0.
     "epilogue": {UserError: 0, SiteError: 0, TransientError: 0, GuestLost: 0, "other": 0},

@@ -374,14 +374,15 @@ def wait_answer(path, timeout=None):
     Returns (answer dict, socket); the socket stays open for the job's life
     (its closing tells the warden the job ended).
     """
+    gone = ("the job's warden ended before the guest was ready",
+            "the site should look at the node's syslog for the job")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with _short(path) as short:
             s.connect(short)
     except OSError as e:
         s.close()
-        raise SiteError(f"the job's warden does not answer ({e.strerror})",
-                        "the node's prologue failed; see its syslog") from None
+        raise SiteError(f"{gone[0]} ({e.strerror})", gone[1]) from None
     s.settimeout(timeout)
     buf = b""
     while b"\n" not in buf:
@@ -391,8 +392,7 @@ def wait_answer(path, timeout=None):
             continue
         if not chunk:
             s.close()
-            raise SiteError("the job's warden ended without an answer",
-                            "see the node's syslog") from None
+            raise SiteError(*gone) from None
         buf += chunk
     s.settimeout(None)
     return json.loads(buf.split(b"\n", 1)[0]), s

@@ -135,7 +135,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
             st = state.load(cfg, args.job_id)
         if st.phase != "running":
             jlog.info("VM never came up (phase %s): nothing to copy back", st.phase)
-            if st.phase != "failed":  # a failed boot was reported by the job starter
+            if args.session_id <= 0:  # else the job starter told why already
                 say(f"the job's virtual machine never came up (it stopped while "
                     f"{st.phase}); what it made was removed")
         else:

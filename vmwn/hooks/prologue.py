@@ -106,7 +106,11 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     except errors.UserError as e:
         return _refuse(cfg, args.job_id, e, jlog)
     except errors.VmwnError as e:
-        n = state.count_start(cfg, args.job_id)
+        try:
+            n = state.count_start(cfg, args.job_id)
+        except OSError as e2:  # no count, no bound on requeues: abort instead
+            raise errors.NodeBroken(f"{e.problem}; and the job's starts cannot be counted "
+                                    f"({e2.strerror})", e.fix) from None
         limit = cfg.site["start_attempts"]
         if n < limit:
             jlog.warning("start %d of %d failed: %s", n, limit, e.line())
@@ -118,10 +122,18 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
 
 
 def _refuse(cfg, job_id, error, jlog):
-    """Let the job start only to fail with ``error`` shown to its owner; returns 0."""
+    """Let the job start only to fail with ``error`` shown to its owner; returns 0.
+
+    A node that cannot record the refusal aborts the job instead (exit 1): its
+    reason then stays in pbs_mom's spool, but the job never loops.
+    """
     from .. import state
     jlog.warning("job refused: %s", error.line())
-    state.write_refusal(cfg, job_id, error)
+    try:
+        state.write_refusal(cfg, job_id, error)
+    except OSError as e:
+        raise errors.NodeBroken(f"{error.problem}; and the refusal cannot be recorded "
+                                f"({e.strerror})", error.fix) from None
     state.clear_starts(cfg, job_id)
     return 0
 

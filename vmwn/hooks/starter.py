@@ -339,6 +339,7 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
     from ..config import parse_bytes
     _setup_logging(cfg)
     log = logsetup.job_logger(__name__, job_id)
+    mom = os.getppid()
     environ = dict(os.environ)
     mode = _mode(rest, environ)
     script = args = how = None
@@ -405,6 +406,12 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
         wsock.close()
     kind, value = outcome
     log.info("guest job ended: %s %s", kind, value)
+    if os.getppid() != mom and mode != "task":
+        # pbs_mom restarted while the job ran: the new mom re-adopts the job by its
+        # session and records exit status 0 when that session ends (measured).
+        what = f"signal {value}" if kind == "signal" else f"exit status {value}"
+        _say(f"the job ended with {what}; pbs_mom restarted while it ran and may "
+             "record another exit status")
     if kind == "signal":
         sys.stdout.flush()
         _die_of(value)
