@@ -131,6 +131,19 @@ class Run:
                                                    j.args.account, j.sc])
         return self.prologue_rc
 
+    def wait_ready(self, timeout=120):
+        """Until the job's warden has the guest up (the prologue only started it)."""
+        from vmwn import state
+
+        def ready():
+            try:
+                st = state.load(self.node.cfg, self.id)
+            except state.NoSuchJob:
+                return None
+            assert st.phase != "failed", "the guest did not boot"
+            return st if st.phase == "running" else None
+        return wait_for(ready, timeout, "the guest to be ready")
+
     def start(self):
         def body():
             self.result = self.job.run_starter()

@@ -250,8 +250,12 @@ def _other_user():
     try:
         return pwd.getpwnam(OTHER_USER)
     except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", OTHER_USER],
-                       check=True)
+        import grp
+        cmd = ["useradd", "--no-create-home", "--shell", "/bin/sh", OTHER_USER]
+        with contextlib.suppress(KeyError):
+            grp.getgrnam(OTHER_USER)
+            cmd[1:1] = ["-g", OTHER_USER]  # a group of that name is left from elsewhere
+        subprocess.run(cmd, check=True)
         return pwd.getpwnam(OTHER_USER)
 
 
@@ -297,13 +301,17 @@ def test_a_second_local_user_cannot_use_the_jobs_key_seed_disk_or_port(world_tmp
     run = node.job()
     assert run.prologue() == 0
     try:
-        st = run.domain_state()
+        st = run.wait_ready()
         key = os.stat(st.key_path)
         assert stat.S_IMODE(key.st_mode) == 0o600 and key.st_uid == test_user.pw_uid
         assert os.stat(os.path.dirname(st.key_path)).st_uid == 0
         assert os.stat(os.path.join(os.path.dirname(st.key_path), "state.json")).st_uid == 0
-        for path in (st.key_path, st.seed, st.overlay):
+        record = os.path.join(os.path.dirname(st.key_path), "state.json")
+        for path in (st.key_path, st.seed, st.overlay, record):
             assert _as(other, _try_read, path) == "Permission denied", path
+        # The warden answers the job's own user only (socket 0600, and it checks the peer).
+        sock = os.path.join(os.path.dirname(st.key_path), "warden.sock")
+        assert _as(other, _try_connect, sock) == "Permission denied"
         with pytest.raises(SiteError, match="Permission denied"):
             _as(other, os.listdir, node.cfg.site["state_dir"])  # job ids are not listed
         # Loads every module the attempt needs: the child cannot read this interpreter's tree.
@@ -318,6 +326,18 @@ def test_a_second_local_user_cannot_use_the_jobs_key_seed_disk_or_port(world_tmp
         run.prologue_rc = 2
         run.finish()
     run.assert_clean()
+
+
+def _try_connect(path):
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return "connected"
+    except OSError as e:
+        return e.strerror
+    finally:
+        s.close()
 
 
 def test_state_root_is_not_listable_by_other_users(site, test_user):

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from vmwn.domain import guest_hostname
+
 from vmwn import keys, lifecycle, state
 from vmwn.errors import SiteError, TransientError, UserError
 from vmwn.ssh import Guest
@@ -42,7 +44,7 @@ def test_boot_exec_copy_destroy_leaves_nothing(site, tmp_path):
             assert lines[:3] == ["4242", "4343", "alice"]
             assert lines[4] == "/home/alice/w"
             assert lines[5] != os.uname().release  # the guest's kernel, not ours
-            assert lines[6] == st.domain
+            assert lines[6] == guest_hostname(job)
             sftp = g.sftp()
             payload = os.urandom(300_000)
             with sftp.open("/home/alice/w/in.bin", "wb") as f:
@@ -84,7 +86,7 @@ def test_three_concurrent_jobs_get_distinct_names_and_ports(site):
     names = {r[0] for r in results}
     ports = {r[1] for r in results}
     assert len(names) == 3 and len(ports) == 3
-    assert all(r[2] == 0 and r[3] == r[0] for r in results)
+    assert all(r[2] == 0 and r[3] == guest_hostname(job) for r, job in zip(results, jobs))
     for job in jobs:
         assert leftovers(site, job) == []
 

@@ -21,6 +21,7 @@ from vmwn import config, state, warden
 from vmwn.hooks import starter
 
 from test_transfer_guestd import GuestServer
+from vmwn_testlib import serve_warden
 
 RUNNER = ("import sys; from vmwn.hooks import starter as s; "
           "s.LOST_AFTER = float(sys.argv[1]); s.PROBE_EVERY = float(sys.argv[2]); "
@@ -43,7 +44,7 @@ class Job:
         self.job_id = "42.server.example.org"
         self.st = self.srv.job_state(self.job_id, key, str(self.gwork), str(self.host))
         state.save(self.cfg, self.st)
-        self.warden = self.serve_warden(warden.starter_record(self.st))
+        self.warden = serve_warden(self.cfg, self.st)  # no libvirt: the in-process guest is the VM
         jobs = tmp_path / "torque" / "mom_priv" / "jobs"
         jobs.mkdir(parents=True)
         self.sc = jobs / f"{self.job_id}.SC"
@@ -57,16 +58,6 @@ class Job:
                     "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_QUEUE": "batch", "PBS_TASKNUM": "1",
                     "PYTHONPATH": os.pathsep.join(sys.path)}
 
-    def serve_warden(self, record=None, failure=None):
-        """The job's warden with its boot already done: vmwn.warden's own serving
-        code answers the starter (no libvirt here: the in-process guest is the VM)."""
-        w = warden.Warden(self.cfg, self.job_id, warden.listen(self.cfg, self.st))
-        w.answer = warden._failure(failure) if failure else \
-            warden._line({"ready": True, "record": record})
-        t = threading.Thread(target=w._serve, daemon=True)
-        t.start()
-        return t
-
     def script(self, text, mode=0o700):
         self.sc.write_text(text)
         os.chmod(self.sc, mode)
@@ -77,7 +68,7 @@ class Job:
         e = dict(self.env, **(env or {}))
         self.gwork.mkdir(parents=True, exist_ok=True)  # the starter's cwd, as with qsub -d
         if not self.warden.is_alive():  # a warden serves one job starter's life
-            self.warden = self.serve_warden(warden.starter_record(self.st))
+            self.warden = serve_warden(self.cfg, self.st)  # no libvirt: the in-process guest is the VM
         p = subprocess.Popen([sys.executable, "-c", RUNNER, str(lost_after), str(probe),
                               str(self.conf), *argv], env=e, stdin=kw.pop("stdin_fd", subprocess.PIPE),
                              stdout=kw.pop("stdout", subprocess.PIPE),

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, starter_python
 from vmwn import lifecycle, state, transfer
-from vmwn_testlib import needs_image, site  # noqa: F401 - fixture
+from vmwn_testlib import needs_image, serve_warden, site  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.integration, needs_image("tiny")]
 
@@ -57,6 +57,7 @@ def vm(test_user, tmp_path_factory):
 
 def start(vm, script, args=""):
     cfg, st, host, jobs, user = vm
+    serve_warden(cfg, st)  # one warden per job starter, as in a job's life
     sc = os.path.join(jobs, f"{JOB}.SC")
     with open(sc, "w") as f:
         f.write(script)

@@ -79,8 +79,7 @@ def _made(cfg, spec, deadline, on_phase, boot_too):
             st.phase = "prepared"
             statemod.save(cfg, st)
             return st
-        progress.append("start")  # from here on a domain may exist
-        _boot(cfg, env, st, deadline, timer, log)
+        _boot(cfg, env, st, deadline, timer, log, progress)
         st.phase = "running"
         statemod.save(cfg, st)
         log.info("VM %s of %s ready on %s:%d", st.domain, env.name, st.bind_address, st.port)
@@ -155,9 +154,11 @@ def undo_boot(cfg, st, env):
                  0o600)
 
 
-def _boot(cfg, env, st, deadline, timer, log):
+def _boot(cfg, env, st, deadline, timer, log, progress=None):
     from . import virt
     conn = virt.connect(cfg.site["libvirt_uri"])
+    if progress is not None:
+        progress.append("start")  # from here on a domain may exist
     try:
         for attempt in range(PORT_ATTEMPTS):
             xml = render_domain(cfg, env, job_id=st.job_id, user=st.user,
