@@ -12,14 +12,14 @@ import signal
 
 import pytest
 
-from test_faults import GUEST_LOST, Node, qemu_pid
+from test_faults import GUEST_LOST, Node, _warden_started, qemu_pid, wait_for
 from vmwn import harness, operators, virt
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N = int(os.environ.get("VMWN_SOAK_N", "6"))
 SEED = int(os.environ.get("VMWN_SOAK_SEED", "20240601"))
-FAULTS = ["none", "guest_killed", "starter_killed", "prologue_alarm", "ssh_never",
+FAULTS = ["none", "guest_killed", "starter_killed", "warden_killed", "ssh_never",
           "epilogue_twice", "no_prologue", "mom_restart"]
 
 SCRIPT = """#!/bin/sh
@@ -49,11 +49,7 @@ def _one(node, fault, rng):
     token = f"{rng.getrandbits(64):016x}"
     sleep = 0 if fault in ("none", "epilogue_twice") else 300
     script = SCRIPT.format(token=token, sleep=sleep)
-    if fault == "prologue_alarm":
-        # A guest that never answers: the alarm (4 s) strikes before vmwn's own 8 s wait ends,
-        # however fast the machine boots guests.
-        run = node.job(script=script, resources=("other=vmwn=hang",), alarm=14)
-    elif fault == "ssh_never":
+    if fault == "ssh_never":
         run = node.job(script=script, resources=("other=vmwn=hang",))
     else:
         run = node.job(script=script)
@@ -75,14 +71,19 @@ def _one(node, fault, rng):
         run.prologue_rc = 2
         run.finish()
         return run, None, False
-    if fault in ("prologue_alarm", "ssh_never"):
-        rc = run.prologue()
-        assert rc != 0
-        run.epilogue(harness.JOB_EXEC_RETRY)
+    if fault in ("warden_killed", "ssh_never"):
+        assert run.prologue() == 0
+        if fault == "warden_killed":
+            st = wait_for(lambda: _warden_started(node, run.id), 20, "the warden")
+            os.kill(st.warden_pid, signal.SIGKILL)
+        run.start()
+        sid, status, _ = run.join()
+        assert status == 2  # the site's problem, told once in the .e file
+        run.epilogue(status, sid)
         run.finish()
         _, err = run.texts()
-        assert "vmwn:" in err
-        return run, None, False
+        assert err.startswith("vmwn:") and err.count("\n") == 1, err
+        return run, status, False
     assert run.prologue() == 0
     run.start()
     run.wait_output("started")
