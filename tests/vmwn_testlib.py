@@ -94,14 +94,8 @@ def leftovers(cfg, job_id):
     return found
 
 
+
 def serve_warden(cfg, st):
-    """The job's warden for a guest that is already up (made by lifecycle.create):
-    vmwn.warden's own serving code answers one job starter, in a thread.  A real
-    warden also boots; tests that need that run the prologue."""
-    import threading
+    """The job's warden for a guest lifecycle.create booted: answers one job starter."""
     from vmwn import warden
-    w = warden.Warden(cfg, st.job_id, warden.listen(cfg, st))
-    w.answer = warden._line({"ready": True, "record": warden.starter_record(st)})
-    t = threading.Thread(target=w._serve, daemon=True)
-    t.start()
-    return t
+    return warden.serve_booted(cfg, st)

@@ -527,6 +527,18 @@ def _timed(argv, **kw):
     return time.monotonic() - t0, cp
 
 
+def _relay(b, st, env, script):
+    """The installed starter relaying ``script``'s output from the guest; (seconds, cp)."""
+    from . import warden
+    served = warden.serve_booted(b.cfg, st)
+    t, cp = _timed([b.vm.starter, "/bin/sh"], env=env, timeout=600, input=script)
+    served.join(5)
+    if served.is_alive():  # the starter never asked for the guest: it ran on the host
+        raise SiteError("the job starter did not run the job in its guest",
+                        "check the bench's job environment")
+    return t, cp
+
+
 def measure_throughput(b, st):
     """Relay (the installed starter) and harvest against OpenSSH ssh and scp, same guest."""
     from . import ssh, transfer
@@ -537,8 +549,7 @@ def measure_throughput(b, st):
     dd = "dd if=/dev/zero bs=1M count={} 2>/dev/null"
     res = {}
     for name, run in (
-            ("relay", lambda n: _timed([b.vm.starter, "/bin/sh"], env=env, timeout=600,
-                                       input=f"#!/bin/sh\n{dd.format(n)}\n")),
+            ("relay", lambda n: _relay(b, st, env, f"#!/bin/sh\n{dd.format(n)}\n")),
             ("ssh", lambda n: _timed(b.ssh_argv(st.port, st.key_path, kh, dd.format(n)),
                                      timeout=600))):
         fixed, full = [], []

@@ -282,6 +282,17 @@ class Warden:
             conn.close()
 
 
+def serve_booted(cfg, st):
+    """Answer one job starter for a guest this process booted itself (lifecycle.create),
+    from a thread; returns the thread.  For tools that boot in-process (make bench)."""
+    import threading
+    w = Warden(cfg, st.job_id, listen(cfg, st))
+    w.answer = _line({"ready": True, "record": starter_record(st)})
+    t = threading.Thread(target=w._serve, daemon=True)
+    t.start()
+    return t
+
+
 def starter_record(st):
     return {k: getattr(st, k) for k in STARTER_FIELDS}
 
@@ -408,4 +419,5 @@ def answer_error(answer):
                answer.get("fix"))
 
 
-__all__ = ["listen", "spawn", "stop", "wait_answer", "answer_error", "Warden"]
+__all__ = ["listen", "spawn", "stop", "serve_booted", "wait_answer", "answer_error",
+           "Warden"]

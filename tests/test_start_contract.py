@@ -1,0 +1,177 @@
+"""How a VM job starts under pbs_mom's rules, without a VM: refusals, bounded
+requeues, the boot slots, what the prologue reads from a real mom's environment,
+and the job starter's decision between VM, refusal and the host."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from vmwn import config, errors, pbs, request, state, warden
+from vmwn.domain import guest_hostname
+from vmwn.hooks import prologue
+
+from conftest import write_site_config
+
+
+@pytest.fixture
+def site(tmp_path):
+    path = str(tmp_path / "vmwn.conf")
+    write_site_config(path, str(tmp_path), extra_site="start_attempts = 3\n"
+                      "max_parallel_boots = 1")
+    with open(path, "a") as f:
+        f.write("\n[env ghost]\nimage = ghost/disk.qcow2\naccel = qemu\nmemory = 256M\n")
+    os.makedirs(tmp_path / "torque" / "mom_priv" / "jobs")
+    return config.load(path), path, str(tmp_path / "torque")
+
+
+def _prologue(site, res, job_id="5.srv", environ=None):
+    cfg, path, home = site
+    user = "nobody"
+    argv = ["prologue", job_id, user, "nogroup", "job", res, "batch", "", ""]
+    return prologue.main(argv, config_path=path, pbs_home=home,
+                         environ=environ or {"PBS_O_WORKDIR": "/tmp/w"})
+
+
+def test_a_failing_start_is_requeued_a_bounded_number_of_times_then_refused(site, capsys):
+    cfg = site[0]
+    # pbs_server restarts a requeued job at once and without limit: vmwn counts.
+    assert [_prologue(site, "other=vmwn=ghost") for _ in range(3)] == [2, 2, 0]
+    err = capsys.readouterr().err
+    assert err.count("is not installed on this node") == 2  # the two requeues said why
+    refusal = state.read_refusal(cfg.site["state_dir"], "5.srv")
+    line = warden.answer_error(refusal).line()
+    assert "could not be prepared in 3 starts" in line and "vmwn image build ghost" in line
+    assert isinstance(warden.answer_error(refusal), errors.SiteError)
+    assert not os.path.exists(os.path.join(cfg.site["state_dir"], ".starts", "5.srv"))
+
+
+def test_start_counts_are_per_job_and_expire(site):
+    cfg = site[0]
+    assert [state.count_start(cfg, "1.a") for _ in range(2)] == [1, 2]
+    assert state.count_start(cfg, "2.a") == 1
+    assert state.stale_starts(cfg, 3600) == []
+    assert len(state.stale_starts(cfg, -1)) == 2
+    state.clear_starts(cfg, "1.a")
+    assert state.count_start(cfg, "1.a") == 1
+
+
+def test_a_user_mistake_is_refused_at_once_with_nothing_but_the_record(site):
+    cfg = site[0]
+    assert _prologue(site, "other=vmwn=nosuch") == 0
+    d = state.job_dir(cfg, "5.srv")
+    assert os.listdir(d) == ["refused"]
+    assert oct(os.stat(d).st_mode & 0o777) == "0o711"
+    assert oct(os.stat(os.path.join(d, "refused")).st_mode & 0o777) == "0o644"
+
+
+def test_the_prologue_sets_its_modes_whatever_umask_pbs_mom_gave_it(site):
+    cfg = site[0]
+    old = os.umask(0o077)
+    try:
+        _prologue(site, "other=vmwn=nosuch")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(cfg.site["state_dir"]).st_mode & 0o777) == "0o711"
+    assert oct(os.stat(state.job_dir(cfg, "5.srv")).st_mode & 0o777) == "0o711"
+
+
+def test_cores_follow_the_node_file_not_the_request(tmp_path):
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("n1\nn1\n")
+    env = {"PBS_NODEFILE": str(nodefile), "PBS_MSHOST": "n1"}
+    assert request.allocated_cores(env) == 2
+    nodefile.write_text("n1\n")
+    assert request.allocated_cores(env) == 1  # -l ncpus=4 gets one slot from pbs_sched
+    assert request.allocated_cores({"PBS_NUM_PPN": "3", **env}) == 3
+    assert request.allocated_cores({}) is None
+    assert request.allocated_cores({"PBS_NODEFILE": str(tmp_path / "none")}) is None
+
+
+@pytest.mark.parametrize("job_id", ["9024[1].server", "9024[].server", "1.a.b.c", "x" * 300,
+                                    "[[]]", "UPPER.Case", "a_b-c"])
+def test_guest_host_names_are_valid_and_distinct(job_id):
+    import re
+    name = guest_hostname(job_id)
+    assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name), name
+    assert guest_hostname(job_id + "x") != name
+
+
+def test_server_variable_lists_undo_pbs_servers_escapes():
+    text = r"A=1,B=a\,b,Q=it\'s,BS=a\\b,E="
+    assert pbs.split_server_variable_list(text) == \
+        {"A": "1", "B": "a,b", "Q": "it's", "BS": "a\\b", "E": ""}
+
+
+def test_boot_slots_make_boots_wait_their_turn(site):
+    cfg = site[0]
+    order = []
+
+    def boot(name, hold):
+        with warden.boot_slot(cfg, __import__("logging").getLogger("t")):
+            order.append(("in", name))
+            time.sleep(hold)
+            order.append(("out", name))
+    a = threading.Thread(target=boot, args=("a", 0.5))
+    a.start()
+    time.sleep(0.1)
+    boot("b", 0)
+    a.join()
+    assert order == [("in", "a"), ("out", "a"), ("in", "b"), ("out", "b")]
+
+
+STARTER = ("import sys; from vmwn.hooks import starter; "
+           "sys.exit(starter.main(['starter', '/bin/sh'], config_path=sys.argv[1], "
+           "state_dir=sys.argv[2], pbs_home=sys.argv[3]))")
+
+
+def _starter(site, env, stdin=b"echo ran-on-the-host\n", config_path=None):
+    cfg, path, home = site
+    e = {"PATH": "/usr/bin:/bin", "PBS_JOBID": "5.srv", "PYTHONPATH": os.pathsep.join(sys.path),
+         **env}
+    return subprocess.run([sys.executable, "-c", STARTER, config_path or path,
+                           cfg.site["state_dir"], home], input=stdin, env=e,
+                          capture_output=True, timeout=60)
+
+
+def test_the_starter_prints_a_refusal_and_runs_nothing(site):
+    cfg = site[0]
+    state.write_refusal(cfg, "5.srv", errors.UserError("unknown vmwn environment 'x'",
+                                                       "request one of: tiny"))
+    p = _starter(site, {})
+    assert (p.returncode, p.stdout) == (1, b"")
+    assert p.stderr == b"vmwn: unknown vmwn environment 'x': request one of: tiny\n"
+
+
+def test_vmwn_env_the_prologue_did_not_see_is_refused_never_run_on_the_host(site):
+    p = _starter(site, {"VMWN_ENV": "tiny"})
+    assert p.returncode == 1 and p.stdout == b""
+    assert p.stderr.count(b"\n") == 1 and b"-l other=vmwn=tiny" in p.stderr
+
+
+def test_a_job_without_a_vm_runs_when_vmwn_conf_is_missing(site, tmp_path):
+    p = _starter(site, {}, config_path=str(tmp_path / "missing.conf"))
+    assert (p.returncode, p.stdout, p.stderr) == (0, b"ran-on-the-host\n", b"")
+
+
+def test_a_failed_boot_reaches_the_starter_as_one_line(site):
+    cfg = site[0]
+    st = state.JobState(job_id="5.srv", domain="d", env="tiny", user="nobody", uid=os.getuid(),
+                        gid=os.getgid(), group="g", bind_address="127.0.0.1", port=1,
+                        host_key_public="", key_path="", workdir="/w", host_workdir="/w",
+                        output_dir="/w", overlay="", seed="", console_log="")
+    state.save(cfg, st)
+    w = warden.Warden(cfg, "5.srv", warden.listen(cfg, st))
+    w.answer = warden._failure(errors.TransientError(
+        "the job's virtual machine did not start in 3 attempts; last: no SSH", "ask the site"))
+    t = threading.Thread(target=w._serve, daemon=True)
+    t.start()
+    p = _starter(site, {})
+    assert (p.returncode, p.stdout) == (2, b"")
+    assert p.stderr == (b"vmwn: the job's virtual machine did not start in 3 attempts; "
+                        b"last: no SSH: ask the site\n")
+    t.join(5)
+    assert not t.is_alive()  # the warden ends with its job starter
