@@ -201,23 +201,25 @@ def _domain_state(job_id):
 
 def test_suspend_pauses_the_guest_and_resume_continues_it(cluster, workdir):
     job = cluster.submit(workdir, CLOCK, "-l other=vmwn=tiny -k oe")
-    path = _running_in_guest(cluster, job, workdir)
-    torquelib.run(["qsig", "-s", "suspend", job], timeout=60)
-    end = time.monotonic() + 15
-    while time.monotonic() < end and "paused" not in _domain_state(job):
-        time.sleep(0.3)
-    assert "paused" in _domain_state(job)
-    ticks = open(path).read().count("tick")
-    cluster.wait(job, states=("S",), timeout=30)  # pbs_mom's SIGSTOP follows 5 s later
-    time.sleep(2)
-    assert open(path).read().count("tick") == ticks  # its clock-driven output stopped
-    torquelib.run(["qsig", "-s", "resume", job], timeout=60)
-    end = time.monotonic() + 15
-    while time.monotonic() < end and open(path).read().count("tick") == ticks:
-        time.sleep(0.3)
-    assert open(path).read().count("tick") > ticks
-    assert "running" in _domain_state(job)
-    torquelib.run(["qdel", job])
+    try:
+        path = _running_in_guest(cluster, job, workdir)
+        torquelib.run(["qsig", "-s", "suspend", job], timeout=60)
+        end = time.monotonic() + 15
+        while time.monotonic() < end and "paused" not in _domain_state(job):
+            time.sleep(0.3)
+        assert "paused" in _domain_state(job)
+        ticks = open(path).read().count("tick")
+        cluster.wait(job, states=("S",), timeout=30)  # pbs_mom's SIGSTOP follows 5 s later
+        time.sleep(2)
+        assert open(path).read().count("tick") == ticks  # its clock-driven output stopped
+        torquelib.run(["qsig", "-s", "resume", job], timeout=60)
+        end = time.monotonic() + 15
+        while time.monotonic() < end and open(path).read().count("tick") == ticks:
+            time.sleep(0.3)
+        assert open(path).read().count("tick") > ticks
+        assert "running" in _domain_state(job)
+    finally:
+        torquelib.run(["qdel", job], check=False)
     cluster.wait(job, timeout=120)
     assert torquelib.wait_clean(job) == []
 

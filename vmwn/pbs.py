@@ -161,13 +161,28 @@ def split_variable_list(text):
 
     Torque joins ``NAME=value`` pairs with ``,`` and escapes commas inside values
     with a backslash; a backslash before any other character is kept as it is.
+    (The form vmwn run writes into .JB records; pbs_mom's own has no escapes.)
     """
-    out, cur, i, text = {}, [], 0, text or ""
-    items = []
+    return _split_pairs(text, escapes=",")
+
+
+def split_server_variable_list(text):
+    """Variable_List as pbs_server sends it: ``,`` joins pairs, ``\\`` escapes any character.
+
+    (pbs_server escapes ``,`` ``"`` ``'`` ``\\`` and newlines; its own decoder
+    drops a backslash before any character.)
+    """
+    return _split_pairs(text, escapes=None)
+
+
+def _split_pairs(text, escapes):
+    """Split ``NAME=value`` pairs at unescaped commas; a backslash escapes the
+    characters in ``escapes`` (None: any character) and is kept before others."""
+    out, cur, items, i, text = {}, [], [], 0, text or ""
     while i < len(text):
         c = text[i]
-        if c == "\\" and i + 1 < len(text) and text[i + 1] == ",":
-            cur.append(",")
+        if c == "\\" and i + 1 < len(text) and (escapes is None or text[i + 1] in escapes):
+            cur.append(text[i + 1])
             i += 2
             continue
         if c == ",":
@@ -178,10 +193,9 @@ def split_variable_list(text):
         i += 1
     items.append("".join(cur))
     for item in items:
-        if not item:
-            continue
-        name, _, value = item.partition("=")
-        out[name] = value
+        if item:
+            name, _, value = item.partition("=")
+            out[name] = value
     return out
 
 
@@ -232,33 +246,6 @@ def read_job_record(path):
             attributes[el.tag] = el.text or ""
     variables = split_variable_list(attributes.get("Variable_List", ""))
     return JobRecord(variables=variables, resources=resources, attributes=attributes)
-
-
-def split_server_variable_list(text):
-    """Variable_List as pbs_server sends it: ``,`` joins pairs, ``\\`` escapes any character.
-
-    (pbs_server escapes ``,`` ``"`` ``'`` ``\\`` and newlines; its own decoder
-    drops a backslash before any character.  The .JB record is not escaped.)
-    """
-    out, cur, items, i, text = {}, [], [], 0, text or ""
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            cur.append(text[i + 1])
-            i += 2
-            continue
-        if c == ",":
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    items.append("".join(cur))
-    for item in items:
-        if item:
-            name, _, value = item.partition("=")
-            out[name] = value
-    return out
 
 
 class _quiet_stderr:

@@ -94,16 +94,20 @@ class _short:
 def spawn(cfg, st, listener):
     """Fork the warden (detached: its own session, stdio on /dev/null); return its pid."""
     r, w = os.pipe()
+    go_r, go_w = os.pipe()  # the warden starts once its pid is in the job's record
     pid = os.fork()
     if pid == 0:  # child: fork again so the warden is nobody's child in pbs_mom's tree
         try:
             os.close(r)
+            os.close(go_w)
             os.setsid()
             gpid = os.fork()
             if gpid:
                 os.write(w, struct.pack("i", gpid))
                 os._exit(0)
             os.close(w)
+            os.read(go_r, 1)  # EOF when the prologue has recorded this pid (or died)
+            os.close(go_r)
             _detach(listener.fileno())
             code = 0
             try:
@@ -115,15 +119,24 @@ def spawn(cfg, st, listener):
         finally:
             os._exit(1)
     os.close(w)
+    os.close(go_r)
     try:
-        data = os.read(r, 4)
+        try:
+            data = os.read(r, 4)
+        finally:
+            os.close(r)
+        os.waitpid(pid, 0)
+        if len(data) != 4:
+            raise SiteError("the job's warden could not be started", "see the node's syslog")
+        listener.close()
+        gpid = struct.unpack("i", data)[0]
+        # Recorded before the warden goes on and before the prologue returns, so
+        # that an epilogue coming at once (qdel) finds the warden to stop.
+        st.warden_pid, st.warden_start = gpid, proc_start_time(gpid)
+        statemod.save(cfg, st)
     finally:
-        os.close(r)
-    os.waitpid(pid, 0)
-    if len(data) != 4:
-        raise SiteError("the job's warden could not be started", "see the node's syslog")
-    listener.close()
-    return struct.unpack("i", data)[0]
+        os.close(go_w)
+    return gpid
 
 
 def _detach(keep_fd):
@@ -155,10 +168,7 @@ class Warden:
 
     def run(self):
         signal.signal(signal.SIGTERM, self._on_term)
-        st = statemod.load(self.cfg, self.job_id)
-        st.warden_pid = os.getpid()
-        st.warden_start = proc_start_time(os.getpid())
-        statemod.save(self.cfg, st)
+        st = statemod.load(self.cfg, self.job_id)  # with this warden's pid (see spawn)
         self.dom_name = st.domain
         try:
             self.answer = self._boot(st)
