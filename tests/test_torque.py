@@ -277,3 +277,42 @@ def test_native_job_pays_no_vmwn_output(cluster, workdir):
     assert st["exit_status"] == "3"
     assert err == "to-stderr\n", err
     assert subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip() in out
+
+
+BURN = """#!/bin/sh
+echo started
+timeout {secs} sh -c 'while :; do :; done'
+exit 0
+"""
+
+
+def _seconds(hms):
+    h, m, sec = (int(x) for x in hms.split(":"))
+    return h * 3600 + m * 60 + sec
+
+
+def test_a_vm_jobs_cpu_time_is_charged_to_the_job(cluster, workdir):
+    # QEMU runs under libvirtd, outside the job's session: its warden adopts it
+    # into the job ([site] pbs_track), so pbs_mom counts it.
+    native = cluster.submit(workdir, BURN.format(secs=30), name="native.sh")
+    vm = cluster.submit(workdir, BURN.format(secs=30), "-l other=vmwn=tiny", name="vm.sh")
+    n, v = cluster.wait(native, timeout=180), cluster.wait(vm, timeout=240)
+    n_cput = _seconds(n["resources_used.cput"])
+    v_cput = _seconds(v["resources_used.cput"])
+    print(f"cput native={n_cput}s vm={v_cput}s mem={v.get('resources_used.mem')}")
+    assert 27 <= n_cput <= 33, n
+    # The guest's 30 s of work, plus what QEMU spent booting it (charged too).
+    assert 27 <= v_cput <= 45, v
+    assert torquelib.wait_clean(vm) == []
+
+
+def test_a_cput_limit_stops_a_vm_job_as_a_native_one(cluster, workdir):
+    native = cluster.submit(workdir, BURN.format(secs=90), "-l cput=00:00:10",
+                            name="native.sh")
+    vm = cluster.submit(workdir, BURN.format(secs=90), "-l cput=00:00:10,other=vmwn=tiny",
+                        name="vm.sh")
+    n, v = cluster.wait(native, timeout=180), cluster.wait(vm, timeout=240)
+    assert n["exit_status"] == "-12", n
+    assert v["exit_status"] == "-12", v
+    assert _seconds(v["resources_used.walltime"]) < 80, v
+    assert torquelib.wait_clean(vm, timeout=60) == []

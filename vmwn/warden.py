@@ -162,6 +162,7 @@ class Warden:
         self.cfg, self.job_id, self.listener = cfg, job_id, listener
         self.log = job_logger(__name__, job_id)
         self.answer = None          # bytes: the JSON line every starter gets
+        self.answer_ready = False   # the answer is "ready" (a guest runs)
         self.conns = {}             # socket -> (pid, buffered bytes)
         self.primary = None         # the first starter's socket (the job's own)
         self.dom_name = None
@@ -172,6 +173,7 @@ class Warden:
         self.dom_name = st.domain
         try:
             self.answer = self._boot(st)
+            self.answer_ready = json.loads(self.answer).get("ready", False)
             self._serve()
         except Stop:
             self.log.info("warden stopped by SIGTERM")
@@ -259,6 +261,24 @@ class Warden:
         self.conns[conn] = b""
         if self.primary is None:
             self.primary = conn
+            if self.answer_ready:
+                self._adopt()
+
+    def _adopt(self):
+        """Hand the job's QEMU to pbs_mom's accounting, once the job runs (its starter
+        is connected).  Failing that, the job runs uncounted: said in the log."""
+        track = self.cfg.site["pbs_track"]
+        if not track:
+            return
+        from . import pbs
+        try:
+            with open(f"/run/libvirt/qemu/{self.dom_name}.pid", encoding="ascii") as f:
+                qemu = int(f.read().strip())
+            pbs.adopt(track, qemu, self.job_id)
+            self.log.info("QEMU %d adopted into the job: pbs_mom counts and limits it", qemu)
+        except (OSError, ValueError, VmwnError) as e:
+            self.log.warning("cannot adopt QEMU into the job (%s): its usage is not counted",
+                             e.line() if isinstance(e, VmwnError) else e)
 
     def _read(self, conn):
         """Handle what a starter sent; False when it closed."""
