@@ -104,6 +104,8 @@ install: deps
 			--no-deps . || exit 1; \
 		if [ -e $(TORQUE_PREFIX)/include/pbs_ifl.h ]; then \
 			scripts/build-pbs-python $(RUNTIME) || exit 1; fi; \
+		install -d -m 0755 $(PREFIX)/bin; \
+		for c in vmwn vmwn-submit-filter; do ln -sfn $(RUNTIME)/bin/$$c $(PREFIX)/bin/$$c; done; \
 	fi
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/share/vmwn/templates
 	install -m 0644 templates/*.j2 $(DESTDIR)$(PREFIX)/share/vmwn/templates/
@@ -116,6 +118,9 @@ uninstall:
 	$(PY) -m vmwn.install uninstall --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
 		--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX)
 	rm -rf $(DESTDIR)$(PREFIX)/share/vmwn $(if $(DESTDIR),,$(RUNTIME))
+	@for c in vmwn vmwn-submit-filter; do \
+		[ "$$(readlink $(DESTDIR)$(PREFIX)/bin/$$c)" = '$(RUNTIME)/bin/'$$c ] \
+			&& rm -f $(DESTDIR)$(PREFIX)/bin/$$c; done; true
 
 # The BDII provider (GIP convention), pointed at this installation's vmwn command.
 install-gip: deps

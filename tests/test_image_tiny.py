@@ -38,7 +38,8 @@ def render(name, **values):
 def seed_values(**over):
     v = dict(job_id="42.ce.example.org", instance_id="vmwn-42", hostname="vmwn-42",
              user="alice", uid=1234, group="physics", gid=2345, shell="/bin/sh",
-             workdir="/home/alice/jobs/42", authorized_key="ssh-ed25519 AAAAuser alice@ce",
+             workdir="/home/alice/jobs/42", home="/home/alice",
+             authorized_key="ssh-ed25519 AAAAuser alice@ce",
              host_key_private="-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\nBBBB\n"
                               "-----END OPENSSH PRIVATE KEY-----\n",
              host_key_public="ssh-ed25519 AAAAhost")
@@ -91,11 +92,14 @@ def test_parser_reads_the_rendered_template(tmp_path):
     got = calls(tmp_path, out)
     assert got[0] == ["seed_hostname", "vmwn-42"]
     assert got[1] == ["bootcmd", "groupadd", "-o", "-g", "2345", "physics"]
-    assert got[2] == ["bootcmd", "install", "-d", "-m", "0700", "-o", "1234", "-g", "2345",
+    # The home is the user's before the working directory below it is made.
+    assert got[2] == ["bootcmd", "install", "-d", "-m", "0755", "-o", "1234", "-g", "2345",
+                      "/home/alice"]
+    assert got[3] == ["bootcmd", "install", "-d", "-m", "0700", "-o", "1234", "-g", "2345",
                       "/home/alice/jobs/42"]
-    assert got[3] == ["seed_user", "alice", "1234", "physics", "/bin/sh",
+    assert got[4] == ["seed_user", "alice", "1234", "physics", "/bin/sh",
                       "ssh-ed25519 AAAAuser alice@ce"]
-    assert got[4] == ["seed_host_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\nBBBB\n"
+    assert got[5] == ["seed_host_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\nBBBB\n"
                       "-----END OPENSSH PRIVATE KEY-----\n", "ssh-ed25519 AAAAhost"]
 
 
@@ -108,7 +112,7 @@ def test_parser_reads_the_rendered_template(tmp_path):
 def test_parser_decodes_json_strings_exactly(tmp_path, workdir):
     status, out, err = parse(tmp_path, render("user-data.j2", **seed_values(workdir=workdir)))
     assert status == 0, err
-    assert calls(tmp_path, out)[2][-1] == workdir
+    assert calls(tmp_path, out)[3][-1] == workdir
 
 
 @needs_busybox

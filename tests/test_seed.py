@@ -17,7 +17,7 @@ def ctx(**kw):
     host = keys.generate("vmwn-host:test")
     user = keys.generate("vmwn-job:test")
     c = dict(job_id="5.srv", instance_id="vmwn-5", hostname="vmwn-5", user="alice", uid=1234,
-             gid=2345, group="grp", shell="/bin/sh", workdir="/home/alice/run",
+             gid=2345, group="grp", shell="/bin/sh", workdir="/home/alice/run", home="/home/alice",
              authorized_key=user.public_line, host_key_private=host.private_openssh.rstrip("\n"),
              host_key_public=host.public_line)
     c.update(kw)
@@ -34,7 +34,8 @@ def test_user_data_survives_hostile_values(workdir):
     ud, md = seed.render(TEMPLATES, c)
     assert ud.startswith("#cloud-config\n")
     data = yaml.safe_load(ud)
-    assert data["bootcmd"][1][-1] == workdir
+    assert data["bootcmd"][1][-1] == "/home/alice"
+    assert data["bootcmd"][2][-1] == workdir
     assert data["bootcmd"][0] == ["groupadd", "-o", "-g", "2345", "grp"]
     u = data["users"][0]
     assert (u["name"], u["uid"], u["primary_group"]) == ("alice", 1234, "grp")

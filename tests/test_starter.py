@@ -394,3 +394,14 @@ def test_interactive_job_gets_a_pty_and_the_tty_is_restored(job):
     assert job.srv.commands and "TERM=xterm-test" in job.srv.commands[0]
     assert termios.tcgetattr(master) == before  # raw mode was undone
     os.close(master)
+
+
+def test_the_guest_job_gets_the_jobs_umask(job):
+    # pbs_mom gives the job (and so the starter) its umask: 077 unless configured.
+    rc, out, err = job.run(b"umask\n", preexec_fn=lambda: os.umask(0o027))
+    assert (rc, out.strip(), err) == (0, b"0027", b"")
+
+
+def test_a_shebang_script_needs_no_note_about_a_missing_shell(job):
+    rc, out, err = job.run(job.script("#!/bin/sh\necho hi\n"), argv=("/bin/no-such-shell",))
+    assert (rc, out, err) == (0, b"hi\n", b"")

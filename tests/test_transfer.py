@@ -240,3 +240,38 @@ def test_manifest_round_trip(guestd, tmp_path):
         sftp.close()
     finally:
         g.close()
+
+
+def test_a_job_submitted_from_home_keeps_the_guests_key_both_ways(guestd, tmp_path):
+    # PBS_O_WORKDIR is the user's home, which is the guest home's path too: the
+    # user's own ~/.ssh/authorized_keys must not replace the per-job key (the
+    # epilogue could not log in and the output would be lost), and the per-job
+    # key must not come back into the user's real ~/.ssh.
+    home = tmp_path / "host-home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAAuser me@laptop\n")
+    (home / ".ssh" / "config").write_text("Host x\n")
+    (home / "data.txt").write_text("in\n")
+    guest_keys = os.path.join(guestd.guest_home, ".ssh", "authorized_keys")
+    os.makedirs(os.path.dirname(guest_keys), exist_ok=True)
+    with open(guest_keys, "w") as f:
+        f.write("ssh-ed25519 AAAAjob vmwn-job:1\n")
+    g = connect(guestd, tmp_path)
+    try:
+        sftp = g.sftp()
+        res = transfer.stage_in(g, str(home), guestd.guest_home, 10 << 20, sftp=sftp)
+        transfer.write_manifest(sftp, transfer.control_dir(sftp), res.manifest)
+        with open(guest_keys) as f:
+            assert f.read() == "ssh-ed25519 AAAAjob vmwn-job:1\n"
+        with open(os.path.join(guestd.guest_home, ".ssh", "config")) as f:
+            assert f.read() == "Host x\n"  # the rest of ~/.ssh is the user's to have
+        with open(os.path.join(guestd.guest_home, "result.txt"), "w") as f:
+            f.write("out\n")
+        res = transfer.pull(sftp, guestd.guest_home, str(home), 1 << 20)
+        sftp.close()
+    finally:
+        g.close()
+    assert (home / "result.txt").read_text() == "out\n"
+    assert (home / ".ssh" / "authorized_keys").read_text() == "ssh-ed25519 AAAAuser me@laptop\n"
+    assert not (home / transfer.CONTROL).exists()
+    assert res.problems == []

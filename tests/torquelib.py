@@ -123,6 +123,11 @@ def leftovers(job_id=None):
     found = []
     cp = run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], check=False)
     found += [f"domain {n}" for n in cp.stdout.split() if n.startswith("vmwn-")]
+    logs = "/var/log/libvirt/qemu"
+    if job_id and os.path.isdir(logs):
+        seq = job_id.split(".")[0].split("[")[0]
+        found += [os.path.join(logs, n) for n in os.listdir(logs)
+                  if n.startswith(f"vmwn-{seq}.") or n.startswith(f"vmwn-{seq}_")]
     for d in (STATE_DIR, OVERLAY_DIR):
         if os.path.isdir(d):
             found += [os.path.join(d, n) for n in os.listdir(d) if not n.startswith(".")]

@@ -306,6 +306,8 @@ def destroy(cfg, job_id, grace=0.0):
                 removed.append(f"domain {other}")
     finally:
         conn.close()
+    if virt.remove_domain_log(cfg.site["libvirt_uri"], name):
+        removed.append(f"libvirt log of {name}")
     for what in removed:
         log.info("removed %s", what)
     return removed + _remove_files(cfg, job_id, st, log)

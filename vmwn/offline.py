@@ -148,7 +148,7 @@ def _extract_as_user(debugfs, e2fsck, raw, out, output_dir, user):
         tree = os.path.join(tree, names[0])
     home = posixpath.join(GUEST_HOME, user)
     ctl = posixpath.join(home, transfer.CONTROL)
-    skip = [transfer.CONTROL] if posixpath.dirname(ctl) == output_dir.rstrip("/") else []
+    skip = list(transfer.GUEST_OWN) if posixpath.dirname(ctl) == output_dir.rstrip("/") else []
     if src == "/":
         skip.append("lost+found")
     return {"tree": tree, "mount": mount, "skip": skip,

@@ -16,10 +16,15 @@ def context(*, job_id, instance_id, hostname, user, uid, gid, group, shell, work
             hostkey, userkey):
     """The variables the seed templates use (documented in docs/admin-guide.md)."""
     return dict(job_id=job_id, instance_id=instance_id, hostname=hostname, user=user, uid=uid,
-                gid=gid, group=group, shell=shell, workdir=workdir,
+                gid=gid, group=group, shell=shell, workdir=workdir, home=guest_home(user),
                 authorized_key=userkey.public_line,
                 host_key_private=hostkey.private_openssh.rstrip("\n"),
                 host_key_public=hostkey.public_line)
+
+
+def guest_home(user):
+    """The job user's home in the guest (cloud-init's and the tiny guest's default)."""
+    return f"/home/{user}"
 
 
 def render(tmpl, ctx):

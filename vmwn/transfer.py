@@ -34,6 +34,16 @@ from .errors import GuestLost, SiteError, UserError
 log = logging.getLogger(__name__)
 
 CONTROL = ".vmwn"
+# The guest's own files, relative to the job user's home there: the control
+# directory and the per-job key that lets the starter and the epilogue in.
+# A job submitted from $HOME must neither overwrite them at stage-in (its own
+# ~/.ssh/authorized_keys would lock vmwn out) nor get them back at harvest.
+GUEST_OWN = (CONTROL, ".ssh/authorized_keys")
+
+
+def guest_own(home):
+    """Absolute guest paths of :data:`GUEST_OWN` for the guest home ``home``."""
+    return frozenset(posixpath.join(home, p) for p in GUEST_OWN)
 MANIFEST = "manifest.json"
 CHUNK = 32768
 _MAX_MANIFEST = 64 << 20
@@ -159,10 +169,13 @@ def stage_in(guest, host_dir, guest_dir, max_bytes, sftp=None):
     sftp = sftp or guest.sftp()
     try:
         _guest_makedirs(sftp, guest_dir)
+        guests = guest_own(sftp.normalize("."))
         dirs = []
         for rel, kind, st in entries:
             dst = posixpath.join(guest_dir, rel)
             src = os.path.join(host_dir, rel)
+            if dst in guests or any(dst.startswith(o + "/") for o in guests):
+                continue
             if kind == "dir":
                 try:
                     sftp.mkdir(dst, 0o700)
@@ -382,7 +395,9 @@ def _valid_name(name):
 def pull(sftp, guest_dir, host_dir, cap):
     """Copy new and changed regular files from ``guest_dir`` into ``host_dir``."""
     res = HarvestResult()
-    ctl = posixpath.join(sftp.normalize("."), CONTROL)
+    home = sftp.normalize(".")
+    ctl = posixpath.join(home, CONTROL)
+    guests = guest_own(home)
     staged, staged_dirs = read_manifest(sftp, ctl)
     tree = _HostTree(host_dir)
 
@@ -406,7 +421,7 @@ def pull(sftp, guest_dir, host_dir, cap):
                 continue
             gpath = posixpath.join(gdir, a.filename)
             r = posixpath.join(rel, a.filename) if rel else a.filename
-            if gpath == ctl:
+            if gpath in guests:
                 continue
             mode = a.st_mode or 0
             if stat.S_ISDIR(mode):
@@ -535,7 +550,7 @@ def write_tree(src_dir, host_dir, cap, staged=None, skip=()):
     For output recovered from a dead guest's disk (``vmwn.offline``): the same
     symlink-safe writer, cap and manifest rule, with ``staged`` mapping a path
     relative to ``src_dir`` to its stage-in (size, mtime) and ``skip`` naming
-    top-level entries never copied.  Runs as the job user.
+    paths relative to ``src_dir`` never copied.  Runs as the job user.
     """
     staged = staged or {}
     res = HarvestResult()
@@ -558,7 +573,7 @@ def write_tree(src_dir, host_dir, cap, staged=None, skip=()):
     def walk(sfd, rel):
         for name in sorted(os.listdir(sfd)):
             r = posixpath.join(rel, name) if rel else name
-            if not rel and name in skip:
+            if r in skip:
                 continue
             a = os.stat(name, dir_fd=sfd, follow_symlinks=False)
             if stat.S_ISDIR(a.st_mode):

@@ -6,6 +6,7 @@ virdomain: "no such domain" means the work is already done.
 """
 
 import logging
+import os
 import time
 
 from .domain import METADATA_NS, parse_metadata_element
@@ -165,3 +166,19 @@ def set_paused(conn, name, paused):
     except lv.libvirtError as e:
         raise TransientError(f"cannot {'pause' if paused else 'resume'} domain {name}: "
                              f"{_msg(e)}", "check libvirtd") from None
+
+
+# Where libvirt's system QEMU driver writes each domain's own log (QEMU's
+# command line and stderr); it outlives the transient domain.
+QEMU_LOG_DIR = "/var/log/libvirt/qemu"
+
+
+def remove_domain_log(uri, name):
+    """Remove the log libvirt kept for domain ``name``; True if there was one."""
+    if not uri.startswith("qemu:///system") or "/" in name:
+        return False
+    try:
+        os.unlink(os.path.join(QEMU_LOG_DIR, f"{name}.log"))
+        return True
+    except FileNotFoundError:
+        return False

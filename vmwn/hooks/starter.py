@@ -236,7 +236,7 @@ def guest_env(environ, guest_has_tmpdir=False):
     return out
 
 
-def build_command(pidfile, start_dir, env_items, argv):
+def build_command(pidfile, start_dir, env_items, argv, umask=None):
     """The one guest command line; every job-supplied string goes through shlex.quote.
 
     The guest user's shell records its PID (sshd made it a session and
@@ -254,10 +254,19 @@ def build_command(pidfile, start_dir, env_items, argv):
         d = quote(start_dir)
         cd = (f"{{ cd -- {d} 2>/dev/null || {{ echo \"vmwn: {_sh_text(start_dir)} does not "
               f"exist in the virtual machine; starting in $HOME\" >&2; cd \"$HOME\"; }}; }}")
-    parts = [f"echo $$ > {quote(pidfile)}", cd,
+    parts = [f"echo $$ > {quote(pidfile)}", cd]
+    if umask is not None:  # the job's umask, as pbs_mom set it for the native job
+        parts.append(f"umask {int(umask) & 0o777:03o}")
+    parts += [
              "exec env -i " + guest_own + "".join(" " + quote(f"{k}={v}") for k, v in env_items)
              + "".join(" " + quote(a) for a in argv)]
     return " && ".join(parts)
+
+
+def current_umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
 
 
 def _sh_text(text):
@@ -319,8 +328,19 @@ def _await_guest(sock_path, mode):
     import time
     import types
     from .. import warden
+    import signal
     t0 = time.monotonic()
-    answer, wsock = warden.wait_answer(sock_path)
+
+    def ended(signum, frame):  # qdel while the guest boots: say so, end as a native job
+        _say(f"the job was ended by {signal.Signals(signum).name} while its virtual "
+             "machine was starting")
+        _die_of(signum)
+    old = {s: signal.signal(s, ended) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        answer, wsock = warden.wait_answer(sock_path)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
     if not answer.get("ready"):
         wsock.close()
         raise warden.answer_error(answer)
@@ -366,7 +386,8 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
             if mode != "task" and not _guest_has(sftp, shell):
                 fallback = cfg.environments[st.env].ssh_user_shell if st.env in \
                     cfg.environments else "/bin/sh"
-                _say(f"{shell} does not exist in environment {st.env}; using {fallback}")
+                if mode != "batch" or not script.startswith(b"#!"):  # else its #! decides
+                    _say(f"{shell} does not exist in environment {st.env}; using {fallback}")
                 shell = fallback
             tmpdir = environ.get("TMPDIR")
             has_tmp = bool(tmpdir) and _guest_has(sftp, tmpdir, stat.S_ISDIR)
@@ -395,7 +416,8 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
         finally:
             sftp.close()
         pidfile = posixpath.join(ctl, tag + ".pid")
-        command = build_command(pidfile, start_dir(environ), guest_env(environ, has_tmp), argv)
+        command = build_command(pidfile, start_dir(environ), guest_env(environ, has_tmp), argv,
+                                current_umask())
         interactive = mode == "interactive"
         term = environ.get("TERM") or "vt100"
         size = _tty_size() if interactive else (80, 24)
