@@ -176,14 +176,3 @@ def test_a_failed_boot_reaches_the_starter_as_one_line(site):
     t.join(5)
     assert not t.is_alive()  # the warden ends with its job starter
 
-
-def test_adoption_asks_pbs_track_for_exactly_this_process_and_job(tmp_path):
-    calls = tmp_path / "calls"
-    fake = tmp_path / "pbs_track"
-    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
-    fake.chmod(0o755)
-    pbs.adopt(str(fake), 4242, "12[3].srv")
-    assert calls.read_text() == "-a 4242 -j 12[3].srv\n"
-    fake.write_text("#!/bin/sh\necho 'pbs_track: permission denied' >&2\nexit 1\n")
-    with pytest.raises(errors.SiteError, match="permission denied"):
-        pbs.adopt(str(fake), 4242, "12.srv")

@@ -26,11 +26,10 @@ OVERLAY_DIR = "/var/lib/vmwn/overlays"
 
 # Environments only the Torque tests use: 'stuck' boots a kernel whose init
 # never starts (the guest never answers), 'ghost' names a missing image.
-TEST_ENVS = f"""
+TEST_ENVS = """
 [site]
 boot_attempts = 2
 start_attempts = 2
-pbs_track = {PREFIX}/bin/pbs_track
 
 [env stuck]
 description = a guest that never boots (tests only)

@@ -168,9 +168,6 @@ SITE_KEYS = {k.name: k for k in [
     _k("harvest_max", "10G", _str,
        "Most bytes the epilogue copies back from the guest's working directory."),
     _k("pbs_home", "/var/spool/torque", _abspath, "Torque's PBS_HOME on this node."),
-    _k("pbs_track", None, _abspath,
-       "Torque's pbs_track: when set, each job's QEMU is adopted into the job, so pbs_mom "
-       "counts its CPU time and memory and enforces cput/mem limits on it."),
     _k("syslog", True, _bool, "Send one line per lifecycle step to syslog (LOG_DAEMON)."),
     _k("debug_log", None, _abspath, "Also append DEBUG lines to this file."),
 ]}

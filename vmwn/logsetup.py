@@ -70,3 +70,25 @@ def setup(verbose=False, syslog=True, debug_log=None, stderr=True):
             root.addHandler(f)
     for noisy in ("paramiko",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def restart(syslog=True, debug_log=None):
+    """Close the handlers a forked child inherited and set up syslog and the debug
+    log again, without stderr (for the job's warden).  Returns the descriptors the
+    new handlers use, which the caller must keep open."""
+    root = logging.getLogger()
+    for h in root.handlers[:]:
+        root.removeHandler(h)
+        h.close()
+    root._vmwn_configured = False
+    setup(syslog=syslog, debug_log=debug_log, stderr=False)
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
+    fds = set()
+    for h in root.handlers:
+        for obj in (getattr(h, "stream", None), getattr(h, "socket", None)):
+            try:
+                fds.add(obj.fileno())
+            except (AttributeError, OSError, ValueError):
+                pass
+    return fds

@@ -337,15 +337,3 @@ def prologalarm(pbs_home):
     except ValueError:
         return DEFAULT_PROLOGALARM
 
-
-def adopt(pbs_track, pid, job_id, timeout=15):
-    """Make pbs_mom count process ``pid`` as part of ``job_id`` (``pbs_track -a``).
-
-    QEMU runs under libvirtd, outside the job's session, so pbs_mom neither
-    counts nor limits it until it is adopted: then its CPU time and memory are
-    in resources_used, cput/mem limits apply, and pbs_mom kills it with the
-    job.  Needs root and a running job (measured under Torque 6.1).
-    """
-    from . import subp
-    subp.run([pbs_track, "-a", str(int(pid)), "-j", job_id], timeout=timeout,
-             fix="check [site] pbs_track and that pbs_mom runs the job")

@@ -108,7 +108,9 @@ def spawn(cfg, st, listener):
             os.close(w)
             os.read(go_r, 1)  # EOF when the prologue has recorded this pid (or died)
             os.close(go_r)
-            _detach(listener.fileno())
+            from .logsetup import restart
+            logs = restart(syslog=cfg.site["syslog"], debug_log=cfg.site["debug_log"])
+            _detach({listener.fileno(), *logs})
             code = 0
             try:
                 Warden(cfg, st.job_id, listener).run()
@@ -139,14 +141,18 @@ def spawn(cfg, st, listener):
     return gpid
 
 
-def _detach(keep_fd):
-    """stdio to /dev/null (they are the job's .o/.e files), other fds closed, umask 022."""
+def _detach(keep):
+    """stdio to /dev/null (they are the job's .o/.e files), every other fd but ``keep``
+    closed, umask 022."""
     nul = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(nul, fd)
     os.close(nul)
-    os.closerange(3, keep_fd)
-    os.closerange(keep_fd + 1, 65536)
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
     os.umask(0o022)
     os.chdir("/")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -162,7 +168,6 @@ class Warden:
         self.cfg, self.job_id, self.listener = cfg, job_id, listener
         self.log = job_logger(__name__, job_id)
         self.answer = None          # bytes: the JSON line every starter gets
-        self.answer_ready = False   # the answer is "ready" (a guest runs)
         self.conns = {}             # socket -> (pid, buffered bytes)
         self.primary = None         # the first starter's socket (the job's own)
         self.dom_name = None
@@ -173,7 +178,6 @@ class Warden:
         self.dom_name = st.domain
         try:
             self.answer = self._boot(st)
-            self.answer_ready = json.loads(self.answer).get("ready", False)
             self._serve()
         except Stop:
             self.log.info("warden stopped by SIGTERM")
@@ -261,24 +265,6 @@ class Warden:
         self.conns[conn] = b""
         if self.primary is None:
             self.primary = conn
-            if self.answer_ready:
-                self._adopt()
-
-    def _adopt(self):
-        """Hand the job's QEMU to pbs_mom's accounting, once the job runs (its starter
-        is connected).  Failing that, the job runs uncounted: said in the log."""
-        track = self.cfg.site["pbs_track"]
-        if not track:
-            return
-        from . import pbs
-        try:
-            with open(f"/run/libvirt/qemu/{self.dom_name}.pid", encoding="ascii") as f:
-                qemu = int(f.read().strip())
-            pbs.adopt(track, qemu, self.job_id)
-            self.log.info("QEMU %d adopted into the job: pbs_mom counts and limits it", qemu)
-        except (OSError, ValueError, VmwnError) as e:
-            self.log.warning("cannot adopt QEMU into the job (%s): its usage is not counted",
-                             e.line() if isinstance(e, VmwnError) else e)
 
     def _read(self, conn):
         """Handle what a starter sent; False when it closed."""
