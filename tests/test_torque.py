@@ -278,3 +278,61 @@ def test_native_job_pays_no_vmwn_output(cluster, workdir):
     assert err == "to-stderr\n", err
     assert subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip() in out
 
+
+
+def test_a_job_from_home_keeps_the_users_ssh_keys_and_its_output(cluster, test_user):
+    # Most users submit from $HOME, and most have ~/.ssh/authorized_keys.
+    home = test_user.pw_dir
+    ssh = os.path.join(home, ".ssh")
+    os.makedirs(ssh, exist_ok=True)
+    keys = os.path.join(ssh, "authorized_keys")
+    mine = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMine me@laptop\n"
+    with open(keys, "w") as f:
+        f.write(mine)
+    for p in (ssh, keys):
+        os.chown(p, test_user.pw_uid, test_user.pw_gid)
+    os.chmod(ssh, 0o700)
+    os.chmod(keys, 0o600)
+    out_file = os.path.join(home, "from-home.txt")
+    try:
+        job = cluster.submit(home, '#!/bin/sh\ncd "$PBS_O_WORKDIR"\necho kept > from-home.txt\n',
+                             "-l other=vmwn=tiny", name="home.sh")
+        st = cluster.wait(job)
+        out, err = cluster.wait_output(home, job, name="home.sh")
+        assert st["exit_status"] == "0", (st, err)
+        with open(out_file) as f:
+            assert f.read() == "kept\n"
+        # The job's umask (077 from pbs_mom) held in the guest: private, as natively.
+        assert os.stat(out_file).st_mode & 0o777 == 0o600
+        with open(keys) as f:
+            assert f.read() == mine
+        assert not os.path.exists(os.path.join(home, ".vmwn"))
+        assert torquelib.wait_clean(job) == []
+    finally:
+        for p in (out_file, os.path.join(home, "home.sh")):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+@pytest.mark.slow
+@needs_image("debian12")
+def test_debian12_runs_a_job_submitted_below_home(cluster, workdir):
+    job = cluster.submit(workdir, JOB, "-l other=vmwn=debian12")
+    st = cluster.wait(job, timeout=600)
+    out, err = cluster.wait_output(workdir, job)
+    assert st["exit_status"] == "3", (st, out, err)
+    assert "host=vmwn-" in out
+    with open(os.path.join(workdir, "result.txt")) as f:
+        assert f.read() == "data\n"
+    assert torquelib.wait_clean(job, timeout=60) == []
+
+
+def test_qdel_while_the_guest_boots_says_so(cluster, workdir):
+    job = cluster.submit(workdir, JOB, "-l other=vmwn=stuck")
+    cluster.wait(job, states=("R",), timeout=60)
+    time.sleep(2)
+    torquelib.run(["qdel", job])
+    cluster.wait(job, timeout=120)
+    out, err = cluster.wait_output(workdir, job)
+    assert "ended by SIGTERM while its virtual machine was starting" in err, err
+    assert torquelib.wait_clean(job, timeout=60) == []
