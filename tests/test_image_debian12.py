@@ -31,7 +31,7 @@ READY_LINE = "vmwn-guest: ready"
 JOB = {"job_id": "4711[2].ce.example.org", "hostname": "vmwn-4711-2",
        "instance_id": "vmwn-4711-2-boot", "user": "alice.w", "uid": 23417,
        "group": "hep-users", "gid": 31337, "shell": "/bin/sh",
-       "workdir": "/scratch/alice w/job: 4711 #2"}
+       "workdir": "/scratch/alice w/job: 4711 #2", "home": "/home/alice.w"}
 
 
 # --- apt sources: the host's Debian mirror, nothing else ---------------------
