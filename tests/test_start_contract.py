@@ -176,3 +176,15 @@ def test_a_failed_boot_reaches_the_starter_as_one_line(site):
     t.join(5)
     assert not t.is_alive()  # the warden ends with its job starter
 
+
+
+def test_a_state_directory_vmwn_may_not_use_aborts_instead_of_looping(site, capsys):
+    # Neither a count nor a refusal can be written: a requeue could loop without
+    # end, so the job is aborted (exit 1) and the reason is on its stderr.
+    cfg = site[0]
+    os.makedirs(cfg.site["state_dir"], mode=0o777)
+    os.chmod(cfg.site["state_dir"], 0o777)  # writable by all: vmwn refuses to use it
+    assert _prologue(site, "other=vmwn=ghost") == 1
+    assert _prologue(site, "other=vmwn=nosuch") == 1
+    err = capsys.readouterr().err
+    assert "cannot be counted" in err and "cannot be recorded" in err

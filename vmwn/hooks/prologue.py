@@ -108,9 +108,9 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     except errors.VmwnError as e:
         try:
             n = state.count_start(cfg, args.job_id)
-        except OSError as e2:  # no count, no bound on requeues: abort instead
+        except (OSError, errors.VmwnError) as e2:  # no count, no bound on requeues: abort
             raise errors.NodeBroken(f"{e.problem}; and the job's starts cannot be counted "
-                                    f"({e2.strerror})", e.fix) from None
+                                    f"({_why(e2)})", e.fix) from None
         limit = cfg.site["start_attempts"]
         if n < limit:
             jlog.warning("start %d of %d failed: %s", n, limit, e.line())
@@ -131,11 +131,15 @@ def _refuse(cfg, job_id, error, jlog):
     jlog.warning("job refused: %s", error.line())
     try:
         state.write_refusal(cfg, job_id, error)
-    except OSError as e:
+    except (OSError, errors.VmwnError) as e:
         raise errors.NodeBroken(f"{error.problem}; and the refusal cannot be recorded "
-                                f"({e.strerror})", error.fix) from None
+                                f"({_why(e)})", error.fix) from None
     state.clear_starts(cfg, job_id)
     return 0
+
+
+def _why(e):
+    return e.problem if isinstance(e, errors.VmwnError) else (e.strerror or str(e))
 
 
 def _teardown(cfg, job_id):
