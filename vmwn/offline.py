@@ -26,7 +26,7 @@ import struct
 import tempfile
 import time
 
-from . import privs, subp, transfer
+from . import privs, seed, subp, transfer
 from .errors import GuestLost, SiteError, UserError
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 # without a known label that holds ROOT_MARK is the guest's root filesystem.
 MOUNTS = {"vmwn-home": "/home"}
 ROOT_MARK = "/etc/debian_version"
-GUEST_HOME = "/home"            # where vmwn's guests put the job user's home
 _MAX_MANIFEST = 64 << 20
 _MAX_LISTED_DIRS = 20000
 _MAX_SPECIALS = 50
@@ -146,7 +145,7 @@ def _extract_as_user(debugfs, e2fsck, raw, out, output_dir, user):
             raise GuestLost(f"debugfs did not extract {output_dir} from the VM's disk",
                             "nothing could be recovered")
         tree = os.path.join(tree, names[0])
-    home = posixpath.join(GUEST_HOME, user)
+    home = seed.guest_home(user)
     ctl = posixpath.join(home, transfer.CONTROL)
     skip = list(transfer.GUEST_OWN) if posixpath.dirname(ctl) == output_dir.rstrip("/") else []
     if src == "/":
