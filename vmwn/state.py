@@ -80,7 +80,12 @@ def root_dir(cfg):
 
 
 def job_dir(cfg, job_id):
-    return os.path.join(root_dir(cfg), safe_name(job_id))
+    return job_dir_in(root_dir(cfg), job_id)
+
+
+def job_dir_in(state_dir, job_id):
+    """The job's directory under ``state_dir`` (for the starter, which has no config)."""
+    return os.path.join(state_dir, safe_name(job_id))
 
 
 def state_path(cfg, job_id):
@@ -182,8 +187,17 @@ def _job_dirs(cfg):
 REFUSAL_NAME = "refused"
 
 
+# The job's warden listens here (vmwn.warden); its existence marks a VM job for
+# the job starter, which must decide cheaply (stdlib only) for every job.
+WARDEN_SOCKET = "warden.sock"
+
+
+def warden_socket(state_dir, job_id):
+    return os.path.join(job_dir_in(state_dir, job_id), WARDEN_SOCKET)
+
+
 def refusal_path(state_dir, job_id):
-    return os.path.join(state_dir, safe_name(job_id), REFUSAL_NAME)
+    return os.path.join(job_dir_in(state_dir, job_id), REFUSAL_NAME)
 
 
 def write_refusal(cfg, job_id, error):

@@ -34,7 +34,6 @@ from . import lifecycle, state as statemod
 from .errors import GuestLost, SiteError, TransientError, VmwnError
 from .logsetup import job_logger
 
-SOCKET_NAME = "warden.sock"
 IDLE_LIMIT = 300.0       # seconds without any starter after the answer is known
 SLOT_WAIT_LIMIT = 900.0  # seconds a boot may wait for a free slot
 BACKOFF_FIRST = 2.0      # seconds before the second attempt; doubles after that
@@ -44,14 +43,10 @@ STARTER_FIELDS = ("job_id", "domain", "env", "user", "uid", "gid", "bind_address
                   "memory_mib")
 
 
-def socket_path(cfg, job_id):
-    return os.path.join(statemod.job_dir(cfg, job_id), SOCKET_NAME)
-
-
 def listen(cfg, st):
     """The warden's listening socket, made by the prologue so that it exists when the
     starter looks for it.  Owned by the job's user, mode 0600."""
-    path = socket_path(cfg, st.job_id)
+    path = statemod.warden_socket(cfg.site["state_dir"], st.job_id)
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -168,9 +163,10 @@ class Warden:
         self.cfg, self.job_id, self.listener = cfg, job_id, listener
         self.log = job_logger(__name__, job_id)
         self.answer = None          # bytes: the JSON line every starter gets
-        self.conns = {}             # socket -> (pid, buffered bytes)
+        self.conns = {}             # socket -> bytes received, not yet a whole line
         self.primary = None         # the first starter's socket (the job's own)
         self.dom_name = None
+        self.owner = None           # the job user's uid, the only one answered (and root)
 
     def run(self):
         signal.signal(signal.SIGTERM, self._on_term)
@@ -252,8 +248,9 @@ class Warden:
         except OSError:
             return
         pid, uid, _ = peer_credentials(conn)
-        st_uid = statemod.load(self.cfg, self.job_id).uid
-        if uid not in (st_uid, 0):
+        if self.owner is None:
+            self.owner = statemod.load(self.cfg, self.job_id).uid
+        if uid not in (self.owner, 0):
             self.log.warning("refused a connection from uid %d (pid %d)", uid, pid)
             conn.close()
             return

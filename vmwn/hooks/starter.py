@@ -47,8 +47,8 @@ def main(argv=None, config_path=None, state_dir=None, pbs_home=None):
     """Entry point; returns the job's exit status (or dies of the job's signal).
 
     ``config_path``, ``state_dir`` and ``pbs_home`` are baked in at install
-    time (None: from the configuration).  The environment is the job's own (``qsub -v``), so it never
-    chooses them: a job could otherwise name a state_dir without its record
+    time (None: from the configuration).  The environment is the job's own
+    (``qsub -v``), so it never chooses them: a job could otherwise name a state_dir without its record
     and run on the host instead of in its VM.  Whether the job has a VM is
     told by its directory in the state directory alone, so a job without one
     runs natively even when vmwn.conf is missing or broken.
@@ -72,7 +72,7 @@ def main(argv=None, config_path=None, state_dir=None, pbs_home=None):
             if refusal is not None:
                 from ..warden import answer_error
                 raise answer_error(refusal)
-            sock = os.path.join(state_dir, state.safe_name(job_id), "warden.sock")
+            sock = state.warden_socket(state_dir, job_id)
             if os.path.exists(sock):
                 if cfg is None:
                     from .. import config
@@ -243,7 +243,7 @@ def build_command(pidfile, start_dir, env_items, argv, umask=None):
     process-group leader) and execs the job, so that PID is the job's
     process group for signal forwarding.  The job starts in ``start_dir``
     (None: the guest user's home), where a native job would start: the home
-    directory, or qsub -d/-w's directory; one the guest lacks is reported and
+    directory, or qsub -d's directory; one the guest lacks is reported and
     the home directory used instead.
     """
     from shlex import quote
