@@ -55,7 +55,8 @@ class Node:
                     f"pbs_home = {root}/torque\nimage_dir = {IMAGE_DIR}\nsyslog = no\n"
                     f"debug_log = {self.debug_log}\nport_range = 43000-43499\n"
                     f"boot_timeout = 120\nboot_attempts = 2\n{site_extra}\n"
-                    f"[env tiny]\n{tiny}cmdline = console=ttyS0 quiet\n\n"
+                    f"[env tiny]\n{tiny}cmdline = console=ttyS0 quiet\ndata = copy\n\n"
+                    f"[env tinymount]\n{tiny}cmdline = console=ttyS0 quiet\n\n"
                     # A guest whose kernel never finds an init: it runs, but SSH never answers.
                     f"[env hang]\n{tiny}cmdline = console=ttyS0 rdinit=/nonexistent\n"
                     "boot_timeout = 8\n")
@@ -250,6 +251,28 @@ def wait_for(pred, timeout, what):
 
 
 # ------------------------------------------------------------------- the faults
+
+def test_guest_killed_mid_job_in_the_mounted_mode_loses_nothing_written(node):
+    script = ('#!/bin/sh\ncd "$PBS_O_WORKDIR"\nhead -c 3000000 /dev/urandom > written.bin\n'
+              'sync\necho started\nsleep 600\n')
+    run = node.job(script, resources=("other=vmwn=tinymount",))
+    assert run.prologue() == 0
+    run.start()
+    run.wait_output("started")
+    with open(os.path.join(run.node.submit, "written.bin"), "rb") as f:
+        before = f.read()
+    assert len(before) == 3000000  # on the host while the job runs
+    os.kill(qemu_pid(run.domain_state().domain), signal.SIGKILL)
+    sid, status, _ = run.join()
+    assert status == GUEST_LOST
+    run.epilogue(status, sid)
+    run.finish()
+    _, err = run.texts()
+    assert "virtual machine was lost" in err and "not copied back" not in err, err
+    with open(os.path.join(run.node.submit, "written.bin"), "rb") as f:
+        assert f.read() == before
+    run.assert_clean()
+
 
 def test_guest_killed_mid_job(node):
     run = node.job()

@@ -31,7 +31,7 @@ READY_LINE = "vmwn-guest: ready"
 JOB = {"job_id": "4711[2].ce.example.org", "hostname": "vmwn-4711-2",
        "instance_id": "vmwn-4711-2-boot", "user": "alice.w", "uid": 23417,
        "group": "hep-users", "gid": 31337, "shell": "/bin/sh",
-       "workdir": "/scratch/alice w/job: 4711 #2", "home": "/home/alice.w"}
+       "workdir": "/scratch/alice w/job: 4711 #2"}
 
 
 # --- apt sources: the host's Debian mirror, nothing else ---------------------
@@ -176,8 +176,10 @@ def boot_and_check(image, kernel, initrd, cmdline, timeout=240, memory_mib=1024)
     """
     host_private, host_public = _keypair()
     user_private, user_public = _keypair()
-    ctx = dict(JOB, authorized_key=user_public, host_key_private=host_private.rstrip("\n"),
-               host_key_public=host_public)
+    from types import SimpleNamespace as Key
+    from vmwn import seed
+    ctx = seed.context(**JOB, userkey=Key(public_line=user_public),
+                       hostkey=Key(public_line=host_public, private_openssh=host_private))
     user_data, meta_data = render_seed(ctx)
     with tempfile.TemporaryDirectory(prefix="vmwn-debian12-test-") as tmp:
         for name, text in (("user-data", user_data), ("meta-data", meta_data)):

@@ -36,13 +36,16 @@ def render(name, **values):
 
 
 def seed_values(**over):
-    v = dict(job_id="42.ce.example.org", instance_id="vmwn-42", hostname="vmwn-42",
-             user="alice", uid=1234, group="physics", gid=2345, shell="/bin/sh",
-             workdir="/home/alice/jobs/42", home="/home/alice",
-             authorized_key="ssh-ed25519 AAAAuser alice@ce",
-             host_key_private="-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\nBBBB\n"
-                              "-----END OPENSSH PRIVATE KEY-----\n",
-             host_key_public="ssh-ed25519 AAAAhost")
+    """The seed's variables as vmwn.seed.context makes them (keys as plain text)."""
+    from types import SimpleNamespace as Key
+    from vmwn import seed
+    v = seed.context(job_id="42.ce.example.org", instance_id="vmwn-42", hostname="vmwn-42",
+                     user="alice", uid=1234, group="physics", gid=2345, shell="/bin/sh",
+                     workdir="/home/alice/jobs/42",
+                     userkey=Key(public_line="ssh-ed25519 AAAAuser alice@ce"),
+                     hostkey=Key(public_line="ssh-ed25519 AAAAhost",
+                                 private_openssh="-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n"
+                                                 "BBBB\n-----END OPENSSH PRIVATE KEY-----\n"))
     v.update(over)
     return v
 
@@ -125,7 +128,8 @@ def test_parser_decodes_json_strings_exactly(tmp_path, workdir):
     ("#cloud-config\nhostname: \"x\n", "unterminated"),
     ("#cloud-config\nhostname: x\n", "double-quoted"),
     ("#cloud-config\nhostname: \"x\" trailing\n", "text after"),
-    ("#cloud-config\nruncmd:\n  - [reboot]\n", "unsupported key runcmd"),
+    ("#cloud-config\nwrite_files:\n  - path: /etc/x\n", "unsupported key write_files"),
+    ("#cloud-config\nruncmd:\n  - [rm, -rf, 'x']\n", "unsupported runcmd argument"),
     ("#cloud-config\nbootcmd:\n  - [rm, -rf, 'x']\n", "unsupported bootcmd argument"),
     ("#cloud-config\nhostname: \"h\"\n", "no user"),
 ])
@@ -200,6 +204,8 @@ def test_build_is_a_no_op_when_the_files_exist(tmp_path, capsys, no_subprocesses
     d.mkdir(parents=True)
     for f in ("disk.qcow2", "vmlinuz", "initrd.img"):
         (d / f).write_text("x")
+    from vmwn import images
+    (d / ".vmwn-recipe").write_text(images.recipe("tiny") + "\n")  # built by this vmwn
     assert cli.main(["--config", conf, "image", "build", "tiny"]) == 0
     assert capsys.readouterr().out == "tiny: up to date\n"
     assert cli.main(["--config", conf, "image", "list"]) == 0

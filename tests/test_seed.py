@@ -16,12 +16,11 @@ TEMPLATES = os.path.join(ROOT, "templates")
 def ctx(**kw):
     host = keys.generate("vmwn-host:test")
     user = keys.generate("vmwn-job:test")
-    c = dict(job_id="5.srv", instance_id="vmwn-5", hostname="vmwn-5", user="alice", uid=1234,
-             gid=2345, group="grp", shell="/bin/sh", workdir="/home/alice/run", home="/home/alice",
-             authorized_key=user.public_line, host_key_private=host.private_openssh.rstrip("\n"),
-             host_key_public=host.public_line)
-    c.update(kw)
-    return c, host, user
+    args = dict(job_id="5.srv", instance_id="vmwn-5", hostname="vmwn-5", user="alice",
+                uid=1234, gid=2345, group="grp", shell="/bin/sh", workdir="/home/alice/run",
+                hostkey=host, userkey=user)
+    args.update(kw)
+    return seed.context(**args), host, user
 
 
 @pytest.mark.parametrize("workdir", [

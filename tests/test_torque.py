@@ -6,6 +6,7 @@ The mom runs with its default umask (077 for the job and so for the prologue).
 """
 
 import os
+import stat
 import shutil
 import subprocess
 import tempfile
@@ -336,3 +337,87 @@ def test_qdel_while_the_guest_boots_says_so(cluster, workdir):
     out, err = cluster.wait_output(workdir, job)
     assert "ended by SIGTERM while its virtual machine was starting" in err, err
     assert torquelib.wait_clean(job, timeout=60) == []
+
+
+# A tree real users make, written by the job in the guest: names that are not
+# UTF-8 at several depths, thousands of directories, a deep tree, a big sparse
+# file, a symlink, a fifo, a mode the umask must shape.
+HOSTILE_JOB = r"""#!/bin/sh
+cd "$PBS_O_WORKDIR" || exit 9
+mkdir -p out && cd out || exit 9
+n=$(printf 'r\351sultat')
+mkdir -p "$n/sub/$n" && printf one > "$n.txt" && printf two > "$n/sub/$n/$n"
+i=0
+while [ $i -lt 1200 ]; do mkdir "d$i" && printf "$i" > "d$i/f"; i=$((i + 1)); done
+p=deep; i=0
+while [ $i -lt 300 ]; do p="$p/d"; i=$((i + 1)); done
+mkdir -p "$p" && printf bottom > "$p/leaf"
+dd if=/dev/zero of=sparse.img bs=1 count=0 seek=1073741824 2>/dev/null
+printf head | dd of=sparse.img conv=notrunc 2>/dev/null
+ln -s "$n.txt" link
+mkfifo fifo
+mkdir open && chmod 777 open && printf x > open/f
+echo done-writing
+"""
+
+
+def _tree_bytes(root):
+    out = {}
+    for dirpath, dirs, files in os.walk(os.fsencode(root)):
+        for n in files:
+            p = os.path.join(dirpath, n)
+            if os.path.islink(p) or not os.path.isfile(p):
+                continue
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, os.fsencode(root))] = f.read(64)
+    return out
+
+
+@pytest.mark.parametrize("env", ["tiny", "tinycopy"])
+def test_a_hostile_tree_comes_back_whole_in_both_data_modes(cluster, workdir, env):
+    job = cluster.submit(workdir, HOSTILE_JOB, f"-l other=vmwn={env}")
+    st = cluster.wait(job, timeout=600)
+    out, err = cluster.wait_output(workdir, job)
+    assert st["exit_status"] == "0", (st, out, err)
+    assert "done-writing" in out
+    o = os.path.join(os.fsencode(workdir), b"out")
+    n = b"r\xe9sultat"
+    files = _tree_bytes(o)
+    assert files[n + b".txt"] == b"one"
+    assert files[b"/".join([n, b"sub", n, n])] == b"two"
+    assert sum(1 for k in files if k.startswith(b"d") and k.endswith(b"/f")) == 1200
+    assert files[b"/".join([b"deep"] + [b"d"] * 300 + [b"leaf"])] == b"bottom"
+    sparse = os.stat(os.path.join(o, b"sparse.img"))
+    assert sparse.st_size == 1 << 30 and sparse.st_blocks * 512 < 64 << 20
+    assert files[b"sparse.img"][:4] == b"head"
+    # the job's umask (077 from pbs_mom) shapes what the guest's chmod 777 made
+    if env == "tinycopy":  # copy: the harvest applies it; a guest symlink and fifo stay
+        assert os.stat(os.path.join(o, b"open")).st_mode & 0o777 == 0o700
+        assert not os.path.lexists(os.path.join(o, b"link"))
+        assert "not copied back" not in err or "symlink" in err
+    else:  # mounted: the job wrote the host's files itself, as a native job does
+        assert os.readlink(os.path.join(o, b"link")) == n + b".txt"
+        assert stat.S_ISFIFO(os.lstat(os.path.join(o, b"fifo")).st_mode)
+    assert not [k for k in files if k.endswith(b".tmp")]
+    assert torquelib.wait_clean(job, timeout=60) == []
+
+
+@pytest.mark.slow
+@needs_image("debian12")
+def test_debian12_runs_a_job_submitted_from_home(cluster, test_user):
+    home = test_user.pw_dir
+    out_file = os.path.join(home, "from-home-debian12.txt")
+    try:
+        job = cluster.submit(home, '#!/bin/sh\ncd "$PBS_O_WORKDIR"\necho kept > '
+                             'from-home-debian12.txt\n', "-l other=vmwn=debian12",
+                             name="home12.sh")
+        st = cluster.wait(job, timeout=600)
+        out, err = cluster.wait_output(home, job, name="home12.sh")
+        assert st["exit_status"] == "0", (st, err)
+        with open(out_file) as f:
+            assert f.read() == "kept\n"
+        assert torquelib.wait_clean(job, timeout=60) == []
+    finally:
+        for p in (out_file, os.path.join(home, "home12.sh")):
+            if os.path.exists(p):
+                os.unlink(p)

@@ -232,8 +232,9 @@ def test_manifest_round_trip(guestd, tmp_path):
     try:
         sftp = g.sftp()
         ctl = transfer.control_dir(sftp)
-        transfer.write_manifest(sftp, ctl, {"files": {"/w/a": [3, 7]}, "dirs": ["/w"]})
-        assert transfer.read_manifest(sftp, ctl) == ({"/w/a": (3, 7)}, {"/w"})
+        transfer.write_manifest(sftp, ctl, {"files": {"/w/a": [3, 7]}, "dirs": ["/w"],
+                                            "umask": 0o027})
+        assert transfer.read_manifest(sftp, ctl) == ({"/w/a": (3, 7)}, {"/w"}, 0o027)
         with open(os.path.join(ctl, "manifest.json"), "w") as f:
             f.write("{not json")
         assert transfer.read_manifest(sftp, ctl) == ({}, set())

@@ -48,6 +48,15 @@ class _Handle(SFTPHandle):
         return paramiko.SFTP_OK
 
 
+def _get_text_as_sftp_server_does(self):
+    """OpenSSH's sftp-server takes and gives names as bytes; paramiko's server
+    decodes them strictly.  Like the real one, this double keeps every byte."""
+    return self.get_string().decode("utf-8", "surrogateescape")
+
+
+paramiko.message.Message.get_text = _get_text_as_sftp_server_does
+
+
 class _SFTP(SFTPServerInterface):
     """SFTP on the real file system; relative paths start at the guest home."""
 
@@ -70,7 +79,7 @@ class _SFTP(SFTPServerInterface):
             out = []
             for name in os.listdir(path):
                 a = SFTPAttributes.from_stat(os.lstat(os.path.join(path, name)))
-                a.filename = name
+                a.filename = os.fsencode(name)
                 out.append(a)
             return out
         except OSError as e:

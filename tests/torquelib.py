@@ -25,7 +25,8 @@ STATE_DIR = "/var/lib/vmwn/jobs"
 OVERLAY_DIR = "/var/lib/vmwn/overlays"
 
 # Environments only the Torque tests use: 'stuck' boots a kernel whose init
-# never starts (the guest never answers), 'ghost' names a missing image.
+# never starts (the guest never answers), 'ghost' names a missing image,
+# 'tinycopy' is tiny with the copy data path.
 TEST_ENVS = """
 [site]
 boot_attempts = 2
@@ -39,6 +40,16 @@ cmdline = console=ttyS0 rdinit=/nonexistent panic=0
 accel = qemu
 memory = 256M
 boot_timeout = 6
+
+[env tinycopy]
+description = tiny with the copy data path (tests only)
+image = tiny/disk.qcow2
+kernel = tiny/vmlinuz
+initrd = tiny/initrd.img
+cmdline = console=ttyS0 quiet
+accel = qemu
+memory = 256M
+data = copy
 
 [env ghost]
 description = an environment whose image is missing (tests only)

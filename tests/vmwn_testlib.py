@@ -15,9 +15,12 @@ from vmwn import config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_DIR = os.environ.get("VMWN_TEST_IMAGE_DIR", "/var/lib/vmwn/images")
 
+# The data path these tests exercise is the copy one (their users need not exist
+# on the host); the mounted one has tests of its own (test_mounted.py, Torque).
 ENVS = """
 [env tiny]
 description = tiny test guest
+data = copy
 image = tiny/disk.qcow2
 kernel = tiny/vmlinuz
 initrd = tiny/initrd.img
@@ -28,6 +31,7 @@ boot_timeout = 120
 
 [env debian12]
 description = Debian 12
+data = copy
 image = debian12/disk.qcow2
 kernel = debian12/vmlinuz
 initrd = debian12/initrd.img

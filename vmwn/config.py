@@ -109,6 +109,17 @@ def _abspath(text):
     return os.path.normpath(t)
 
 
+def _path_list(text):
+    """'/home /scratch' (spaces or commas) -> ('/home', '/scratch'), each absolute."""
+    out = []
+    for item in filter(None, re.split(r"[\s,]+", str(text))):
+        p = _abspath(item)
+        if p == "/":
+            raise ValueError("'/' cannot be shared; name the directories")
+        out.append(p)
+    return tuple(out)
+
+
 def _queue_map(text):
     """'batch:tiny, grid:debian12' -> {'batch': 'tiny', 'grid': 'debian12'}."""
     out = {}
@@ -167,6 +178,14 @@ SITE_KEYS = {k.name: k for k in [
        "Largest PBS_O_WORKDIR copied into the guest at job start."),
     _k("harvest_max", "10G", _str,
        "Most bytes the epilogue copies back from the guest's working directory."),
+    _k("shared_paths", (), _path_list,
+       "Host directories every mounted-mode guest also sees at the same path, such as "
+       "'/scratch /cvmfs' (those missing on a node are skipped)."),
+    _k("virtiofsd", "/usr/lib/qemu/virtiofsd", _abspath,
+       "The virtio-fs daemon that serves mounted directories (as the job user)."),
+    _k("qemu_user", "libvirt-qemu", _str,
+       "The account libvirt runs QEMU as (user in qemu.conf); only it may connect to a "
+       "job's virtio-fs sockets."),
     _k("pbs_home", "/var/spool/torque", _abspath, "Torque's PBS_HOME on this node."),
     _k("syslog", True, _bool, "Send one line per lifecycle step to syslog (LOG_DAEMON)."),
     _k("debug_log", None, _abspath, "Also append DEBUG lines to this file."),
@@ -199,6 +218,10 @@ ENV_KEYS = {k.name: k for k in [
     _k("max_vcpus", 4, _int_range(1, 4096), "Most vCPUs a job may get in this environment."),
     _k("memory", "512M", _str, "Memory when the job does not say."),
     _k("max_memory", "4G", _str, "Most memory a job may get in this environment."),
+    _k("data", "mounted", _choice("mounted", "copy"),
+       "How the job's files reach the guest: 'mounted' (virtio-fs: working directory, home "
+       "and [site] shared_paths at their host paths) or 'copy' (copied in at start, harvested "
+       "by the epilogue)."),
     _k("output_dir", "workdir", _str,
        "Where job output lives in the guest: 'workdir' (the path of PBS_O_WORKDIR) "
        "or an absolute guest path."),
@@ -226,6 +249,7 @@ class Environment:
     output_dir: str
     boot_timeout: float
     ssh_user_shell: str
+    data: str = "mounted"
 
     def artefacts(self):
         """The files this environment needs on the node, as (role, path)."""
@@ -390,4 +414,4 @@ def _environment(name, raw, site, origin):
         machine=v["machine"], vcpus=v["vcpus"], max_vcpus=v["max_vcpus"],
         memory_mib=v["memory"], max_memory_mib=v["max_memory"], output_dir=v["output_dir"],
         boot_timeout=v["boot_timeout"] or site["boot_timeout"],
-        ssh_user_shell=v["ssh_user_shell"])
+        ssh_user_shell=v["ssh_user_shell"], data=v["data"])

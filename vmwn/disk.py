@@ -4,11 +4,17 @@ Creating an overlay writes only a header, so it costs the same for a 200 MB
 and a 20 GB base; the base is opened read-only by QEMU and never written.
 """
 
+import glob
 import json
 import os
+import struct
 
 from . import subp
-from .errors import SiteError
+from .errors import SiteError, TransientError
+
+# Room kept free on the overlay file system beyond every guest's disk limit:
+# qcow2 metadata, and the rest of the node.
+ROOM_MARGIN = 256 << 20
 
 
 def overlay_path(cfg, job_id):
@@ -50,3 +56,50 @@ def remove(path):
         return True
     except FileNotFoundError:
         return False
+
+
+def virtual_size(path):
+    """A qcow2 image's virtual size in bytes (from its header); None if not qcow2."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return None
+    if len(head) < 32 or head[:4] != b"QFI\xfb":
+        return None
+    return struct.unpack(">Q", head[24:32])[0]
+
+
+def check_room(cfg, base, job_id):
+    """Refuse a new guest unless every guest on the node can fill its disk.
+
+    A guest's disk limit is its base image's virtual size: the overlay can
+    grow to that and no further.  The new guest needs that much free on the
+    overlay file system, beyond what the running guests may still write
+    (their limit less what their overlay already holds), so one job filling
+    its disk fills only its own and never pauses its neighbours.
+    """
+    need = virtual_size(base)
+    if need is None:
+        return
+    d = cfg.site["overlay_dir"]
+    os.makedirs(d, mode=0o711, exist_ok=True)
+    owed = 0
+    mine = overlay_path(cfg, job_id)
+    for path in glob.glob(os.path.join(glob.escape(d), "*.qcow2")):
+        if path == mine:
+            continue
+        limit = virtual_size(path)
+        try:
+            used = os.stat(path).st_blocks * 512
+        except OSError:
+            continue
+        if limit:
+            owed += max(0, limit - used)
+    vfs = os.statvfs(d)
+    free = vfs.f_bavail * vfs.f_frsize
+    if free - owed < need + ROOM_MARGIN:
+        raise TransientError(
+            f"this node has no room for another guest disk: {free >> 20} MiB free in {d}, "
+            f"{owed >> 20} MiB promised to running guests, {need >> 20} MiB needed",
+            "the job is requeued; the site should free space in [site] overlay_dir")

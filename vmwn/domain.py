@@ -47,7 +47,7 @@ def guest_hostname(job_id):
 
 
 def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, port=0,
-           overlay=None, seed="/dev/null", console_log="/dev/null", created=None):
+           overlay=None, seed="/dev/null", console_log="/dev/null", created=None, shares=()):
     """The domain XML for one job, validated; raises SiteError if the template is unfit."""
     ctx = dict(
         name=domain_name(job_id), job_id=xml_text(job_id), user=xml_text(user),
@@ -57,6 +57,7 @@ def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, 
         env=env, vcpus=int(vcpus or env.vcpus), memory_mib=int(memory_mib or env.memory_mib),
         overlay=overlay if overlay is not None else (env.image and "/dev/null"),
         seed=seed, console_log=console_log,
+        shares=[dict(tag=s.tag, socket=s.socket) for s in shares],
     )
     xml = render_template(cfg.site["template_dir"], env.template, ctx, xml=True)
     check(xml, ctx["name"], ctx["job_id"], f"{cfg.site['template_dir']}/{env.template}")

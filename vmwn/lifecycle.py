@@ -5,11 +5,12 @@ making it, so that a prologue killed at any instant leaves enough behind for
 ``destroy`` (run from any later process) to remove everything.
 """
 
+import dataclasses
 import os
 import re
 import time
 
-from . import disk, keys, ports, seed, state as statemod
+from . import disk, keys, ports, seed, share, state as statemod
 from .domain import domain_name, guest_hostname, render as render_domain
 from .errors import GuestLost, SiteError, TransientError, UserError, VmwnError
 from .logsetup import job_logger
@@ -103,9 +104,15 @@ def _prepare(cfg, spec, timer, log, deadline):
     hostkey = keys.generate(f"vmwn-host:{name}")
     userkey = keys.generate(f"vmwn-job:{name}")
     key_path = keys.write_private(os.path.join(jdir, "id_ed25519"), userkey, spec.uid, spec.gid)
-    ctx = seed.context(job_id=spec.job_id, instance_id=name, hostname=guest_hostname(spec.job_id), user=spec.user,
+    mounted = env.data == "mounted"
+    home = _home_of(spec) if mounted else None
+    shares = share.shares_for(jdir, share.plan(spec.workdir, home, cfg.site["shared_paths"])
+                              ) if mounted else []
+    ctx = seed.context(job_id=spec.job_id, instance_id=name,
+                       hostname=guest_hostname(spec.job_id), user=spec.user,
                        uid=spec.uid, gid=spec.gid, group=spec.group, shell=env.ssh_user_shell,
-                       workdir=spec.workdir, hostkey=hostkey, userkey=userkey)
+                       workdir=spec.workdir, hostkey=hostkey, userkey=userkey,
+                       mounts=[(s.tag, s.path) for s in shares], home=home)
     ud, md = seed.render(cfg.site["template_dir"], ctx)
     seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md,
                                timeout=_left(deadline))
@@ -120,15 +127,30 @@ def _prepare(cfg, spec, timer, log, deadline):
             host_key_public=hostkey.public_line, key_path=key_path, workdir=spec.workdir,
             host_workdir=spec.host_workdir, output_dir=output_dir, overlay=overlay,
             seed=seed_path, console_log=os.path.join(jdir, "console.log"),
-            vcpus=spec.vcpus, memory_mib=spec.memory_mib, job_name=spec.job_name)
+            vcpus=spec.vcpus, memory_mib=spec.memory_mib, job_name=spec.job_name,
+            data=env.data, shares=[dataclasses.asdict(s) for s in shares],
+            control_dir=seed.control_dir(spec.user, mounted))
         statemod.save(cfg, st)  # recorded before anything outside the job dir exists
     timer.mark("port")
     if env.image:
+        disk.check_room(cfg, env.image, spec.job_id)
         os.chmod(disk.create_overlay(cfg, spec.job_id, env.image, timeout=_left(deadline)),
                  0o600)  # the job's data
         timer.mark("overlay")
     log.info("prepared seed, key and overlay; SSH port %d", port)
     return st
+
+
+def _home_of(spec):
+    import pwd
+    try:
+        return pwd.getpwnam(spec.user).pw_dir
+    except KeyError:
+        return None
+
+
+def _shares(st):
+    return [share.Share(**d) for d in st.shares]
 
 
 def boot(cfg, st, env, deadline, on_phase=None):
@@ -148,6 +170,7 @@ def undo_boot(cfg, st, env):
         virt.destroy(conn, st.domain)
     finally:
         conn.close()
+    share.stop(st, _shares(st))
     if env.image:
         deadline = time.monotonic() + 60
         os.chmod(disk.create_overlay(cfg, st.job_id, env.image, timeout=_left(deadline)),
@@ -156,6 +179,13 @@ def undo_boot(cfg, st, env):
 
 def _boot(cfg, env, st, deadline, timer, log, progress=None):
     from . import virt
+    shares = _shares(st)
+    if shares:  # before the domain: QEMU connects to each socket as it starts
+        share.start(st, shares, share.qemu_ids(cfg.site["qemu_user"])[0],
+                    cfg.site["virtiofsd"])
+        st.shares = [dataclasses.asdict(s) for s in shares]
+        statemod.save(cfg, st)
+        timer.mark("virtiofsd")
     conn = virt.connect(cfg.site["libvirt_uri"])
     if progress is not None:
         progress.append("start")  # from here on a domain may exist
@@ -165,7 +195,8 @@ def _boot(cfg, env, st, deadline, timer, log, progress=None):
                                 job_name=st.job_name, vcpus=st.vcpus,
                                 memory_mib=st.memory_mib, port=st.port,
                                 overlay=st.overlay or None, seed=st.seed,
-                                console_log=st.console_log, created=st.created)
+                                console_log=st.console_log, created=st.created,
+                                shares=shares)
             timer.mark("render")
             try:
                 dom = virt.start(conn, xml)
@@ -306,6 +337,8 @@ def destroy(cfg, job_id, grace=0.0):
                 removed.append(f"domain {other}")
     finally:
         conn.close()
+    if st and st.shares:
+        share.stop(st, _shares(st))
     if virt.remove_domain_log(cfg.site["libvirt_uri"], name):
         removed.append(f"libvirt log of {name}")
     for what in removed:

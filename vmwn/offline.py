@@ -46,13 +46,22 @@ _KINDS = {stat.S_IFIFO: "a fifo", stat.S_IFCHR: "a character device",
 
 
 def guest_gone(cfg, st):
-    """True when the job's domain no longer runs and its overlay is still on disk."""
+    """True when the job's domain no longer runs and its overlay is still on disk.
+
+    A guest paused on a disk I/O error counts as gone (it is stopped here, so
+    its overlay holds still for reading): it cannot run or answer again.
+    """
     from . import virt
     if not st.overlay or not os.path.isfile(st.overlay):
         return False
     conn = virt.connect(cfg.site["libvirt_uri"])
     try:
         dom = virt.lookup(conn, st.domain)
+        if dom is not None and virt.paused_on_io_error(dom):
+            log.warning("job %s: the guest is paused on a disk I/O error (the file system "
+                        "of its overlay is full); treating it as lost", st.job_id)
+            virt.destroy(conn, st.domain)
+            return True
         return dom is None or not virt.is_active(dom)
     finally:
         conn.close()

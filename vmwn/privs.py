@@ -80,11 +80,26 @@ def _child(wfd, user, uid, gid, func, args):
         os._exit(status)
 
 
+TERM_GRACE = 3.0
+
+
+def _terminate(pid, rfd):
+    """SIGTERM (the child may clean up after itself), SIGKILL after TERM_GRACE."""
+    os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + TERM_GRACE
+    while time.monotonic() < end:
+        ready, _, _ = select.select([rfd], [], [], max(0.0, end - time.monotonic()))
+        if ready and not os.read(rfd, 65536):
+            return  # it exited
+    os.kill(pid, signal.SIGKILL)
+
+
 def run_as(user, uid, gid, func, *args, timeout=None):
     """Call ``func(*args)`` as ``user`` in a child; return its JSON-able result.
 
     Errors raised in the child come back as the same vmwn error class.  After
-    ``timeout`` seconds the child is killed and TransientError raised.
+    ``timeout`` seconds the child is terminated (SIGTERM, then SIGKILL) and
+    TransientError raised.
     """
     for stream in logging.getLogger().handlers:
         stream.flush()
@@ -100,7 +115,7 @@ def run_as(user, uid, gid, func, *args, timeout=None):
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                os.kill(pid, signal.SIGKILL)
+                _terminate(pid, rfd)
                 killed = True
                 break
             ready, _, _ = select.select([rfd], [], [], left)

@@ -13,10 +13,17 @@ from .errors import SiteError
 
 
 def context(*, job_id, instance_id, hostname, user, uid, gid, group, shell, workdir,
-            hostkey, userkey):
-    """The variables the seed templates use (documented in docs/admin-guide.md)."""
+            hostkey, userkey, mounts=(), home=None):
+    """The variables the seed templates use (documented in docs/admin-guide.md).
+
+    ``mounts`` is a list of (virtio-fs tag, path) the guest mounts, in order;
+    ``home`` the user's home in the guest (default :func:`guest_home`; with
+    the home mounted it is the host's path).
+    """
     return dict(job_id=job_id, instance_id=instance_id, hostname=hostname, user=user, uid=uid,
-                gid=gid, group=group, shell=shell, workdir=workdir, home=guest_home(user),
+                gid=gid, group=group, shell=shell, workdir=workdir, home=home or guest_home(user),
+                control_dir=control_dir(user, bool(mounts)),
+                mounts=[{"tag": t, "path": p} for t, p in mounts],
                 authorized_key=userkey.public_line,
                 host_key_private=hostkey.private_openssh.rstrip("\n"),
                 host_key_public=hostkey.public_line)
@@ -25,6 +32,16 @@ def context(*, job_id, instance_id, hostname, user, uid, gid, group, shell, work
 def guest_home(user):
     """The job user's home in the guest (cloud-init's and the tiny guest's default)."""
     return f"/home/{user}"
+
+
+# vmwn's files in the guest (job script, pid files, manifest).  With the home
+# mounted from the host they live outside it, in guest memory, per job.
+MOUNTED_CONTROL_DIR = "/run/vmwn-job"
+
+
+def control_dir(user, mounted):
+    """Guest directory for vmwn's control files: never one a share covers."""
+    return MOUNTED_CONTROL_DIR if mounted else f"{guest_home(user)}/.vmwn"
 
 
 def render(tmpl, ctx):

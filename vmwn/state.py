@@ -68,6 +68,11 @@ class JobState:
     warden_start: int = 0
     boot_seconds: float = 0.0
     boot_attempts: int = 0
+    # How the job's files reach the guest ('mounted' or 'copy'), the shares
+    # (share.Share as dicts) and the guest directory for vmwn's control files.
+    data: str = "copy"
+    shares: list = dataclasses.field(default_factory=list)
+    control_dir: str = ""
 
     @classmethod
     def from_json(cls, data):

@@ -20,6 +20,7 @@ File-system rules, both directions:
   mtime), and harvest skips files that are unchanged since stage-in.
 """
 
+import collections
 import dataclasses
 import errno
 import json
@@ -45,7 +46,12 @@ def guest_own(home):
     """Absolute guest paths of :data:`GUEST_OWN` for the guest home ``home``."""
     return frozenset(posixpath.join(home, p) for p in GUEST_OWN)
 MANIFEST = "manifest.json"
+# Applied when the job starter recorded no umask: nothing comes back group- or
+# world-writable that the job did not ask for.
+DEFAULT_UMASK = 0o022
 CHUNK = 32768
+# Seconds before its hard timeout that a harvest stops itself and reports.
+STOP_MARGIN = 5.0
 _MAX_MANIFEST = 64 << 20
 _MAX_PROBLEMS = 50
 
@@ -72,7 +78,8 @@ class StageResult:
     links: int = 0
     bytes: int = 0
     skipped: list = dataclasses.field(default_factory=list)
-    manifest: dict = dataclasses.field(default_factory=lambda: {"files": {}, "dirs": []})
+    manifest: dict = dataclasses.field(default_factory=lambda: {"files": {}, "dirs": [],
+                                                                 "umask": DEFAULT_UMASK})
 
 
 def scan_host(host_dir, max_bytes):
@@ -91,28 +98,26 @@ def scan_host(host_dir, max_bytes):
                         "submit from a directory") from None
     entries, total, skipped = [], 0, []
 
-    def walk(path, rel):
-        nonlocal total
+    stack = [(host_dir, "")]
+    while stack:  # iterative: any depth; one directory open at a time
+        path, rel = stack.pop()
         try:
             with os.scandir(path) as it:
                 names = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            skipped.append(f"{rel or '.'}: {e.strerror}")
-            return
+            skipped.append(f"{printable(rel or '.')}: {e.strerror}")
+            continue
+        subdirs = []
         for e in names:
             r = posixpath.join(rel, e.name) if rel else e.name
             try:
-                e.name.encode("utf-8")
                 st = e.stat(follow_symlinks=False)
-            except UnicodeEncodeError:
-                skipped.append(f"{os.fsencode(r)!r}: name is not UTF-8")
-                continue
             except OSError as ex:
-                skipped.append(f"{r}: {ex.strerror}")
+                skipped.append(f"{printable(r)}: {ex.strerror}")
                 continue
             if stat.S_ISDIR(st.st_mode):
                 entries.append((r, "dir", st))
-                walk(e.path, r)
+                subdirs.append((e.path, r))
             elif stat.S_ISREG(st.st_mode):
                 entries.append((r, "file", st))
                 total += st.st_size
@@ -125,9 +130,8 @@ def scan_host(host_dir, max_bytes):
             elif stat.S_ISLNK(st.st_mode):
                 entries.append((r, "link", st))
             else:
-                skipped.append(f"{r}: not a regular file, directory or symlink")
-
-    walk(host_dir, "")
+                skipped.append(f"{printable(r)}: not a regular file, directory or symlink")
+        stack.extend(reversed(subdirs))
     return entries, total, skipped
 
 
@@ -147,10 +151,10 @@ def _guest_makedirs(sftp, path):
                             "choose another working directory")
 
 
-def control_dir(sftp):
-    """The guest user's ~/.vmwn (created 0700): job script, pidfile, manifest."""
-    home = sftp.normalize(".")
-    d = posixpath.join(home, CONTROL)
+def control_dir(sftp, path=None):
+    """vmwn's guest directory for the job script, pid files and manifest: ``path``
+    (the seed made it) or the guest user's ~/.vmwn, created 0700."""
+    d = path or posixpath.join(sftp.normalize("."), CONTROL)
     try:
         sftp.mkdir(d, 0o700)
     except IOError:
@@ -178,9 +182,9 @@ def stage_in(guest, host_dir, guest_dir, max_bytes, sftp=None):
                 continue
             if kind == "dir":
                 try:
-                    sftp.mkdir(dst, 0o700)
+                    sftp.mkdir(gpath(dst), 0o700)
                 except IOError:
-                    if not stat.S_ISDIR(sftp.lstat(dst).st_mode):
+                    if not stat.S_ISDIR(sftp.lstat(gpath(dst)).st_mode):
                         raise
                 dirs.append((dst, st))
                 res.dirs += 1
@@ -188,22 +192,22 @@ def stage_in(guest, host_dir, guest_dir, max_bytes, sftp=None):
             elif kind == "link":
                 target = os.readlink(src)
                 try:
-                    sftp.remove(dst)
+                    sftp.remove(gpath(dst))
                 except IOError:
                     pass
-                sftp.symlink(target, dst)
+                sftp.symlink(os.fsencode(target), gpath(dst))
                 res.links += 1
             else:
                 n, mtime = _put_file(sftp, src, dst, st, max_bytes - res.bytes)
                 if n is None:
-                    res.skipped.append(f"{rel}: {mtime}")
+                    res.skipped.append(f"{printable(rel)}: {mtime}")
                     continue
                 res.bytes += n
                 res.files += 1
                 res.manifest["files"][dst] = [n, mtime]
         for dst, st in reversed(dirs):
-            sftp.utime(dst, (int(st.st_atime), int(st.st_mtime)))
-            sftp.chmod(dst, stat.S_IMODE(st.st_mode) | 0o700)
+            sftp.utime(gpath(dst), (int(st.st_atime), int(st.st_mtime)))
+            sftp.chmod(gpath(dst), stat.S_IMODE(st.st_mode) | 0o700)
     except _sftp_errors() as e:
         if isinstance(e, UserError):
             raise
@@ -229,7 +233,7 @@ def _put_file(sftp, src, dst, st, budget):
         if not stat.S_ISREG(now.st_mode):
             return None, "changed into a non-regular file"
         n = 0
-        with sftp.open(dst, "wb") as out:
+        with sftp.open(gpath(dst), "wb") as out:
             out.set_pipelined(True)
             while True:
                 chunk = f.read(CHUNK)
@@ -254,16 +258,18 @@ def write_manifest(sftp, ctl, manifest):
 
 
 def read_manifest(sftp, ctl):
+    """(staged files {path: (size, mtime)}, staged dirs, the job's umask)."""
     try:
         with sftp.open(posixpath.join(ctl, MANIFEST), "rb") as f:
             data = f.read(_MAX_MANIFEST)
         m = json.loads(data.decode())
-        return {k: tuple(v) for k, v in m.get("files", {}).items()}, set(m.get("dirs", []))
+        return ({k: tuple(v) for k, v in m.get("files", {}).items()}, set(m.get("dirs", [])),
+                int(m.get("umask", DEFAULT_UMASK)) & 0o777)
     except FileNotFoundError:
-        return {}, set()
+        return {}, set(), DEFAULT_UMASK
     except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
         log.warning("the guest's stage-in manifest is unreadable; harvesting every file")
-        return {}, set()
+        return {}, set(), DEFAULT_UMASK
 
 
 # ---------------------------------------------------------------------- harvest
@@ -275,6 +281,7 @@ class HarvestResult:
     seconds: float = 0.0
     truncated: bool = False
     unchanged: int = 0
+    out_of_time: bool = False
     problems: list = dataclasses.field(default_factory=list)
 
     def summary(self):
@@ -297,8 +304,10 @@ def harvest(cfg, st, timeout=180.0):
     cap = parse_bytes(cfg.site["harvest_max"])
     _preload()
     t0 = time.monotonic()
+    # The child stops itself at its budget and says so; run_as's timeout is the backstop.
+    budget = max(1.0, timeout - STOP_MARGIN)
     out = privs.run_as(st.user, st.uid, st.gid, _harvest_as_user,
-                       dataclasses.asdict(st), cap, timeout=timeout)
+                       dataclasses.asdict(st), cap, budget, timeout=timeout)
     res = HarvestResult(**out)
     res.seconds = time.monotonic() - t0
     log.info("job %s: harvest %s", st.job_id, res.summary())
@@ -315,16 +324,23 @@ def _preload():
     paramiko.Ed25519Key, paramiko.SFTPClient  # noqa: B018
 
 
-def _harvest_as_user(st_fields, cap):
+def _harvest_as_user(st_fields, cap, budget):
     """Child side of :func:`harvest`, already running as the job user."""
+    import signal
     from .ssh import Guest
     from .state import JobState
+
+    def stop(signo, frame):  # killed at the backstop: unwind, so no temporary file stays
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    deadline = time.monotonic() + budget
     st = JobState.from_json(st_fields)
     guest = Guest.connect(st)
     try:
         sftp = guest.sftp()
         try:
-            res = pull(sftp, st.output_dir, st.host_workdir, cap)
+            res = pull(sftp, st.output_dir, st.host_workdir, cap, deadline=deadline,
+                       budget=budget, control=st.control_dir or None)
         finally:
             sftp.close()
     finally:
@@ -333,38 +349,69 @@ def _harvest_as_user(st_fields, cap):
 
 
 class _HostTree:
-    """Writes below one host directory, never following a symlink below it."""
+    """Writes below one host directory, never following a symlink below it.
 
-    def __init__(self, root):
+    Directory descriptors are cached, at most MAX_FDS at a time (least
+    recently used closed first): a tree of thousands of directories, or one
+    thousands of levels deep, needs no more descriptors than a flat one.
+    New files and directories get the job's ``umask`` applied to their modes.
+    """
+
+    MAX_FDS = 64
+
+    def __init__(self, root, umask=0):
         try:
             self.root = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
             raise UserError(f"cannot open the job's working directory {root} to copy output "
                             f"back: {e.strerror}", "the output stays lost with the VM; "
                             "keep the submit directory until the job ends") from None
-        self.fds = {"": self.root}
+        self.fds = collections.OrderedDict()
         self.seq = 0
+        self.umask = umask & 0o777
 
     def close(self):
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        os.close(self.root)
+
+    def mode(self, mode):
+        return mode & 0o777 & ~self.umask
 
     def dir(self, rel, mode=0o700):
         """fd of host directory ``rel`` (created when missing); OSError if in the way."""
-        if rel in self.fds:
-            return self.fds[rel]
-        parent, name = posixpath.split(rel)
-        pfd = self.dir(parent)
+        if not rel:
+            return self.root
+        fd = self.fds.get(rel)
+        if fd is not None:
+            self.fds.move_to_end(rel)
+            return fd
+        parts = rel.split("/")
+        i = len(parts) - 1
+        while i > 0 and "/".join(parts[:i]) not in self.fds:
+            i -= 1
+        fd = self.fds["/".join(parts[:i])] if i else self.root
+        for j in range(i, len(parts)):
+            fd = self._open(fd, parts[j], mode)
+            self._cache("/".join(parts[:j + 1]), fd)
+        return fd
+
+    def _open(self, pfd, name, mode):
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
         try:
-            fd = os.open(name, flags, dir_fd=pfd)
+            return os.open(name, flags, dir_fd=pfd)
         except FileNotFoundError:
-            os.mkdir(name, mode | 0o700, dir_fd=pfd)
+            os.mkdir(name, 0o700, dir_fd=pfd)
             fd = os.open(name, flags, dir_fd=pfd)
-            os.fchmod(fd, mode | 0o700)
+            os.fchmod(fd, self.mode(mode) | 0o700)  # the harvest must write into it
+            return fd
+
+    def _cache(self, rel, fd):
         self.fds[rel] = fd
-        return fd
+        while len(self.fds) > self.MAX_FDS:
+            _, old = self.fds.popitem(last=False)
+            os.close(old)
 
     def blocker(self, dfd, name):
         """Why ``name`` in ``dfd`` must not be replaced, or None."""
@@ -380,7 +427,52 @@ class _HostTree:
 
     def tmpname(self, name):
         self.seq += 1
-        return f".{name[:100]}.vmwn-{os.getpid()}-{self.seq}.tmp"
+        return os.fsdecode(b".%s.vmwn-%d-%d.tmp" % (os.fsencode(name)[:100], os.getpid(),
+                                                    self.seq))
+
+
+def listdir_attr(sftp, path):
+    """sftp.listdir_attr that survives names which are not UTF-8.
+
+    paramiko decodes every name strictly, so one Latin-1 name would end the
+    whole harvest; here names are decoded as the host's file system does
+    (surrogateescape), and :func:`gpath` encodes them back to the same bytes.
+    """
+    from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR
+    from paramiko.sftp_attr import SFTPAttributes
+    t, msg = sftp._request(CMD_OPENDIR, gpath(path))
+    if t != CMD_HANDLE:
+        raise IOError(f"unexpected SFTP reply {t} to opendir")
+    handle = msg.get_binary()
+    out = []
+    try:
+        while True:
+            try:
+                t, msg = sftp._request(CMD_READDIR, handle)
+            except EOFError:
+                break
+            if t != CMD_NAME:
+                raise IOError(f"unexpected SFTP reply {t} to readdir")
+            for _ in range(msg.get_int()):
+                name = os.fsdecode(msg.get_string())
+                longname = msg.get_string()
+                attr = SFTPAttributes._from_msg(msg, name, longname)
+                if name not in (".", ".."):
+                    out.append(attr)
+    finally:
+        sftp._request(CMD_CLOSE, handle)
+    return out
+
+
+def gpath(path):
+    """A guest path for paramiko: the bytes it names (see :func:`listdir_attr`)."""
+    return os.fsencode(path)
+
+
+def printable(rel):
+    """A path as text a user can read in a message: undecodable bytes as \\xNN."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1]
+                   for c in os.fsencode(rel).decode("utf-8", "backslashreplace"))
 
 
 def _alive(sftp):
@@ -392,58 +484,81 @@ def _valid_name(name):
     return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
 
 
-def pull(sftp, guest_dir, host_dir, cap):
-    """Copy new and changed regular files from ``guest_dir`` into ``host_dir``."""
+class OutOfTime(Exception):
+    """The harvest reached its time budget (raised in the walk, reported as a problem)."""
+
+
+def pull(sftp, guest_dir, host_dir, cap, deadline=None, budget=0.0, control=None):
+    """Copy new and changed regular files from ``guest_dir`` into ``host_dir``.
+
+    The walk is iterative (any depth); names need not be UTF-8.  At
+    ``deadline`` (time.monotonic) it stops and says so, naming the budget.
+    """
     res = HarvestResult()
     home = sftp.normalize(".")
-    ctl = posixpath.join(home, CONTROL)
-    guests = guest_own(home)
-    staged, staged_dirs = read_manifest(sftp, ctl)
-    tree = _HostTree(host_dir)
+    ctl = control or posixpath.join(home, CONTROL)
+    guests = guest_own(home) | {ctl}
+    staged, staged_dirs, umask = read_manifest(sftp, ctl)
+    tree = _HostTree(host_dir, umask)
 
     def problem(rel, why):
         if len(res.problems) < _MAX_PROBLEMS:
-            res.problems.append(f"{rel}: {why}")
+            res.problems.append(f"{printable(rel)}: {why}")
         elif len(res.problems) == _MAX_PROBLEMS:
             res.problems.append("... more problems not listed")
 
-    def walk(gdir, rel):
+    def visit(gdir, rel):
+        """One directory; returns its subdirectories to visit, None when the cap stops."""
         try:
-            items = sorted(sftp.listdir_attr(gdir), key=lambda a: a.filename)
+            items = sorted(listdir_attr(sftp, gdir), key=lambda a: a.filename)
         except IOError as e:
             if not _alive(sftp):
                 raise
             problem(rel or ".", f"unreadable in the guest ({e})")
-            return True
+            return []
+        subdirs = []
         for a in items:
+            if deadline is not None and time.monotonic() > deadline:
+                raise OutOfTime()
             if not _valid_name(a.filename):
-                problem(rel or ".", f"the guest sent an invalid name {a.filename!r}")
+                problem(rel or ".", f"the guest sent an invalid name {printable(a.filename)}")
                 continue
-            gpath = posixpath.join(gdir, a.filename)
+            gp = posixpath.join(gdir, a.filename)
             r = posixpath.join(rel, a.filename) if rel else a.filename
-            if gpath in guests:
+            if gp in guests:
                 continue
             mode = a.st_mode or 0
             if stat.S_ISDIR(mode):
-                if gpath not in staged_dirs:
+                if gp not in staged_dirs:
                     try:
-                        tree.dir(r, stat.S_IMODE(mode) & 0o777)
+                        tree.dir(r, stat.S_IMODE(mode))
                     except OSError as e:
                         problem(r, _why(e))
                         continue
-                if not walk(gpath, r):
-                    return False
+                subdirs.append((gp, r))
             elif stat.S_ISREG(mode):
-                if staged.get(gpath) == (a.st_size, a.st_mtime):
+                if staged.get(gp) == (a.st_size, a.st_mtime):
                     res.unchanged += 1
                     continue
-                if not _pull_file(sftp, tree, gpath, r, a, cap, res, problem):
-                    return False
+                if not _pull_file(sftp, tree, gp, r, a, cap, res, problem):
+                    return None
             # guest symlinks, fifos, sockets and devices stay in the guest
-        return True
+        return subdirs
 
+    stack = [(guest_dir, "")]
     try:
-        walk(guest_dir, "")
+        while stack:
+            gdir, rel = stack.pop()
+            subdirs = visit(gdir, rel)
+            if subdirs is None:
+                break
+            stack.extend(reversed(subdirs))
+    except OutOfTime:
+        res.out_of_time = True
+        problem(".", f"the copy stopped at its time budget of {budget:.0f} s (what pbs_mom's "
+                     "$prologalarm leaves the epilogue) after "
+                     f"{res.files} files; the rest stayed in the virtual machine: write "
+                     "fewer, larger files, or ask for the mounted mode")
     except _sftp_errors() as e:
         if isinstance(e, (UserError, SiteError)):
             raise
@@ -461,10 +576,10 @@ def _why(e):
     return e.strerror or str(e)
 
 
-def _pull_file(sftp, tree, gpath, rel, a, cap, res, problem):
+def _pull_file(sftp, tree, gp, rel, a, cap, res, problem):
     """Copy one guest file; False when the cap stops the harvest."""
     def source():
-        f = sftp.open(gpath, "rb")
+        f = sftp.open(gpath(gp), "rb")
         f.prefetch(a.st_size or 0)
         return f
 
@@ -480,7 +595,8 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
 
     The one writer behind online and offline harvests: the cap, the refusal to
     write through host symlinks, a temporary name renamed into place, the
-    guest's mode (no set-id bits) and mtime.  False when the cap stops the copy.
+    guest's mode (no set-id bits, the job's umask applied), its mtime, and
+    holes where the source reads zeros.  False when the cap stops the copy.
     """
     size = a.st_size or 0
     if res.bytes + size > cap:
@@ -517,10 +633,14 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
                     res.truncated = True
                     problem(rel, "not copied: it grew past [site] harvest_max")
                     return False
+                if chunk.count(0) == len(chunk):  # a hole stays a hole
+                    os.lseek(fd, len(chunk), os.SEEK_CUR)
+                    continue
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view):]
-        os.fchmod(fd, stat.S_IMODE(a.st_mode) & 0o777)
+        os.ftruncate(fd, n)
+        os.fchmod(fd, tree.mode(stat.S_IMODE(a.st_mode)))
         if a.st_mtime is not None:
             os.utime(fd, (a.st_atime or a.st_mtime, a.st_mtime))
         why = tree.blocker(dfd, name)
@@ -544,23 +664,21 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
     return True
 
 
-def write_tree(src_dir, host_dir, cap, staged=None, skip=()):
+def write_tree(src_dir, host_dir, cap, staged=None, skip=(), umask=DEFAULT_UMASK):
     """Copy a local tree's regular files and directories into ``host_dir`` as :func:`pull` does.
 
     For output recovered from a dead guest's disk (``vmwn.offline``): the same
-    symlink-safe writer, cap and manifest rule, with ``staged`` mapping a path
-    relative to ``src_dir`` to its stage-in (size, mtime) and ``skip`` naming
-    paths relative to ``src_dir`` never copied.  Runs as the job user.
+    symlink-safe writer, cap, umask and manifest rule, with ``staged`` mapping
+    a path relative to ``src_dir`` to its stage-in (size, mtime) and ``skip``
+    naming paths relative to ``src_dir`` never copied.  Runs as the job user.
     """
     staged = staged or {}
     res = HarvestResult()
-    tree = _HostTree(host_dir)
+    tree = _HostTree(host_dir, umask)
 
     def problem(rel, why):
-        rel = "".join(c if c.isprintable() else repr(c)[1:-1]
-                      for c in os.fsencode(rel).decode("utf-8", "backslashreplace"))
         if len(res.problems) < _MAX_PROBLEMS:
-            res.problems.append(f"{rel}: {why}")
+            res.problems.append(f"{printable(rel)}: {why}")
         elif len(res.problems) == _MAX_PROBLEMS:
             res.problems.append("... more problems not listed")
 
@@ -570,37 +688,41 @@ def write_tree(src_dir, host_dir, cap, staged=None, skip=()):
             return os.fdopen(src, "rb", buffering=0)
         return _store(tree, rel, a, cap, res, problem, source)
 
-    def walk(sfd, rel):
-        for name in sorted(os.listdir(sfd)):
-            r = posixpath.join(rel, name) if rel else name
-            if r in skip:
-                continue
-            a = os.stat(name, dir_fd=sfd, follow_symlinks=False)
-            if stat.S_ISDIR(a.st_mode):
-                try:
-                    tree.dir(r, stat.S_IMODE(a.st_mode) & 0o777)
-                except OSError as e:
-                    problem(r, _why(e))
+    def visit(path, rel):
+        sfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        subdirs = []
+        try:
+            for name in sorted(os.listdir(sfd)):
+                r = posixpath.join(rel, name) if rel else name
+                if r in skip:
                     continue
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=sfd)
-                try:
-                    if not walk(sub, r):
-                        return False
-                finally:
-                    os.close(sub)
-            elif stat.S_ISREG(a.st_mode):
-                if staged.get(r) == (a.st_size, int(a.st_mtime)):
-                    res.unchanged += 1
-                elif not copy(sfd, name, r, a):
-                    return False
-            elif stat.S_ISLNK(a.st_mode):
-                problem(r, "a symlink in the guest; not copied back")
-        return True
+                a = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+                if stat.S_ISDIR(a.st_mode):
+                    try:
+                        tree.dir(r, stat.S_IMODE(a.st_mode))
+                    except OSError as e:
+                        problem(r, _why(e))
+                        continue
+                    subdirs.append((os.path.join(path, name), r))
+                elif stat.S_ISREG(a.st_mode):
+                    if staged.get(r) == (a.st_size, int(a.st_mtime)):
+                        res.unchanged += 1
+                    elif not copy(sfd, name, r, a):
+                        return None
+                elif stat.S_ISLNK(a.st_mode):
+                    problem(r, "a symlink in the guest; not copied back")
+        finally:
+            os.close(sfd)
+        return subdirs
 
-    top = os.open(src_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    stack = [(src_dir, "")]
     try:
-        walk(top, "")
+        while stack:
+            path, rel = stack.pop()
+            subdirs = visit(path, rel)
+            if subdirs is None:
+                break
+            stack.extend(reversed(subdirs))
     finally:
-        os.close(top)
         tree.close()
     return res

@@ -91,6 +91,17 @@ def is_active(dom):
                              "check libvirtd; the job is requeued") from None
 
 
+def paused_on_io_error(dom):
+    """True when QEMU stopped the guest because a disk write failed on the host
+    (its overlay's file system is full): it will never run again."""
+    lv = _lv()
+    try:
+        state, reason = dom.state()
+    except lv.libvirtError:
+        return False
+    return state == lv.VIR_DOMAIN_PAUSED and reason == lv.VIR_DOMAIN_PAUSED_IOERROR
+
+
 def destroy(conn, name, grace=0.0):
     """Stop and remove domain ``name``: ACPI shutdown for ``grace`` seconds, then force.
 

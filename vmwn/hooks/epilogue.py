@@ -42,9 +42,12 @@ def _guest_job_running(st_fields):
     """As the job user: True while the guest job's process group leader still lives."""
     from ..ssh import Guest
     from ..state import JobState
-    guest = Guest.connect(JobState.from_json(st_fields), timeout=10)
+    from shlex import quote
+    st = JobState.from_json(st_fields)
+    pidfile = quote(st.control_dir + "/job.pid") if st.control_dir else '"$HOME/.vmwn/job.pid"'
+    guest = Guest.connect(st, timeout=10)
     try:
-        _, out, _ = guest.run('p=$(cat "$HOME/.vmwn/job.pid" 2>/dev/null) && '
+        _, out, _ = guest.run(f'p=$(cat {pidfile} 2>/dev/null) && '
                               'kill -0 "$p" 2>/dev/null && echo running', timeout=15)
     finally:
         guest.close()
@@ -142,19 +145,12 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
             end = time.monotonic() + budget(cfg, pbs_home)
             explain_end(cfg, st, args.exit_status, jlog,
                         timeout=max(1.0, min(30.0, (end - time.monotonic()) / 4)))
-            from .. import transfer
-            try:
-                res = transfer.harvest(cfg, st, timeout=max(1.0, end - time.monotonic()))
-            except (errors.GuestLost, errors.TransientError) as e:
-                if not _guest_gone(cfg, st, jlog):
-                    raise
-                jlog.info("guest gone (%s); reading its disk", e.line())
-                res = recover_offline(cfg, st, jlog)
+            if st.data == "mounted":
+                jlog.info("the job's directories were mounted: nothing to copy back")
+                res = None
             else:
-                jlog.info("harvested %d files, %d bytes in %.1f s", res.files, res.bytes,
-                          res.seconds)
-                say(summary(res, st.env), sys.stdout)
-            for problem in res.problems:
+                res = _copy_back(cfg, st, end, jlog)
+            for problem in (res.problems if res else ()):
                 say(f"not copied back: {problem}")
     except Exception as e:  # noqa: BLE001 - the VM is destroyed whatever happened
         failures.append(("output not copied back", e))
@@ -168,6 +164,23 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
         jlog.error("%s: %s", what, line, exc_info=not isinstance(e, errors.VmwnError))
         say(f"{what}: {line}")
     return 0
+
+
+def _copy_back(cfg, st, end, jlog):
+    """Copy mode: harvest from the running guest, or read a lost guest's disk."""
+    from .. import transfer
+    if _guest_gone(cfg, st, jlog):  # lost before the job ended, or paused on a full disk
+        return recover_offline(cfg, st, jlog)
+    try:
+        res = transfer.harvest(cfg, st, timeout=max(1.0, end - time.monotonic()))
+    except (errors.GuestLost, errors.TransientError) as e:
+        if not _guest_gone(cfg, st, jlog):
+            raise
+        jlog.info("guest gone (%s); reading its disk", e.line())
+        return recover_offline(cfg, st, jlog)
+    jlog.info("harvested %d files, %d bytes in %.1f s", res.files, res.bytes, res.seconds)
+    say(summary(res, st.env), sys.stdout)
+    return res
 
 
 def main(argv, config_path=None, pbs_home=None, environ=None):

@@ -236,7 +236,24 @@ def guest_env(environ, guest_has_tmpdir=False):
     return out
 
 
-def build_command(pidfile, start_dir, env_items, argv, umask=None):
+def env_script(env_items):
+    """(file text, items left for the command line): the job's variables as
+    ``export NAME='value'`` lines a shell sources, so their size is limited
+    only where the native job's is (execve), not by one SSH command line.
+    Names a shell cannot export stay on the command line (they are rare)."""
+    import re
+    from shlex import quote
+    ident = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+    lines, rest = [], []
+    for k, v in env_items:
+        if ident.match(k):
+            lines.append(f"export {k}={quote(v)}\n")
+        else:
+            rest.append((k, v))
+    return "".join(lines).encode("utf-8"), rest
+
+
+def build_command(pidfile, start_dir, env_items, argv, umask=None, env_file=None):
     """The one guest command line; every job-supplied string goes through shlex.quote.
 
     The guest user's shell records its PID (sshd made it a session and
@@ -244,7 +261,8 @@ def build_command(pidfile, start_dir, env_items, argv, umask=None):
     process group for signal forwarding.  The job starts in ``start_dir``
     (None: the guest user's home), where a native job would start: the home
     directory, or qsub -d's directory; one the guest lacks is reported and
-    the home directory used instead.
+    the home directory used instead.  With ``env_file`` (see :func:`env_script`)
+    a shell sources it between ``env -i`` and the job.
     """
     from shlex import quote
     guest_own = ('HOME="$HOME" USER="$USER" LOGNAME="$LOGNAME" SHELL="$SHELL"')
@@ -257,9 +275,11 @@ def build_command(pidfile, start_dir, env_items, argv, umask=None):
     parts = [f"echo $$ > {quote(pidfile)}", cd]
     if umask is not None:  # the job's umask, as pbs_mom set it for the native job
         parts.append(f"umask {int(umask) & 0o777:03o}")
+    source = (" /bin/sh -c " + quote('. "$0" && exec "$@"') + " " + quote(env_file)
+              if env_file else "")
     parts += [
              "exec env -i " + guest_own + "".join(" " + quote(f"{k}={v}") for k, v in env_items)
-             + "".join(" " + quote(a) for a in argv)]
+             + source + "".join(" " + quote(a) for a in argv)]
     return " && ".join(parts)
 
 
@@ -373,12 +393,13 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
         _capture_exit_signal(transport)
         sftp = guest.sftp()
         try:
-            ctl = transfer.control_dir(sftp)
+            ctl = transfer.control_dir(sftp, getattr(st, "control_dir", "") or None)
             tag = "job" if mode != "task" else "task-" + _safe(environ.get("PBS_TASKNUM", "0"))
-            if mode != "task":
+            if mode != "task" and getattr(st, "data", "copy") == "copy":
                 host_dir = environ.get("PBS_O_WORKDIR") or st.host_workdir
                 res = transfer.stage_in(guest, host_dir, st.workdir,
                                         parse_bytes(cfg.site["stage_in_max"]), sftp=sftp)
+                res.manifest["umask"] = current_umask()  # the harvest applies it
                 transfer.write_manifest(sftp, ctl, res.manifest)
                 for item in res.skipped[:20]:
                     _say(f"not copied into the virtual machine: {item}")
@@ -408,6 +429,9 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
                 argv = rest
             else:
                 argv = [shell] + rest[1:]
+            env_text, env_rest = env_script(guest_env(environ, has_tmp))
+            env_file = posixpath.join(ctl, tag + ".env")
+            _put_bytes(sftp, env_file, env_text, 0o600)
         except (IOError, EOFError, paramiko.SSHException) as e:
             from ..errors import GuestLost
             raise GuestLost(f"preparing the job in the guest failed: "
@@ -416,8 +440,8 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
         finally:
             sftp.close()
         pidfile = posixpath.join(ctl, tag + ".pid")
-        command = build_command(pidfile, start_dir(environ), guest_env(environ, has_tmp), argv,
-                                current_umask())
+        command = build_command(pidfile, start_dir(environ), env_rest, argv, env_file=env_file,
+                                umask=current_umask())
         interactive = mode == "interactive"
         term = environ.get("TERM") or "vt100"
         size = _tty_size() if interactive else (80, 24)

@@ -5,8 +5,10 @@ Builders are imported when used, so one missing or broken builder never takes
 the others (or the rest of the ``vmwn`` command) down with it.
 """
 
+import hashlib
 import importlib
 import logging
+import os
 import signal
 import time
 
@@ -45,6 +47,30 @@ def builder(name):
         raise
 
 
+def recipe(name):
+    """Fingerprint of how environment ``name`` is built: its builder's source and
+    the guest files it lists in RECIPE_FILES.  A change means the guest may not
+    speak what this vmwn expects of it (a new seed key, a driver), so rebuild."""
+    module = importlib.import_module(BUILDERS[name])
+    h = hashlib.sha256()
+    for path in [module.__file__, *getattr(module, "RECIPE_FILES", ())]:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _stamp(env):
+    return os.path.join(os.path.dirname(env.artefacts()[0][1]), ".vmwn-recipe")
+
+
+def built_by_this_recipe(name, env):
+    try:
+        with open(_stamp(env), encoding="ascii") as f:
+            return f.read().strip() == recipe(name)
+    except (OSError, ValueError):
+        return False
+
+
 def cmd_build(args):
     cfg = config.load(args.config)
     env = cfg.environments.get(args.name)
@@ -53,12 +79,18 @@ def cmd_build(args):
                         f"use one of: {', '.join(sorted(cfg.environments)) or 'none'}")
     build = builder(args.name)
     if not args.force and env.artefacts() and not env.missing():
-        print(f"{args.name}: up to date")
-        return 0
+        if built_by_this_recipe(args.name, env):
+            print(f"{args.name}: up to date")
+            return 0
+        print(f"{args.name}: built by an older recipe; rebuilding")
+        args.force = True
     # A terminated build still removes its scratch files (KeyboardInterrupt unwinds).
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.monotonic()
     build(cfg, env, force=args.force)
+    with open(_stamp(env) + ".new", "w", encoding="ascii") as f:
+        f.write(recipe(args.name) + "\n")
+    os.rename(_stamp(env) + ".new", _stamp(env))
     print(f"{args.name}: built in {time.monotonic() - t0:.1f} s: "
           + ", ".join(p for _, p in env.artefacts()))
     return 0

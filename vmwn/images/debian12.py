@@ -119,7 +119,11 @@ After=cloud-init.service
 After=systemd-remount-fs.service
 RequiresMountsFor=/var/lib/cloud
 """,
+    # The job's key, copied there by the seed's runcmd: a home mounted from the
+    # host hides the guest's ~/.ssh.  (cloud-init reads only sshd_config itself,
+    # so it still writes the key into the guest's home first.)
     "etc/ssh/sshd_config.d/10-vmwn.conf": """\
+AuthorizedKeysFile /etc/ssh/authorized_keys/%u
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin no

@@ -28,11 +28,12 @@ KERNEL_META = "linux-image-cloud-amd64"
 KERNEL_PATTERN = r"linux-image-[0-9][0-9.]*-[0-9]+-cloud-amd64(-unsigned)?"
 # Drivers the guest needs; built-in ones are skipped, dependencies are added.
 MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_rng", "isofs",
-           "ext4", "crc32c_generic"]
+           "ext4", "crc32c_generic", "virtiofs"]
 DISK_BYTES = 2 << 30
 DISK_LABEL = "vmwn-home"
 INIT_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "guest", "tiny-init")
+RECIPE_FILES = (INIT_SOURCE,)
 TOOLS = {"cpio": "cpio", "gzip": "gzip", "mkfs.ext4": "e2fsprogs", "qemu-img": "qemu-utils",
          "dpkg-deb": "dpkg", "apt-get": "apt", "ldd": "libc-bin"}
 
@@ -60,7 +61,7 @@ SSHD_CONFIG = """\
 # vmwn tiny guest: the job's seed provides the only host key and the only user.
 HostKey /etc/ssh/ssh_host_ed25519_key
 PubkeyAuthentication yes
-AuthorizedKeysFile .ssh/authorized_keys
+AuthorizedKeysFile /etc/ssh/authorized_keys/%u
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin no

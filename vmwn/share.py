@@ -1,0 +1,350 @@
+"""The job's host directories inside its guest, served with the job user's rights only.
+
+Mounted mode gives the guest the job's working directory, its home and the
+site's shared paths at the same paths as on the host, over virtio-fs, so
+output lands on the host as it is written.  Each path is served by its own
+``virtiofsd`` that runs as the job's uid: it is started in a user namespace
+whose only mapped ids are the job user's uid and gid, so its capabilities
+(which virtiofsd needs for its chroot sandbox and to act as the guest's
+caller) reach only inodes the job user owns, and everything else is checked
+against the job user's own uid and groups.  A guest whose kernel the job
+subverts gets no more than that user has on the host; a guest process of any
+other uid (root included) cannot create files at all (virtiofsd cannot take
+an unmapped id).
+
+The launcher first enters the directory as the job user (the access check that
+counts); the path reaches virtiofsd's option parser with every punctuation
+character backslash-escaped, so a comma in a path cannot add an option.  The listening socket is made here, owned by QEMU's user and
+passed by descriptor; QEMU connects at domain start and virtiofsd exits when
+that connection closes.  :func:`stop` ends what is left.
+"""
+
+import ctypes
+import dataclasses
+import grp
+import os
+import pwd
+import signal
+import socket
+import time
+
+from .errors import SiteError, UserError
+from .logsetup import job_logger
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+TAG_PREFIX = "vmwn"
+_CLONE_NEWUSER = 0x10000000
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_RAISE = 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# What virtiofsd keeps for itself (chown, dac_override, fowner, fsetid, setgid,
+# setuid, mknod, setfcap) plus sys_chroot for its sandbox and setpcap so it
+# may drop the rest: all of them confined to the job's user namespace.
+_CAPS = (0, 1, 3, 4, 6, 7, 8, 18, 27, 31)
+
+
+@dataclasses.dataclass
+class Share:
+    path: str     # host path, also the guest mount point
+    tag: str      # virtio-fs tag the guest mounts
+    socket: str   # vhost-user socket QEMU connects to
+    pid: int = 0  # its virtiofsd
+    inode: int = 0  # of the listening socket, to know that pid is still ours
+
+
+def plan(workdir, home, site_paths):
+    """The host directories to mount: the job's working directory, its home and
+    the site's paths that exist on this node, minus those inside another one.
+    The order is the mount order (parents first)."""
+    paths = [p for p in (home, workdir) if p] + [p for p in site_paths if os.path.isdir(p)]
+    norm = sorted({os.path.normpath(p) for p in paths}, key=lambda p: (p.count("/"), p))
+    out = []
+    for p in norm:
+        if p == "/" or any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
+            continue
+        out.append(p)
+    return out
+
+
+def shares_for(job_dir, paths):
+    return [Share(path=p, tag=f"{TAG_PREFIX}{i}", socket=os.path.join(job_dir, f"fs{i}.sock"))
+            for i, p in enumerate(paths)]
+
+
+def qemu_ids(user):
+    """uid and gid of the account libvirt runs QEMU as ([site] qemu_user)."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise SiteError(f"QEMU's account {user!r} does not exist",
+                        "set [site] qemu_user to the user in libvirt's qemu.conf") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def start(st, shares, qemu_uid, virtiofsd=VIRTIOFSD):
+    """Start one virtiofsd per share as the job user; fills in ``Share.pid``.
+
+    Raises UserError naming the path if the job user cannot enter it, SiteError
+    if virtiofsd cannot be started.  On error nothing started is left running.
+    """
+    log = job_logger(__name__, st.job_id)
+    if not os.access(virtiofsd, os.X_OK):
+        raise SiteError(f"{virtiofsd} is missing", "install qemu-system-common ('make deps')")
+    try:
+        for sh in shares:
+            sh.pid = _launch(st, sh, qemu_uid, virtiofsd)
+            log.info("virtiofsd %d serves %s as tag %s", sh.pid, sh.path, sh.tag)
+    except BaseException:
+        stop(st, shares)
+        raise
+    return shares
+
+
+def stop(st, shares, timeout=5.0):
+    """End the virtiofsd of each share (if still ours) and remove its socket. Idempotent."""
+    log = job_logger(__name__, st.job_id)
+    live = []
+    for sh in shares:
+        if sh.pid > 0 and _is_ours(sh):
+            try:
+                os.kill(sh.pid, signal.SIGTERM)
+                live.append(sh)
+            except ProcessLookupError:
+                pass
+    end = time.monotonic() + timeout
+    for sh in live:
+        while time.monotonic() < end and _is_ours(sh):
+            time.sleep(0.05)
+        if _is_ours(sh):
+            log.warning("virtiofsd %d ignored SIGTERM; killing it", sh.pid)
+            try:
+                os.kill(sh.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for sh in shares:
+        try:
+            os.unlink(sh.socket)
+        except FileNotFoundError:
+            pass
+        if sh.pid > 0:
+            try:
+                os.waitpid(sh.pid, os.WNOHANG)  # our child when started by this process
+            except ChildProcessError:
+                pass
+
+
+def _is_ours(sh):
+    """The pid is still a virtiofsd of this share (pids are reused)."""
+    try:
+        with open(f"/proc/{sh.pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        with open(f"/proc/{sh.pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != b"Z" and os.path.basename(argv[0]) == b"virtiofsd" and \
+        _socket_inode(sh.pid) == sh.inode
+
+
+def _socket_inode(pid):
+    try:
+        link = os.readlink(f"/proc/{pid}/fd/{_FD}")
+    except OSError:
+        return -1
+    return int(link[8:-1]) if link.startswith("socket:[") else -1
+
+
+_FD = 3  # the listening socket's number in virtiofsd
+
+
+def _listen(path, qemu_uid):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        s.bind(path)
+    finally:
+        os.umask(old)
+    os.chown(path, qemu_uid, -1)  # only QEMU may connect: whoever does gets the user's files
+    s.listen(1)
+    return s
+
+
+def _launch(st, sh, qemu_uid, virtiofsd):
+    """Fork virtiofsd into a user namespace holding only the job's ids (see module doc)."""
+    lsock = _listen(sh.socket, qemu_uid)
+    sh.inode = os.fstat(lsock.fileno()).st_ino
+    groups = _groups(st)
+    to_child_r, to_child_w = os.pipe()
+    to_parent_r, to_parent_w = os.pipe2(os.O_CLOEXEC)
+    log_path = os.path.join(os.path.dirname(sh.socket), f"{sh.tag}.log")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        import fcntl
+        code = 1
+        try:
+            os.close(to_child_w)
+            os.close(to_parent_r)
+            high = fcntl.fcntl(to_parent_w, fcntl.F_DUPFD_CLOEXEC, 64)  # clear of _FD
+            os.close(to_parent_w)
+            to_parent_w = high
+            _child(st, sh, lsock.fileno(), groups, to_child_r, to_parent_w, log_path, virtiofsd)
+        except BaseException as e:  # noqa: BLE001 - report and leave, never return
+            try:
+                os.write(to_parent_w, _reason(e).encode("utf-8", "replace")[:1000])
+            except OSError:
+                pass
+        os._exit(code)
+    os.close(to_child_r)
+    os.close(to_parent_w)
+    lsock.close()
+    try:
+        ready = os.read(to_parent_r, 1)  # the child has its own user namespace
+        if ready == b"u":
+            with open(f"/proc/{pid}/uid_map", "w") as f:
+                f.write(f"{st.uid} {st.uid} 1\n")
+            with open(f"/proc/{pid}/gid_map", "w") as f:
+                f.write(f"{st.gid} {st.gid} 1\n")
+            os.write(to_child_w, b"g")
+            msg = _read_all(to_parent_r)  # empty: exec succeeded
+        else:
+            msg = ready + _read_all(to_parent_r)
+    except OSError as e:
+        msg = f"cannot set up virtiofsd's user namespace: {e.strerror}".encode()
+    finally:
+        os.close(to_child_w)
+        os.close(to_parent_r)
+    if msg:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        text = msg.decode("utf-8", "replace")
+        if text.startswith("user:"):
+            raise UserError(f"{sh.path} cannot be shared with the virtual machine: {text[5:]}",
+                            "submit from a directory you can enter, or ask for the copy mode")
+        raise SiteError(f"virtiofsd for {sh.path} did not start: {text}",
+                        "check that user namespaces are enabled (user.max_user_namespaces)")
+    _await_accept(pid, sh, log_path)
+    return pid
+
+
+def _await_accept(pid, sh, log_path, timeout=10.0):
+    """Return once virtiofsd waits for QEMU on its socket; SiteError if it exits first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/syscall", "rb") as f:
+                call = f.read().split()
+        except OSError:
+            call = []
+        if call[:2] in ([b"43", b"0x3"], [b"288", b"0x3"]):  # accept/accept4(_FD) on x86_64
+            return
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            try:
+                with open(log_path, "rb") as f:
+                    why = f.read()[-300:].decode("utf-8", "replace").strip().splitlines()[-1:]
+            except OSError:
+                why = []
+            raise SiteError(f"virtiofsd for {sh.path} exited at once "
+                            f"({why[0] if why else f'status {status}'})",
+                            f"check {log_path} and [site] virtiofsd")
+        time.sleep(0.005)
+    raise SiteError(f"virtiofsd for {sh.path} did not start within {timeout:.0f} s",
+                    "the node may be overloaded")
+
+
+def fuse_escape(text):
+    """``text`` as one libfuse option value: punctuation backslash-escaped."""
+    return "".join("\\" + c if c.isascii() and not (c.isalnum() or c in "/._-") else c
+                   for c in text)
+
+
+def _read_all(fd):
+    chunks = []
+    while True:
+        b = os.read(fd, 4096)
+        if not b:
+            return b"".join(chunks)
+        chunks.append(b)
+
+
+def _reason(e):
+    if isinstance(e, UserError):
+        return "user:" + e.problem
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _groups(st):
+    try:
+        return os.getgrouplist(st.user, st.gid)
+    except (KeyError, OSError):
+        return [st.gid]
+
+
+def _child(st, sh, lfd, groups, to_child_r, to_parent_w, log_path, virtiofsd):  # pragma: no cover
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.setsid()
+    # Opened as root: the job directory is root's.
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    null = os.open("/dev/null", os.O_RDWR)
+    os.setgroups(groups)
+    if libc.unshare(_CLONE_NEWUSER) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER): "
+                      + os.strerror(ctypes.get_errno()))
+    os.write(to_parent_w, b"u")
+    if os.read(to_child_r, 1) != b"g":
+        raise OSError(0, "the id maps were not written")
+    os.close(to_child_r)
+    os.setresgid(st.gid, st.gid, st.gid)
+    os.setresuid(st.uid, st.uid, st.uid)
+    try:
+        os.chdir(sh.path)  # as the job user: the only check that counts
+    except OSError as e:
+        raise UserError(e.strerror or str(e), "") from None
+    _ambient_caps(libc)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    if lfd != _FD:
+        os.dup2(lfd, _FD)
+    os.set_inheritable(_FD, True)
+    os.closerange(_FD + 1, to_parent_w)  # to_parent_w itself closes on exec
+    os.closerange(to_parent_w + 1, 65536)
+    os.execve(virtiofsd, ["virtiofsd", f"--fd={_FD}", "-o", "source=" + fuse_escape(sh.path),
+                          "-o", "sandbox=chroot",
+                          "-o", "cache=auto", "-o", "log_level=err", "--rlimit-nofile=0"],
+              {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _ambient_caps(libc):  # pragma: no cover - runs in the child
+    """Keep _CAPS across exec as a non-root uid (ambient set; namespaced caps)."""
+    hdr, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+    if libc.capget(ctypes.byref(hdr), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    inh = 0
+    for c in _CAPS:
+        inh |= 1 << c
+    data[0].inheritable, data[1].inheritable = inh, 0
+    if libc.capset(ctypes.byref(hdr), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset: " + os.strerror(ctypes.get_errno()))
+    for c in _CAPS:
+        if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, c, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"ambient capability {c}: "
+                          + os.strerror(ctypes.get_errno()))
