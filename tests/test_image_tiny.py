@@ -80,6 +80,7 @@ def calls(tmp_path, script):
         "bootcmd() { rec bootcmd \"$@\"; }\n"
         "seed_user() { rec seed_user \"$@\"; }\n"
         "seed_host_key() { rec seed_host_key \"$@\"; }\n"
+        "runcmd() { rec runcmd \"$@\"; }\n"
         f". '{out}' > '{record}'\n")
     subprocess.run([BUSYBOX, "sh", "-c", driver], check=True)
     result = []
@@ -100,10 +101,30 @@ def test_parser_reads_the_rendered_template(tmp_path):
                       "/home/alice"]
     assert got[3] == ["bootcmd", "install", "-d", "-m", "0700", "-o", "1234", "-g", "2345",
                       "/home/alice/jobs/42"]
-    assert got[4] == ["seed_user", "alice", "1234", "physics", "/bin/sh",
+    assert got[4] == ["bootcmd", "install", "-d", "-m", "0700", "-o", "1234", "-g", "2345",
+                      "/home/alice/.vmwn"]
+    assert got[5] == ["seed_user", "alice", "1234", "physics", "/bin/sh", "/home/alice",
                       "ssh-ed25519 AAAAuser alice@ce"]
-    assert got[5] == ["seed_host_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\nBBBB\n"
+    assert got[6] == ["seed_host_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\nBBBB\n"
                       "-----END OPENSSH PRIVATE KEY-----\n", "ssh-ed25519 AAAAhost"]
+    # After the users: the job's key where sshd reads it, whatever the home is.
+    assert got[7] == ["runcmd", "install", "-D", "-m", "0644",
+                      "/home/alice/.ssh/authorized_keys", "/etc/ssh/authorized_keys/alice"]
+    assert len(got) == 8  # copy mode: nothing to mount
+
+
+@needs_busybox
+def test_parser_orders_the_mounts_after_the_users(tmp_path):
+    values = seed_values(mounts=[{"tag": "vmwn0", "path": "/home/alice"},
+                                 {"tag": "vmwn1", "path": "/scratch/a b"}])
+    status, out, err = parse(tmp_path, render("user-data.j2", **values))
+    assert status == 0, err
+    got = calls(tmp_path, out)
+    assert [g[0] for g in got].index("seed_user") < [g[0] for g in got].index("runcmd")
+    assert got[-4:] == [["runcmd", "mkdir", "-p", "/home/alice"],
+                        ["runcmd", "mount", "-t", "virtiofs", "vmwn0", "/home/alice"],
+                        ["runcmd", "mkdir", "-p", "/scratch/a b"],
+                        ["runcmd", "mount", "-t", "virtiofs", "vmwn1", "/scratch/a b"]]
 
 
 @needs_busybox
