@@ -237,7 +237,7 @@ def test_manifest_round_trip(guestd, tmp_path):
         assert transfer.read_manifest(sftp, ctl) == ({"/w/a": (3, 7)}, {"/w"}, 0o027)
         with open(os.path.join(ctl, "manifest.json"), "w") as f:
             f.write("{not json")
-        assert transfer.read_manifest(sftp, ctl) == ({}, set())
+        assert transfer.read_manifest(sftp, ctl) == ({}, set(), transfer.DEFAULT_UMASK)
         sftp.close()
     finally:
         g.close()

@@ -124,6 +124,7 @@ def summary_line(s):
             + " 20G/200M=" + f(s.get("scale"), ".2f")
             + " relay/ssh=" + f(s.get("relay_ssh"), ".2f")
             + " harvest/scp=" + f(s.get("harvest_scp"), ".2f")
+            + " harvest/tar=" + f(s.get("harvest_tar"), ".2f")
             + " novm-extra=" + f(s.get("novm_ms"), ".0f") + "ms"
             + " rss-extra=" + f(s.get("rss_extra"), ".0f") + "MiB")
 
@@ -584,7 +585,43 @@ def measure_throughput(b, st):
         sc.append(t)
         os.unlink(os.path.join(dest, "big.bin"))
     res["harvest_s"], res["scp_s"] = median(hv), median(sc)
+    res.update(measure_small_files(b, st, kh))
     return res
+
+
+SMALL_FILES = 2000
+
+
+def measure_small_files(b, st, kh):
+    """The copy path's harvest of many small files against a plain tar stream over
+    the same guest's SSH (the issue's yardstick), and native cp on the host."""
+    from . import ssh, transfer
+    _say(f"throughput: harvest of {SMALL_FILES} small files against tar over ssh and cp")
+    sub = f"{st.workdir}/small"
+    guest = ssh.Guest.connect(st)
+    status, _, err = guest.run(f"mkdir -p {shlex.quote(sub)} && cd {shlex.quote(sub)} && "
+                               f"i=0; while [ $i -lt {SMALL_FILES} ]; do echo $i > f$i; "
+                               "i=$((i+1)); done && sync", timeout=600)
+    guest.close()
+    if status != 0:
+        raise SiteError(f"cannot write small files in the guest: {err[-200:]!r}",
+                        "check the guest's disk")
+    t0 = time.monotonic()
+    r = transfer.harvest(b.cfg, st, timeout=600)
+    harvest_s = time.monotonic() - t0
+    if r.files < SMALL_FILES:
+        raise SiteError(f"harvest copied {r.files} of {SMALL_FILES} files", "check transfer")
+    dest = b._udir("tar")
+    ssh_cmd = " ".join(shlex.quote(a) for a in b.ssh_argv(
+        st.port, st.key_path, kh, f"tar -C {shlex.quote(st.workdir)} -cf - small"))
+    t0 = time.monotonic()
+    subp.run(["sh", "-c", f"{ssh_cmd} | tar -C {shlex.quote(dest)} -xf -"], timeout=600)
+    tar_s = time.monotonic() - t0
+    cp_dest = b._udir("cp")
+    t0 = time.monotonic()
+    subp.run(["cp", "-a", os.path.join(st.host_workdir, "small"), cp_dest], timeout=600)
+    cp_s = time.monotonic() - t0
+    return {"small_harvest_s": harvest_s, "small_tar_s": tar_s, "small_cp_s": cp_s}
 
 
 def measure_floor(b):
@@ -863,6 +900,13 @@ def build_rows(m):
         s["harvest_scp"] = ratio(hv, sp)
         rows.append(Row(f"harvest ({BIG_MIB} MiB file) vs scp", hv, sp, unit="MiB/s",
                         ratio=s["harvest_scp"], goal=(">=", 0.5)))
+        if "small_harvest_s" in tp:
+            hf, tf = SMALL_FILES / tp["small_harvest_s"], SMALL_FILES / tp["small_tar_s"]
+            s["harvest_tar"] = ratio(hf, tf)
+            rows.append(Row(f"harvest ({SMALL_FILES} small files) vs tar over ssh", hf, tf,
+                            unit="files/s", ratio=s["harvest_tar"], goal=(">=", 0.5)))
+            rows.append(Row(f"native cp -a ({SMALL_FILES} small files)",
+                            SMALL_FILES / tp["small_cp_s"], unit="files/s"))
     for n, c in sorted(m.get("concurrency", {}).items()):
         failed = f" ({c['failed']} of {n} failed)" if c.get("failed") else ""
         rows.append(Row(f"{n} simultaneous VM jobs: jobs per minute{failed}", c["per_min"],

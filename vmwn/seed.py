@@ -34,9 +34,10 @@ def guest_home(user):
     return f"/home/{user}"
 
 
-# vmwn's files in the guest (job script, pid files, manifest).  With the home
-# mounted from the host they live outside it, in guest memory, per job.
-MOUNTED_CONTROL_DIR = "/run/vmwn-job"
+# vmwn's files in the guest (job script, pid files, environment).  With the
+# home mounted from the host they live outside it, in the guest's own file
+# system (not /run: Debian mounts it noexec, and the job script is executed).
+MOUNTED_CONTROL_DIR = "/var/lib/vmwn-job"
 
 
 def control_dir(user, mounted):
