@@ -115,7 +115,7 @@ def test_harvest_copies_new_and_changed_skips_unchanged(guestd, tmp_path, host_t
         with open(os.path.join(host_tree, "bin.dat"), "wb") as f:
             f.write(b"host edit")
         os.utime(os.path.join(gdir, "result.out"), (1200000000, 1200000000))
-        res = transfer.pull(sftp, gdir, host_tree, 1 << 30)
+        res = transfer.pull(g, sftp, gdir, host_tree, 1 << 30)
         sftp.close()
     finally:
         g.close()
@@ -147,7 +147,7 @@ def test_harvest_never_copies_control_dir(guestd, tmp_path):
         with open(os.path.join(guestd.guest_home, "out.txt"), "w") as f:
             f.write("out")
         # The working directory is the guest home: ~/.vmwn lies inside it.
-        res = transfer.pull(sftp, guestd.guest_home, str(host), 1 << 20)
+        res = transfer.pull(g, sftp, guestd.guest_home, str(host), 1 << 20)
         sftp.close()
     finally:
         g.close()
@@ -168,7 +168,7 @@ def test_harvest_does_not_follow_guest_symlinks(guestd, tmp_path):
     g = connect(guestd, tmp_path)
     try:
         sftp = g.sftp()
-        res = transfer.pull(sftp, str(gdir), str(host), 1 << 20)
+        res = transfer.pull(g, sftp, str(gdir), str(host), 1 << 20)
         sftp.close()
     finally:
         g.close()
@@ -193,7 +193,7 @@ def test_harvest_never_writes_through_host_symlinks(guestd, tmp_path):
     g = connect(guestd, tmp_path)
     try:
         sftp = g.sftp()
-        res = transfer.pull(sftp, str(gdir), str(host), 1 << 20)
+        res = transfer.pull(g, sftp, str(gdir), str(host), 1 << 20)
         sftp.close()
     finally:
         g.close()
@@ -214,17 +214,21 @@ def test_harvest_cap_truncates_and_protects_host(guestd, tmp_path):
     gdir.mkdir(parents=True)
     for name in ("a", "b", "c"):
         (gdir / name).write_bytes(b"z" * 4000)
+    (gdir / "small").write_bytes(b"s")  # fits after the one that did not
     g = connect(guestd, tmp_path)
     try:
         sftp = g.sftp()
-        res = transfer.pull(sftp, str(gdir), str(host), 9000)
+        res = transfer.pull(g, sftp, str(gdir), str(host), 9000)
         sftp.close()
     finally:
         g.close()
-    assert res.truncated and res.files == 2 and res.bytes == 8000
-    assert sorted(os.listdir(host)) == ["a", "b"]
-    assert "harvest_max" in res.problems[0] and res.problems[0].startswith("c:")
-    assert "STOPPED" in res.summary()
+    assert res.truncated and res.files == 3 and res.bytes == 8001
+    copied = sorted(os.listdir(host))
+    left = ({"a", "b", "c"} - set(copied)).pop()
+    assert "small" in copied and len(copied) == 3
+    assert len(res.problems) == 1 and res.problems[0].startswith(f"{left}: ")
+    assert "harvest_max" in res.problems[0]
+    assert "left behind" in res.summary()
 
 
 def test_manifest_round_trip(guestd, tmp_path):
@@ -268,7 +272,7 @@ def test_a_job_submitted_from_home_keeps_the_guests_key_both_ways(guestd, tmp_pa
             assert f.read() == "Host x\n"  # the rest of ~/.ssh is the user's to have
         with open(os.path.join(guestd.guest_home, "result.txt"), "w") as f:
             f.write("out\n")
-        res = transfer.pull(sftp, guestd.guest_home, str(home), 1 << 20)
+        res = transfer.pull(g, sftp, guestd.guest_home, str(home), 1 << 20)
         sftp.close()
     finally:
         g.close()

@@ -60,7 +60,7 @@ def test_harvest_honours_harvest_max(setup):
     (gwork / "a").write_bytes(b"a" * 700000)
     (gwork / "b").write_bytes(b"b" * 700000)
     res = transfer.harvest(cfg, st)
-    assert res.truncated and res.files == 1 and os.listdir(host) == ["a"]
+    assert res.truncated and res.files == 1 and len(os.listdir(host)) == 1
 
 
 def test_harvest_of_a_lost_guest_raises_guestlost(setup):

@@ -288,7 +288,7 @@ class HarvestResult:
         s = (f"copied {self.files} files ({_fmt(self.bytes)}) back in {self.seconds:.1f} s, "
              f"{self.unchanged} unchanged files skipped")
         if self.truncated:
-            s += "; STOPPED at [site] harvest_max"
+            s += "; files over [site] harvest_max left behind"
         if self.problems:
             s += f"; {len(self.problems)} not copied"
         return s
@@ -339,7 +339,7 @@ def _harvest_as_user(st_fields, cap, budget):
     try:
         sftp = guest.sftp()
         try:
-            res = pull(sftp, st.output_dir, st.host_workdir, cap, deadline=deadline,
+            res = pull(guest, sftp, st.output_dir, st.host_workdir, cap, deadline=deadline,
                        budget=budget, control=st.control_dir or None)
         finally:
             sftp.close()
@@ -431,41 +431,10 @@ class _HostTree:
                                                     self.seq))
 
 
-def listdir_attr(sftp, path):
-    """sftp.listdir_attr that survives names which are not UTF-8.
-
-    paramiko decodes every name strictly, so one Latin-1 name would end the
-    whole harvest; here names are decoded as the host's file system does
-    (surrogateescape), and :func:`gpath` encodes them back to the same bytes.
-    """
-    from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR
-    from paramiko.sftp_attr import SFTPAttributes
-    t, msg = sftp._request(CMD_OPENDIR, gpath(path))
-    if t != CMD_HANDLE:
-        raise IOError(f"unexpected SFTP reply {t} to opendir")
-    handle = msg.get_binary()
-    out = []
-    try:
-        while True:
-            try:
-                t, msg = sftp._request(CMD_READDIR, handle)
-            except EOFError:
-                break
-            if t != CMD_NAME:
-                raise IOError(f"unexpected SFTP reply {t} to readdir")
-            for _ in range(msg.get_int()):
-                name = os.fsdecode(msg.get_string())
-                longname = msg.get_string()
-                attr = SFTPAttributes._from_msg(msg, name, longname)
-                if name not in (".", ".."):
-                    out.append(attr)
-    finally:
-        sftp._request(CMD_CLOSE, handle)
-    return out
-
-
 def gpath(path):
-    """A guest path for paramiko: the bytes it names (see :func:`listdir_attr`)."""
+    """A guest path for paramiko: the bytes it names.  (paramiko encodes str
+    paths strictly as UTF-8; a host name that is not UTF-8 is carried as
+    surrogates, and must reach the guest as the same bytes.)"""
     return os.fsencode(path)
 
 
@@ -473,11 +442,6 @@ def printable(rel):
     """A path as text a user can read in a message: undecodable bytes as \\xNN."""
     return "".join(c if c.isprintable() else repr(c)[1:-1]
                    for c in os.fsencode(rel).decode("utf-8", "backslashreplace"))
-
-
-def _alive(sftp):
-    chan = sftp.get_channel()
-    return not chan.closed and chan.get_transport().is_active()
 
 
 def _valid_name(name):
@@ -488,12 +452,45 @@ class OutOfTime(Exception):
     """The harvest reached its time budget (raised in the walk, reported as a problem)."""
 
 
-def pull(sftp, guest_dir, host_dir, cap, deadline=None, budget=0.0, control=None):
+class _ChannelReader:
+    """A file-like reader over an SSH channel's stdout for tarfile's stream mode;
+    recv waits at most until ``deadline`` (then OutOfTime)."""
+
+    def __init__(self, chan, deadline):
+        self.chan, self.deadline = chan, deadline
+
+    def read(self, n=-1):
+        import socket
+        if n is None or n < 0:
+            n = 1 << 20
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise OutOfTime()
+            self.chan.settimeout(left)
+        try:
+            return self.chan.recv(n)
+        except socket.timeout:
+            raise OutOfTime() from None
+
+
+# Run by the guest user's shell: the output directory as one tar stream.  Plain
+# ustar options every tar has (busybox's in tiny, GNU's in debian12).
+TAR_OUT = "cd {dir} && exec tar -cf - ."
+
+
+def pull(guest, sftp, guest_dir, host_dir, cap, deadline=None, budget=0.0, control=None):
     """Copy new and changed regular files from ``guest_dir`` into ``host_dir``.
 
-    The walk is iterative (any depth); names need not be UTF-8.  At
-    ``deadline`` (time.monotonic) it stops and says so, naming the budget.
+    The guest sends the directory as one tar stream over the job's SSH
+    connection (as fast as ``ssh guest tar -c | tar -x``): any depth, any
+    number of files, names need not be UTF-8, zeros come back as holes.  Each
+    member goes through :func:`_store` (no symlink followed on the host, the
+    job's umask, the cap).  At ``deadline`` (time.monotonic) it stops and says
+    so, naming the budget.
     """
+    import shlex
+    import tarfile
     res = HarvestResult()
     home = sftp.normalize(".")
     ctl = control or posixpath.join(home, CONTROL)
@@ -507,87 +504,117 @@ def pull(sftp, guest_dir, host_dir, cap, deadline=None, budget=0.0, control=None
         elif len(res.problems) == _MAX_PROBLEMS:
             res.problems.append("... more problems not listed")
 
-    def visit(gdir, rel):
-        """One directory; returns its subdirectories to visit, None when the cap stops."""
-        try:
-            items = sorted(listdir_attr(sftp, gdir), key=lambda a: a.filename)
-        except IOError as e:
-            if not _alive(sftp):
-                raise
-            problem(rel or ".", f"unreadable in the guest ({e})")
-            return []
-        subdirs = []
-        for a in items:
-            if deadline is not None and time.monotonic() > deadline:
-                raise OutOfTime()
-            if not _valid_name(a.filename):
-                problem(rel or ".", f"the guest sent an invalid name {printable(a.filename)}")
+    chan = guest.exec(TAR_OUT.format(dir=shlex.quote(guest_dir)))
+    chan.shutdown_write()
+    done = {}  # guest path -> host rel of regular files written, for hard links
+    try:
+        tf = tarfile.open(fileobj=_ChannelReader(chan, deadline), mode="r|",
+                          encoding="utf-8", errors="surrogateescape")
+        for m in tf:
+            rel = posixpath.normpath(m.name)
+            if rel == ".":
                 continue
-            gp = posixpath.join(gdir, a.filename)
-            r = posixpath.join(rel, a.filename) if rel else a.filename
-            if gp in guests:
+            if rel.startswith("../") or rel == ".." or rel.startswith("/"):
+                problem(rel, "the guest sent a path outside the output directory")
                 continue
-            mode = a.st_mode or 0
-            if stat.S_ISDIR(mode):
+            gp = posixpath.join(guest_dir, rel)
+            if gp in guests or any(gp.startswith(o + "/") for o in guests):
+                continue
+            if m.isdir():
                 if gp not in staged_dirs:
                     try:
-                        tree.dir(r, stat.S_IMODE(mode))
+                        tree.dir(rel, stat.S_IMODE(m.mode))
                     except OSError as e:
-                        problem(r, _why(e))
-                        continue
-                subdirs.append((gp, r))
-            elif stat.S_ISREG(mode):
-                if staged.get(gp) == (a.st_size, a.st_mtime):
+                        problem(rel, _why(e))
+            elif m.isreg() or m.islnk():
+                a = _TarAttr(m)
+                if m.isreg() and staged.get(gp) == (a.st_size, a.st_mtime):
                     res.unchanged += 1
                     continue
-                if not _pull_file(sftp, tree, gp, r, a, cap, res, problem):
-                    return None
-            # guest symlinks, fifos, sockets and devices stay in the guest
-        return subdirs
-
-    stack = [(guest_dir, "")]
-    try:
-        while stack:
-            gdir, rel = stack.pop()
-            subdirs = visit(gdir, rel)
-            if subdirs is None:
-                break
-            stack.extend(reversed(subdirs))
+                if m.islnk():  # a second name of a file already in the stream
+                    first = done.get(posixpath.join(guest_dir, posixpath.normpath(m.linkname)))
+                    if first is None:
+                        problem(rel, "a hard link to a file that was not copied")
+                        continue
+                    ok = _store(tree, rel, _HostAttr(tree, first, m), cap, res, problem,
+                                _host_source(tree, first))
+                else:
+                    ok = _store(tree, rel, a, cap, res, problem, lambda m=m: tf.extractfile(m))
+                if not ok:
+                    break
+                done[gp] = rel
+            # guest symlinks, fifos and devices stay in the guest
     except OutOfTime:
         res.out_of_time = True
         problem(".", f"the copy stopped at its time budget of {budget:.0f} s (what pbs_mom's "
                      "$prologalarm leaves the epilogue) after "
                      f"{res.files} files; the rest stayed in the virtual machine: write "
                      "fewer, larger files, or ask for the mounted mode")
-    except _sftp_errors() as e:
-        if isinstance(e, (UserError, SiteError)):
-            raise
-        raise GuestLost(f"copying output back from the virtual machine failed: "
-                        f"{' '.join(str(e).split()) or type(e).__name__}",
-                        f"{res.files} files were copied before the failure") from None
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if chan.get_transport() is None or not chan.get_transport().is_active() or (
+                chan.exit_status_ready() and chan.recv_exit_status() == -1):
+            raise GuestLost(f"copying output back from the virtual machine failed: "
+                            f"{' '.join(str(e).split()) or type(e).__name__}",
+                            f"{res.files} files were copied before the failure") from None
+        problem(".", f"the guest's tar stream broke off ({' '.join(str(e).split())})")
     finally:
         tree.close()
+        err = b""
+        try:
+            chan.settimeout(5)
+            while chan.recv_stderr_ready() or not chan.exit_status_ready():
+                chunk = chan.recv_stderr(65536)
+                if not chunk:
+                    break
+                err += chunk
+                if len(err) > 65536:
+                    break
+        except OSError:
+            pass
+        chan.close()
+        for line in err.decode("utf-8", "backslashreplace").splitlines()[:20]:
+            if line.strip():
+                problem(".", f"in the guest: {line.strip()[:300]}")
+    if not _alive_chan(guest):
+        raise GuestLost("the virtual machine went away while its output was copied",
+                        f"{res.files} files were copied before")
     return res
+
+
+def _alive_chan(guest):
+    t = guest.client.get_transport()
+    return t is not None and t.is_active()
+
+
+class _TarAttr:
+    """A tar member's size, mode and times in the shape _store reads."""
+
+    def __init__(self, m):
+        self.st_size, self.st_mode = m.size, m.mode
+        self.st_mtime = int(m.mtime)
+        self.st_atime = self.st_mtime
+
+
+class _HostAttr(_TarAttr):
+    def __init__(self, tree, rel, m):
+        super().__init__(m)
+        dfd = tree.dir(posixpath.dirname(rel))
+        self.st_size = os.stat(posixpath.basename(rel), dir_fd=dfd,
+                               follow_symlinks=False).st_size
+
+
+def _host_source(tree, rel):
+    def source():
+        dfd = tree.dir(posixpath.dirname(rel))
+        fd = os.open(posixpath.basename(rel), os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        return os.fdopen(fd, "rb", buffering=0)
+    return source
 
 
 def _why(e):
     if e.errno in (errno.ELOOP, errno.ENOTDIR):
         return "a host path component is a symlink or not a directory; not written through"
     return e.strerror or str(e)
-
-
-def _pull_file(sftp, tree, gp, rel, a, cap, res, problem):
-    """Copy one guest file; False when the cap stops the harvest."""
-    def source():
-        f = sftp.open(gpath(gp), "rb")
-        f.prefetch(a.st_size or 0)
-        return f
-
-    def on_error(e):
-        if not _alive(sftp):
-            raise e
-        return _why(e) if e.errno else f"unreadable in the guest ({e})"
-    return _store(tree, rel, a, cap, res, problem, source, on_error)
 
 
 def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
@@ -599,11 +626,11 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
     holes where the source reads zeros.  False when the cap stops the copy.
     """
     size = a.st_size or 0
-    if res.bytes + size > cap:
+    if res.bytes + size > cap:  # skipped by name; smaller files after it still fit
         res.truncated = True
-        problem(rel, f"not copied: the output exceeds [site] harvest_max ({_fmt(cap)}); "
-                     "this and later files stay behind")
-        return False
+        problem(rel, f"not copied: {_fmt(size)} would take the output past [site] "
+                     f"harvest_max ({_fmt(cap)}, {_fmt(res.bytes)} copied)")
+        return True
     parent, name = posixpath.split(rel)
     try:
         dfd = tree.dir(parent)
@@ -632,7 +659,7 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
                 if res.bytes + n > cap:
                     res.truncated = True
                     problem(rel, "not copied: it grew past [site] harvest_max")
-                    return False
+                    return True
                 if chunk.count(0) == len(chunk):  # a hole stays a hole
                     os.lseek(fd, len(chunk), os.SEEK_CUR)
                     continue
