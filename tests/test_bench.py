@@ -80,7 +80,8 @@ def test_rows_and_summary_from_measurements():
     assert by_name["job without VM: extra of prologue + starter"].met() is True  # 46 ms <= 50 ms
     line = bench.summary_line(s)
     assert line == ("bench: first-instruction/floor=1.16 naive/vmwn=2.02 20G/200M=1.05 "
-                    "relay/ssh=0.50 harvest/scp=0.50 harvest/tar=? novm-extra=46ms "
+                    "relay/ssh=0.50 harvest/scp=0.50 harvest/tar=? mounted/native=? "
+                    "novm-extra=46ms "
                     "rss-extra=64MiB")
 
 

@@ -19,10 +19,14 @@ HAVE_VIRTIOFSD = os.access(share.VIRTIOFSD, os.X_OK)
 def test_plan_mounts_parents_first_and_drops_what_another_covers(tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    paths = share.plan("/home/alice/run/1", "/home/alice",
+    home = tmp_path / "home" / "alice"
+    home.mkdir(parents=True)
+    paths = share.plan(str(home / "run" / "1"), str(home),
                        [str(scratch), "/nonexistent-site-path", str(scratch / "..")])
-    assert paths == ["/home/alice", str(tmp_path)]  # scratch lies inside tmp_path
+    assert paths == [str(tmp_path)]  # home and scratch lie inside tmp_path
+    assert share.plan("/srv/w", str(home), ()) == ["/srv/w", str(home)]
     assert share.plan("/srv/w", None, ()) == ["/srv/w"]
+    assert share.plan("/srv/w", "/nonexistent-home", ()) == ["/srv/w"]
     assert share.plan("/", "/", ()) == []  # never the whole host
 
 

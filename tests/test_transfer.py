@@ -55,8 +55,10 @@ def test_stage_in_copies_files_dirs_links_with_modes_and_mtimes(guestd, tmp_path
         res = transfer.stage_in(g, host_tree, gdir, 10 << 20)
     finally:
         g.close()
+    def no_dir_times(tree):  # the guest's tar sets them (GNU) or not (busybox)
+        return {k: (v[0], v[1], None, v[3]) if v[0] == "dir" else v for k, v in tree.items()}
     want = {k: v for k, v in _tree(host_tree).items() if k != "fifo"}
-    assert _tree(gdir) == want
+    assert no_dir_times(_tree(gdir)) == no_dir_times(want)
     # Symlinks keep their text and are not followed: no copy of /etc/passwd.
     assert os.readlink(os.path.join(gdir, "abs-link")) == "/etc/passwd"
     assert os.readlink(os.path.join(gdir, "sub", "escape")) == "../../../outside"

@@ -125,6 +125,7 @@ def summary_line(s):
             + " relay/ssh=" + f(s.get("relay_ssh"), ".2f")
             + " harvest/scp=" + f(s.get("harvest_scp"), ".2f")
             + " harvest/tar=" + f(s.get("harvest_tar"), ".2f")
+            + " mounted/native=" + f(s.get("mounted_native"), ".2f")
             + " novm-extra=" + f(s.get("novm_ms"), ".0f") + "ms"
             + " rss-extra=" + f(s.get("rss_extra"), ".0f") + "MiB")
 
@@ -241,7 +242,9 @@ class Bench:
         self.bare = os.path.join(self.root, "bare")
         os.makedirs(os.path.join(self.bare, "mom_priv"))
         self.cfg = configmod.load(self.vm.config)
-        self.env = self.cfg.environments["tiny"]
+        # The per-step measurements exercise the copy path (stage-in, harvest);
+        # the mounted one has measure_mounted.
+        self.env = dataclasses.replace(self.cfg.environments["tiny"], data="copy")
         self.submit = self._udir("submit")
         _write(os.path.join(self.submit, "job.sh"), f"#!/bin/sh\necho {MARKER}\n", 0o755,
                self.uid, self.gid)
@@ -365,9 +368,11 @@ max_memory = {max(e.memory_mib, 256)}M
     def spec(self, job_id, env=None, host_workdir=None):
         from .lifecycle import JobSpec
         env = env or self.env
+        workdir = (host_workdir or self.submit) if env.data == "mounted" else \
+            f"/home/{self.user}/bench"
         return JobSpec(job_id=job_id, user=self.user, uid=self.uid, gid=self.gid,
                        group=self.group, job_name="bench", env=env, vcpus=1,
-                       memory_mib=env.memory_mib, workdir=f"/home/{self.user}/bench",
+                       memory_mib=env.memory_mib, workdir=workdir,
                        host_workdir=host_workdir or self.submit)
 
     def create(self, job_id, env=None, host_workdir=None):
@@ -599,7 +604,9 @@ def measure_small_files(b, st, kh):
     _say(f"throughput: harvest of {SMALL_FILES} small files against tar over ssh and cp")
     sub = f"{st.workdir}/small"
     guest = ssh.Guest.connect(st)
-    status, _, err = guest.run(f"mkdir -p {shlex.quote(sub)} && cd {shlex.quote(sub)} && "
+    # Only the small files: the big one of measure_throughput goes first.
+    status, _, err = guest.run(f"rm -f {shlex.quote(st.workdir)}/big.bin && "
+                               f"mkdir -p {shlex.quote(sub)} && cd {shlex.quote(sub)} && "
                                f"i=0; while [ $i -lt {SMALL_FILES} ]; do echo $i > f$i; "
                                "i=$((i+1)); done && sync", timeout=600)
     guest.close()
@@ -613,7 +620,7 @@ def measure_small_files(b, st, kh):
         raise SiteError(f"harvest copied {r.files} of {SMALL_FILES} files", "check transfer")
     dest = b._udir("tar")
     ssh_cmd = " ".join(shlex.quote(a) for a in b.ssh_argv(
-        st.port, st.key_path, kh, f"tar -C {shlex.quote(st.workdir)} -cf - small"))
+        st.port, st.key_path, kh, f"tar -C {shlex.quote(st.workdir)} -cf - ."))
     t0 = time.monotonic()
     subp.run(["sh", "-c", f"{ssh_cmd} | tar -C {shlex.quote(dest)} -xf -"], timeout=600)
     tar_s = time.monotonic() - t0
@@ -622,6 +629,47 @@ def measure_small_files(b, st, kh):
     subp.run(["cp", "-a", os.path.join(st.host_workdir, "small"), cp_dest], timeout=600)
     cp_s = time.monotonic() - t0
     return {"small_harvest_s": harvest_s, "small_tar_s": tar_s, "small_cp_s": cp_s}
+
+
+def measure_mounted(b):
+    """The mounted data path: a guest writing many small files and one big file
+    into its virtio-fs working directory (which is the host's), against the same
+    commands run natively on the host as the same user, and native cp."""
+    from . import ssh
+    _say("mounted: guest writes into its host directory, against the same on the host")
+    env = dataclasses.replace(b.cfg.environments["tiny"], data="mounted")
+    work = b._udir("mounted")
+    jid = f"{b.tag}-m"
+    st, _, _, _ = b.create(jid, env=env, host_workdir=work)
+    small = (f"mkdir -p {{d}} && cd {{d}} && i=0; while [ $i -lt {SMALL_FILES} ]; do "
+             "echo $i > f$i; i=$((i+1)); done")
+    big = f"dd if=/dev/zero of={{f}} bs=1M count={BIG_MIB} 2>/dev/null && sync"
+    res = {}
+    try:
+        guest = ssh.Guest.connect(st)
+        try:
+            for name, cmd in (("small", small.format(d=shlex.quote(work + "/g"))),
+                              ("big", big.format(f=shlex.quote(work + "/g.bin")))):
+                t0 = time.monotonic()
+                status, _, err = guest.run(cmd, timeout=600)
+                res[f"guest_{name}_s"] = time.monotonic() - t0
+                if status != 0:
+                    raise SiteError(f"mounted {name}: {err[-200:]!r}", "check virtiofsd")
+        finally:
+            guest.close()
+    finally:
+        b.destroy(jid)
+    if len(os.listdir(os.path.join(work, "g"))) != SMALL_FILES:
+        raise SiteError("the guest's files did not reach the host", "check the mounted mode")
+    for name, cmd in (("small", small.format(d=shlex.quote(work + "/h"))),
+                      ("big", big.format(f=shlex.quote(work + "/h.bin")))):
+        t0 = time.monotonic()
+        subp.run(["su", "-s", "/bin/sh", "-c", cmd, b.user], timeout=600)
+        res[f"native_{name}_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    subp.run(["cp", "-a", os.path.join(work, "h"), os.path.join(work, "cp")], timeout=600)
+    res["cp_small_s"] = time.monotonic() - t0
+    return res
 
 
 def measure_floor(b):
@@ -907,6 +955,18 @@ def build_rows(m):
                             unit="files/s", ratio=s["harvest_tar"], goal=(">=", 0.5)))
             rows.append(Row(f"native cp -a ({SMALL_FILES} small files)",
                             SMALL_FILES / tp["small_cp_s"], unit="files/s"))
+    mt = m.get("mounted")
+    if mt:
+        gs, ns = SMALL_FILES / mt["guest_small_s"], SMALL_FILES / mt["native_small_s"]
+        s["mounted_native"] = ratio(gs, ns)
+        rows.append(Row(f"mounted: guest writes {SMALL_FILES} small files to the host vs "
+                        "the same on the host", gs, ns, unit="files/s",
+                        ratio=s["mounted_native"]))
+        gb, nb = BIG_MIB / mt["guest_big_s"], BIG_MIB / mt["native_big_s"]
+        rows.append(Row(f"mounted: guest writes {BIG_MIB} MiB to the host vs the same on "
+                        "the host", gb, nb, unit="MiB/s", ratio=ratio(gb, nb)))
+        rows.append(Row(f"native cp -a ({SMALL_FILES} small files, host)",
+                        SMALL_FILES / mt["cp_small_s"], unit="files/s"))
     for n, c in sorted(m.get("concurrency", {}).items()):
         failed = f" ({c['failed']} of {n} failed)" if c.get("failed") else ""
         rows.append(Row(f"{n} simultaneous VM jobs: jobs per minute{failed}", c["per_min"],
@@ -949,7 +1009,8 @@ def build_parser():
     p.add_argument("--user", default=None,
                    help="existing unprivileged job user (default: a temporary account)")
     p.add_argument("--skip", action="append", default=[],
-                   choices=("floor", "naive", "scale", "throughput", "concurrency", "novm"),
+                   choices=("floor", "naive", "scale", "throughput", "concurrency", "novm",
+                            "mounted"),
                    help="leave out a measurement (repeatable)")
     return p
 
@@ -964,6 +1025,7 @@ def run(b):
     tp = {}
     steps = [("novm", lambda: measure_novm(b)), ("floor", lambda: measure_floor(b)),
              ("phases", lambda: measure_phases(b, tp if "throughput" not in skip else {})),
+             ("mounted", lambda: measure_mounted(b)),
              ("jobs", lambda: measure_vm_jobs(b)), ("naive", lambda: measure_naive(b)),
              ("scale", lambda: measure_scale(b)),
              ("concurrency", lambda: measure_concurrency(b))]

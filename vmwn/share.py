@@ -55,8 +55,11 @@ class Share:
 def plan(workdir, home, site_paths):
     """The host directories to mount: the job's working directory, its home and
     the site's paths that exist on this node, minus those inside another one.
-    The order is the mount order (parents first)."""
-    paths = [p for p in (home, workdir) if p] + [p for p in site_paths if os.path.isdir(p)]
+    The order is the mount order (parents first).  A home that does not exist
+    on this node is left out (the guest then has its own, as a native job
+    would find none); a missing working directory is the job's problem."""
+    paths = ([workdir] if workdir else []) + [p for p in (home, *site_paths)
+                                                if p and os.path.isdir(p)]
     norm = sorted({os.path.normpath(p) for p in paths}, key=lambda p: (p.count("/"), p))
     out = []
     for p in norm:

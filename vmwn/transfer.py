@@ -165,8 +165,20 @@ def control_dir(sftp, path=None):
     return d
 
 
+# Run by the guest user's shell: unpack the working directory's tar stream.
+TAR_IN = "cd {dir} && exec tar -xf -"
+
+
 def stage_in(guest, host_dir, guest_dir, max_bytes, sftp=None):
-    """Copy ``host_dir`` into ``guest_dir`` (runs as the job user).  Returns StageResult."""
+    """Copy ``host_dir`` into ``guest_dir`` (runs as the job user).  Returns StageResult.
+
+    One tar stream over the job's SSH connection into the guest's tar, so many
+    small files cost what they cost ``tar | ssh tar``: any depth, names that
+    are not UTF-8, symlinks as symlinks (never followed).  The guest's own
+    files (its key, vmwn's control directory) are never in the stream.
+    """
+    import shlex
+    import tarfile
     entries, total, skipped = scan_host(host_dir, max_bytes)
     res = StageResult(skipped=list(skipped))
     own = sftp is None
@@ -174,79 +186,136 @@ def stage_in(guest, host_dir, guest_dir, max_bytes, sftp=None):
     try:
         _guest_makedirs(sftp, guest_dir)
         guests = guest_own(sftp.normalize("."))
-        dirs = []
-        for rel, kind, st in entries:
-            dst = posixpath.join(guest_dir, rel)
-            src = os.path.join(host_dir, rel)
-            if dst in guests or any(dst.startswith(o + "/") for o in guests):
-                continue
-            if kind == "dir":
-                try:
-                    sftp.mkdir(gpath(dst), 0o700)
-                except IOError:
-                    if not stat.S_ISDIR(sftp.lstat(gpath(dst)).st_mode):
-                        raise
-                dirs.append((dst, st))
-                res.dirs += 1
-                res.manifest["dirs"].append(dst)
-            elif kind == "link":
-                target = os.readlink(src)
-                try:
-                    sftp.remove(gpath(dst))
-                except IOError:
-                    pass
-                sftp.symlink(os.fsencode(target), gpath(dst))
-                res.links += 1
-            else:
-                n, mtime = _put_file(sftp, src, dst, st, max_bytes - res.bytes)
-                if n is None:
-                    res.skipped.append(f"{printable(rel)}: {mtime}")
-                    continue
-                res.bytes += n
-                res.files += 1
-                res.manifest["files"][dst] = [n, mtime]
-        for dst, st in reversed(dirs):
-            sftp.utime(gpath(dst), (int(st.st_atime), int(st.st_mtime)))
-            sftp.chmod(gpath(dst), stat.S_IMODE(st.st_mode) | 0o700)
     except _sftp_errors() as e:
         if isinstance(e, UserError):
             raise
-        raise GuestLost(f"copying {host_dir} into the virtual machine failed: "
+        raise GuestLost(f"cannot make {guest_dir} in the virtual machine: "
                         f"{' '.join(str(e).split()) or type(e).__name__}",
                         "the virtual machine may be out of disk space or lost") from None
     finally:
         if own:
             sftp.close()
+    chan = guest.exec(TAR_IN.format(dir=shlex.quote(guest_dir)))
+    writer = _ChannelWriter(chan)
+    try:
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT,
+                          encoding="utf-8", errors="surrogateescape") as tf:
+            for rel, kind, st in entries:
+                dst = posixpath.join(guest_dir, rel)
+                if dst in guests or any(dst.startswith(o + "/") for o in guests):
+                    continue
+                info = tarfile.TarInfo("./" + rel)
+                info.mtime, info.uid, info.gid = int(st.st_mtime), st.st_uid, st.st_gid
+                info.mode = stat.S_IMODE(st.st_mode)
+                if kind == "dir":
+                    info.type, info.mode = tarfile.DIRTYPE, info.mode | 0o700
+                    tf.addfile(info)
+                    res.dirs += 1
+                    res.manifest["dirs"].append(dst)
+                elif kind == "link":
+                    info.type = tarfile.SYMTYPE
+                    try:
+                        info.linkname = os.readlink(os.path.join(host_dir, rel))
+                    except OSError as e:
+                        res.skipped.append(f"{printable(rel)}: {e.strerror}")
+                        continue
+                    tf.addfile(info)
+                    res.links += 1
+                else:
+                    n = _add_file(tf, info, os.path.join(host_dir, rel), max_bytes - res.bytes)
+                    if isinstance(n, str):
+                        res.skipped.append(f"{printable(rel)}: {n}")
+                        continue
+                    res.bytes += n
+                    res.files += 1
+                    res.manifest["files"][dst] = [n, info.mtime]
+        chan.shutdown_write()
+        status, err = _finish(chan)
+    except (OSError, EOFError) as e:
+        status, err = _finish(chan)
+        raise GuestLost(f"copying {host_dir} into the virtual machine failed: "
+                        f"{_first_line(err) or ' '.join(str(e).split()) or type(e).__name__}",
+                        "the virtual machine may be out of disk space or lost") from None
+    if status != 0:
+        raise GuestLost(f"copying {host_dir} into the virtual machine failed: "
+                        f"{_first_line(err) or f'tar exited {status}'}",
+                        "the virtual machine may be out of disk space") from None
     log.info("staged in %d files, %d dirs, %d links, %d bytes from %s",
              res.files, res.dirs, res.links, res.bytes, host_dir)
     return res
 
 
-def _put_file(sftp, src, dst, st, budget):
-    """Copy one host file; returns (bytes, mtime) or (None, reason) when unreadable."""
+class _ChannelWriter:
+    """A file-like writer into an SSH channel's stdin, for tarfile's stream mode."""
+
+    def __init__(self, chan):
+        self.chan = chan
+
+    def write(self, data):
+        self.chan.sendall(data)
+        return len(data)
+
+    def close(self):
+        pass
+
+
+def _finish(chan, timeout=60):
+    """(exit status, stderr bytes) of a finished guest command."""
+    chan.settimeout(timeout)
+    err = bytearray()
     try:
-        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        while True:
+            chunk = chan.recv_stderr(65536)
+            if not chunk:
+                break
+            if len(err) < 65536:
+                err += chunk
+        status = chan.recv_exit_status()
+    except OSError:
+        status = -1
+    chan.close()
+    return status, bytes(err)
+
+
+def _first_line(err):
+    for line in err.decode("utf-8", "backslashreplace").splitlines():
+        if line.strip():
+            return line.strip()[:300]
+    return ""
+
+
+class _Exactly:
+    """Reads exactly ``size`` bytes of ``f``: zeros if it shrank, no more if it grew."""
+
+    def __init__(self, f, size):
+        self.f, self.left = f, size
+
+    def read(self, n=-1):
+        if self.left <= 0:
+            return b""
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        data = self.f.read(n) or bytes(n)
+        self.left -= len(data)
+        return data
+
+
+def _add_file(tf, info, path, budget):
+    """Add one host file; returns its size, or the reason it was skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
-        return None, e.strerror
+        return e.strerror
     with os.fdopen(fd, "rb", buffering=0) as f:
         now = os.fstat(fd)
         if not stat.S_ISREG(now.st_mode):
-            return None, "changed into a non-regular file"
-        n = 0
-        with sftp.open(gpath(dst), "wb") as out:
-            out.set_pipelined(True)
-            while True:
-                chunk = f.read(CHUNK)
-                if not chunk:
-                    break
-                n += len(chunk)
-                if n > budget:
-                    raise UserError(f"{src} grew past [site] stage_in_max while it was copied",
-                                    "do not modify the working directory while the job starts")
-                out.write(chunk)
-            out.chmod(stat.S_IMODE(now.st_mode))
-            out.utime((int(now.st_atime), int(now.st_mtime)))
-    return n, int(now.st_mtime)
+            return "changed into a non-regular file"
+        if now.st_size > budget:
+            raise UserError(f"{path} grew past [site] stage_in_max while it was copied",
+                            "do not modify the working directory while the job starts")
+        info.size, info.mtime = now.st_size, int(now.st_mtime)
+        info.mode = stat.S_IMODE(now.st_mode)
+        tf.addfile(info, _Exactly(f, now.st_size))
+    return now.st_size
 
 
 def write_manifest(sftp, ctl, manifest):
@@ -474,9 +543,11 @@ class _ChannelReader:
             raise OutOfTime() from None
 
 
-# Run by the guest user's shell: the output directory as one tar stream.  Plain
-# ustar options every tar has (busybox's in tiny, GNU's in debian12).
-TAR_OUT = "cd {dir} && exec tar -cf - ."
+# Run by the guest user's shell: the output directory as one tar stream.  GNU
+# tar (debian12) sends a sparse file's data only; busybox's (tiny) has no
+# --sparse and sends its zeros, which come back as holes all the same.
+TAR_OUT = ("cd {dir} && if tar --version 2>/dev/null | grep -q 'GNU tar'; "
+           "then exec tar --sparse -cf - .; else exec tar -cf - .; fi")
 
 
 def pull(guest, sftp, guest_dir, host_dir, cap, deadline=None, budget=0.0, control=None):
