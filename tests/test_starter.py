@@ -410,3 +410,14 @@ def test_the_guest_job_gets_the_jobs_umask(job):
 def test_a_shebang_script_needs_no_note_about_a_missing_shell(job):
     rc, out, err = job.run(job.script("#!/bin/sh\necho hi\n"), argv=("/bin/no-such-shell",))
     assert (rc, out, err) == (0, b"hi\n", b"")
+
+
+def test_an_environment_over_128_kib_reaches_the_guest_job(job):
+    # One SSH command line is limited to 128 KiB (MAX_ARG_STRLEN, per string); a
+    # native job's environment only per variable and by execve's total, so four
+    # variables of 100 KiB run natively.  In the guest they travel in a file.
+    big = "v" * (100 << 10)
+    env = {f"BIG{i}": big for i in range(4)}
+    rc, out, err = job.run(b'echo "${#BIG0} ${#BIG3}"\n', env=env)
+    assert (rc, out, err) == (0, f"{len(big)} {len(big)}\n".encode(), b"")
+    assert all(len(c) < 8192 for c in job_commands(job))
