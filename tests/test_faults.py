@@ -533,3 +533,88 @@ def test_no_private_key_text_in_any_log_or_output(node):
     for text in (out, err, logs):
         assert "PRIVATE KEY" not in text
     run.assert_clean()
+
+
+FILLING_JOB = """#!/bin/sh
+cd "$PBS_O_WORKDIR"
+printf 'written before the disk filled\\n' > kept.txt
+sync
+echo started
+dd if=/dev/urandom of=fill.bin bs=1M count=200 2>/dev/null; sync
+echo never
+"""
+
+
+@pytest.fixture
+def small_overlay_fs(node):
+    """overlay_dir on a 2.5 GiB loop file system: room for one tiny guest's limit."""
+    img = os.path.join(node.root, "overlays.img")
+    mnt = os.path.join(node.root, "overlays")
+    os.makedirs(mnt, exist_ok=True)
+    subprocess.run(["truncate", "-s", "2560M", img], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-m", "0", img], check=True)
+    subprocess.run(["mount", "-o", "loop", img, mnt], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", mnt], check=False)
+    os.unlink(img)
+
+
+def test_a_full_host_disk_pauses_one_guest_which_counts_as_lost_with_output_recovered(
+        node, small_overlay_fs):
+    import tempfile
+    u = node.user
+    node.submit = tempfile.mkdtemp(prefix="vmwn-fault-", dir=u.pw_dir)  # below /home: on disk
+    os.chown(node.submit, u.pw_uid, u.pw_gid)
+    filler = os.path.join(small_overlay_fs, "taken-by-something-else")
+    try:
+        run = node.job(script=FILLING_JOB)
+        assert run.prologue() == 0  # admitted: the file system had room for its limit
+        run.start()
+        run.wait_output("started")
+        # Then something outside vmwn takes the space the guest was promised.
+        subprocess.run(["fallocate", "-l", str(_free_bytes(small_overlay_fs) - (1 << 20)),
+                        filler], check=True)
+        wait_for(lambda: _paused_on_io_error(run.domain_state().domain), 120,
+                 "the guest to pause on its I/O error")
+        os.kill(run.job.starter_pid, signal.SIGKILL)  # walltime: pbs_mom kills the starter
+        sid, status, _ = run.join()
+        run.epilogue(status, sid)
+        run.finish()
+        out, err = run.texts()
+        assert run.workdir_file("kept.txt") == "written before the disk filled\n", (out, err)
+        assert "the VM was lost; recovered" in out, out
+        run.assert_clean()
+    finally:
+        if os.path.exists(filler):
+            os.unlink(filler)
+        shutil.rmtree(node.submit, ignore_errors=True)
+
+
+def test_a_node_without_room_for_the_guests_disk_refuses_it_before_it_starts(
+        node, small_overlay_fs):
+    filler = os.path.join(small_overlay_fs, "taken-by-something-else")
+    subprocess.run(["fallocate", "-l", str(1 << 30), filler], check=True)
+    try:
+        run = node.job()
+        assert run.prologue() == 2  # requeued (counted; refused after start_attempts)
+        assert sorted(os.listdir(small_overlay_fs)) == ["lost+found", "taken-by-something-else"]
+        assert "no room for another guest disk" in node.logs()
+        run.finish()
+        run.assert_clean()
+    finally:
+        os.unlink(filler)
+
+
+def _free_bytes(path):
+    v = os.statvfs(path)
+    return v.f_bavail * v.f_frsize
+
+
+def _paused_on_io_error(name):
+    from vmwn import virt
+    conn = virt.connect("qemu:///system")
+    try:
+        dom = virt.lookup(conn, name)
+        return dom is not None and virt.paused_on_io_error(dom)
+    finally:
+        conn.close()
