@@ -421,3 +421,27 @@ def test_debian12_runs_a_job_submitted_from_home(cluster, test_user):
         for p in (out_file, os.path.join(home, "home12.sh")):
             if os.path.exists(p):
                 os.unlink(p)
+
+
+MANY_FILES_JOB = r"""#!/bin/sh
+cd "$PBS_O_WORKDIR" || exit 9
+mkdir many && cd many || exit 9
+awk 'BEGIN { for (i = 0; i < 100000; i++) { f = "f" i; print i > f; close(f) } }'
+echo made
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ["tiny", "tinycopy"])
+def test_100k_files_all_come_back_in_both_data_modes(cluster, workdir, env):
+    job = cluster.submit(workdir, MANY_FILES_JOB, f"-l other=vmwn={env}")
+    st = cluster.wait(job, timeout=900)
+    out, err = cluster.wait_output(workdir, job)
+    assert st["exit_status"] == "0", (st, out, err)
+    names = os.listdir(os.path.join(workdir, "many"))
+    assert len(names) == 100000, (len(names), err)
+    with open(os.path.join(workdir, "many", "f99999")) as f:
+        assert f.read() == "99999\n"
+    if env == "tinycopy":
+        assert "copied back 100000 files" in out, out
+    assert torquelib.wait_clean(job, timeout=60) == []

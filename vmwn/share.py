@@ -231,7 +231,8 @@ def _launch(st, sh, qemu_uid, virtiofsd):
             raise UserError(f"{sh.path} cannot be shared with the virtual machine: {text[5:]}",
                             "submit from a directory you can enter, or ask for the copy mode")
         raise SiteError(f"virtiofsd for {sh.path} did not start: {text}",
-                        "check that user namespaces are enabled (user.max_user_namespaces)")
+                        "see the node's log; user namespaces must be enabled "
+                        "(user.max_user_namespaces > 0)")
     _await_accept(pid, sh, log_path)
     return pid
 
@@ -293,8 +294,18 @@ def _groups(st):
 
 
 def _child(st, sh, lfd, groups, to_child_r, to_parent_w, log_path, virtiofsd):  # pragma: no cover
+    import resource
     libc = ctypes.CDLL(None, use_errno=True)
     os.setsid()
+    # virtiofsd holds a descriptor for every inode the guest has looked up: a
+    # job making 100k files needs 100k.  Up to 1M (virtiofsd's own default) if
+    # root may raise the hard limit here, else the hard limit pbs_mom passed on.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else max(hard, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # Opened as root: the job directory is root's.
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     null = os.open("/dev/null", os.O_RDWR)
@@ -323,7 +334,7 @@ def _child(st, sh, lfd, groups, to_child_r, to_parent_w, log_path, virtiofsd):  
     os.closerange(to_parent_w + 1, 65536)
     os.execve(virtiofsd, ["virtiofsd", f"--fd={_FD}", "-o", "source=" + fuse_escape(sh.path),
                           "-o", "sandbox=chroot",
-                          "-o", "cache=auto", "-o", "log_level=err", "--rlimit-nofile=0"],
+                          "-o", "cache=none", "-o", "log_level=err", "--rlimit-nofile=0"],
               {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
 
 
