@@ -421,3 +421,23 @@ def test_an_environment_over_128_kib_reaches_the_guest_job(job):
     rc, out, err = job.run(b'echo "${#BIG0} ${#BIG3}"\n', env=env)
     assert (rc, out, err) == (0, f"{len(big)} {len(big)}\n".encode(), b"")
     assert all(len(c) < 8192 for c in job_commands(job))
+
+
+def test_unmounted_reads_proc_mounts_as_the_kernel_escapes_it():
+    text = ("vmwn0 /home/alice virtiofs rw,relatime 0 0\n"
+            "vmwn1 /scratch/a\\040b virtiofs rw 0 0\n"
+            "/dev/vda /home ext4 rw 0 0\n")
+    assert starter.unmounted(text, ["/home/alice", "/scratch/a b"]) == []
+    assert starter.unmounted(text, ["/home", "/data"]) == ["/home", "/data"]
+
+
+def test_a_guest_that_did_not_mount_the_share_never_runs_the_job(job):
+    # The in-process guest mounts nothing: as a guest whose kernel lacks virtio-fs.
+    job.st.data, job.st.shares = "mounted", [{"path": str(job.gwork), "tag": "vmwn0"}]
+    state.save(job.cfg, job.st)
+    job.warden = serve_warden(job.cfg, job.st)
+    rc, out, err = job.run(b"echo ran > ran.txt\n")
+    assert rc == 2 and out == b"", (rc, out, err)
+    assert b"did not mount " + str(job.gwork).encode() in err and b"data = copy" in err
+    assert job_commands(job) == []
+    assert not (job.gwork / "ran.txt").exists()

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from vmwn_testlib import TINY
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = os.environ.get("TORQUE_PREFIX", "/opt/vmwn-torque")
 PBS_HOME = "/var/spool/torque"
@@ -43,14 +45,8 @@ boot_timeout = 6
 
 [env tinycopy]
 description = tiny with the copy data path (tests only)
-image = tiny/disk.qcow2
-kernel = tiny/vmlinuz
-initrd = tiny/initrd.img
-cmdline = console=ttyS0 quiet
-accel = qemu
-memory = 256M
 data = copy
-
+""" + TINY + """
 [env ghost]
 description = an environment whose image is missing (tests only)
 image = ghost/disk.qcow2

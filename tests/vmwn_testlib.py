@@ -15,19 +15,23 @@ from vmwn import config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_DIR = os.environ.get("VMWN_TEST_IMAGE_DIR", "/var/lib/vmwn/images")
 
-# The data path these tests exercise is the copy one (their users need not exist
-# on the host); the mounted one has tests of its own (test_mounted.py, Torque).
-ENVS = """
-[env tiny]
-description = tiny test guest
-data = copy
-image = tiny/disk.qcow2
+# The bundled tiny guest, as an environment section's body.
+TINY = """image = tiny/disk.qcow2
 kernel = tiny/vmlinuz
 initrd = tiny/initrd.img
 cmdline = console=ttyS0 quiet
 accel = qemu
 memory = 256M
-boot_timeout = 120
+"""
+
+# The data path these tests exercise is the copy one (their users need not exist
+# on the host); the mounted one has tests of its own (test_share.py, test_faults.py
+# and the Torque suite).
+ENVS = f"""
+[env tiny]
+description = tiny test guest
+data = copy
+{TINY}boot_timeout = 120
 
 [env debian12]
 description = Debian 12

@@ -40,7 +40,7 @@ BACKOFF_FIRST = 2.0      # seconds before the second attempt; doubles after that
 # Fields of the job record the starter needs; the record itself stays root's.
 STARTER_FIELDS = ("job_id", "domain", "env", "user", "uid", "gid", "bind_address", "port",
                   "host_key_public", "key_path", "workdir", "host_workdir", "vcpus",
-                  "memory_mib", "data", "control_dir")
+                  "memory_mib", "data", "control_dir", "shares")
 
 
 def listen(cfg, st):

@@ -19,6 +19,7 @@ twice would run a job's USR1 handler twice.
 """
 
 import os
+import re
 import sys
 
 _STDIN_MAX = 64 << 20
@@ -393,6 +394,7 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
         _capture_exit_signal(transport)
         sftp = guest.sftp()
         try:
+            _check_mounts(sftp, st)
             ctl = transfer.control_dir(sftp, getattr(st, "control_dir", "") or None)
             tag = "job" if mode != "task" else "task-" + _safe(environ.get("PBS_TASKNUM", "0"))
             if mode != "task" and getattr(st, "data", "copy") == "copy":
@@ -473,6 +475,33 @@ def _say(msg):
         os.write(2, f"vmwn: {msg}\n".encode("utf-8", "replace"))
     except OSError:
         pass
+
+
+def unmounted(proc_mounts, paths):
+    """The ``paths`` that /proc/mounts (its text) does not show as virtio-fs mounts."""
+    mounted = set()
+    for line in proc_mounts.splitlines():
+        f = line.split(" ")
+        if len(f) >= 3 and f[2] == "virtiofs":
+            mounted.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), f[1]))
+    return [p for p in paths if p not in mounted]
+
+
+def _check_mounts(sftp, st):
+    """Mounted mode: refuse to run the job if the guest lacks a share (a guest
+    without virtio-fs would otherwise run it on its own disk, and lose the output)."""
+    paths = [s["path"] for s in getattr(st, "shares", None) or ()]
+    if not paths:
+        return
+    with sftp.open("/proc/mounts", "r") as f:
+        text = f.read(1 << 20).decode("utf-8", "surrogateescape")
+    missing = unmounted(text, paths)
+    if missing:
+        from ..errors import SiteError
+        raise SiteError(f"the virtual machine did not mount {missing[0]} from the host "
+                        f"(environment {st.env}); the job was not run",
+                        "the site should give this environment a guest with virtio-fs, "
+                        "or set data = copy for it")
 
 
 def _guest_has(sftp, path, test=None):
