@@ -445,3 +445,30 @@ def test_100k_files_all_come_back_in_both_data_modes(cluster, workdir, env):
     if env == "tinycopy":
         assert "copied back 100000 files" in out, out
     assert torquelib.wait_clean(job, timeout=60) == []
+
+
+FILL_OWN_DISK_JOB = r"""#!/bin/sh
+cd "$PBS_O_WORKDIR" || exit 9
+printf 'synced before the disk filled\n' > kept.txt
+sync
+dd if=/dev/zero of=fill.bin bs=1M 2>dd.err
+status=$?
+grep -q 'No space left' dd.err && echo "dd: disk full"
+rm -f fill.bin dd.err
+exit $((status ? 1 : 0))
+"""
+
+
+def test_a_job_filling_its_own_disk_fails_alone_with_its_output_back(cluster, workdir):
+    # The guest's disk is limited to its base image's virtual size (2 GiB in tiny):
+    # the job meets ENOSPC inside its VM, the node's file system is untouched.
+    before = shutil.disk_usage(torquelib.OVERLAY_DIR).free
+    job = cluster.submit(workdir, FILL_OWN_DISK_JOB, "-l other=vmwn=tinycopy")
+    st = cluster.wait(job, timeout=600)
+    out, err = cluster.wait_output(workdir, job)
+    assert st["exit_status"] == "1", (st, out, err)
+    assert "dd: disk full" in out, (out, err)
+    with open(os.path.join(workdir, "kept.txt")) as f:
+        assert f.read() == "synced before the disk filled\n"
+    assert torquelib.wait_clean(job, timeout=60) == []
+    assert abs(shutil.disk_usage(torquelib.OVERLAY_DIR).free - before) < 256 << 20
