@@ -158,6 +158,7 @@ def _socket_inode(pid):
 
 
 _FD = 3  # the listening socket's number in virtiofsd
+_READY = b"\0"  # the child has its user namespace (an error message never starts so)
 
 
 def _listen(path, qemu_uid):
@@ -206,7 +207,7 @@ def _launch(st, sh, qemu_uid, virtiofsd):
     lsock.close()
     try:
         ready = os.read(to_parent_r, 1)  # the child has its own user namespace
-        if ready == b"u":
+        if ready == _READY:
             with open(f"/proc/{pid}/uid_map", "w") as f:
                 f.write(f"{st.uid} {st.uid} 1\n")
             with open(f"/proc/{pid}/gid_map", "w") as f:
@@ -313,7 +314,7 @@ def _child(st, sh, lfd, groups, to_child_r, to_parent_w, log_path, virtiofsd):  
     if libc.unshare(_CLONE_NEWUSER) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER): "
                       + os.strerror(ctypes.get_errno()))
-    os.write(to_parent_w, b"u")
+    os.write(to_parent_w, _READY)
     if os.read(to_child_r, 1) != b"g":
         raise OSError(0, "the id maps were not written")
     os.close(to_child_r)
