@@ -451,10 +451,10 @@ FILL_OWN_DISK_JOB = r"""#!/bin/sh
 cd "$PBS_O_WORKDIR" || exit 9
 printf 'synced before the disk filled\n' > kept.txt
 sync
-dd if=/dev/zero of=fill.bin bs=1M 2>dd.err
+dd if=/dev/zero of=fill.bin bs=1M 2>/tmp/dd.err
 status=$?
-grep -q 'No space left' dd.err && echo "dd: disk full"
-rm -f fill.bin dd.err
+grep -q "No space left" /tmp/dd.err && echo "dd: disk full"
+rm -f fill.bin
 exit $((status ? 1 : 0))
 """
 
