@@ -6,6 +6,7 @@ The mom runs with its default umask (077 for the job and so for the prologue).
 """
 
 import os
+import re
 import stat
 import shutil
 import subprocess
@@ -22,7 +23,14 @@ pytestmark = [pytest.mark.torque, pytest.mark.integration, needs_image("tiny")]
 
 @pytest.fixture
 def cluster(torque_cluster):
-    return torque_cluster
+    """The cluster; the .o/.e files a test's jobs leave in the user's home go after it
+    (-k oe and jobs submitted from $HOME write them there)."""
+    home = torque_cluster.user.pw_dir
+    before = set(os.listdir(home))
+    yield torque_cluster
+    for name in set(os.listdir(home)) - before:
+        if re.fullmatch(r".+\.[oe][0-9]+(-[0-9]+)?", name):
+            os.unlink(os.path.join(home, name))
 
 
 @pytest.fixture
