@@ -2,7 +2,8 @@
 
 Runs examples/job.sh with ``vmwn run -l other=vmwn=tiny`` as an unprivileged
 demo user from a fresh submit directory, then shows the job's .o/.e files and
-the result file the epilogue harvested back.
+the result file the job wrote into it from inside its VM (the directory is
+mounted there; with ``data = copy`` the epilogue copies it back).
 """
 
 import argparse
