@@ -101,7 +101,7 @@ def recover(cfg, st, timeout=240.0):
                              st.output_dir, st.user, timeout=max(1.0, end - time.monotonic()))
         t2 = time.monotonic()
         done = privs.run_as(st.user, st.uid, st.gid, _write_as_user, found["tree"],
-                            st.host_workdir, cap, found["staged"], found["skip"],
+                            st.host_workdir, cap, found["staged"], found["skip"], found["umask"],
                             timeout=max(1.0, end - time.monotonic()))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -118,9 +118,9 @@ def recover(cfg, st, timeout=240.0):
 
 # --------------------------------------------------------------- as the job user
 
-def _write_as_user(tree, host_dir, cap, staged, skip):
+def _write_as_user(tree, host_dir, cap, staged, skip, umask):
     staged = {k: tuple(v) for k, v in staged.items()}
-    return dataclasses.asdict(transfer.write_tree(tree, host_dir, cap, staged, skip))
+    return dataclasses.asdict(transfer.write_tree(tree, host_dir, cap, staged, skip, umask))
 
 
 def _extract_as_user(debugfs, e2fsck, raw, out, output_dir, user):
@@ -159,16 +159,19 @@ def _extract_as_user(debugfs, e2fsck, raw, out, output_dir, user):
     skip = list(transfer.GUEST_OWN) if posixpath.dirname(ctl) == output_dir.rstrip("/") else []
     if src == "/":
         skip.append("lost+found")
+    staged, umask = _staged(fs, mount, ctl, output_dir)
     return {"tree": tree, "mount": mount, "skip": skip,
-            "staged": _staged(fs, mount, ctl, output_dir),
+            "staged": staged, "umask": umask,
             "specials": _specials(fs, src)}
 
 
 def _staged(fs, mount, ctl, output_dir):
-    """Stage-in manifest, keyed by path relative to the output directory ({} if unreadable)."""
+    """(stage-in manifest keyed by path relative to the output directory, the job's
+    umask); ({}, the default umask) if unreadable."""
+    none = ({}, transfer.DEFAULT_UMASK)
     path = on_disk(posixpath.join(ctl, transfer.MANIFEST), mount)
     if path is None or fs.kind(path) != "regular":
-        return {}
+        return none
     dest = os.path.join(fs.out, "manifest.json")
     fs.run(f"dump {quote(path)} manifest.json", cwd=fs.out)
     try:
@@ -176,11 +179,12 @@ def _staged(fs, mount, ctl, output_dir):
             m = json.loads(f.read(_MAX_MANIFEST).decode())
         files = m.get("files", {})
         prefix = output_dir.rstrip("/") + "/"
-        return {k[len(prefix):]: [int(v[0]), int(v[1])] for k, v in files.items()
-                if isinstance(k, str) and k.startswith(prefix)}
+        return ({k[len(prefix):]: [int(v[0]), int(v[1])] for k, v in files.items()
+                 if isinstance(k, str) and k.startswith(prefix)},
+                int(m.get("umask", transfer.DEFAULT_UMASK)) & 0o777)
     except (OSError, ValueError, AttributeError, TypeError, IndexError, UnicodeDecodeError):
         log.warning("the stage-in manifest on the VM's disk is unreadable; recovering every file")
-        return {}
+        return none
     finally:
         with contextlib.suppress(OSError):
             os.unlink(dest)

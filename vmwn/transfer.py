@@ -607,12 +607,10 @@ def pull(guest, sftp, guest_dir, host_dir, cap, deadline=None, budget=0.0, contr
                     if first is None:
                         problem(rel, "a hard link to a file that was not copied")
                         continue
-                    ok = _store(tree, rel, _HostAttr(tree, first, m), cap, res, problem,
-                                _host_source(tree, first))
+                    _store(tree, rel, _HostAttr(tree, first, m), cap, res, problem,
+                           _host_source(tree, first))
                 else:
-                    ok = _store(tree, rel, a, cap, res, problem, lambda m=m: tf.extractfile(m))
-                if not ok:
-                    break
+                    _store(tree, rel, a, cap, res, problem, lambda m=m: tf.extractfile(m))
                 done[gp] = rel
             # guest symlinks, fifos and devices stay in the guest
     except OutOfTime:
@@ -631,8 +629,8 @@ def pull(guest, sftp, guest_dir, host_dir, cap, deadline=None, budget=0.0, contr
     finally:
         tree.close()
         err = b""
-        try:
-            chan.settimeout(5)
+        try:  # the guest's complaints (unreadable files); none to wait for when cut short
+            chan.settimeout(0.5 if res.out_of_time else 5)
             while chan.recv_stderr_ready() or not chan.exit_status_ready():
                 chunk = chan.recv_stderr(65536)
                 if not chunk:
@@ -694,31 +692,32 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
     The one writer behind online and offline harvests: the cap, the refusal to
     write through host symlinks, a temporary name renamed into place, the
     guest's mode (no set-id bits, the job's umask applied), its mtime, and
-    holes where the source reads zeros.  False when the cap stops the copy.
+    holes where the source reads zeros.  What it cannot write it names in
+    ``problem`` (a file over the cap among them) and the copy goes on.
     """
     size = a.st_size or 0
     if res.bytes + size > cap:  # skipped by name; smaller files after it still fit
         res.truncated = True
         problem(rel, f"not copied: {_fmt(size)} would take the output past [site] "
                      f"harvest_max ({_fmt(cap)}, {_fmt(res.bytes)} copied)")
-        return True
+        return
     parent, name = posixpath.split(rel)
     try:
         dfd = tree.dir(parent)
     except OSError as e:
         problem(rel, _why(e))
-        return True
+        return
     why = tree.blocker(dfd, name)
     if why:
         problem(rel, why)
-        return True
+        return
     tmp = tree.tmpname(name)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
                      dir_fd=dfd)
     except OSError as e:
         problem(rel, _why(e))
-        return True
+        return
     n, done = 0, False
     try:
         with open_source() as src:
@@ -730,7 +729,7 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
                 if res.bytes + n > cap:
                     res.truncated = True
                     problem(rel, "not copied: it grew past [site] harvest_max")
-                    return True
+                    return
                 if chunk.count(0) == len(chunk):  # a hole stays a hole
                     os.lseek(fd, len(chunk), os.SEEK_CUR)
                     continue
@@ -744,12 +743,12 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
         why = tree.blocker(dfd, name)
         if why:
             problem(rel, why)
-            return True
+            return
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         done = True
     except OSError as e:
         problem(rel, on_error(e))
-        return True
+        return
     finally:
         os.close(fd)
         if not done:
@@ -759,7 +758,6 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
                 pass
     res.files += 1
     res.bytes += n
-    return True
 
 
 def write_tree(src_dir, host_dir, cap, staged=None, skip=(), umask=DEFAULT_UMASK):
@@ -805,8 +803,8 @@ def write_tree(src_dir, host_dir, cap, staged=None, skip=(), umask=DEFAULT_UMASK
                 elif stat.S_ISREG(a.st_mode):
                     if staged.get(r) == (a.st_size, int(a.st_mtime)):
                         res.unchanged += 1
-                    elif not copy(sfd, name, r, a):
-                        return None
+                    else:
+                        copy(sfd, name, r, a)
                 elif stat.S_ISLNK(a.st_mode):
                     problem(r, "a symlink in the guest; not copied back")
         finally:
@@ -817,10 +815,7 @@ def write_tree(src_dir, host_dir, cap, staged=None, skip=(), umask=DEFAULT_UMASK
     try:
         while stack:
             path, rel = stack.pop()
-            subdirs = visit(path, rel)
-            if subdirs is None:
-                break
-            stack.extend(reversed(subdirs))
+            stack.extend(reversed(visit(path, rel)))
     finally:
         tree.close()
     return res
