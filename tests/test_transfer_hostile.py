@@ -209,3 +209,57 @@ def test_stage_in_takes_names_that_are_not_utf8(guestd, tmp_path, dirs):
         g.close()
     assert res.skipped == [] and res.files == 1
     assert _files(gdir) == _files(host)
+
+
+def test_a_file_the_job_was_given_keeps_its_mode_a_new_one_gets_the_umask(guestd, tmp_path, dirs):
+    gdir, host = dirs
+    with open(os.path.join(host, "given.txt"), "w") as f:
+        f.write("in\n")
+    os.chmod(os.path.join(host, "given.txt"), 0o644)
+    os.symlink("given.txt", os.path.join(host, "given-link"))
+    g = connect(guestd, tmp_path)
+    try:
+        res = transfer.stage_in(g, host, gdir, 1 << 20)
+        sftp = g.sftp()
+        res.manifest["umask"] = 0o077
+        transfer.write_manifest(sftp, transfer.control_dir(sftp), res.manifest)
+        sftp.close()
+    finally:
+        g.close()
+    with open(os.path.join(gdir, "given.txt"), "a") as f:  # the job appends
+        f.write("more\n")
+    os.utime(os.path.join(gdir, "given.txt"), (2000000000, 2000000000))
+    with open(os.path.join(gdir, "new.txt"), "w") as f:
+        f.write("new\n")
+    os.chmod(os.path.join(gdir, "new.txt"), 0o644)
+    os.symlink("/etc/passwd", os.path.join(gdir, "new-link"))
+    res = _pull(guestd, tmp_path, gdir, host)
+    assert stat.S_IMODE(os.stat(os.path.join(host, "given.txt")).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(os.path.join(host, "new.txt")).st_mode) == 0o600
+    assert res.problems == ["new-link: a symlink in the guest; not copied back"], res.problems
+
+
+def test_a_working_directory_the_user_cannot_read_fails_the_job_before_it_runs(
+        guestd, tmp_path, test_user, world_tmp):
+    host = os.path.join(world_tmp, "noaccess")  # reachable, but mode 000
+    os.mkdir(host, 0o000)
+    os.chown(host, test_user.pw_uid, test_user.pw_gid)
+    g = connect(guestd, tmp_path)
+    try:
+        pid = os.fork()
+        if pid == 0:  # as the job user, who cannot read it (root could)
+            code = 1
+            try:
+                os.setgid(test_user.pw_gid)
+                os.setuid(test_user.pw_uid)
+                transfer.scan_host(host, 1 << 20)
+            except transfer.UserError as e:
+                code = 0 if ("cannot read the job's working directory" in e.problem
+                             and "Permission denied" in e.problem) else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.chmod(host, 0o755)
+        g.close()

@@ -279,7 +279,8 @@ class Config:
         from .errors import UserError
         if name in self.environments:
             return self.environments[name]
-        known = ", ".join(sorted(self.environments)) or "none"
+        known = ", ".join(sorted(n for n, e in self.environments.items()
+                                 if not e.missing())) or "none installed on this node"
         raise UserError(f"unknown vmwn environment {name!r}",
                         f"request one of: {known}")
 

@@ -63,7 +63,8 @@ def _made(cfg, spec, deadline, on_phase, boot_too):
     missing = env.missing()
     if missing:
         raise SiteError(f"environment {env.name} is not installed on this node "
-                        f"(missing {missing[0]})", f"run 'vmwn image build {env.name}'")
+                        f"(missing {missing[0]})",
+                        f"the site should run 'vmwn image build {env.name}' on it")
     if statemod.exists(cfg, spec.job_id):
         log.info("removing what an earlier attempt of this job left")
         destroy(cfg, spec.job_id)

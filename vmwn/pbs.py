@@ -337,3 +337,18 @@ def prologalarm(pbs_home):
     except ValueError:
         return DEFAULT_PROLOGALARM
 
+
+
+def workdir_hint(path):
+    """Why a PBS_O_WORKDIR may not exist: Torque cuts Variable_List values at a comma,
+    so a directory whose name has one arrives shortened.  '' when that is not it."""
+    import os
+    parent, base = os.path.split(path.rstrip("/"))
+    try:
+        names = os.listdir(parent or "/")
+    except OSError:
+        return ""
+    if any(n.startswith(base + ",") for n in names):
+        return (" (Torque cuts PBS_O_WORKDIR at a comma: submit from a directory whose path "
+                "has none)")
+    return ""

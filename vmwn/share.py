@@ -229,7 +229,9 @@ def _launch(st, sh, qemu_uid, virtiofsd):
         os.waitpid(pid, 0)
         text = msg.decode("utf-8", "replace")
         if text.startswith("user:"):
-            raise UserError(f"{sh.path} cannot be shared with the virtual machine: {text[5:]}",
+            from .pbs import workdir_hint
+            raise UserError(f"{sh.path} cannot be shared with the virtual machine: {text[5:]}"
+                            f"{workdir_hint(sh.path)}",
                             "submit from a directory you can enter, or ask for the copy mode")
         raise SiteError(f"virtiofsd for {sh.path} did not start: {text}",
                         "see the node's log; user namespaces must be enabled "

@@ -30,7 +30,7 @@ import posixpath
 import stat
 import time
 
-from .errors import GuestLost, SiteError, UserError
+from .errors import GuestLost, SiteError, TransientError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ MANIFEST = "manifest.json"
 DEFAULT_UMASK = 0o022
 CHUNK = 32768
 # Seconds before its hard timeout that a harvest stops itself and reports.
-STOP_MARGIN = 5.0
+STOP_MARGIN = 10.0
 _MAX_MANIFEST = 64 << 20
 _MAX_PROBLEMS = 50
 
@@ -91,7 +91,9 @@ def scan_host(host_dir, max_bytes):
     try:
         top = os.lstat(host_dir)
     except OSError as e:
-        raise UserError(f"cannot read the job's working directory {host_dir}: {e.strerror}",
+        from .pbs import workdir_hint
+        raise UserError(f"cannot read the job's working directory {host_dir}: {e.strerror}"
+                        f"{workdir_hint(host_dir)}",
                         "submit from a directory readable on the execution host") from None
     if not stat.S_ISDIR(top.st_mode):
         raise UserError(f"the job's working directory {host_dir} is not a directory",
@@ -105,7 +107,11 @@ def scan_host(host_dir, max_bytes):
             with os.scandir(path) as it:
                 names = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            skipped.append(f"{printable(rel or '.')}: {e.strerror}")
+            if not rel:  # the job would run in an empty directory and lose its output
+                raise UserError(f"cannot read the job's working directory {host_dir}: "
+                                f"{e.strerror}", "make it readable by you, or submit from "
+                                "another directory") from None
+            skipped.append(f"{printable(rel)}: {e.strerror}")
             continue
         subdirs = []
         for e in names:
@@ -375,8 +381,17 @@ def harvest(cfg, st, timeout=180.0):
     t0 = time.monotonic()
     # The child stops itself at its budget and says so; run_as's timeout is the backstop.
     budget = max(1.0, timeout - STOP_MARGIN)
-    out = privs.run_as(st.user, st.uid, st.gid, _harvest_as_user,
-                       dataclasses.asdict(st), cap, budget, timeout=timeout)
+    try:
+        out = privs.run_as(st.user, st.uid, st.gid, _harvest_as_user,
+                           dataclasses.asdict(st), cap, budget, timeout=timeout)
+    except TransientError as e:
+        if "did not finish within" not in e.problem:
+            raise
+        raise TransientError(  # the backstop: the copy did not stop itself in time
+            f"copying the output back did not finish within its {timeout:.0f} s budget (what "
+            "pbs_mom's $prologalarm leaves the epilogue); files copied until then are in "
+            "place, the rest stayed in the virtual machine",
+            "write fewer, larger files, or ask for the mounted mode") from None
     res = HarvestResult(**out)
     res.seconds = time.monotonic() - t0
     log.info("job %s: harvest %s", st.job_id, res.summary())
@@ -432,9 +447,11 @@ class _HostTree:
         try:
             self.root = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
+            fix = ("keep the submit directory until the job ends" if e.errno == errno.ENOENT
+                   else "keep the submit directory writable by you until the job ends")
             raise UserError(f"cannot open the job's working directory {root} to copy output "
-                            f"back: {e.strerror}", "the output stays lost with the VM; "
-                            "keep the submit directory until the job ends") from None
+                            f"back: {e.strerror}; the output stayed in the virtual machine",
+                            fix) from None
         self.fds = collections.OrderedDict()
         self.seq = 0
         self.umask = umask & 0o777
@@ -602,6 +619,7 @@ def pull(guest, sftp, guest_dir, host_dir, cap, deadline=None, budget=0.0, contr
                 if m.isreg() and staged.get(gp) == (a.st_size, a.st_mtime):
                     res.unchanged += 1
                     continue
+                a.staged = gp in staged  # the job changed a file it was given: its mode stays
                 if m.islnk():  # a second name of a file already in the stream
                     first = done.get(posixpath.join(guest_dir, posixpath.normpath(m.linkname)))
                     if first is None:
@@ -612,7 +630,14 @@ def pull(guest, sftp, guest_dir, host_dir, cap, deadline=None, budget=0.0, contr
                 else:
                     _store(tree, rel, a, cap, res, problem, lambda m=m: tf.extractfile(m))
                 done[gp] = rel
-            # guest symlinks, fifos and devices stay in the guest
+            elif m.issym():  # stays in the guest; said unless it is one it was given
+                try:
+                    given = os.readlink(os.path.join(host_dir, rel)) == m.linkname
+                except OSError:
+                    given = False
+                if not given:
+                    problem(rel, "a symlink in the guest; not copied back")
+            # fifos and devices stay in the guest
     except OutOfTime:
         res.out_of_time = True
         problem(".", f"the copy stopped at its time budget of {budget:.0f} s (what pbs_mom's "
@@ -658,6 +683,8 @@ def _alive_chan(guest):
 class _TarAttr:
     """A tar member's size, mode and times in the shape _store reads."""
 
+    staged = False
+
     def __init__(self, m):
         self.st_size, self.st_mode = m.size, m.mode
         self.st_mtime = int(m.mtime)
@@ -691,7 +718,8 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
 
     The one writer behind online and offline harvests: the cap, the refusal to
     write through host symlinks, a temporary name renamed into place, the
-    guest's mode (no set-id bits, the job's umask applied), its mtime, and
+    guest's mode (no set-id bits; the job's umask applied to a file it was not
+    given at stage-in, whose mode a native job would have chosen), its mtime, and
     holes where the source reads zeros.  What it cannot write it names in
     ``problem`` (a file over the cap among them) and the copy goes on.
     """
@@ -737,7 +765,8 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
                 while view:
                     view = view[os.write(fd, view):]
         os.ftruncate(fd, n)
-        os.fchmod(fd, tree.mode(stat.S_IMODE(a.st_mode)))
+        mode = stat.S_IMODE(a.st_mode)
+        os.fchmod(fd, mode & 0o777 if getattr(a, "staged", False) else tree.mode(mode))
         if a.st_mtime is not None:
             os.utime(fd, (a.st_atime or a.st_mtime, a.st_mtime))
         why = tree.blocker(dfd, name)
