@@ -103,7 +103,7 @@ def test_parser_reads_the_rendered_template(tmp_path):
                       "/home/alice/jobs/42"]
     assert got[4] == ["bootcmd", "install", "-d", "-m", "0700", "-o", "1234", "-g", "2345",
                       "/home/alice/.vmwn"]
-    assert got[5] == ["seed_user", "alice", "1234", "physics", "/bin/sh", "/home/alice",
+    assert got[5] == ["seed_user", "alice", "1234", "physics", "/bin/sh", "/home/alice", "",
                       "ssh-ed25519 AAAAuser alice@ce"]
     assert got[6] == ["seed_host_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\nBBBB\n"
                       "-----END OPENSSH PRIVATE KEY-----\n", "ssh-ed25519 AAAAhost"]
@@ -111,6 +111,18 @@ def test_parser_reads_the_rendered_template(tmp_path):
     assert got[7] == ["runcmd", "install", "-D", "-m", "0644",
                       "/home/alice/.ssh/authorized_keys", "/etc/ssh/authorized_keys/alice"]
     assert len(got) == 8  # copy mode: nothing to mount
+
+
+@needs_busybox
+def test_the_users_other_groups_are_created_and_joined(tmp_path):
+    values = seed_values(groups=[{"name": "proj", "gid": 5000}, {"name": "hep", "gid": 5001}])
+    status, out, err = parse(tmp_path, render("user-data.j2", **values))
+    assert status == 0, err
+    got = calls(tmp_path, out)
+    assert ["bootcmd", "groupadd", "-o", "-g", "5000", "proj"] in got
+    assert ["bootcmd", "groupadd", "-o", "-g", "5001", "hep"] in got
+    user = next(g for g in got if g[0] == "seed_user")
+    assert user[6] == "proj,hep"
 
 
 @needs_busybox

@@ -480,3 +480,30 @@ def test_a_job_filling_its_own_disk_fails_alone_with_its_output_back(cluster, wo
         assert f.read() == "synced before the disk filled\n"
     assert torquelib.wait_clean(job, timeout=60) == []
     assert abs(shutil.disk_usage(torquelib.OVERLAY_DIR).free - before) < 256 << 20
+
+
+@pytest.mark.parametrize("env", ["tiny", "tinycopy"])
+def test_the_guest_user_has_the_users_other_groups(cluster, workdir, env):
+    import grp
+    others = [g for g in os.getgrouplist(cluster.user.pw_name, cluster.user.pw_gid)
+              if g != cluster.user.pw_gid and g >= 1000]
+    if not others:
+        pytest.skip("the test user is in no other group")
+    name = grp.getgrgid(others[0]).gr_name
+    shared = os.path.join(workdir, "group-only.txt")
+    with open(shared, "w") as f:
+        f.write("for the group\n")
+    os.chown(shared, cluster.user.pw_uid, others[0])
+    os.chmod(shared, 0o640)
+    job = cluster.submit(workdir, '#!/bin/sh\nid -Gn\ncd "$PBS_O_WORKDIR" && touch g.txt && '
+                         f'chgrp {name} g.txt; cat group-only.txt\n', f"-l other=vmwn={env}")
+    st = cluster.wait(job)
+    out, err = cluster.wait_output(workdir, job)
+    assert st["exit_status"] == "0", (st, out, err)
+    assert name in out.split("\n")[0].split(), (out, err)
+    assert "for the group" in out  # the user's own file, group-readable
+    if env == "tinycopy":  # the harvest keeps the group the job chose, as natively
+        assert os.stat(os.path.join(workdir, "g.txt")).st_gid == others[0]
+    else:  # virtiofsd serves the user's primary group only (see docs/admin-guide.md)
+        assert "chgrp" in err
+    assert torquelib.wait_clean(job) == []

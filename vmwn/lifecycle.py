@@ -113,7 +113,8 @@ def _prepare(cfg, spec, timer, log, deadline):
                        hostname=guest_hostname(spec.job_id), user=spec.user,
                        uid=spec.uid, gid=spec.gid, group=spec.group, shell=env.ssh_user_shell,
                        workdir=spec.workdir, hostkey=hostkey, userkey=userkey,
-                       mounts=[(s.tag, s.path) for s in shares], home=home)
+                       mounts=[(s.tag, s.path) for s in shares], home=home,
+                       groups=seed.supplementary_groups(spec.user, spec.gid))
     ud, md = seed.render(cfg.site["template_dir"], ctx)
     seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md,
                                timeout=_left(deadline))

@@ -6,6 +6,7 @@ filter, so user-controlled strings reach YAML only as quoted scalars.
 """
 
 import os
+import re
 import tempfile
 
 from . import subp
@@ -13,17 +14,19 @@ from .errors import SiteError
 
 
 def context(*, job_id, instance_id, hostname, user, uid, gid, group, shell, workdir,
-            hostkey, userkey, mounts=(), home=None):
+            hostkey, userkey, mounts=(), home=None, groups=()):
     """The variables the seed templates use (documented in docs/admin-guide.md).
 
     ``mounts`` is a list of (virtio-fs tag, path) the guest mounts, in order;
     ``home`` the user's home in the guest (default :func:`guest_home`; with
-    the home mounted it is the host's path).
+    the home mounted it is the host's path); ``groups`` the user's other groups
+    as (name, gid), so the guest opens what the user's groups open on the host.
     """
     return dict(job_id=job_id, instance_id=instance_id, hostname=hostname, user=user, uid=uid,
                 gid=gid, group=group, shell=shell, workdir=workdir, home=home or guest_home(user),
                 control_dir=control_dir(user, bool(mounts)),
                 mounts=[{"tag": t, "path": p} for t, p in mounts],
+                groups=[{"name": n, "gid": g} for n, g in groups],
                 authorized_key=userkey.public_line,
                 host_key_private=hostkey.private_openssh.rstrip("\n"),
                 host_key_public=hostkey.public_line)
@@ -43,6 +46,32 @@ MOUNTED_CONTROL_DIR = "/var/lib/vmwn-job"
 def control_dir(user, mounted):
     """Guest directory for vmwn's control files: never one a share covers."""
     return MOUNTED_CONTROL_DIR if mounted else f"{guest_home(user)}/.vmwn"
+
+
+# Supplementary groups a guest gets: names it can hold, ids clear of the guests'
+# own system groups (below 1000), at most NGROUPS_GUEST of them.
+GROUP_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+NGROUPS_GUEST = 64
+
+
+def supplementary_groups(user, gid):
+    """The user's groups but the primary one, as (name, gid), that a guest can take."""
+    import grp
+    out = []
+    try:
+        gids = os.getgrouplist(user, gid)
+    except (KeyError, OSError):
+        return out
+    for g in gids:
+        if g == gid or g < 1000:
+            continue
+        try:
+            name = grp.getgrgid(g).gr_name
+        except KeyError:
+            continue
+        if GROUP_NAME_RE.match(name):
+            out.append((name, g))
+    return out[:NGROUPS_GUEST]
 
 
 def render(tmpl, ctx):

@@ -686,7 +686,7 @@ class _TarAttr:
     staged = False
 
     def __init__(self, m):
-        self.st_size, self.st_mode = m.size, m.mode
+        self.st_size, self.st_mode, self.st_gid = m.size, m.mode, m.gid
         self.st_mtime = int(m.mtime)
         self.st_atime = self.st_mtime
 
@@ -765,6 +765,12 @@ def _store(tree, rel, a, cap, res, problem, open_source, on_error=_why):
                 while view:
                     view = view[os.write(fd, view):]
         os.ftruncate(fd, n)
+        gid = getattr(a, "st_gid", None)
+        if gid is not None and gid != os.getegid():
+            try:
+                os.fchown(fd, -1, gid)  # one of the user's other groups, as the job chose
+            except OSError:
+                pass  # a group the user is not in on the host: the file stays theirs
         mode = stat.S_IMODE(a.st_mode)
         os.fchmod(fd, mode & 0o777 if getattr(a, "staged", False) else tree.mode(mode))
         if a.st_mtime is not None:
