@@ -41,11 +41,13 @@ def guest_home(user):
 # home mounted from the host they live outside it, in the guest's own file
 # system (not /run: Debian mounts it noexec, and the job script is executed).
 MOUNTED_CONTROL_DIR = "/var/lib/vmwn-job"
+# Otherwise (copy mode) in the guest's own home, relative to it.
+HOME_CONTROL_DIR = ".vmwn"
 
 
 def control_dir(user, mounted):
     """Guest directory for vmwn's control files: never one a share covers."""
-    return MOUNTED_CONTROL_DIR if mounted else f"{guest_home(user)}/.vmwn"
+    return MOUNTED_CONTROL_DIR if mounted else f"{guest_home(user)}/{HOME_CONTROL_DIR}"
 
 
 # Supplementary groups a guest gets: names it can hold, ids clear of the guests'

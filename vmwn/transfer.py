@@ -31,10 +31,10 @@ import stat
 import time
 
 from .errors import GuestLost, SiteError, TransientError, UserError
+from .seed import HOME_CONTROL_DIR as CONTROL  # the guest contract names it
 
 log = logging.getLogger(__name__)
 
-CONTROL = ".vmwn"
 # The guest's own files, relative to the job user's home there: the control
 # directory and the per-job key that lets the starter and the epilogue in.
 # A job submitted from $HOME must neither overwrite them at stage-in (its own
