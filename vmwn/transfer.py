@@ -266,7 +266,8 @@ class _ChannelWriter:
 
 
 def _finish(chan, timeout=60):
-    """(exit status, stderr bytes) of a finished guest command."""
+    """(exit status, stderr bytes) of a guest command; -1 if it did not end within
+    ``timeout`` seconds (a copy cut short).  Closes the channel."""
     chan.settimeout(timeout)
     err = bytearray()
     try:
@@ -517,13 +518,6 @@ class _HostTree:
                                                     self.seq))
 
 
-def gpath(path):
-    """A guest path for paramiko: the bytes it names.  (paramiko encodes str
-    paths strictly as UTF-8; a host name that is not UTF-8 is carried as
-    surrogates, and must reach the guest as the same bytes.)"""
-    return os.fsencode(path)
-
-
 def printable(rel):
     """A path as text a user can read in a message: undecodable bytes as \\xNN."""
     return "".join(c if c.isprintable() else repr(c)[1:-1]
@@ -653,19 +647,8 @@ def pull(guest, sftp, guest_dir, host_dir, cap, deadline=None, budget=0.0, contr
         problem(".", f"the guest's tar stream broke off ({' '.join(str(e).split())})")
     finally:
         tree.close()
-        err = b""
-        try:  # the guest's complaints (unreadable files); none to wait for when cut short
-            chan.settimeout(0.5 if res.out_of_time else 5)
-            while chan.recv_stderr_ready() or not chan.exit_status_ready():
-                chunk = chan.recv_stderr(65536)
-                if not chunk:
-                    break
-                err += chunk
-                if len(err) > 65536:
-                    break
-        except OSError:
-            pass
-        chan.close()
+        # The guest's complaints (unreadable files); none to wait for when cut short.
+        _, err = _finish(chan, timeout=0.5 if res.out_of_time else 5)
         for line in err.decode("utf-8", "backslashreplace").splitlines()[:20]:
             if line.strip():
                 problem(".", f"in the guest: {line.strip()[:300]}")

@@ -43,8 +43,9 @@ def _guest_job_running(st_fields):
     from ..ssh import Guest
     from ..state import JobState
     from shlex import quote
+    from ..seed import control_dir
     st = JobState.from_json(st_fields)
-    pidfile = quote(st.control_dir + "/job.pid") if st.control_dir else '"$HOME/.vmwn/job.pid"'
+    pidfile = quote((st.control_dir or control_dir(st.user, False)) + "/job.pid")
     guest = Guest.connect(st, timeout=10)
     try:
         _, out, _ = guest.run(f'p=$(cat {pidfile} 2>/dev/null) && '
