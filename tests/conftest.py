@@ -84,9 +84,12 @@ def user_python_path():
 
 
 def write_site_config(path, root, extra_site=""):
+    from vmwn_testlib import write_launcher
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    launcher = write_launcher(root)
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"""[site]
+emulator = {launcher}
 state_dir = {root}/state
 overlay_dir = {root}/overlays
 pbs_home = {root}/torque

@@ -4,6 +4,7 @@ libvirt's test driver (``test:///default``) parses and validates the XML with
 the same code paths the QEMU driver uses for the generic parts of a domain.
 """
 
+import dataclasses
 import os
 import xml.etree.ElementTree as ET
 
@@ -50,7 +51,7 @@ memory = 2G
 def render(cfg, env="tiny", **kw):
     args = dict(job_id="17.srv.example.org", user="alice", job_name="analysis", port=40001,
                 overlay="/ov/17.qcow2", seed="/st/17/seed.iso", console_log="/st/17/console.log",
-                created=1700000000)
+                created=1700000000, uid=4242, gid=4343)
     args.update(kw)
     return domain.render(cfg, cfg.env(env), **args)
 
@@ -73,13 +74,41 @@ def test_kvm_environment_without_kernel_boots_from_disk(cfg):
     assert root.findtext("vcpu") == "2" and root.findtext("memory") == "2048"
 
 
+QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+
+
+def _qemu_args(xml):
+    return [a.get("value") for a in ET.fromstring(xml).iter(QEMU_NS + "arg")]
+
+
 def test_network_is_user_mode_on_loopback_only(cfg):
     xml = render(cfg)
     root = ET.fromstring(xml)
     assert root.find("devices/interface") is None  # no libvirt network, no bridge
-    args = [a.get("value") for a in
-            root.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
-    assert "user,id=vmwnnet0,hostfwd=tcp:127.0.0.1:40001-:22" in args
+    assert "user,id=vmwnnet0,ipv6=off,hostfwd=tcp:127.0.0.1:40001-:22" in _qemu_args(xml)
+
+
+def test_network_none_restricts_user_networking(cfg):
+    env = dataclasses.replace(cfg.env("tiny"), network="none")
+    xml = domain.render(cfg, env, job_id="17.srv", user="alice", port=40001, uid=1, gid=1)
+    assert "user,id=vmwnnet0,ipv6=off,restrict=on,hostfwd=tcp:127.0.0.1:40001-:22" in \
+        _qemu_args(xml)
+
+
+def test_qemu_runs_as_the_job_user_and_shared_files_are_never_relabelled(cfg):
+    root = ET.fromstring(render(cfg))
+    label = root.find("seclabel")
+    assert (label.get("type"), label.get("model")) == ("static", "dac")
+    assert label.findtext("label") == "+4242:+4343"
+    # libvirt relabels what the domain names: the base files are not named.
+    assert root.find("os/kernel") is None and root.find("os/initrd") is None
+    for disk in root.iter("disk"):
+        assert disk.find("source/seclabel").get("relabel") == "no"
+    assert root.find("devices/rng/backend").get("model") == "builtin"  # no /dev/urandom
+    args = _qemu_args(render(cfg))
+    assert args[args.index("-kernel") + 1] == "/images/tiny/vmlinuz"
+    assert args[args.index("-initrd") + 1] == "/images/tiny/initrd.img"
+    assert root.findtext("devices/emulator") == cfg.site["emulator"]
 
 
 @pytest.mark.parametrize("hostile", HOSTILE)

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import REPO, user_python_path
-from vmwn_testlib import IMAGE_DIR, leftovers
+from vmwn_testlib import IMAGE_DIR, leftovers, write_launcher
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not all(os.path.exists(os.path.join(IMAGE_DIR, "tiny", f))
@@ -51,7 +51,8 @@ class Node:
         tiny = ("image = tiny/disk.qcow2\nkernel = tiny/vmlinuz\ninitrd = tiny/initrd.img\n"
                 "accel = qemu\nmemory = 256M\n")
         with open(self.conf, "w") as f:
-            f.write(f"[site]\nstate_dir = {root}/state\noverlay_dir = {root}/overlays\n"
+            f.write(f"[site]\nemulator = {write_launcher(root)}\n"
+                    f"state_dir = {root}/state\noverlay_dir = {root}/overlays\n"
                     f"pbs_home = {root}/torque\nimage_dir = {IMAGE_DIR}\nsyslog = no\n"
                     f"debug_log = {self.debug_log}\nport_range = 43000-43499\n"
                     f"boot_timeout = 120\nboot_attempts = 2\n{site_extra}\n"

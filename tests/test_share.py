@@ -62,9 +62,8 @@ def _status(pid):
 @pytest.mark.skipif(os.geteuid() != 0 or not HAVE_VIRTIOFSD, reason="needs root and virtiofsd")
 def test_virtiofsd_runs_as_the_job_user_in_a_namespace_of_its_ids_only(job):
     st, d, mine = job
-    qemu_uid = share.qemu_ids("libvirt-qemu")[0]
     shares = share.shares_for(d, [mine])
-    share.start(st, shares, qemu_uid)
+    share.start(st, shares)
     try:
         pid = shares[0].pid
         s = _status(pid)
@@ -75,7 +74,7 @@ def test_virtiofsd_runs_as_the_job_user_in_a_namespace_of_its_ids_only(job):
             assert f.read().split() == [str(st.gid), str(st.gid), "1"]
         assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
         sock = os.stat(shares[0].socket)
-        assert (sock.st_uid, sock.st_mode & 0o777) == (qemu_uid, 0o600)
+        assert (sock.st_uid, sock.st_mode & 0o777) == (st.uid, 0o600)  # the job's QEMU
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
         assert b"source=" + os.fsencode(share.fuse_escape(mine)) in argv
@@ -93,7 +92,7 @@ def test_a_directory_the_user_cannot_enter_is_the_users_problem(job):
     try:
         shares = share.shares_for(d, [private])
         with pytest.raises(UserError) as e:
-            share.start(st, shares, share.qemu_ids("libvirt-qemu")[0])
+            share.start(st, shares)
         assert private in e.value.problem and "Permission denied" in e.value.problem
         assert not os.path.exists(shares[0].socket)
     finally:
@@ -108,12 +107,5 @@ def test_a_virtiofsd_that_exits_at_once_is_a_site_error(job):
         f.write("#!/bin/sh\necho 'fuse: unknown option(s)' >&2\nexit 1\n")
     os.chmod(fake, 0o755)
     with pytest.raises(SiteError) as e:
-        share.start(st, share.shares_for(d, [mine]), share.qemu_ids("libvirt-qemu")[0],
-                    virtiofsd=fake)
+        share.start(st, share.shares_for(d, [mine]), virtiofsd=fake)
     assert "exited at once" in e.value.problem and "unknown option" in e.value.problem
-
-
-def test_qemu_account_that_does_not_exist_is_the_sites_problem():
-    with pytest.raises(SiteError) as e:
-        share.qemu_ids("no-such-qemu-user")
-    assert "qemu_user" in e.value.fix

@@ -6,6 +6,7 @@ The last test destroys the guest under a running job.
 """
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -108,7 +109,12 @@ def test_batch_job_runs_in_the_guest_as_the_user(vm):
     assert lines[0] == f"host={lines[0].split()[0][5:]} user={user.pw_name} pwd={host} args=a b c"
     assert lines[0].split()[0] != f"host={os.uname().nodename}"
     assert lines[1:] == ["staged in"]
-    assert err == b"oops\n"  # the script's #! names its interpreter: no note about bash
+    # The script's #! names its interpreter: no note about bash; the VM's usage comes last.
+    assert err.decode().splitlines()[:-1] == ["oops"], err
+    used = re.fullmatch(r"vmwn: the virtual machine used ([0-9.]+) s of CPU and (\d+) MiB of "
+                        r"memory at most, and wrote (\d+) MiB to its disk",
+                        err.decode().splitlines()[-1])
+    assert used and float(used[1]) > 0.5 and int(used[2]) > 50, err  # a boot costs that
 
 
 def test_harvest_brings_back_only_new_files_as_the_user(vm):

@@ -1,7 +1,7 @@
 """Shared helpers for tests that use real libvirt, QEMU and guests.
 
 Per-test state lives under /var/tmp (not pytest's 0700 tmp_path), because
-QEMU runs as libvirt-qemu and must reach the job's seed and console log.
+QEMU runs as the job's user (vmwn's launcher, written here too) and must reach its seed.
 """
 
 import os
@@ -52,10 +52,22 @@ def qemu_reachable_dir(prefix="vmwn-test-"):
     return d
 
 
+def write_launcher(base):
+    """vmwn's QEMU launcher in ``base`` (as vmwn install writes it), runnable by job users."""
+    from vmwn import emulator
+    path = os.path.join(base, "qemu")
+    with open(path, "w") as f:
+        f.write(emulator.script("/usr/bin/python3"))
+    os.chmod(path, 0o755)
+    return path
+
+
 def write_config(base, site_extra="", envs=ENVS, ports="41000-41999"):
     path = os.path.join(base, "vmwn.conf")
+    launcher = write_launcher(base)
     with open(path, "w") as f:
         f.write(f"""[site]
+emulator = {launcher}
 state_dir = {base}/jobs
 overlay_dir = {base}/overlays
 image_dir = {IMAGE_DIR}

@@ -102,6 +102,14 @@ def _str(text):
     return str(text).strip()
 
 
+NETWORKS = ("open", "no-loopback", "none")
+
+
+def _network(text):
+    t = str(text).strip()
+    return "open" if t == "user" else _choice(*NETWORKS)(t)  # 'user': the one value of old
+
+
 def _abspath(text):
     t = str(text).strip()
     if not t.startswith("/"):
@@ -183,9 +191,10 @@ SITE_KEYS = {k.name: k for k in [
        "'/scratch /cvmfs' (those missing on a node are skipped)."),
     _k("virtiofsd", "/usr/lib/qemu/virtiofsd", _abspath,
        "The virtio-fs daemon that serves mounted directories (as the job user)."),
-    _k("qemu_user", "libvirt-qemu", _str,
-       "The account libvirt runs QEMU as (user in qemu.conf); only it may connect to a "
-       "job's virtio-fs sockets."),
+    _k("emulator", "/usr/local/libexec/vmwn/qemu", _abspath,
+       "vmwn's QEMU launcher (written by vmwn install): libvirt runs it as the job's user; "
+       "QEMU runs under an anchor process whose session the job starter has pbs_mom adopt."),
+    _k("qemu", "/usr/bin/qemu-system-x86_64", _abspath, "The QEMU binary the launcher runs."),
     _k("pbs_home", "/var/spool/torque", _abspath, "Torque's PBS_HOME on this node."),
     _k("syslog", True, _bool, "Send one line per lifecycle step to syslog (LOG_DAEMON)."),
     _k("debug_log", None, _abspath, "Also append DEBUG lines to this file."),
@@ -211,8 +220,11 @@ ENV_KEYS = {k.name: k for k in [
     _k("template", "domain.xml.j2", _str, "Domain template file in template_dir."),
     _k("accel", "kvm", _choice("kvm", "qemu"),
        "Domain type: kvm (hardware) or qemu (TCG software emulation)."),
-    _k("network", "user", _choice("user"),
-       "Guest network: 'user' is QEMU user networking with SSH forwarded on bind_address."),
+    _k("network", "open", _network,
+       "What the guest may reach (QEMU user networking, connections made as the job's "
+       "user): 'open' (anything the job's user can reach, the host's loopback services "
+       "included, through 10.0.2.2), 'no-loopback' (the same but no host loopback "
+       "service) or 'none' (nothing; vmwn's SSH forward into the guest only)."),
     _k("machine", "pc", _str, "QEMU machine type."),
     _k("vcpus", 1, _int_range(1, 4096), "vCPUs when the job does not say."),
     _k("max_vcpus", 4, _int_range(1, 4096), "Most vCPUs a job may get in this environment."),

@@ -103,3 +103,34 @@ def check_room(cfg, base, job_id):
             f"this node has no room for another guest disk: {free >> 20} MiB free in {d}, "
             f"{owed >> 20} MiB promised to running guests, {need >> 20} MiB needed",
             "the job is requeued; the site should free space in [site] overlay_dir")
+
+
+def unsealed_base(env):
+    """The first of ``env``'s base files (image, kernel, initrd) that a job could
+    change, as (path, why), or None.  They are shared by every job: root's, and
+    written by no one else."""
+    for _, path in env.artefacts():
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # missing: Environment.missing() reports it
+        if st.st_uid != 0:
+            return path, f"owned by uid {st.st_uid}"
+        if st.st_mode & 0o022:
+            return path, f"writable by {'others' if st.st_mode & 0o002 else 'its group'}"
+    return None
+
+
+def seal_base(env):
+    """Make ``env``'s base files root's and read-only to others; returns those changed."""
+    changed = []
+    for _, path in env.artefacts():
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_uid != 0 or st.st_gid != 0 or st.st_mode & 0o7777 != 0o644:
+            os.chown(path, 0, 0)
+            os.chmod(path, 0o644)
+            changed.append(path)
+    return changed

@@ -47,8 +47,15 @@ def guest_hostname(job_id):
 
 
 def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, port=0,
-           overlay=None, seed="/dev/null", console_log="/dev/null", created=None, shares=()):
-    """The domain XML for one job, validated; raises SiteError if the template is unfit."""
+           overlay=None, seed="/dev/null", console_log="/dev/null", created=None, shares=(),
+           uid=None, gid=None):
+    """The domain XML for one job, validated; raises SiteError if the template is unfit.
+
+    QEMU runs as ``uid``:``gid`` (the job's; looked up from ``user`` when not
+    given, nobody for a user this node does not know).
+    """
+    if uid is None or gid is None:
+        uid, gid = _ids_of(user)
     ctx = dict(
         name=domain_name(job_id), job_id=xml_text(job_id), user=xml_text(user),
         job_name=xml_text(job_name),
@@ -58,10 +65,23 @@ def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, 
         overlay=overlay if overlay is not None else (env.image and "/dev/null"),
         seed=seed, console_log=console_log,
         shares=[dict(tag=s.tag, socket=s.socket) for s in shares],
+        uid=int(uid), gid=int(gid), emulator=cfg.site["emulator"], qemu=cfg.site["qemu"],
     )
     xml = render_template(cfg.site["template_dir"], env.template, ctx, xml=True)
     check(xml, ctx["name"], ctx["job_id"], f"{cfg.site['template_dir']}/{env.template}")
     return xml
+
+
+def _ids_of(user):
+    import pwd
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return NOBODY, NOBODY
+    return pw.pw_uid, pw.pw_gid
+
+
+NOBODY = 65534
 
 
 def check(xml, name, job_id, where):

@@ -3,7 +3,8 @@
 ``make install`` calls ``python -m vmwn.install install``: the dispatchers become
 pbs_mom's prologue, epilogue and their .parallel forms; vmwn's steps go into
 ``mom_priv/prologue.d`` and ``epilogue.d`` beside any site steps; the job starter
-goes to PREFIX/libexec/vmwn and is named in ``mom_priv/config``; a sample
+goes to PREFIX/libexec/vmwn and is named in ``mom_priv/config``, beside the
+QEMU launcher libvirt runs for each job's VM (vmwn.emulator); a sample
 vmwn.conf is installed unless the site has one.  Everything is root-owned and
 written atomically, re-running is harmless, and ``uninstall`` removes only what
 install put there.  A prologue, epilogue or ``$job_starter`` that is not vmwn's
@@ -26,6 +27,7 @@ SOURCE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_NAME = "50-vmwn"
 STEP_SOURCES = {"prologue.d": "prologue.d/50-vmwn", "epilogue.d": "epilogue.d/50-vmwn"}
 STARTER_NAME = "job-starter"
+EMULATOR_NAME = "qemu"
 STARTER_ENTRY = "vmwn.hooks.starter"
 CONFIG_COMMENT = "# vmwn job starter (added by vmwn install, removed by vmwn uninstall)"
 
@@ -63,6 +65,10 @@ class Layout:
     @property
     def starter(self):
         return os.path.join(self.prefix, "libexec", "vmwn", STARTER_NAME)
+
+    @property
+    def emulator(self):
+        return os.path.join(self.prefix, "libexec", "vmwn", EMULATOR_NAME)
 
     @property
     def mom_config(self):
@@ -204,6 +210,12 @@ def _is_ours_starter(path):
     return text is not None and f"from {STARTER_ENTRY} import main" in text
 
 
+def _is_ours_emulator(path):
+    text = _read(path)
+    return text is not None and ("vmwn's QEMU launcher" in text
+                                 or "QEMU in a session of its own" in text)  # 0.1.0's
+
+
 def _starter_lines(text):
     return [ln for ln in (text or "").splitlines() if ln.split(None, 1)[:1] == ["$job_starter"]]
 
@@ -223,6 +235,8 @@ def _preflight(lay):
                             "unchanged) and install again")
     if os.path.lexists(lay.dest(lay.starter)) and not _is_ours_starter(lay.dest(lay.starter)):
         raise SiteError(f"{lay.starter} exists and is not vmwn's", "remove it or choose --prefix")
+    if os.path.lexists(lay.dest(lay.emulator)) and not _is_ours_emulator(lay.dest(lay.emulator)):
+        raise SiteError(f"{lay.emulator} exists and is not vmwn's", "remove it or choose --prefix")
 
 
 def install(opts):
@@ -255,6 +269,10 @@ def install(opts):
     _write(starter, render_starter(starter_python, lay.config, opts.pythonpath,
                                    _state_dir(lay), lay.pbs_home), 0o755)
     written.append(starter)
+    from . import emulator
+    _write(lay.dest(lay.emulator), emulator.script(starter_python), 0o755)
+    written.append(lay.dest(lay.emulator))
+    written += _install_dropin(lay)
     if not lay.destdir and not others_can_execute(starter_python):
         print(f"vmwn install: warning: the job starter runs as the job's user, but "
               f"{starter_python} is not executable by other users: pass --starter-python "
@@ -298,6 +316,25 @@ def _install_config(lay, opts):
     return [target]
 
 
+DROPIN = "00-vmwn-install.conf"
+
+
+def _dropin_path(lay):
+    return lay.dest(os.path.join(lay.sysconfdir, "vmwn", "vmwn.conf.d", DROPIN))
+
+
+def _install_dropin(lay):
+    """Where install put the QEMU launcher, when that is not the default path."""
+    from .config import SITE_KEYS
+    path = _dropin_path(lay)
+    if lay.emulator == SITE_KEYS["emulator"].default:
+        return []
+    _makedirs(os.path.dirname(path), 0o755)
+    _write(path, f"# written by vmwn install, removed by vmwn uninstall\n[site]\n"
+                 f"emulator = {lay.emulator}\n", 0o644)
+    return [path]
+
+
 def _add_starter_line(lay):
     path = lay.dest(lay.mom_config)
     text = _read(path)
@@ -330,13 +367,21 @@ def uninstall(opts):
         if os.path.isdir(d) and not os.listdir(d):
             os.rmdir(d)
             removed.append(d)
+    dropin = _dropin_path(lay)
+    if "written by vmwn install" in (_read(dropin) or ""):
+        os.unlink(dropin)
+        removed.append(dropin)
     starter = lay.dest(lay.starter)
+    emu = lay.dest(lay.emulator)
+    if _is_ours_emulator(emu):
+        os.unlink(emu)
+        removed.append(emu)
     if _is_ours_starter(starter):
         os.unlink(starter)
         removed.append(starter)
-        d = os.path.dirname(starter)
-        if not os.listdir(d):
-            os.rmdir(d)
+    d = os.path.dirname(starter)
+    if os.path.isdir(d) and not os.listdir(d):
+        os.rmdir(d)
     path = lay.dest(lay.mom_config)
     text = _read(path)
     if text is not None and lay.starter_line in text.splitlines():

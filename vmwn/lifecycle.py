@@ -10,7 +10,7 @@ import os
 import re
 import time
 
-from . import disk, keys, ports, seed, share, state as statemod
+from . import disk, keys, netpolicy, ports, seed, share, state as statemod
 from .domain import domain_name, guest_hostname, render as render_domain
 from .errors import GuestLost, SiteError, TransientError, UserError, VmwnError
 from .logsetup import job_logger
@@ -65,6 +65,12 @@ def _made(cfg, spec, deadline, on_phase, boot_too):
         raise SiteError(f"environment {env.name} is not installed on this node "
                         f"(missing {missing[0]})",
                         f"the site should run 'vmwn image build {env.name}' on it")
+    unsealed = disk.unsealed_base(env)
+    if unsealed:
+        raise SiteError(f"base file {unsealed[0]} of environment {env.name} is "
+                        f"{unsealed[1]}: a job could change what every later job boots",
+                        f"run 'vmwn image build {env.name}' or chown root:root and "
+                        "chmod 0644 it")
     if statemod.exists(cfg, spec.job_id):
         log.info("removing what an earlier attempt of this job left")
         destroy(cfg, spec.job_id)
@@ -118,6 +124,8 @@ def _prepare(cfg, spec, timer, log, deadline):
     ud, md = seed.render(cfg.site["template_dir"], ctx)
     seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md,
                                timeout=_left(deadline))
+    os.chown(seed_path, spec.uid, spec.gid)  # read by the job's QEMU; it holds the job's keys
+    os.chmod(seed_path, 0o400)
     timer.mark("keys and seed")
     overlay = disk.overlay_path(cfg, spec.job_id) if env.image else ""
     output_dir = spec.workdir if env.output_dir == "workdir" else env.output_dir
@@ -136,8 +144,7 @@ def _prepare(cfg, spec, timer, log, deadline):
     timer.mark("port")
     if env.image:
         disk.check_room(cfg, env.image, spec.job_id)
-        os.chmod(disk.create_overlay(cfg, spec.job_id, env.image, timeout=_left(deadline)),
-                 0o600)  # the job's data
+        _give_overlay(cfg, st, env, deadline)
         timer.mark("overlay")
     log.info("prepared seed, key and overlay; SSH port %d", port)
     return st
@@ -174,20 +181,25 @@ def undo_boot(cfg, st, env):
         conn.close()
     share.stop(st, _shares(st))
     if env.image:
-        deadline = time.monotonic() + 60
-        os.chmod(disk.create_overlay(cfg, st.job_id, env.image, timeout=_left(deadline)),
-                 0o600)
+        _give_overlay(cfg, st, env, time.monotonic() + 60)
+
+
+def _give_overlay(cfg, st, env, deadline):
+    """A fresh overlay, the job's alone: its QEMU runs as the job's user."""
+    path = disk.create_overlay(cfg, st.job_id, env.image, timeout=_left(deadline))
+    os.chown(path, st.uid, st.gid)
+    os.chmod(path, 0o600)
 
 
 def _boot(cfg, env, st, deadline, timer, log, progress=None):
     from . import virt
     shares = _shares(st)
     if shares:  # before the domain: QEMU connects to each socket as it starts
-        share.start(st, shares, share.qemu_ids(cfg.site["qemu_user"])[0],
-                    cfg.site["virtiofsd"])
+        share.start(st, shares, cfg.site["virtiofsd"])
         st.shares = [dataclasses.asdict(s) for s in shares]
         statemod.save(cfg, st)
         timer.mark("virtiofsd")
+    virt.open_domain_dirs()
     conn = virt.connect(cfg.site["libvirt_uri"])
     if progress is not None:
         progress.append("start")  # from here on a domain may exist
@@ -198,10 +210,10 @@ def _boot(cfg, env, st, deadline, timer, log, progress=None):
                                 memory_mib=st.memory_mib, port=st.port,
                                 overlay=st.overlay or None, seed=st.seed,
                                 console_log=st.console_log, created=st.created,
-                                shares=shares)
+                                shares=shares, uid=st.uid, gid=st.gid)
             timer.mark("render")
             try:
-                dom = virt.start(conn, xml)
+                dom = virt.start(conn, xml, paused=netpolicy.needs_paused_start(env))
                 break
             except virt.PortTaken:
                 if attempt == PORT_ATTEMPTS - 1:
@@ -211,12 +223,23 @@ def _boot(cfg, env, st, deadline, timer, log, progress=None):
                     statemod.save(cfg, st)
                 log.info("SSH port taken by another process; retrying on %d", st.port)
         st.uuid = dom.UUIDString()
+        st.vm_pid = virt.emulator_pid(st.domain)
+        st.vm_start = _start_time(st.vm_pid)
+        if netpolicy.needs_paused_start(env):
+            from .usage import tree
+            netpolicy.confine(env, st.job_id, tree(st.vm_pid) if st.vm_pid else [])
+            virt.resume(dom)
         timer.mark("define and start")
         end = min(deadline, time.monotonic() + env.boot_timeout)
         _wait_ready(st, env, dom, end, virt, log)
         timer.mark("boot to SSH")
     finally:
         conn.close()
+
+
+def _start_time(pid):
+    from .warden import proc_start_time
+    return proc_start_time(pid) if pid else 0
 
 
 READY_LINE = b"vmwn-guest: ready"

@@ -352,3 +352,42 @@ def workdir_hint(path):
         return (" (Torque cuts PBS_O_WORKDIR at a comma: submit from a directory whose path "
                 "has none)")
     return ""
+
+
+TM_ADOPT_JOBID = 114  # tm_.h
+TM_ERRORS = {17000: "pbs_mom cannot be reached (TM_ESYSTEM)",
+             17002: "the connection to pbs_mom failed (TM_ENOTCONNECTED)",
+             17006: "pbs_mom has no such job (TM_ENOTFOUND)",
+             17008: "the session is not the caller's (TM_EPERM)",
+             999: "pbs_mom refused the adoption (TM_ERROR; see its log)"}
+
+
+class AdoptFailed(SiteError):
+    """pbs_mom was not told of the VM: it neither charges nor limits it."""
+
+
+def adopt(job_id, pid):
+    """Make pbs_mom count the session ``pid`` leads as one of the job's tasks.
+
+    Torque's ``tm_adopt`` (what ``pbs_track -a`` calls): from then on pbs_mom
+    adds the session's CPU time and memory to the job's ``resources_used``,
+    checks them against the job's cput/vmem limits, and kills the session
+    with the job.  The caller must own the session leader and run in the
+    job (its PBS_JOBCOOKIE); libtorque is the one pbs_python was built on.
+    """
+    import ctypes
+    try:
+        import pbs._pbs  # noqa: F401,PLC0415 - loads libtorque through its RUNPATH
+        lib = ctypes.CDLL("libtorque.so.2")
+    except (ImportError, OSError) as e:
+        raise AdoptFailed(f"cannot load libtorque for tm_adopt: {e}",
+                          "install pbs_python built on this node's Torque ('make "
+                          "pbs-python')") from None
+    lib.tm_adopt.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+    lib.tm_adopt.restype = ctypes.c_int
+    rc = lib.tm_adopt(job_id.encode(), TM_ADOPT_JOBID, int(pid))
+    if rc != 0:
+        raise AdoptFailed(f"pbs_mom did not adopt the VM's session {pid} into job "
+                          f"{job_id}: {TM_ERRORS.get(rc, f'tm_adopt returned {rc}')}",
+                          "check that pbs_mom runs and that [site] emulator is vmwn's "
+                          "launcher")

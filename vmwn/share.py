@@ -14,7 +14,8 @@ an unmapped id).
 
 The launcher first enters the directory as the job user (the access check that
 counts); the path reaches virtiofsd's option parser with every punctuation
-character backslash-escaped, so a comma in a path cannot add an option.  The listening socket is made here, owned by QEMU's user and
+character backslash-escaped, so a comma in a path cannot add an option.  The
+listening socket is made here, owned by the job's user (QEMU runs as it) and
 passed by descriptor; QEMU connects at domain start and virtiofsd exits when
 that connection closes.  :func:`stop` ends what is left.
 """
@@ -23,7 +24,6 @@ import ctypes
 import dataclasses
 import grp
 import os
-import pwd
 import signal
 import socket
 import time
@@ -74,17 +74,7 @@ def shares_for(job_dir, paths):
             for i, p in enumerate(paths)]
 
 
-def qemu_ids(user):
-    """uid and gid of the account libvirt runs QEMU as ([site] qemu_user)."""
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise SiteError(f"QEMU's account {user!r} does not exist",
-                        "set [site] qemu_user to the user in libvirt's qemu.conf") from None
-    return pw.pw_uid, pw.pw_gid
-
-
-def start(st, shares, qemu_uid, virtiofsd=VIRTIOFSD):
+def start(st, shares, virtiofsd=VIRTIOFSD):
     """Start one virtiofsd per share as the job user; fills in ``Share.pid``.
 
     Raises UserError naming the path if the job user cannot enter it, SiteError
@@ -95,7 +85,7 @@ def start(st, shares, qemu_uid, virtiofsd=VIRTIOFSD):
         raise SiteError(f"{virtiofsd} is missing", "install qemu-system-common ('make deps')")
     try:
         for sh in shares:
-            sh.pid = _launch(st, sh, qemu_uid, virtiofsd)
+            sh.pid = _launch(st, sh, virtiofsd)
             log.info("virtiofsd %d serves %s as tag %s", sh.pid, sh.path, sh.tag)
     except BaseException:
         stop(st, shares)
@@ -161,7 +151,7 @@ _FD = 3  # the listening socket's number in virtiofsd
 _READY = b"\0"  # the child has its user namespace (an error message never starts so)
 
 
-def _listen(path, qemu_uid):
+def _listen(path, uid):
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -172,14 +162,14 @@ def _listen(path, qemu_uid):
         s.bind(path)
     finally:
         os.umask(old)
-    os.chown(path, qemu_uid, -1)  # only QEMU may connect: whoever does gets the user's files
+    os.chown(path, uid, -1)  # the job's QEMU runs as the job's user; nobody else connects
     s.listen(1)
     return s
 
 
-def _launch(st, sh, qemu_uid, virtiofsd):
+def _launch(st, sh, virtiofsd):
     """Fork virtiofsd into a user namespace holding only the job's ids (see module doc)."""
-    lsock = _listen(sh.socket, qemu_uid)
+    lsock = _listen(sh.socket, st.uid)
     sh.inode = os.fstat(lsock.fileno()).st_ino
     groups = _groups(st)
     to_child_r, to_child_w = os.pipe()

@@ -73,6 +73,10 @@ class JobState:
     data: str = "copy"
     shares: list = dataclasses.field(default_factory=list)
     control_dir: str = ""
+    # The leader of QEMU's session (vmwn's launcher), which the starter has
+    # pbs_mom adopt into the job; its start time tells a reused pid apart.
+    vm_pid: int = 0
+    vm_start: int = 0
 
     @classmethod
     def from_json(cls, data):

@@ -47,10 +47,14 @@ class PortTaken(TransientError):
     """QEMU could not bind the forwarded SSH port: another process took it meanwhile."""
 
 
-def start(conn, xml):
-    """Create and start a transient domain from ``xml``; returns the domain."""
+def start(conn, xml, paused=False):
+    """Create and start a transient domain from ``xml``; returns the domain.
+
+    ``paused``: QEMU runs but the guest does not until :func:`resume`."""
     lv = _lv()
     flags = getattr(lv, "VIR_DOMAIN_START_VALIDATE", 0)
+    if paused:
+        flags |= lv.VIR_DOMAIN_START_PAUSED
     try:
         return conn.createXML(xml, flags)
     except lv.libvirtError as e:
@@ -67,6 +71,15 @@ def start(conn, xml):
                             "retry with another port") from None
         raise SiteError(f"libvirt cannot start the domain: {_msg(e)}",
                         "see the libvirt log") from None
+
+
+def resume(dom):
+    lv = _lv()
+    try:
+        dom.resume()
+    except lv.libvirtError as e:
+        raise TransientError(f"libvirt cannot resume the guest: {_msg(e)}",
+                             "check libvirtd; the job is requeued") from None
 
 
 def lookup(conn, name):
@@ -100,6 +113,40 @@ def paused_on_io_error(dom):
     except lv.libvirtError:
         return False
     return state == lv.VIR_DOMAIN_PAUSED and reason == lv.VIR_DOMAIN_PAUSED_IOERROR
+
+
+QEMU_RUN_DIR = "/run/libvirt/qemu"  # qemu:///system's runtime directory
+QEMU_LIB_DIR = "/var/lib/libvirt/qemu"  # holds each domain's private directory
+
+
+def open_domain_dirs(path=QEMU_LIB_DIR):
+    """Let QEMUs of any uid reach their own private directory below ``path``.
+
+    libvirt makes each domain's directory (its master key, among others) for
+    the domain's uid, inside a directory Debian ships as 0750 libvirt-qemu:
+    a QEMU running as the job's user could not enter it.  Search permission
+    for others is all it needs; the directories below keep their modes.
+    Returns True if the mode was changed."""
+    import stat
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+    if mode & 0o001:
+        return False
+    os.chmod(path, mode | 0o001)
+    log.info("%s: added search permission for others (QEMU runs as each job's user)", path)
+    return True
+
+
+def emulator_pid(name):
+    """PID of the process libvirt started for domain ``name`` (vmwn's launcher, the
+    leader of QEMU's session), from libvirt's pid file; 0 when there is none."""
+    try:
+        with open(os.path.join(QEMU_RUN_DIR, f"{name}.pid"), encoding="ascii") as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def destroy(conn, name, grace=0.0):

@@ -40,7 +40,7 @@ BACKOFF_FIRST = 2.0      # seconds before the second attempt; doubles after that
 # Fields of the job record the starter needs; the record itself stays root's.
 STARTER_FIELDS = ("job_id", "domain", "env", "user", "uid", "gid", "bind_address", "port",
                   "host_key_public", "key_path", "workdir", "host_workdir", "vcpus",
-                  "memory_mib", "data", "control_dir", "shares")
+                  "memory_mib", "data", "control_dir", "shares", "vm_pid", "vm_start")
 
 
 def listen(cfg, st):
@@ -327,11 +327,8 @@ def peer_credentials(conn):
 
 def proc_start_time(pid):
     """Start time of ``pid`` in clock ticks since boot, or 0 (tells a reused pid apart)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
+    from .usage import start_time
+    return start_time(pid)
 
 
 def stop(st, timeout=5.0):

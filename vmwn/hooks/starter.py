@@ -387,6 +387,8 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
     if mode == "batch":
         script, args, how = read_job_script(pbs_home, _read_stdin())
     st, wsock = _await_guest(sock_path, mode)
+    if mode != "task":
+        _adopt(job_id, st, log)
     log.info("starting %s in guest %s as %s", mode, st.domain, st.user)
     guest = ssh.Guest.connect(st)
     try:
@@ -454,6 +456,8 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
         wsock.close()
     kind, value = outcome
     log.info("guest job ended: %s %s", kind, value)
+    if mode != "task":
+        _report_usage(st, log)
     if os.getppid() != mom and mode != "task":
         # pbs_mom restarted while the job ran: the new mom re-adopts the job by its
         # session and records exit status 0 when that session ends (measured).
@@ -464,6 +468,40 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
         sys.stdout.flush()
         _die_of(value)
     return value
+
+
+def _adopt(job_id, st, log):
+    """Have pbs_mom count the VM as the job's: it then charges QEMU's CPU time and
+    memory to the job and checks cput and vmem on it (vmwn.emulator says how).  A
+    failure is the site's to fix and does not stop the job."""
+    from .. import emulator, pbs, usage
+    launcher = getattr(st, "vm_pid", 0)
+    anchor = 0
+    if launcher and usage.start_time(launcher) == getattr(st, "vm_start", 0):
+        anchor = emulator.anchor_of(launcher, usage.children)
+    if not anchor:
+        log.error("the VM's processes are unknown or gone (launcher %s); pbs_mom will "
+                  "not charge the VM to the job", launcher)
+        return
+    try:
+        pbs.adopt(job_id, anchor)
+    except pbs.AdoptFailed as e:
+        log.error("%s", e.line())
+        return
+    used = usage.of_vm(launcher)
+    log.info("pbs_mom adopted the VM's session %d (%.1f s of CPU so far, its boot)", anchor,
+             used.cpu_seconds if used else 0.0)
+
+
+def _report_usage(st, log):
+    from .. import usage
+    pid = getattr(st, "vm_pid", 0)
+    if not pid or usage.start_time(pid) != getattr(st, "vm_start", 0):
+        return
+    used = usage.of_vm(pid)
+    if used is not None:
+        log.info("%s", used.line())
+        _say(used.line())
 
 
 def _safe(text):

@@ -12,7 +12,7 @@ import os
 import signal
 import time
 
-from .. import config
+from .. import config, disk
 from ..errors import SiteError
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ def cmd_build(args):
     build = builder(args.name)
     if not args.force and env.artefacts() and not env.missing():
         if built_by_this_recipe(args.name, env):
+            for path in disk.seal_base(env):
+                print(f"{args.name}: {path} is root's and read-only again")
             print(f"{args.name}: up to date")
             return 0
         print(f"{args.name}: built by an older recipe; rebuilding")
@@ -88,6 +90,7 @@ def cmd_build(args):
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.monotonic()
     build(cfg, env, force=args.force)
+    disk.seal_base(env)
     with open(_stamp(env) + ".new", "w", encoding="ascii") as f:
         f.write(recipe(args.name) + "\n")
     os.rename(_stamp(env) + ".new", _stamp(env))

@@ -1,0 +1,123 @@
+"""vmwn's QEMU launcher (vmwn.emulator), run as installed with a stand-in QEMU.
+
+The stand-in is a shell script: it records the signals it gets, and its
+behaviour is chosen by its first argument, as libvirt's QEMU arguments would.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vmwn import emulator, usage
+
+FAKE = """#!/bin/sh
+log=$(dirname "$0")/log
+trap 'echo TERM >> "$log"; exit 7' TERM
+case "$1" in
+  exit3) exit 3 ;;
+  daemonize) sleep 30 & echo $! > "$(dirname "$0")/daemon"; exit 0 ;;
+  deaf) trap 'echo TERM >> "$log"' TERM ;;
+esac
+echo started >> "$log"
+while :; do sleep 0.1; done
+"""
+
+
+@pytest.fixture
+def launch(tmp_path):
+    fake = tmp_path / "qemu"
+    fake.write_text(FAKE)
+    fake.chmod(0o755)
+    prog = tmp_path / "launcher"
+    prog.write_text(emulator.script(sys.executable))
+    prog.chmod(0o755)
+    procs = []
+
+    def start(mode):
+        env = dict(os.environ, VMWN_QEMU=str(fake))
+        p = subprocess.Popen([str(prog), mode], env=env, start_new_session=True)
+        procs.append(p)
+        return p
+    yield start, tmp_path
+    for p in procs:
+        for pid in usage.tree(p.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
+
+
+def _parts(launcher):
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        anchor = emulator.anchor_of(launcher, usage.children)
+        if anchor:
+            return anchor, usage.children(anchor)[0]
+        time.sleep(0.02)
+    raise AssertionError("no anchor with a QEMU under the launcher")
+
+
+def _log(d):
+    try:
+        return (d / "log").read_text().split()
+    except FileNotFoundError:
+        return []
+
+
+def test_anchor_leads_a_session_and_qemu_has_one_of_its_own(launch):
+    start, d = launch
+    p = start("run")
+    anchor, qemu = _parts(p.pid)
+    assert os.getsid(anchor) == anchor and os.getsid(qemu) == qemu
+    assert usage.stat_fields(qemu)[1] == str(anchor)  # pbs_mom counts it through its parent
+
+
+def test_ending_the_anchor_leaves_qemu_running_under_the_launcher(launch):
+    """What pbs_mom does when the job ends: signal the adopted session."""
+    start, d = launch
+    p = start("run")
+    anchor, qemu = _parts(p.pid)
+    os.killpg(anchor, signal.SIGTERM)
+    time.sleep(0.5)
+    assert p.poll() is None and usage.stat_fields(qemu)[1] == str(p.pid)
+    assert "TERM" not in _log(d)
+    p.send_signal(signal.SIGTERM)  # what libvirt does at destroy
+    assert p.wait(timeout=5) == 7 and _log(d) == ["started", "TERM"]
+
+
+def test_qemu_status_is_the_launchers(launch):
+    start, _ = launch
+    assert start("exit3").wait(timeout=5) == 3
+
+
+def test_qemu_that_ignores_sigterm_is_killed_before_libvirt_would_kill_the_launcher(launch):
+    start, d = launch
+    p = start("deaf")
+    _parts(p.pid)
+    t = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=emulator.KILL_AFTER + 3) == 128 + signal.SIGKILL  # as a shell says it
+    assert emulator.KILL_AFTER - 0.5 < time.monotonic() - t
+    assert _log(d) == ["started", "TERM"]
+
+
+def test_a_daemonizing_qemu_lets_the_launcher_exit(launch):
+    """libvirt probes an emulator with -daemonize and waits for the command to end."""
+    start, d = launch
+    p = start("daemonize")
+    assert p.wait(timeout=5) == 0
+    daemon = int((d / "daemon").read_text())
+    assert usage.stat_fields(daemon) is not None
+    os.kill(daemon, signal.SIGKILL)
+
+
+def test_installed_script_names_its_qemu_and_interpreter():
+    text = emulator.script("/opt/py/bin/python", qemu="/opt/qemu/bin/qemu-system-x86_64")
+    assert text.startswith("#!/opt/py/bin/python -Es\n")
+    assert "QEMU = '/opt/qemu/bin/qemu-system-x86_64'" in text
+    compile(text, "launcher", "exec")

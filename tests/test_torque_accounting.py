@@ -1,0 +1,84 @@
+"""A VM job is charged and limited by pbs_mom like a native one, under a real Torque 6.1.
+
+Both kinds of job run the same CPU-bound script side by side (the test node
+has two slots).  pbs_mom checks limits at each poll ($check_poll_time 10 on
+the test node, scripts/torque-up).
+"""
+
+import glob
+import hashlib
+import os
+import stat
+import time
+
+import pytest
+
+import torquelib
+from test_torque import cluster, workdir  # noqa: F401  (fixtures)
+from vmwn import state
+from vmwn_testlib import IMAGE_DIR, needs_image
+
+pytestmark = [pytest.mark.torque, pytest.mark.integration, needs_image("tiny")]
+
+BUSY = "#!/bin/sh\ntimeout {secs} sh -c 'while :; do :; done'\necho done\n"
+OTHER_USER = "vmwntest2"
+JOB_EXEC_OVERLIMIT_CPUT = -12  # Torque's exit status for a job over its cput
+
+
+def cput(st):
+    h, m, s = st["resources_used.cput"].split(":")
+    return int(h) * 3600 + int(m) * 60 + int(s)
+
+
+def base_files():
+    out = {}
+    for p in sorted(glob.glob(os.path.join(IMAGE_DIR, "tiny", "*"))):
+        s = os.stat(p)
+        with open(p, "rb") as f:
+            out[p] = (s.st_uid, s.st_gid, stat.S_IMODE(s.st_mode),
+                      hashlib.sha256(f.read()).hexdigest())
+    return out
+
+
+def as_other(command):
+    return torquelib.run(["su", "-s", "/bin/sh", OTHER_USER, "-c", command], check=False)
+
+
+def test_vm_job_is_charged_its_cpu_time_and_its_state_is_its_owners(cluster, workdir):
+    before = base_files()
+    native = cluster.submit(workdir, BUSY.format(secs=30), name="native.sh")
+    vm = cluster.submit(workdir, BUSY.format(secs=30), "-l other=vmwn=tiny", name="vm.sh")
+    cluster.wait(vm, states=("R",), timeout=120)
+    jdir = state.job_dir_in(torquelib.STATE_DIR, vm)
+    for _ in range(100):  # the prologue writes it before the boot
+        if os.path.exists(os.path.join(jdir, "state.json")):
+            break
+        time.sleep(0.1)
+    r = as_other(f"cat {jdir}/state.json")
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r
+    r = as_other(f"ls {jdir}")
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r
+    st_native, st_vm = cluster.wait(native), cluster.wait(vm)
+    assert st_native["exit_status"] == "0" and st_vm["exit_status"] == "0", (st_native, st_vm)
+    assert 27 <= cput(st_native) <= 33, st_native["resources_used.cput"]
+    assert 27 <= cput(st_vm) <= 33, st_vm["resources_used.cput"]
+    out, err = cluster.wait_output(workdir, vm, name="vm.sh")
+    assert out == "done\n"
+    assert "vmwn: the virtual machine used " in err, err
+    assert f"{vm};Task adopted" in cluster.mom_log()
+    assert base_files() == before  # owner, mode and content of kernel, initrd and disk
+    assert torquelib.wait_clean(vm) == []
+
+
+def test_cput_limit_stops_a_vm_job_as_it_stops_a_native_one(cluster, workdir):
+    native = cluster.submit(workdir, BUSY.format(secs=120), "-l cput=00:00:10", name="native.sh")
+    vm = cluster.submit(workdir, BUSY.format(secs=120), "-l cput=00:00:10,other=vmwn=tiny",
+                        name="vm.sh")
+    for job, name in ((native, "native.sh"), (vm, "vm.sh")):
+        st = cluster.wait(job, timeout=150)
+        assert int(st["exit_status"]) == JOB_EXEC_OVERLIMIT_CPUT, st
+        assert cput(st) < 60, st["resources_used.cput"]  # stopped, not run to its end
+        out, err = cluster.wait_output(workdir, job, name=name)
+        assert "job killed: cput" in err and "exceeded limit 10" in err, err
+        assert "done" not in out
+    assert torquelib.wait_clean(vm) == []

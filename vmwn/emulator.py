@@ -1,0 +1,153 @@
+"""vmwn's QEMU launcher: QEMU under an anchor pbs_mom can adopt (libvirt's <emulator>).
+
+libvirt daemonizes QEMU: the session leader it made has exited and QEMU's
+parent is PID 1 (or a subreaper).  pbs_mom counts a job's processes by
+session, and by parentage from a process of such a session; ``tm_adopt``
+needs a live session leader owned by the caller.  A plain libvirt QEMU can
+therefore be neither adopted nor counted.
+
+libvirt runs this program in QEMU's place, as the job's user.  It makes
+three processes:
+
+- the **launcher** (libvirt's pid for the domain): a child subreaper that
+  passes libvirt's signals on to QEMU and exits as QEMU exits;
+- the **anchor**: a session leader that does nothing but wait.  The job
+  starter has pbs_mom adopt its session into the job;
+- **QEMU**: the anchor's child, in a session of its own.
+
+pbs_mom counts QEMU through its parent, the anchor, so the job is charged
+QEMU's CPU time and memory and its cput and vmem limits see them.  When the
+job ends, or is killed for a limit, pbs_mom signals the sessions of the job:
+that reaches the anchor, never QEMU, so the guest keeps running until the
+epilogue has taken the job's output and destroyed it, as for any vmwn job.
+QEMU then has the launcher for parent.  A QEMU that ignores libvirt's
+SIGTERM for ``KILL_AFTER`` seconds is killed by the launcher, before libvirt
+would kill the launcher and orphan it.
+
+The real binary is ``VMWN_QEMU`` from the domain's environment, else QEMU
+below (libvirt probes the emulator's capabilities without the domain's
+environment).  Standard library only: it runs under ``python3 -Es``.
+"""
+
+import ctypes
+import os
+import signal
+import sys
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+PR_SET_CHILD_SUBREAPER = 36
+KILL_AFTER = 5.0
+PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+             signal.SIGUSR1, signal.SIGUSR2)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv if argv is None else argv
+    qemu = os.environ.get("VMWN_QEMU") or QEMU
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # QEMU comes back here if the anchor dies
+    r, w = os.pipe()
+    anchor = os.fork()
+    if anchor == 0:
+        os.close(r)
+        _anchor(qemu, argv, w)
+    os.close(w)
+    qemu_pid = int(os.read(r, 32) or b"0")
+    os.close(r)
+    return _launcher(anchor, qemu_pid)
+
+
+def _launcher(anchor, qemu_pid):
+    """Pass libvirt's signals on to QEMU; exit when QEMU has exited, with its status."""
+    armed = []
+
+    def pass_on(signum, frame):
+        _kill(qemu_pid, signum)
+        if signum == signal.SIGTERM and not armed:  # libvirt's destroy
+            armed.append(signum)
+            signal.setitimer(signal.ITIMER_REAL, KILL_AFTER)
+
+    def overdue(signum, frame):
+        _kill(qemu_pid, signal.SIGKILL)
+
+    for s in PASSED_ON:
+        signal.signal(s, pass_on)
+    signal.signal(signal.SIGALRM, overdue)
+    status = None
+    while True:
+        try:
+            pid, st = os.wait()
+        except ChildProcessError:
+            break
+        if pid == anchor:
+            if os.WIFEXITED(st) or qemu_pid == 0:
+                status = st  # QEMU's own status, passed on by the anchor
+                break
+            continue  # pbs_mom ended the anchor: QEMU is this process's child now
+        if pid == qemu_pid:
+            status = st
+            break
+    if status is None:
+        return 1
+    if os.WIFSIGNALED(status):  # die the way QEMU died
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _anchor(qemu, argv, w):
+    """The session pbs_mom adopts: QEMU's parent, which only waits for it."""
+    try:
+        os.setsid()
+        for s in PASSED_ON:  # pbs_mom's signals end the anchor, nothing else
+            signal.signal(s, signal.SIG_DFL)
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            _exec(qemu, argv)
+        os.write(w, str(pid).encode())
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+    except BaseException as e:  # noqa: BLE001 - nothing may escape a forked child
+        os.write(2, f"vmwn: cannot start {qemu}: {e}\n".encode(errors="replace"))
+        os._exit(127)
+    if os.WIFSIGNALED(status):
+        os._exit(128 + os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def _exec(qemu, argv):
+    try:
+        os.setsid()  # out of the anchor's session: pbs_mom's kill stops at the anchor
+        for s in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; QEMU must not
+            signal.signal(s, signal.SIG_DFL)
+        os.execv(qemu, [qemu] + list(argv[1:]))
+    except BaseException as e:  # noqa: BLE001 - nothing may escape a forked child
+        os.write(2, f"vmwn: cannot run {qemu}: {e}\n".encode(errors="replace"))
+    os._exit(127)
+
+
+def _kill(pid, signum):
+    if pid > 0:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def anchor_of(launcher, children):
+    """The anchor among the launcher's children: the one with a child (QEMU), or 0."""
+    for pid in children(launcher):
+        if children(pid):
+            return pid
+    return 0
+
+
+def script(python="/usr/bin/python3", qemu=QEMU):
+    """The installed program: this module's source with its interpreter and default QEMU."""
+    with open(__file__, encoding="utf-8") as f:
+        src = f.read()
+    src = src.replace(f'QEMU = "{QEMU}"', f"QEMU = {qemu!r}", 1)
+    return (f"#!{python} -Es\n" + src
+            + "\n\nif __name__ == '__main__':\n    sys.exit(main())\n")
