@@ -90,6 +90,26 @@ def test_ending_the_anchor_leaves_qemu_running_under_the_launcher(launch):
     assert p.wait(timeout=5) == 7 and _log(d) == ["started", "TERM"]
 
 
+@pytest.mark.parametrize("anchor_first", [False, True])
+def test_qemu_dies_with_a_killed_launcher(launch, anchor_first):
+    """SIGKILL to libvirt's pid (its last resort, the OOM killer) must not orphan QEMU,
+    before or after the job's end (pbs_mom ended the anchor)."""
+    start, d = launch
+    p = start("run")
+    anchor, qemu = _parts(p.pid)
+    if anchor_first:
+        os.killpg(anchor, signal.SIGTERM)
+        time.sleep(0.3)
+    p.kill()
+    p.wait(timeout=5)
+    end = time.monotonic() + 5
+    while usage.stat_fields(qemu) and usage.stat_fields(qemu)[0] != "Z" and \
+            time.monotonic() < end:
+        time.sleep(0.05)
+    fields = usage.stat_fields(qemu)
+    assert fields is None or fields[0] == "Z"
+
+
 def test_qemu_status_is_the_launchers(launch):
     start, _ = launch
     assert start("exit3").wait(timeout=5) == 3

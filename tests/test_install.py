@@ -6,6 +6,7 @@ import stat
 import pytest
 
 from vmwn import install
+from vmwn.errors import SiteError
 from vmwn.hooks import dispatch
 
 from conftest import VENV_PY
@@ -157,3 +158,38 @@ def test_admin_guide_documents_every_configuration_key():
     for table in (config.SITE_KEYS, config.ENV_KEYS):
         for k in table.values():
             assert f"| `{k.name}` |" in guide and k.doc in guide, k.name
+
+
+def test_qemu_launcher_installed_beside_the_starter_and_removed_with_it(tmp_path):
+    install.install(opts(tmp_path))
+    launcher = tmp_path / "usr/local/libexec/vmwn/qemu"
+    st = os.stat(launcher)
+    assert stat.S_IMODE(st.st_mode) == 0o755 and st.st_uid == 0
+    assert launcher.read_text().startswith(f"#!{VENV_PY} -Es\n")
+    assert "vmwn's QEMU launcher" in launcher.read_text()
+    # the default prefix needs no configuration: [site] emulator's default is this path
+    assert not (tmp_path / "etc/vmwn/vmwn.conf.d" / install.DROPIN).exists()
+    install.uninstall(opts(tmp_path))
+    assert not launcher.exists() and not launcher.parent.exists()
+
+
+def test_another_prefix_names_the_launcher_in_a_dropin(tmp_path):
+    o = opts(tmp_path)
+    o.prefix = "/opt/vmwn"
+    install.install(o)
+    dropin = tmp_path / "etc/vmwn/vmwn.conf.d" / install.DROPIN
+    assert "emulator = /opt/vmwn/libexec/vmwn/qemu\n" in dropin.read_text()
+    from vmwn import config
+    cfg = config.load(str(tmp_path / "etc/vmwn/vmwn.conf"))
+    assert cfg.site["emulator"] == "/opt/vmwn/libexec/vmwn/qemu"
+    install.uninstall(o)
+    assert not dropin.exists()
+
+
+def test_foreign_launcher_is_never_overwritten(tmp_path):
+    p = tmp_path / "usr/local/libexec/vmwn/qemu"
+    p.parent.mkdir(parents=True)
+    p.write_text("#!/bin/sh\nexec /usr/bin/qemu-system-x86_64 \"$@\"\n")
+    with pytest.raises(SiteError, match="is not vmwn's"):
+        install.install(opts(tmp_path))
+    assert "exec /usr/bin/qemu" in p.read_text()

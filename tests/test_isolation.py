@@ -144,7 +144,7 @@ def test_qemu_runs_as_the_job_user_and_base_files_stay_roots(site):
         launcher = st.vm_pid
         anchor = emulator.anchor_of(launcher, usage.children)
         qemu = usage.children(anchor)
-        assert usage.children(launcher) == [anchor] and len(qemu) == 1
+        assert anchor in usage.children(launcher) and len(qemu) == 1
         with open(f"/proc/{qemu[0]}/cmdline", "rb") as f:
             assert f.read().split(b"\0")[0] == os.fsencode(site.site["qemu"])
         for pid in (launcher, anchor, qemu[0]):

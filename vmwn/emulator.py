@@ -7,7 +7,7 @@ needs a live session leader owned by the caller.  A plain libvirt QEMU can
 therefore be neither adopted nor counted.
 
 libvirt runs this program in QEMU's place, as the job's user.  It makes
-three processes:
+three processes (and a guard, below):
 
 - the **launcher** (libvirt's pid for the domain): a child subreaper that
   passes libvirt's signals on to QEMU and exits as QEMU exits;
@@ -21,8 +21,9 @@ job ends, or is killed for a limit, pbs_mom signals the sessions of the job:
 that reaches the anchor, never QEMU, so the guest keeps running until the
 epilogue has taken the job's output and destroyed it, as for any vmwn job.
 QEMU then has the launcher for parent.  A QEMU that ignores libvirt's
-SIGTERM for ``KILL_AFTER`` seconds is killed by the launcher, before libvirt
-would kill the launcher and orphan it.
+SIGTERM for ``KILL_AFTER`` seconds is killed by the launcher, and a fourth
+process, the **guard**, kills QEMU if the launcher itself is killed (libvirt's
+last resort, the OOM killer): libvirt must never lose a running QEMU.
 
 The real binary is ``VMWN_QEMU`` from the domain's environment, else QEMU
 below (libvirt probes the emulator's capabilities without the domain's
@@ -35,6 +36,7 @@ import signal
 import sys
 
 QEMU = "/usr/bin/qemu-system-x86_64"
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 KILL_AFTER = 5.0
 PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
@@ -54,10 +56,46 @@ def main(argv=None) -> int:
     os.close(w)
     qemu_pid = int(os.read(r, 32) or b"0")
     os.close(r)
-    return _launcher(anchor, qemu_pid)
+    guard = _spawn_guard(qemu_pid, libc) if qemu_pid else 0
+    try:
+        return _launcher(anchor, qemu_pid, guard)
+    finally:
+        _kill(guard, signal.SIGTERM)
 
 
-def _launcher(anchor, qemu_pid):
+def _spawn_guard(qemu_pid, libc):
+    """A process that kills QEMU if the launcher dies without passing QEMU's end on
+    (SIGKILL, the OOM killer): libvirt would otherwise lose a running QEMU."""
+    try:
+        fd = os.pidfd_open(qemu_pid)
+    except OSError:
+        return 0  # QEMU is already gone
+    launcher = os.getpid()
+    pid = os.fork()
+    if pid:
+        os.close(fd)
+        return pid
+    try:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: _end_qemu(fd))
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1), 0, 0, 0)
+        if os.getppid() != launcher:
+            _end_qemu(fd)
+        while True:
+            signal.pause()
+    except BaseException:  # noqa: BLE001 - nothing may escape a forked child
+        os._exit(1)
+
+
+def _end_qemu(fd):
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def _launcher(anchor, qemu_pid, guard):
     """Pass libvirt's signals on to QEMU; exit when QEMU has exited, with its status."""
     armed = []
 
@@ -87,6 +125,8 @@ def _launcher(anchor, qemu_pid):
         if pid == qemu_pid:
             status = st
             break
+        if pid == guard:
+            continue
     if status is None:
         return 1
     if os.WIFSIGNALED(status):  # die the way QEMU died

@@ -44,10 +44,10 @@ def needs_paused_start(env):
     return env.network == "no-loopback"
 
 
-def cgroup2_root(mountinfo=MOUNTINFO):
+def cgroup2_root(mountinfo=None):
     """Where the cgroup v2 hierarchy is mounted, or None."""
     try:
-        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+        with open(mountinfo or MOUNTINFO, encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split()
                 if " - cgroup2 " in line and len(fields) > 4:

@@ -358,6 +358,7 @@ TM_ADOPT_JOBID = 114  # tm_.h
 TM_ERRORS = {17000: "pbs_mom cannot be reached (TM_ESYSTEM)",
              17002: "the connection to pbs_mom failed (TM_ENOTCONNECTED)",
              17006: "pbs_mom has no such job (TM_ENOTFOUND)",
+             17007: "tm_adopt was already called in this process (TM_BADINIT)",
              17008: "the session is not the caller's (TM_EPERM)",
              999: "pbs_mom refused the adoption (TM_ERROR; see its log)"}
 
