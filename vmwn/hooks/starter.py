@@ -464,6 +464,9 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
         what = f"signal {value}" if kind == "signal" else f"exit status {value}"
         _say(f"the job ended with {what}; pbs_mom restarted while it ran and may "
              "record another exit status")
+        # The new mom also re-adopted the VM's anchor session and would wait for it
+        # for ever; the old one would have ended it with the job.
+        _release_anchor(st, log)
     if kind == "signal":
         sys.stdout.flush()
         _die_of(value)
@@ -491,6 +494,21 @@ def _adopt(job_id, st, log):
     used = usage.of_vm(launcher)
     log.info("pbs_mom adopted the VM's session %d (%.1f s of CPU so far, its boot)", anchor,
              used.cpu_seconds if used else 0.0)
+
+
+def _release_anchor(st, log):
+    import signal
+    from .. import emulator, usage
+    launcher = getattr(st, "vm_pid", 0)
+    if not launcher or usage.start_time(launcher) != getattr(st, "vm_start", 0):
+        return
+    anchor = emulator.anchor_of(launcher, usage.children)
+    if anchor:
+        try:
+            os.kill(anchor, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        log.info("ended the VM's anchor %d: pbs_mom restarted during the job", anchor)
 
 
 def _report_usage(st, log):
