@@ -62,6 +62,12 @@ def _parts(launcher):
     raise AssertionError("no anchor with a QEMU under the launcher")
 
 
+def _started(d):
+    end = time.monotonic() + 5
+    while "started" not in _log(d) and time.monotonic() < end:
+        time.sleep(0.02)
+
+
 def _log(d):
     try:
         return (d / "log").read_text().split()
@@ -82,6 +88,7 @@ def test_ending_the_anchor_leaves_qemu_running_under_the_launcher(launch):
     start, d = launch
     p = start("run")
     anchor, qemu = _parts(p.pid)
+    _started(d)
     os.killpg(anchor, signal.SIGTERM)
     time.sleep(0.5)
     assert p.poll() is None and usage.stat_fields(qemu)[1] == str(p.pid)
@@ -119,6 +126,7 @@ def test_qemu_that_ignores_sigterm_is_killed_before_libvirt_would_kill_the_launc
     start, d = launch
     p = start("deaf")
     _parts(p.pid)
+    _started(d)  # its trap is set
     t = time.monotonic()
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=emulator.KILL_AFTER + 3) == 128 + signal.SIGKILL  # as a shell says it
@@ -141,3 +149,24 @@ def test_installed_script_names_its_qemu_and_interpreter():
     assert text.startswith("#!/opt/py/bin/python -Es\n")
     assert "QEMU = '/opt/qemu/bin/qemu-system-x86_64'" in text
     compile(text, "launcher", "exec")
+
+
+def test_guard_keeps_none_of_libvirts_descriptors(launch, tmp_path):
+    """The guard holds a pidfd for QEMU and nothing libvirt gave QEMU (its monitor, its log)."""
+    start, d = launch
+    extra = open(tmp_path / "libvirt-fd", "w")  # stands for an fd libvirt passes to QEMU
+    os.set_inheritable(extra.fileno(), True)
+    try:
+        env = dict(os.environ, VMWN_QEMU=str(d / "qemu"))
+        p = subprocess.Popen([str(d / "launcher"), "run"], env=env, start_new_session=True,
+                             pass_fds=(extra.fileno(),))
+        anchor, qemu = _parts(p.pid)
+        guard = [c for c in usage.children(p.pid) if c != anchor][0]
+        fds = {int(n): os.readlink(f"/proc/{guard}/fd/{n}") for n in os.listdir(f"/proc/{guard}/fd")}
+        assert [t for n, t in fds.items() if n > 2] == ["anon_inode:[pidfd]"], fds
+        assert os.readlink(f"/proc/{qemu}/fd/{extra.fileno()}").endswith("libvirt-fd")
+    finally:
+        extra.close()
+        for pid in usage.tree(p.pid):
+            os.kill(pid, signal.SIGKILL)
+        p.wait()

@@ -177,3 +177,22 @@ def test_one_jobs_qemu_cannot_touch_another_jobs_files(site):
             assert r.returncode != 0 and "Permission denied" in r.stderr, (path, r)
         assert mine.vm_pid != other.vm_pid
     assert virt.emulator_pid(mine.domain) == 0  # gone with its domain
+
+
+@needs_image("tiny")
+def test_a_hard_link_to_the_jobs_disk_or_seed_keeps_nothing_after_teardown(site):
+    """The overlay and seed are the job user's, who may link them elsewhere on the
+    same file system before the job ends: teardown empties them first."""
+    job = f"306.{RUN}.iso.test"
+    with booted(site, job) as st:
+        links = []
+        for path in (st.overlay, st.seed):
+            link = os.path.join(os.path.dirname(site.site["state_dir"]), os.path.basename(path))
+            os.link(path, link)
+            links.append(link)
+        assert all(os.path.getsize(p) > 0 for p in links)
+    try:
+        assert [os.path.getsize(p) for p in links] == [0, 0]
+    finally:
+        for p in links:
+            os.unlink(p)

@@ -23,11 +23,17 @@ pytestmark = [pytest.mark.torque, pytest.mark.integration, needs_image("tiny")]
 BUSY = "#!/bin/sh\ntimeout {secs} sh -c 'while :; do :; done'\necho done\n"
 OTHER_USER = "vmwntest2"
 JOB_EXEC_OVERLIMIT_CPUT = -12  # Torque's exit status for a job over its cput
+JOB_EXEC_OVERLIMIT_MEM = -10  # ... over its vmem (pbs_job.h)
 
 
 def cput(st):
     h, m, s = st["resources_used.cput"].split(":")
     return int(h) * 3600 + int(m) * 60 + int(s)
+
+
+def kib(value):
+    assert value.endswith("kb"), value
+    return int(value[:-2])
 
 
 def base_files():
@@ -62,6 +68,9 @@ def test_vm_job_is_charged_its_cpu_time_and_its_state_is_its_owners(cluster, wor
     assert st_native["exit_status"] == "0" and st_vm["exit_status"] == "0", (st_native, st_vm)
     assert 27 <= cput(st_native) <= 33, st_native["resources_used.cput"]
     assert 27 <= cput(st_vm) <= 33, st_vm["resources_used.cput"]
+    # Memory is the VM's too: its resident guest memory and QEMU's address space.
+    assert kib(st_vm["resources_used.mem"]) > 100 * 1024 > kib(st_native["resources_used.mem"])
+    assert kib(st_vm["resources_used.vmem"]) > 1024 * 1024, st_vm["resources_used.vmem"]
     out, err = cluster.wait_output(workdir, vm, name="vm.sh")
     assert out == "done\n"
     assert "vmwn: the virtual machine used " in err, err
@@ -81,4 +90,19 @@ def test_cput_limit_stops_a_vm_job_as_it_stops_a_native_one(cluster, workdir):
         out, err = cluster.wait_output(workdir, job, name=name)
         assert "job killed: cput" in err and "exceeded limit 10" in err, err
         assert "done" not in out
+    assert torquelib.wait_clean(vm) == []
+
+
+def test_vmem_limit_sees_the_vm(cluster, workdir):
+    """vmem is the VM's address space (guest memory and QEMU's): a limit below it stops
+    the VM job at the first poll, while the same script runs natively within it."""
+    script = BUSY.format(secs=60)
+    native = cluster.submit(workdir, script, "-l vmem=700mb", name="native.sh")
+    vm = cluster.submit(workdir, script, "-l vmem=700mb,other=vmwn=tiny", name="vm.sh")
+    st = cluster.wait(vm, timeout=150)
+    assert int(st["exit_status"]) == JOB_EXEC_OVERLIMIT_MEM, st
+    _, err = cluster.wait_output(workdir, vm, name="vm.sh")
+    assert "job killed: vmem" in err and "exceeded limit" in err, err
+    st = cluster.wait(native, timeout=150)
+    assert st["exit_status"] == "0", st
     assert torquelib.wait_clean(vm) == []

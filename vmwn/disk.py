@@ -7,6 +7,7 @@ and a 20 GB base; the base is opened read-only by QEMU and never written.
 import glob
 import json
 import os
+import stat
 import struct
 
 from . import subp
@@ -50,12 +51,29 @@ def create_overlay(cfg, job_id, base, timeout=60):
 
 
 def remove(path):
-    """Remove an overlay; True if one was there."""
+    """Remove an overlay; True if one was there.
+
+    It is emptied first: it belongs to the job's user, who could have hard-linked
+    it elsewhere on the file system, where its blocks would outlive the job."""
+    empty(path)
     try:
         os.unlink(path)
         return True
     except FileNotFoundError:
         return False
+
+
+def empty(path):
+    """Truncate the regular file ``path`` to nothing (never through a symlink)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
 
 
 def virtual_size(path):

@@ -46,6 +46,9 @@ PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
 def main(argv=None) -> int:
     argv = sys.argv if argv is None else argv
     qemu = os.environ.get("VMWN_QEMU") or QEMU
+    # Until the launcher can pass signals on, they wait: a SIGTERM from libvirt
+    # right at start must end QEMU, not orphan it.  Children unblock them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_ON)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # QEMU comes back here if the anchor dies
     r, w = os.pipe()
@@ -56,31 +59,61 @@ def main(argv=None) -> int:
     os.close(w)
     qemu_pid = int(os.read(r, 32) or b"0")
     os.close(r)
-    guard = _spawn_guard(qemu_pid, libc) if qemu_pid else 0
+    qemu_fd = _pidfd(qemu_pid, anchor)
+    guard = _spawn_guard(qemu_fd, libc) if qemu_fd >= 0 else 0
+    reaped = set()
+    status = _launcher(anchor, qemu_pid, qemu_fd, reaped)
+    if guard not in reaped:  # still our child, so its pid is still its own
+        _kill(guard, signal.SIGTERM)  # QEMU has ended: the guard may go
+    if status is None:
+        return 1
+    if os.WIFSIGNALED(status):  # die the way QEMU died
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        os.kill(os.getpid(), sig)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _pidfd(pid, parent):
+    """A pidfd for QEMU while it is still the anchor's child (so not a reused pid), or -1."""
+    if not pid:
+        return -1
     try:
-        return _launcher(anchor, qemu_pid, guard)
-    finally:
-        _kill(guard, signal.SIGTERM)
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return -1
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        if f.read().rsplit(")", 1)[1].split()[1] != str(parent):
+            os.close(fd)
+            return -1
+    return fd
 
 
-def _spawn_guard(qemu_pid, libc):
+def _signal(fd, signum):
+    if fd >= 0:
+        try:
+            signal.pidfd_send_signal(fd, signum)
+        except OSError:
+            pass
+
+
+def _spawn_guard(qemu_fd, libc):
     """A process that kills QEMU if the launcher dies without passing QEMU's end on
     (SIGKILL, the OOM killer): libvirt would otherwise lose a running QEMU."""
-    try:
-        fd = os.pidfd_open(qemu_pid)
-    except OSError:
-        return 0  # QEMU is already gone
     launcher = os.getpid()
     pid = os.fork()
     if pid:
-        os.close(fd)
         return pid
     try:
-        signal.signal(signal.SIGUSR1, lambda signum, frame: _end_qemu(fd))
+        os.closerange(3, qemu_fd)  # libvirt's descriptors are QEMU's, not the guard's
+        os.closerange(qemu_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        signal.signal(signal.SIGUSR1, lambda signum, frame: _end_qemu(qemu_fd))
         signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_ON)
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1), 0, 0, 0)
         if os.getppid() != launcher:
-            _end_qemu(fd)
+            _end_qemu(qemu_fd)
         while True:
             signal.pause()
     except BaseException:  # noqa: BLE001 - nothing may escape a forked child
@@ -88,52 +121,39 @@ def _spawn_guard(qemu_pid, libc):
 
 
 def _end_qemu(fd):
-    try:
-        signal.pidfd_send_signal(fd, signal.SIGKILL)
-    except OSError:
-        pass
+    _signal(fd, signal.SIGKILL)
     os._exit(0)
 
 
-def _launcher(anchor, qemu_pid, guard):
-    """Pass libvirt's signals on to QEMU; exit when QEMU has exited, with its status."""
+def _launcher(anchor, qemu_pid, qemu_fd, reaped):
+    """Pass libvirt's signals on to QEMU; QEMU's wait status once it has exited."""
     armed = []
 
     def pass_on(signum, frame):
-        _kill(qemu_pid, signum)
+        _signal(qemu_fd, signum)
         if signum == signal.SIGTERM and not armed:  # libvirt's destroy
             armed.append(signum)
             signal.setitimer(signal.ITIMER_REAL, KILL_AFTER)
 
     def overdue(signum, frame):
-        _kill(qemu_pid, signal.SIGKILL)
+        _signal(qemu_fd, signal.SIGKILL)
 
     for s in PASSED_ON:
         signal.signal(s, pass_on)
     signal.signal(signal.SIGALRM, overdue)
-    status = None
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_ON)
     while True:
         try:
             pid, st = os.wait()
         except ChildProcessError:
-            break
+            return None
+        reaped.add(pid)
         if pid == anchor:
             if os.WIFEXITED(st) or qemu_pid == 0:
-                status = st  # QEMU's own status, passed on by the anchor
-                break
+                return st  # QEMU's own status, passed on by the anchor
             continue  # pbs_mom ended the anchor: QEMU is this process's child now
         if pid == qemu_pid:
-            status = st
-            break
-        if pid == guard:
-            continue
-    if status is None:
-        return 1
-    if os.WIFSIGNALED(status):  # die the way QEMU died
-        sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
-    return os.waitstatus_to_exitcode(status)
+            return st
 
 
 def _anchor(qemu, argv, w):
@@ -142,6 +162,7 @@ def _anchor(qemu, argv, w):
         os.setsid()
         for s in PASSED_ON:  # pbs_mom's signals end the anchor, nothing else
             signal.signal(s, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_ON)
         pid = os.fork()
         if pid == 0:
             os.close(w)

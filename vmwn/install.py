@@ -270,7 +270,9 @@ def install(opts):
                                    _state_dir(lay), lay.pbs_home), 0o755)
     written.append(starter)
     from . import emulator
-    _write(lay.dest(lay.emulator), emulator.script(starter_python), 0o755)
+    # Its default QEMU is the one libvirt probes (domains name theirs in VMWN_QEMU).
+    _write(lay.dest(lay.emulator), emulator.script(starter_python,
+                                                   _site_value(lay, "qemu")), 0o755)
     written.append(lay.dest(lay.emulator))
     written += _install_dropin(lay)
     if not lay.destdir and not others_can_execute(starter_python):
@@ -291,11 +293,15 @@ def _qstat(opts):
 
 def _state_dir(lay):
     """The site's state_dir as its vmwn.conf says now (the default when it cannot be read)."""
+    return _site_value(lay, "state_dir")
+
+
+def _site_value(lay, key):
     from . import config
     try:
-        return config.load(lay.dest(lay.config)).site["state_dir"]
+        return config.load(lay.dest(lay.config)).site[key]
     except (VmwnError, OSError):
-        return config.SITE_KEYS["state_dir"].default
+        return config.SITE_KEYS[key].default
 
 
 def _install_config(lay, opts):

@@ -13,9 +13,11 @@ reaches every service listening on 127.0.0.1, as the job's user could.
   guest still works.
 - ``no-loopback``: everything but the host's loopback.  QEMU 7.2 has no
   switch for that, so the host's firewall does it: the job's QEMU is moved
-  into the cgroup (v2) ``vmwn-no-loopback`` before its guest runs, and two
-  OUTPUT rules reject new connections (TCP SYN, UDP) from that cgroup to the
-  loopback interface.  The rules match that cgroup only and are added once.
+  into the cgroup (v2) ``vmwn-no-loopback`` before its guest runs, and OUTPUT
+  rules (iptables and ip6tables) reject new connections (TCP SYN, UDP) from
+  that cgroup to the loopback interface.  The rules match that cgroup only and
+  are added once.  Unix sockets are not network: a QEMU the job took over can
+  reach those the job's user can.
   Connections into the guest through vmwn's forward are answers, not new
   connections, and pass.
 """
@@ -29,12 +31,13 @@ from .logsetup import job_logger
 CGROUP = "vmwn-no-loopback"
 MOUNTINFO = "/proc/self/mountinfo"
 # (command, rule) pairs; each rule is checked with -C and added with -I.
-RULES = [
-    ("iptables", ["OUTPUT", "-o", "lo", "-p", "tcp", "--syn", "-m", "cgroup", "--path",
-                  CGROUP, "-j", "REJECT", "--reject-with", "tcp-reset"]),
-    ("iptables", ["OUTPUT", "-o", "lo", "-p", "udp", "-m", "cgroup", "--path", CGROUP,
-                  "-j", "REJECT"]),
-]
+# IPv6 too: the guest's user network has no IPv6, but a QEMU the job took over could
+# try ::1 itself.
+RULES = [(cmd, rule) for cmd in ("iptables", "ip6tables") for rule in (
+    ["OUTPUT", "-o", "lo", "-p", "tcp", "--syn", "-m", "cgroup", "--path", CGROUP,
+     "-j", "REJECT", "--reject-with", "tcp-reset"],
+    ["OUTPUT", "-o", "lo", "-p", "udp", "-m", "cgroup", "--path", CGROUP, "-j", "REJECT"],
+)]
 _FIX = ("network = no-loopback needs cgroup v2 and iptables with the cgroup match; "
         "use 'none' or 'open' on this node")
 

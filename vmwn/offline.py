@@ -2,8 +2,10 @@
 
 When the guest died (QEMU killed, guest kernel crashed) its qcow2 overlay still
 holds what the job had written to disk.  The overlay is converted to a sparse
-raw copy by ``qemu-img`` as root: the qcow2 structure is written by the host's
-QEMU, never by the guest.  The filesystem inside it is the guest's and may be
+raw copy by ``qemu-img`` running as the job user: the overlay is the job
+user's file (its QEMU ran as that user), so its header, and the backing file
+or data file it names, are read with that user's rights only.  The filesystem
+inside it is the guest's and may be
 hostile, so the host kernel never mounts it: ``debugfs`` parses it in user
 space, running as the job user and confined by Landlock to writing in its own
 scratch directory.  What it extracted is then copied into the job's working
@@ -67,6 +69,15 @@ def guest_gone(cfg, st):
         conn.close()
 
 
+def _convert_as_user(overlay, raw, out, timeout):
+    """In the job user's child: the overlay as a sparse raw image, and the output dir."""
+    subp.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", overlay, raw],
+             timeout=max(1.0, timeout), fix="check free space in the state directory")
+    os.chmod(raw, 0o600)
+    os.mkdir(out, 0o700)
+    return True
+
+
 def recover(cfg, st, timeout=240.0):
     """Copy the job's new and changed files from its dead guest's overlay to st.host_workdir.
 
@@ -86,16 +97,13 @@ def recover(cfg, st, timeout=240.0):
     end = t0 + timeout
     scratch = tempfile.mkdtemp(prefix="offline-", dir=state.job_dir(cfg, st.job_id))
     try:
+        # The job user's from here on; root only removes it (rmtree never follows links).
+        os.chown(scratch, st.uid, st.gid)
         raw = os.path.join(scratch, "disk.raw")
-        subp.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", st.overlay, raw],
-                 timeout=max(1.0, end - time.monotonic()),
-                 fix=f"check free space in {os.path.dirname(scratch)}")
-        os.chown(raw, st.uid, st.gid)
-        os.chmod(raw, 0o600)
         out = os.path.join(scratch, "out")
-        os.mkdir(out, 0o700)
-        os.chown(out, st.uid, st.gid)
-        os.chmod(scratch, 0o711)
+        privs.run_as(st.user, st.uid, st.gid, _convert_as_user, st.overlay, raw, out,
+                     max(1.0, end - time.monotonic()) - 1.0,
+                     timeout=max(1.0, end - time.monotonic()))
         t1 = time.monotonic()
         found = privs.run_as(st.user, st.uid, st.gid, _extract_as_user, debugfs, e2fsck, raw, out,
                              st.output_dir, st.user, timeout=max(1.0, end - time.monotonic()))

@@ -173,10 +173,28 @@ def remove(cfg, job_id):
     d = job_dir(cfg, job_id)
     if not os.path.lexists(d):
         return False
+    _empty_users_files(d)
     shutil.rmtree(d, ignore_errors=True)
     if os.path.lexists(d):
         raise SiteError(f"cannot remove {d}", "remove it by hand")
     return True
+
+
+def _empty_users_files(d):
+    """Truncate the files in ``d`` that the job's user owns (seed, key): the user
+    could have hard-linked them elsewhere, where removing ``d`` would not reach."""
+    from .disk import empty
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for n in names:
+        p = os.path.join(d, n)
+        try:
+            if os.lstat(p).st_uid != 0:
+                empty(p)
+        except OSError:
+            continue
 
 
 def _job_dirs(cfg):
