@@ -60,6 +60,8 @@ def job(world_tmp, test_user):
     conf = os.path.join(world_tmp, "etc", "vmwn.conf")
 
     def make(overlay, output_dir=OUT, harvest_max="10G"):
+        if overlay and os.path.isfile(overlay):  # as lifecycle leaves it: the job user's
+            os.chown(overlay, test_user.pw_uid, test_user.pw_gid)
         write_site_config(conf, world_tmp, extra_site=f"harvest_max = {harvest_max}")
         cfg = config.load(conf)
         host = os.path.join(world_tmp, "submit")
@@ -250,3 +252,20 @@ def test_debugfs_quoting():
     assert offline.quote('/a b"c') == '"/a b""c"'
     with pytest.raises(errors.UserError):
         offline.quote("/a\nb")
+
+
+def test_an_overlay_naming_a_root_only_backing_file_is_read_with_the_users_rights(
+        world_tmp, job):
+    """The overlay is the job user's file: its header may name any backing file.  The
+    conversion runs as the job user, so a root-only file is never read into the copy."""
+    secret = os.path.join(world_tmp, "root-only.raw")
+    with open(secret, "wb") as f:
+        f.write(b"ROOT-ONLY-SECRET" * 65536)
+    os.chmod(secret, 0o600)  # root's
+    ov = os.path.join(world_tmp, "evil.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", secret, ov],
+                   check=True)
+    cfg, st = job(ov)
+    with pytest.raises(errors.SiteError, match="Permission denied"):
+        offline.recover(cfg, st)
+    assert not os.listdir(st.host_workdir)
