@@ -83,23 +83,21 @@ def of_vm(launcher):
     return Usage(cpu / TICK, peak, written) if seen else None
 
 
-def _status_kib(pid, key):
+def _field(path, key):
+    """The first number after ``key:`` in a /proc ``key: value`` file, or 0."""
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        with open(path, encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def _status_kib(pid, key):
+    return _field(f"/proc/{pid}/status", key)
 
 
 def _io(pid, key):
-    try:
-        with open(f"/proc/{pid}/io", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _field(f"/proc/{pid}/io", key)
