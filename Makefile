@@ -25,7 +25,7 @@ QSTAT      ?= $(firstword $(shell command -v qstat 2>/dev/null) $(wildcard $(TOR
 # Debian packages vmwn, its image builds and its tests use.
 APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev \
 	pkg-config gcc python3-dev python3-venv cpio busybox-static openssh-server openssh-client \
-	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini
+	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini iptables
 
 .PHONY: all deps apt venv daemons guest test test-unit demo bench install uninstall \
 	install-gip uninstall-gip check clean torque torque-up torque-down pbs-python

@@ -117,3 +117,19 @@ def test_adoption_of_a_session_that_is_not_the_callers_is_refused_by_libtorque(t
                         "--clear-groups", python, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=path), cwd="/", timeout=30)
     assert "TM_EPERM" in r.stdout, (r.stdout, r.stderr)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for iptables")
+def test_no_loopback_rules_are_found_with_pbs_moms_path(monkeypatch):
+    """pbs_mom runs the prologue with PATH=/bin:/usr/bin; iptables lives in /usr/sbin."""
+    monkeypatch.setenv("PATH", "/bin:/usr/bin")
+    netpolicy._ensure_rules()  # adds them once, or finds them there
+    for cmd, rule in netpolicy.RULES:
+        assert subprocess.run([f"/usr/sbin/{cmd}", "-w", "-C", *rule]).returncode == 0
+
+
+def test_no_loopback_without_iptables_is_the_sites_problem(monkeypatch, tmp_path):
+    monkeypatch.setattr(netpolicy, "SBIN", str(tmp_path))
+    with pytest.raises(SiteError, match="iptables is not installed") as e:
+        netpolicy._ensure_rules()
+    assert "install Debian package iptables" in e.value.fix

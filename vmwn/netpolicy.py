@@ -23,6 +23,7 @@ reaches every service listening on 127.0.0.1, as the job's user could.
 """
 
 import os
+import shutil
 
 from . import subp
 from .errors import SiteError
@@ -92,8 +93,16 @@ def confine(env, job_id, pids):
     log.info("guest traffic to the host's loopback is refused (cgroup %s)", CGROUP)
 
 
+# pbs_mom runs its prologue with PATH=/bin:/usr/bin: look where iptables lives.
+SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
+
+
 def _ensure_rules():
     for cmd, rule in RULES:
-        if subp.run([cmd, "-w", "-C", *rule], check=False, timeout=30).returncode == 0:
+        path = shutil.which(cmd, path=SBIN)
+        if path is None:
+            raise SiteError(f"{cmd} is not installed, which network = no-loopback needs",
+                            "install Debian package iptables, or use 'none' or 'open'")
+        if subp.run([path, "-w", "-C", *rule], check=False, timeout=30).returncode == 0:
             continue
-        subp.run([cmd, "-w", "-I", *rule], timeout=30, fix=_FIX)
+        subp.run([path, "-w", "-I", *rule], timeout=30, fix=_FIX)
