@@ -106,3 +106,39 @@ def test_vmem_limit_sees_the_vm(cluster, workdir):
     st = cluster.wait(native, timeout=150)
     assert st["exit_status"] == "0", st
     assert torquelib.wait_clean(vm) == []
+
+
+def test_network_policy_under_pbs_mom(cluster, workdir):
+    """The prologue runs with pbs_mom's environment (PATH=/bin:/usr/bin): no-loopback
+    must still be enforced, and open must still reach the host's loopback."""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    seen = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"pong\n")
+                seen.append(conn.recv(16))
+    threading.Thread(target=serve, daemon=True).start()
+    script = (f"#!/bin/sh\nif echo ping | nc -w 3 10.0.2.2 {port}; then echo REACHED; "
+              "else echo BLOCKED; fi\n")
+    try:
+        closed = cluster.submit(workdir, script, "-l other=vmwn=tinynolo", name="nolo.sh")
+        opened = cluster.submit(workdir, script, "-l other=vmwn=tiny", name="open.sh")
+        for job, name, expect in ((closed, "nolo.sh", "BLOCKED"), (opened, "open.sh", "REACHED")):
+            st = cluster.wait(job, timeout=150)
+            out, err = cluster.wait_output(workdir, job, name=name)
+            assert st["exit_status"] == "0" and expect in out, (st, out, err)
+        assert len(seen) == 1, seen  # only the open guest's connection arrived
+    finally:
+        srv.close()
+    assert torquelib.wait_clean() == []

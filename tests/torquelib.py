@@ -47,6 +47,10 @@ boot_timeout = 6
 description = tiny with the copy data path (tests only)
 data = copy
 """ + TINY + """
+[env tinynolo]
+description = tiny without the host's loopback services (tests only)
+network = no-loopback
+""" + TINY + """
 [env ghost]
 description = an environment whose image is missing (tests only)
 image = ghost/disk.qcow2
