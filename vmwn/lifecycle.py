@@ -10,7 +10,7 @@ import os
 import re
 import time
 
-from . import disk, keys, netpolicy, ports, seed, share, state as statemod
+from . import disk, keys, netpolicy, ports, seed, share, state as statemod, usage
 from .domain import domain_name, guest_hostname, render as render_domain
 from .errors import GuestLost, SiteError, TransientError, UserError, VmwnError
 from .logsetup import job_logger
@@ -224,10 +224,9 @@ def _boot(cfg, env, st, deadline, timer, log, progress=None):
                 log.info("SSH port taken by another process; retrying on %d", st.port)
         st.uuid = dom.UUIDString()
         st.vm_pid = virt.emulator_pid(st.domain)
-        st.vm_start = _start_time(st.vm_pid)
+        st.vm_start = usage.start_time(st.vm_pid) if st.vm_pid else 0
         if netpolicy.needs_paused_start(env):
-            from .usage import tree
-            netpolicy.confine(env, st.job_id, tree(st.vm_pid) if st.vm_pid else [])
+            netpolicy.confine(env, st.job_id, usage.tree(st.vm_pid) if st.vm_pid else [])
             virt.resume(dom)
         timer.mark("define and start")
         end = min(deadline, time.monotonic() + env.boot_timeout)
@@ -235,11 +234,6 @@ def _boot(cfg, env, st, deadline, timer, log, progress=None):
         timer.mark("boot to SSH")
     finally:
         conn.close()
-
-
-def _start_time(pid):
-    from .warden import proc_start_time
-    return proc_start_time(pid) if pid else 0
 
 
 READY_LINE = b"vmwn-guest: ready"

@@ -478,13 +478,11 @@ def _adopt(job_id, st, log):
     memory to the job and checks cput and vmem on it (vmwn.emulator says how).  A
     failure is the site's to fix and does not stop the job."""
     from .. import emulator, pbs, usage
-    launcher = getattr(st, "vm_pid", 0)
-    anchor = 0
-    if launcher and usage.start_time(launcher) == getattr(st, "vm_start", 0):
-        anchor = emulator.anchor_of(launcher, usage.children)
+    launcher = _launcher_of(st)
+    anchor = emulator.anchor_of(launcher, usage.children) if launcher else 0
     if not anchor:
         log.error("the VM's processes are unknown or gone (launcher %s); pbs_mom will "
-                  "not charge the VM to the job", launcher)
+                  "not charge the VM to the job", getattr(st, "vm_pid", 0))
         return
     try:
         pbs.adopt(job_id, anchor)
@@ -499,8 +497,8 @@ def _adopt(job_id, st, log):
 def _release_anchor(st, log):
     import signal
     from .. import emulator, usage
-    launcher = getattr(st, "vm_pid", 0)
-    if not launcher or usage.start_time(launcher) != getattr(st, "vm_start", 0):
+    launcher = _launcher_of(st)
+    if not launcher:
         return
     anchor = emulator.anchor_of(launcher, usage.children)
     if anchor:
@@ -511,10 +509,17 @@ def _release_anchor(st, log):
         log.info("ended the VM's anchor %d: pbs_mom restarted during the job", anchor)
 
 
-def _report_usage(st, log):
+def _launcher_of(st):
+    """The VM's launcher pid (vmwn.emulator) while it is still that process, else 0."""
     from .. import usage
     pid = getattr(st, "vm_pid", 0)
-    if not pid or usage.start_time(pid) != getattr(st, "vm_start", 0):
+    return pid if pid and usage.start_time(pid) == getattr(st, "vm_start", 0) else 0
+
+
+def _report_usage(st, log):
+    from .. import usage
+    pid = _launcher_of(st)
+    if not pid:
         return
     used = usage.of_vm(pid)
     if used is not None:
