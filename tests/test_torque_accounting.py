@@ -50,10 +50,16 @@ def as_other(command):
     return torquelib.run(["su", "-s", "/bin/sh", OTHER_USER, "-c", command], check=False)
 
 
+# pbs_mom charges what its last sample saw, and it samples at each poll, not when a
+# process exits: a job that ends right after its work is charged anything from one
+# poll interval less.  This one stays 12 s (more than $check_poll_time) after it.
+SETTLED = "#!/bin/sh\ntimeout {secs} sh -c 'while :; do :; done'\nsleep 12\necho done\n"
+
+
 def test_vm_job_is_charged_its_cpu_time_and_its_state_is_its_owners(cluster, workdir):
     before = base_files()
-    native = cluster.submit(workdir, BUSY.format(secs=30), name="native.sh")
-    vm = cluster.submit(workdir, BUSY.format(secs=30), "-l other=vmwn=tiny", name="vm.sh")
+    native = cluster.submit(workdir, SETTLED.format(secs=30), name="native.sh")
+    vm = cluster.submit(workdir, SETTLED.format(secs=30), "-l other=vmwn=tiny", name="vm.sh")
     cluster.wait(vm, states=("R",), timeout=120)
     jdir = state.job_dir_in(torquelib.STATE_DIR, vm)
     for _ in range(100):  # the prologue writes it before the boot
