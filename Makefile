@@ -24,7 +24,7 @@ QSTAT      ?= $(firstword $(shell command -v qstat 2>/dev/null) $(wildcard $(TOR
 
 # Debian packages vmwn, its image builds and its tests use.
 APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev \
-	pkg-config gcc python3-dev python3-venv cpio busybox-static openssh-server openssh-client \
+	pkg-config gcc libc6-dev python3-dev python3-venv cpio busybox-static openssh-server openssh-client \
 	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini iptables
 
 .PHONY: all deps apt venv daemons guest test test-unit demo bench install uninstall \

@@ -36,6 +36,23 @@ def _fresh_logging():
     root._vmwn_configured = configured
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _warm_mode():
+    """With VMWN_TEST_WARM=1, the shared tiny guest is prepared once for the session."""
+    import vmwn_testlib
+    if not vmwn_testlib.WARM or not _is_root():
+        yield
+        return
+    from vmwn import config, warm
+    base = vmwn_testlib.qemu_reachable_dir()
+    try:
+        cfg = config.load(vmwn_testlib.write_config(base))
+        warm.prepare(cfg, cfg.env("tiny"), say=lambda line: None)
+        yield
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def _is_root():
     return os.geteuid() == 0
 

@@ -115,8 +115,16 @@ def test_adoption_of_a_session_that_is_not_the_callers_is_refused_by_libtorque(t
             "except pbs.AdoptFailed as e:\n    print(e.problem)\n")
     r = subprocess.run(["setpriv", f"--reuid={test_user.pw_uid}", f"--regid={test_user.pw_gid}",
                         "--clear-groups", python, "-c", code], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=path), cwd="/", timeout=30)
+                       env=dict(os.environ, PYTHONPATH=path, PBS_JOBCOOKIE="0123"), cwd="/",
+                       timeout=30)
     assert "TM_EPERM" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_adoption_outside_a_pbs_mom_job_fails_at_once(monkeypatch):
+    """Without the job's cookie libtorque would retry a mom for 5 s and fail anyway."""
+    monkeypatch.delenv("PBS_JOBCOOKIE", raising=False)
+    with pytest.raises(pbs.AdoptFailed, match="no PBS_JOBCOOKIE"):
+        pbs.adopt("66.identity.test", os.getpid())
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for iptables")

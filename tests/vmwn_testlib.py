@@ -24,6 +24,12 @@ accel = qemu
 memory = 256M
 """
 
+# VMWN_TEST_WARM=1 runs the suite with the tiny guests restored from a prepared
+# one (docs/performance.md): the tiny environment gets warm = on and every
+# configuration shares WARM_DIR, prepared once per session (conftest.py).
+WARM = os.environ.get("VMWN_TEST_WARM") == "1"
+WARM_DIR = "/var/tmp/vmwn-test-warm"
+
 # The data path these tests exercise is the copy one (their users need not exist
 # on the host); the mounted one has tests of its own (test_share.py, test_faults.py
 # and the Torque suite).
@@ -31,7 +37,7 @@ ENVS = f"""
 [env tiny]
 description = tiny test guest
 data = copy
-{TINY}boot_timeout = 120
+{"warm = on" + chr(10) if WARM else ""}{TINY}boot_timeout = 120
 
 [env debian12]
 description = Debian 12
@@ -62,7 +68,7 @@ def write_launcher(base):
     return path
 
 
-def write_config(base, site_extra="", envs=ENVS, ports="41000-41999"):
+def write_config(base, site_extra="", envs=ENVS, ports="41000-41999", warm_dir=WARM_DIR):
     path = os.path.join(base, "vmwn.conf")
     launcher = write_launcher(base)
     with open(path, "w") as f:
@@ -74,6 +80,7 @@ image_dir = {IMAGE_DIR}
 template_dir = {ROOT}/templates
 port_range = {ports}
 syslog = no
+warm_dir = {warm_dir}
 {site_extra}
 {envs}""")
     return path

@@ -126,6 +126,8 @@ def summary_line(s):
             + " harvest/scp=" + f(s.get("harvest_scp"), ".2f")
             + " harvest/tar=" + f(s.get("harvest_tar"), ".2f")
             + " mounted/native=" + f(s.get("mounted_native"), ".2f")
+            + " warm/floor=" + f(s.get("warm_floor"), ".2f")
+            + " warm4/floor=" + f(s.get("warm4_floor"), ".2f")
             + " novm-extra=" + f(s.get("novm_ms"), ".0f") + "ms"
             + " rss-extra=" + f(s.get("rss_extra"), ".0f") + "MiB")
 
@@ -153,6 +155,13 @@ def _rss_mib(pid):
     except (OSError, ValueError):
         pass
     return None
+
+
+def _vm_rss_mib(launcher):
+    """QEMU's RSS under vmwn's launcher (the largest process of the launcher's tree)."""
+    from .usage import tree
+    return max((r for r in (_rss_mib(p) for p in tree(launcher)) if r is not None),
+               default=None)
 
 
 def _alive(pid):
@@ -285,6 +294,9 @@ class Bench:
         conf = os.path.join(base, "etc", "vmwn", "vmwn.conf")
         os.makedirs(os.path.dirname(conf))
         e = self.base_env
+        tiny = (f"image = {e.image}\nkernel = {e.kernel}\ninitrd = {e.initrd}\n"
+                f"cmdline = {e.cmdline}\naccel = {e.accel}\nmachine = {e.machine}\n"
+                f"vcpus = 1\nmemory = {e.memory_mib}M\nmax_memory = {max(e.memory_mib, 256)}M\n")
         _write(conf, f"""[site]
 state_dir = {self.root}/state
 overlay_dir = {self.root}/overlays
@@ -293,17 +305,14 @@ template_dir = {self.site_cfg.site['template_dir']}
 syslog = no
 boot_timeout = 240
 prologue_deadline = 260
+warm_dir = {self.root}/warm
 
 [env tiny]
-image = {e.image}
-kernel = {e.kernel}
-initrd = {e.initrd}
-cmdline = {e.cmdline}
-accel = {e.accel}
-machine = {e.machine}
-vcpus = 1
-memory = {e.memory_mib}M
-max_memory = {max(e.memory_mib, 256)}M
+{tiny}
+# The same guest restored from a prepared one (docs/performance.md).
+[env tinywarm]
+{tiny}data = copy
+warm = on
 """)
         python, starter_python, path = sys.executable, sys.executable, ""
         if not install.others_can_execute(sys.executable):
@@ -438,11 +447,14 @@ max_memory = {max(e.memory_mib, 256)}M
 
 # ------------------------------------------------------------ measurements
 
-def measure_vm_jobs(b):
-    """Whole VM jobs through ``vmwn run`` with timing steps around vmwn's steps."""
+def measure_vm_jobs(b, env="tiny", simultaneous=1, reps=None):
+    """Whole VM jobs through ``vmwn run`` with timing steps around vmwn's steps:
+    ``reps`` rounds of ``simultaneous`` jobs; one dict per job."""
     out = []
-    for i in range(b.reps):
-        _say(f"vmwn job through the hooks {i + 1}/{b.reps}")
+    for i in range(reps or b.reps):
+        _say(f"vmwn job{'s' if simultaneous > 1 else ''} ({env}"
+             f"{f', {simultaneous} at once' if simultaneous > 1 else ''}) through the hooks "
+             f"{i + 1}/{reps or b.reps}")
         first = {}
         stop = threading.Event()
 
@@ -451,32 +463,70 @@ def measure_vm_jobs(b):
                 for p in glob.glob(os.path.join(b.vm.spool, "*.OU")):
                     try:
                         if os.path.getsize(p) > 0:
-                            first.setdefault(p, time.time())
+                            first.setdefault(os.path.basename(p)[:-3], time.time())
                     except OSError:
                         pass
                 time.sleep(0.002)
         t = threading.Thread(target=poll, daemon=True)
         t.start()
+        ids, errors = [None] * simultaneous, []
+
+        def one(k):
+            try:
+                ids[k] = (b.vmwn_run(b.vm, "job.sh", [f"other=vmwn={env}"]), time.time())
+            except VmwnError as e:
+                errors.append(e)
         t0 = time.time()
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(simultaneous)]
         try:
-            job_id = b.vmwn_run(b.vm, "job.sh", ["other=vmwn=tiny"])
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
         finally:
             stop.set()
             t.join(1)
-        wall = time.time() - t0
+        if errors:
+            raise errors[0]
         marks = {}
         with open(b.timings, encoding="ascii") as f:
             for line in f:
                 hook, what, jid, ts = line.split()
-                if jid == job_id:
-                    marks[(hook, what)] = float(ts)
-        fb = min(first.values()) if first else None
-        ps, pe = marks.get(("prologue", "start")), marks.get(("prologue", "end"))
-        es, ee = marks.get(("epilogue", "start")), marks.get(("epilogue", "end"))
-        out.append(dict(wall=wall, prologue=pe - ps, epilogue=ee - es,
-                        starter_first=(fb - pe) if fb else None,
-                        first_instruction=(fb - ps) if fb else None))
+                marks[(jid, hook, what)] = float(ts)
+        for job_id, end in ids:
+            fb = first.get(job_id)
+            ps, pe = marks.get((job_id, "prologue", "start")), marks.get((job_id, "prologue", "end"))
+            es, ee = marks.get((job_id, "epilogue", "start")), marks.get((job_id, "epilogue", "end"))
+            out.append(dict(wall=end - t0, prologue=pe - ps, epilogue=ee - es,
+                            starter_first=(fb - pe) if fb else None,
+                            first_instruction=(fb - ps) if fb else None))
     return out
+
+
+def measure_warm(b):
+    """Warm starts of tinywarm: what preparing costs, then jobs restored from it."""
+    from . import warm
+    env = b.cfg.environments["tinywarm"]
+    _say("warm: preparing tinywarm")
+    first = warm.prepare(b.cfg, env, say=_say)
+    _say("warm: preparing it again (a refresh)")
+    again = warm.prepare(b.cfg, env, say=_say)
+    # One job in this process: was it restored, and what does its QEMU hold?
+    jid = f"{b.tag}-w0"
+    st, ph, _ends, _at = b.create(jid, env=env)
+    rss = _vm_rss_mib(st.vm_pid) if st.vm_pid else None
+    restored = bool(st.warm)
+    b.destroy(jid)
+    if not restored:
+        raise SiteError("tinywarm booted cold: see the node log", "check 'vmwn warm status'")
+    res = dict(prepare=first["prepare_seconds"], refresh=again["prepare_seconds"],
+               state_mib=again["state_bytes"] / MIB, disk_mib=again["disk_bytes"] / MIB,
+               rss=rss, phases=ph)
+    res["jobs"] = measure_vm_jobs(b, "tinywarm")
+    res["jobs4"] = measure_vm_jobs(b, "tinywarm", simultaneous=4, reps=1)
+    res["cold4"] = measure_vm_jobs(b, "tiny", simultaneous=4, reps=1)
+    warm.drop(b.cfg, env.name)
+    return res
 
 
 def measure_phases(b, throughput):
@@ -494,7 +544,7 @@ def measure_phases(b, throughput):
         pid_file = f"/run/libvirt/qemu/{st.domain}.pid"
         try:
             with open(pid_file, encoding="ascii") as f:
-                r["rss"] = _rss_mib(int(f.read().strip()))
+                r["rss"] = _vm_rss_mib(int(f.read().strip()))
         except (OSError, ValueError):
             r["rss"] = None
         # The job starter's steps, as vmwn/hooks/starter.py takes them.
@@ -887,6 +937,11 @@ def measure_novm(b):
 
 # ------------------------------------------------------------------- report
 
+def frss_cold(m):
+    """QEMU RSS of a cold-booted vmwn guest (the phases' median)."""
+    return median(r.get("rss") for r in m.get("phases", []))
+
+
 def build_rows(m):
     """Rows and the summary numbers from the measurements dict ``m``."""
     rows, s = [], {}
@@ -967,6 +1022,31 @@ def build_rows(m):
                         "the host", gb, nb, unit="MiB/s", ratio=ratio(gb, nb)))
         rows.append(Row(f"native cp -a ({SMALL_FILES} small files, host)",
                         SMALL_FILES / mt["cp_small_s"], unit="files/s"))
+    wm = m.get("warm")
+    if wm:
+        wfi = median(j["first_instruction"] for j in wm["jobs"])
+        s["warm_floor"] = ratio(wfi, fl)
+        rows.append(Row("warm: prologue start to first instruction", wfi, fl,
+                        ratio=s["warm_floor"], goal=("<=", 0.3)))
+        rows.append(Row("warm / cold: prologue start to first instruction", wfi, fi,
+                        ratio=ratio(wfi, fi)))
+        w4 = median(j["first_instruction"] for j in wm["jobs4"])
+        c4 = median(j["first_instruction"] for j in wm["cold4"])
+        s["warm4_floor"] = ratio(w4, fl)
+        rows.append(Row("warm, 4 at once: prologue start to first instruction", w4, fl,
+                        ratio=s["warm4_floor"], goal=("<=", 0.3)))
+        rows.append(Row("warm / cold, 4 at once: to first instruction", w4, c4,
+                        ratio=ratio(w4, c4)))
+        rows.append(Row("warm: restore (QEMU start and state load)",
+                        wm["phases"].get("restore"), median(r["start"] for r in floor)))
+        rows.append(Row("warm: restore to SSH (personalisation)",
+                        wm["phases"].get("boot to SSH"), fl))
+        rows.append(Row("warm: prepare (boot, save)", wm["prepare"]))
+        rows.append(Row("warm: refresh (prepare again)", wm["refresh"]))
+        rows.append(Row("warm: saved state on disk", wm["state_mib"], unit="MiB"))
+        rows.append(Row("warm: prepared disk on disk", wm["disk_mib"], unit="MiB"))
+        rows.append(Row("warm: QEMU RSS per restored guest", wm["rss"], frss_cold(m),
+                        unit="MiB", ratio=ratio(wm["rss"], frss_cold(m))))
     for n, c in sorted(m.get("concurrency", {}).items()):
         failed = f" ({c['failed']} of {n} failed)" if c.get("failed") else ""
         rows.append(Row(f"{n} simultaneous VM jobs: jobs per minute{failed}", c["per_min"],
@@ -1009,7 +1089,7 @@ def build_parser():
     p.add_argument("--user", default=None,
                    help="existing unprivileged job user (default: a temporary account)")
     p.add_argument("--skip", action="append", default=[],
-                   choices=("floor", "naive", "scale", "throughput", "concurrency", "novm",
+                   choices=("floor", "naive", "scale", "throughput", "concurrency", "novm", "warm",
                             "mounted"),
                    help="leave out a measurement (repeatable)")
     return p
@@ -1026,7 +1106,8 @@ def run(b):
     steps = [("novm", lambda: measure_novm(b)), ("floor", lambda: measure_floor(b)),
              ("phases", lambda: measure_phases(b, tp if "throughput" not in skip else {})),
              ("mounted", lambda: measure_mounted(b)),
-             ("jobs", lambda: measure_vm_jobs(b)), ("naive", lambda: measure_naive(b)),
+             ("jobs", lambda: measure_vm_jobs(b)), ("warm", lambda: measure_warm(b)),
+             ("naive", lambda: measure_naive(b)),
              ("scale", lambda: measure_scale(b)),
              ("concurrency", lambda: measure_concurrency(b))]
     for name, fn in steps:

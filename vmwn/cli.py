@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # because an optional dependency is missing only loses its own commands.
 COMMAND_MODULES = [
     "vmwn.commands.envs",       # envs, render, check
+    "vmwn.commands.warm",       # warm prepare, status, drop
     "vmwn.images",              # image build
     "vmwn.harness",             # run
     "vmwn.grid.commands",       # advertise, jdl, match, submit-filter

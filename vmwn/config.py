@@ -160,6 +160,8 @@ SITE_KEYS = {k.name: k for k in [
        "Base images, kernels and initrds; relative image paths are resolved here."),
     _k("overlay_dir", "/var/lib/vmwn/overlays", _abspath,
        "Per-job copy-on-write overlays (one qcow2 per job)."),
+    _k("warm_dir", "/var/lib/vmwn/warm", _abspath,
+       "Prepared guests of environments with warm = on (WARM_DIR/<env>/)."),
     _k("template_dir", SOURCE_TEMPLATES, _abspath,
        "Jinja2 templates for domain XML and cloud-init seeds."),
     _k("libvirt_uri", "qemu:///system", _str, "libvirt connection URI."),
@@ -239,6 +241,10 @@ ENV_KEYS = {k.name: k for k in [
        "or an absolute guest path."),
     _k("boot_timeout", None, _seconds, "Overrides [site] boot_timeout for this environment."),
     _k("ssh_user_shell", "/bin/sh", _abspath, "Shell of the job user inside the guest."),
+    _k("warm", False, _bool,
+       "Restore jobs' guests from a prepared, saved guest instead of booting them "
+       "('vmwn warm prepare ENV'; docs/performance.md).  Needs data = copy and a guest "
+       "that implements vmwn.warm=1 (the bundled tiny)."),
 ]}
 
 
@@ -262,6 +268,7 @@ class Environment:
     boot_timeout: float
     ssh_user_shell: str
     data: str = "mounted"
+    warm: bool = False
 
     def artefacts(self):
         """The files this environment needs on the node, as (role, path)."""
@@ -417,6 +424,13 @@ def _environment(name, raw, site, origin):
         raise SiteError(f"{where('output_dir')}: output_dir must be 'workdir' or absolute",
                         "fix output_dir")
 
+    if v["warm"] and v["data"] != "copy":
+        raise SiteError(f"{where('warm')}: warm = on needs data = copy (QEMU cannot save a "
+                        "guest with virtio-fs devices)", "set data = copy or warm = off")
+    if v["warm"] and not v["kernel"]:
+        raise SiteError(f"{where('warm')}: warm = on needs a kernel booted by vmwn "
+                        "(its guest must implement vmwn.warm=1)", "set kernel or warm = off")
+
     def resolve(p):
         return None if not p else (p if p.startswith("/") else os.path.join(site["image_dir"], p))
 
@@ -427,4 +441,4 @@ def _environment(name, raw, site, origin):
         machine=v["machine"], vcpus=v["vcpus"], max_vcpus=v["max_vcpus"],
         memory_mib=v["memory"], max_memory_mib=v["max_memory"], output_dir=v["output_dir"],
         boot_timeout=v["boot_timeout"] or site["boot_timeout"],
-        ssh_user_shell=v["ssh_user_shell"], data=v["data"])
+        ssh_user_shell=v["ssh_user_shell"], data=v["data"], warm=v["warm"])

@@ -48,16 +48,19 @@ def guest_hostname(job_id):
 
 def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, port=0,
            overlay=None, seed="/dev/null", console_log="/dev/null", created=None, shares=(),
-           uid=None, gid=None):
+           uid=None, gid=None, warm=False, incoming=None, name=None):
     """The domain XML for one job, validated; raises SiteError if the template is unfit.
 
     QEMU runs as ``uid``:``gid`` (the job's; looked up from ``user`` when not
-    given, nobody for a user this node does not know).
+    given, nobody for a user this node does not know).  ``warm``: the guest
+    is (or is restored from) a prepared one (vmwn/warm.py); ``incoming``: the
+    saved state QEMU loads instead of booting.  ``name`` replaces the job's
+    domain name (for the preparing guest).
     """
     if uid is None or gid is None:
         uid, gid = _ids_of(user)
     ctx = dict(
-        name=domain_name(job_id), job_id=xml_text(job_id), user=xml_text(user),
+        name=name or domain_name(job_id), job_id=xml_text(job_id), user=xml_text(user),
         job_name=xml_text(job_name),
         created=int(created if created is not None else time.time()),
         port=int(port), bind_address=cfg.site["bind_address"], metadata_ns=METADATA_NS,
@@ -66,6 +69,7 @@ def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, 
         seed=seed, console_log=console_log,
         shares=[dict(tag=s.tag, socket=s.socket) for s in shares],
         uid=int(uid), gid=int(gid), emulator=cfg.site["emulator"], qemu=cfg.site["qemu"],
+        warm=bool(warm), incoming=incoming or "",
     )
     xml = render_template(cfg.site["template_dir"], env.template, ctx, xml=True)
     check(xml, ctx["name"], ctx["job_id"], f"{cfg.site['template_dir']}/{env.template}")

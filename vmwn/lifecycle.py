@@ -5,12 +5,13 @@ making it, so that a prologue killed at any instant leaves enough behind for
 ``destroy`` (run from any later process) to remove everything.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
 import time
 
-from . import disk, keys, netpolicy, ports, seed, share, state as statemod, usage
+from . import disk, keys, netpolicy, ports, seed, share, state as statemod, usage, warm
 from .domain import domain_name, guest_hostname, render as render_domain
 from .errors import GuestLost, SiteError, TransientError, UserError, VmwnError
 from .logsetup import job_logger
@@ -124,6 +125,10 @@ def _prepare(cfg, spec, timer, log, deadline):
     ud, md = seed.render(cfg.site["template_dir"], ctx)
     seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md,
                                timeout=_left(deadline))
+    gen = warm.choose(cfg, env, spec.vcpus, spec.memory_mib, log) if env.image else None
+    if gen and not warm.pad_seed(seed_path):
+        log.info("cold boot: the job's seed is larger than the prepared guest's seed disk")
+        gen = None
     os.chown(seed_path, spec.uid, spec.gid)  # read by the job's QEMU; it holds the job's keys
     os.chmod(seed_path, 0o400)
     timer.mark("keys and seed")
@@ -139,7 +144,7 @@ def _prepare(cfg, spec, timer, log, deadline):
             seed=seed_path, console_log=os.path.join(jdir, "console.log"),
             vcpus=spec.vcpus, memory_mib=spec.memory_mib, job_name=spec.job_name,
             data=env.data, shares=[dataclasses.asdict(s) for s in shares],
-            control_dir=seed.control_dir(spec.user, mounted))
+            control_dir=seed.control_dir(spec.user, mounted), warm=gen.path if gen else "")
         statemod.save(cfg, st)  # recorded before anything outside the job dir exists
     timer.mark("port")
     if env.image:
@@ -185,13 +190,42 @@ def undo_boot(cfg, st, env):
 
 
 def _give_overlay(cfg, st, env, deadline):
-    """A fresh overlay, the job's alone: its QEMU runs as the job's user."""
-    path = disk.create_overlay(cfg, st.job_id, env.image, timeout=_left(deadline))
+    """A fresh overlay, the job's alone: its QEMU runs as the job's user.  A
+    restored guest's overlay is backed by its generation's disk, which holds
+    what the prepared guest wrote before it was saved."""
+    base = warm.disk_of(st.warm) if st.warm else env.image
+    path = disk.create_overlay(cfg, st.job_id, base, timeout=_left(deadline))
     os.chown(path, st.uid, st.gid)
     os.chmod(path, 0o600)
 
 
 def _boot(cfg, env, st, deadline, timer, log, progress=None):
+    try:
+        _boot_once(cfg, env, st, deadline, timer, log, progress)
+    except (SiteError, TransientError) as e:
+        if not st.warm:
+            raise
+        log.warning("warm start failed (%s); booting cold", _short(e))
+        _go_cold(cfg, st, env, deadline)
+        _boot_once(cfg, env, st, deadline, timer, log, progress)
+
+
+def _go_cold(cfg, st, env, deadline):
+    """Undo a failed restore: no domain, a fresh overlay on the base, an empty console."""
+    from . import virt
+    conn = virt.connect(cfg.site["libvirt_uri"])
+    try:
+        virt.destroy(conn, st.domain)
+    finally:
+        conn.close()
+    st.warm = ""
+    statemod.save(cfg, st)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(st.console_log)  # the cold boot's announcements must not meet the restore's
+    _give_overlay(cfg, st, env, deadline)
+
+
+def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
     from . import virt
     shares = _shares(st)
     if shares:  # before the domain: QEMU connects to each socket as it starts
@@ -210,7 +244,9 @@ def _boot(cfg, env, st, deadline, timer, log, progress=None):
                                 memory_mib=st.memory_mib, port=st.port,
                                 overlay=st.overlay or None, seed=st.seed,
                                 console_log=st.console_log, created=st.created,
-                                shares=shares, uid=st.uid, gid=st.gid)
+                                shares=shares, uid=st.uid, gid=st.gid, warm=bool(st.warm),
+                                incoming=warm.state_of(st.warm) if st.warm
+                                else None)
             timer.mark("render")
             try:
                 dom = virt.start(conn, xml, paused=netpolicy.needs_paused_start(env))
@@ -228,7 +264,7 @@ def _boot(cfg, env, st, deadline, timer, log, progress=None):
         if netpolicy.needs_paused_start(env):
             netpolicy.confine(env, st.job_id, usage.tree(st.vm_pid) if st.vm_pid else [])
             virt.resume(dom)
-        timer.mark("define and start")
+        timer.mark("restore" if st.warm else "define and start")
         end = min(deadline, time.monotonic() + env.boot_timeout)
         _wait_ready(st, env, dom, end, virt, log)
         timer.mark("boot to SSH")
@@ -286,8 +322,11 @@ def _wait_ready(st, env, dom, end, virt, log):
            f"'vmwn check --boot {env.name}'")
     while True:
         said = console.poll()
-        if said == "ready" and banner_ready(st.bind_address, st.port, timeout=1.0):
-            return  # announced, and sshd answers (a unit-ordered guest may still be settling)
+        if said == "ready" and (st.warm or banner_ready(st.bind_address, st.port, timeout=1.0)):
+            # Announced, and sshd answers (a unit-ordered guest may still be
+            # settling).  A restored guest announces only a listening sshd: a
+            # banner would cost it an sshd start before the job's own login.
+            return
         if said:
             raise SiteError(f"the guest could not prepare the job ({said})", fix)
         now = time.monotonic()

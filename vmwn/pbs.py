@@ -377,6 +377,11 @@ def adopt(job_id, pid):
     job (its PBS_JOBCOOKIE); libtorque is the one pbs_python was built on.
     """
     import ctypes
+    if not os.environ.get("PBS_JOBCOOKIE"):
+        # libtorque would spend 5 s retrying a mom that cannot know this process.
+        raise AdoptFailed("no PBS_JOBCOOKIE: this process does not run in a pbs_mom job, "
+                          "so the VM is not counted as the job's",
+                          "run vmwn's job starter only as pbs_mom's $job_starter")
     try:
         import pbs._pbs  # noqa: F401,PLC0415 - loads libtorque through its RUNPATH
         lib = ctypes.CDLL("libtorque.so.2")

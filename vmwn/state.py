@@ -77,6 +77,8 @@ class JobState:
     # pbs_mom adopt into the job; its start time tells a reused pid apart.
     vm_pid: int = 0
     vm_start: int = 0
+    # The warm generation (vmwn/warm.py) the guest was restored from; "" for a cold boot.
+    warm: str = ""
 
     @classmethod
     def from_json(cls, data):

@@ -73,6 +73,16 @@ def start(conn, xml, paused=False):
                         "see the libvirt log") from None
 
 
+def save(dom, path):
+    """Save a running guest's memory and device state to ``path``; the domain ends."""
+    lv = _lv()
+    try:
+        dom.save(path)
+    except lv.libvirtError as e:
+        raise SiteError(f"libvirt cannot save the guest: {_msg(e)}",
+                        "see the libvirt log") from None
+
+
 def resume(dom):
     lv = _lv()
     try:

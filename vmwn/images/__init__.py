@@ -83,6 +83,7 @@ def cmd_build(args):
             for path in disk.seal_base(env):
                 print(f"{args.name}: {path} is root's and read-only again")
             print(f"{args.name}: up to date")
+            _refresh_warm(cfg, env)
             return 0
         print(f"{args.name}: built by an older recipe; rebuilding")
         args.force = True
@@ -96,7 +97,22 @@ def cmd_build(args):
     os.rename(_stamp(env) + ".new", _stamp(env))
     print(f"{args.name}: built in {time.monotonic() - t0:.1f} s: "
           + ", ".join(p for _, p in env.artefacts()))
+    _refresh_warm(cfg, env)
     return 0
+
+
+def _refresh_warm(cfg, env):
+    """A new base never meets an old saved guest: prepare again when warm = on."""
+    from .. import warm
+    if not env.warm:
+        return
+    try:
+        warm.current(cfg, env)
+        print(f"{env.name}: prepared guest up to date")
+    except warm.NotPrepared as e:
+        print(f"{env.name}: preparing the warm guest ({e})")
+        cost = warm.prepare(cfg, env)
+        print(f"{env.name}: prepared in {cost['prepare_seconds']} s")
 
 
 def _interrupt(signum, frame):

@@ -31,11 +31,13 @@ MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_rng", "isofs",
            "ext4", "crc32c_generic", "virtiofs"]
 DISK_BYTES = 2 << 30
 DISK_LABEL = "vmwn-home"
-INIT_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "guest", "tiny-init")
-RECIPE_FILES = (INIT_SOURCE,)
+GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "guest")
+INIT_SOURCE = os.path.join(GUEST_DIR, "tiny-init")
+# Run by /init after a warm restore (docs/performance.md): fresh host entropy, CRNG rekeyed.
+RESEED_SOURCE = os.path.join(GUEST_DIR, "vmwn-reseed.c")
+RECIPE_FILES = (INIT_SOURCE, RESEED_SOURCE)
 TOOLS = {"cpio": "cpio", "gzip": "gzip", "mkfs.ext4": "e2fsprogs", "qemu-img": "qemu-utils",
-         "dpkg-deb": "dpkg", "apt-get": "apt", "ldd": "libc-bin"}
+         "dpkg-deb": "dpkg", "apt-get": "apt", "ldd": "libc-bin", "gcc": "gcc"}
 
 # Accounts of the guest before the seed adds the job's.  "*" rather than "!":
 # sshd treats "!" as a locked account.  sshd's privilege-separation user gets
@@ -171,6 +173,7 @@ def assemble(root, ktree, bbtree, sshtree):
     install_busybox(root, os.path.join(bbtree, "bin", "busybox"))
     install_binary(root, os.path.join(sshtree, "usr", "sbin", "sshd"), "usr/sbin/sshd")
     order = install_modules(root, mods[0], release)
+    compile_static(RESEED_SOURCE, os.path.join(root, "sbin", "vmwn-reseed"))
     files = {
         "init": (read_init(), 0o755),
         "etc/passwd": (PASSWD, 0o644),
@@ -188,6 +191,13 @@ def assemble(root, ktree, bbtree, sshtree):
             f.write(text)
         os.chmod(path, mode)
     return release, kernels[0]
+
+
+def compile_static(source, out):
+    """A static binary of one C file (the guest has no C library of its own to link)."""
+    run(["gcc", "-static", "-Os", "-Wall", "-o", out, source],
+        fix="install gcc and libc6-dev (make deps)")
+    os.chmod(out, 0o755)
 
 
 def read_init():

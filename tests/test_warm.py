@@ -1,0 +1,297 @@
+"""Warm starts (vmwn/warm.py): real guests restored from a prepared, saved one.
+
+The unit tests at the end need neither root nor QEMU.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+
+import pytest
+
+from vmwn import config, lifecycle, state, warm
+from vmwn.errors import SiteError
+from vmwn.ssh import Guest
+
+import vmwn_testlib
+from vmwn_testlib import leftovers, needs_image
+
+RUN = os.getpid()
+WARM_ENVS = vmwn_testlib.ENVS.replace(
+    "[env tiny]\ndescription = tiny test guest\ndata = copy\n",
+    "[env tiny]\ndescription = tiny test guest\ndata = copy\nwarm = on\n", 1)
+
+
+@pytest.fixture(scope="module")
+def warm_site():
+    """A configuration with warm = on for tiny and a generation of its own, prepared once."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    base = vmwn_testlib.qemu_reachable_dir("vmwn-warm-")
+    path = vmwn_testlib.write_config(base, envs=WARM_ENVS, ports="42000-42499",
+                                     warm_dir=f"{base}/warm")
+    cfg = config.load(path)
+    cost = warm.prepare(cfg, cfg.env("tiny"), say=lambda line: None)
+    yield cfg, cost
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def spec(cfg, job_id, vcpus=1, memory_mib=None, user="alice", uid=4242, gid=4343):
+    e = cfg.env("tiny")
+    return lifecycle.JobSpec(job_id=job_id, user=user, uid=uid, gid=gid, group="lab",
+                             job_name="w", env=e, vcpus=vcpus,
+                             memory_mib=memory_mib or e.memory_mib,
+                             workdir=f"/home/{user}/w", host_workdir="/nonexistent")
+
+
+def _sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _generation_files(cfg):
+    gen = warm.current(cfg, cfg.env("tiny"))
+    return {p: _sha(p) for p in (gen.state, gen.disk)}
+
+
+@needs_image("tiny")
+def test_two_restored_jobs_are_unique_and_leave_nothing(warm_site):
+    cfg, cost = warm_site
+    assert cost["state_bytes"] > 0 and cost["prepare_seconds"] > 0
+    before = _generation_files(cfg)
+    jobs = [f"501.{RUN}.warm.test", f"502.{RUN}.warm.test"]
+    seen = []
+    try:
+        for job in jobs:
+            st = lifecycle.create(cfg, spec(cfg, job), time.monotonic() + 120)
+            assert st.warm, "the job booted cold"
+            # The connection pins the job's own host key: the restored sshd serves it.
+            with Guest.connect(st) as g:
+                status, out, err = g.run(
+                    "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
+                    "date +%s; id -un; hostname; cat /proc/cmdline")
+                assert status == 0, err
+                rnd, clock, user, host, cmdline = out.decode().splitlines()
+            seen.append((rnd, st.host_key_public))
+            with open(st.console_log, "rb") as f:  # said only after vmwn-reseed succeeded
+                assert b"vmwn-guest: restored" in f.read()
+            assert abs(int(clock) - time.time()) < 10, "the guest's clock was not set"
+            assert user == "alice" and host.startswith("vmwn-")
+            assert "vmwn.warm=1" in cmdline
+            # Nothing of the job is in what every job restores.
+            with open(warm.state_of(st.warm), "rb") as f:
+                saved = f.read()
+            body = st.host_key_public.split()[1].encode()
+            assert body not in saved
+    finally:
+        for job in jobs:
+            lifecycle.destroy(cfg, job)
+    (rnd1, key1), (rnd2, key2) = seen
+    assert rnd1 != rnd2, "two jobs restored from one state read the same random bytes"
+    assert key1 != key2
+    for job in jobs:
+        assert leftovers(cfg, job) == []
+    assert _generation_files(cfg) == before, "a job changed the prepared guest"
+
+
+@needs_image("tiny")
+def test_request_that_does_not_fit_boots_cold_and_says_so(warm_site, caplog):
+    cfg, _ = warm_site
+    job = f"503.{RUN}.warm.test"
+    caplog.set_level(logging.INFO, logger="vmwn")
+    try:
+        st = lifecycle.create(cfg, spec(cfg, job, vcpus=2), time.monotonic() + 180)
+        assert st.warm == ""
+        with Guest.connect(st) as g:
+            assert g.run("grep -c ^processor /proc/cpuinfo")[1].strip() == b"2"
+    finally:
+        lifecycle.destroy(cfg, job)
+    assert any("cold boot: the job asks for 2 vCPUs" in r.getMessage() for r in caplog.records)
+    assert leftovers(cfg, job) == []
+
+
+@needs_image("tiny")
+def test_a_failed_restore_falls_back_to_a_cold_boot(warm_site, caplog):
+    """A damaged saved state (injected: truncated) costs a cold boot, not the job."""
+    cfg, _ = warm_site
+    env = cfg.env("tiny")
+    gen = warm.current(cfg, env)
+    root = warm.env_dir(cfg, env.name)
+    broken = os.path.join(root, f"g{time.time_ns()}")
+    shutil.copytree(gen.path, broken)
+    with open(os.path.join(broken, "state"), "r+b") as f:
+        f.truncate(4096)
+    link = os.path.join(root, "current")
+    old = os.readlink(link)
+    os.unlink(link)
+    os.symlink(os.path.basename(broken), link)
+    job = f"504.{RUN}.warm.test"
+    caplog.set_level(logging.INFO, logger="vmwn")
+    try:
+        st = lifecycle.create(cfg, spec(cfg, job), time.monotonic() + 180)
+        assert st.warm == ""
+        assert state.load(cfg, job).warm == ""
+        with Guest.connect(st) as g:
+            assert g.run("id -un")[1] == b"alice\n"
+    finally:
+        lifecycle.destroy(cfg, job)
+        os.unlink(link)
+        os.symlink(old, link)
+        shutil.rmtree(broken)
+    assert any("warm start failed" in r.getMessage() for r in caplog.records)
+    assert leftovers(cfg, job) == []
+
+
+@needs_image("tiny")
+def test_refresh_keeps_the_generation_a_running_job_uses(warm_site):
+    cfg, _ = warm_site
+    env = cfg.env("tiny")
+    job = f"505.{RUN}.warm.test"
+    st = lifecycle.create(cfg, spec(cfg, job), time.monotonic() + 120)
+    try:
+        used = st.warm
+        warm.prepare(cfg, env, say=lambda line: None)
+        assert warm.current(cfg, env).path != used
+        assert os.path.isdir(used), "a refresh removed what a running job is backed by"
+        with Guest.connect(st) as g:  # the job's disk still reads through its backing file
+            assert g.run("echo x > /home/alice/f && cat /home/alice/f")[1] == b"x\n"
+    finally:
+        lifecycle.destroy(cfg, job)
+    assert warm.remove_unused(cfg, env.name) == [os.path.basename(used)]
+    assert not os.path.exists(used)
+
+
+# ------------------------------------------------------------------ unit tests
+
+def _cfg(tmp_path, env_extra="warm = on\ndata = copy\n", kernel=True):
+    img = tmp_path / "img"
+    img.mkdir(exist_ok=True)
+    for n in ("disk.qcow2", "vmlinuz", "initrd.img"):
+        (img / n).write_bytes(b"x")
+    tdir = tmp_path / "templates"
+    tdir.mkdir(exist_ok=True)
+    (tdir / "domain.xml.j2").write_text("<domain/>")
+    qemu = tmp_path / "qemu-system"
+    qemu.write_bytes(b"")
+    conf = tmp_path / "vmwn.conf"
+    kern = f"kernel = {img}/vmlinuz\ninitrd = {img}/initrd.img\n" if kernel else ""
+    conf.write_text(f"[site]\nwarm_dir = {tmp_path}/warm\nstate_dir = {tmp_path}/jobs\n"
+                    f"template_dir = {tdir}\nqemu = {qemu}\n\n"
+                    f"[env tiny]\nimage = {img}/disk.qcow2\n{kern}{env_extra}")
+    return config.load(str(conf))
+
+
+def _fake_generation(cfg, env, fingerprint=None, mode=0o644):
+    root = warm.env_dir(cfg, env.name)
+    gen = os.path.join(root, "g1")
+    os.makedirs(gen)
+    for n in ("state", "disk.qcow2"):
+        with open(os.path.join(gen, n), "wb") as f:
+            f.write(b"s")
+        os.chmod(os.path.join(gen, n), mode)
+    with open(os.path.join(gen, "meta.json"), "w") as f:
+        json.dump({"fingerprint": fingerprint or warm.fingerprint(cfg, env)}, f)
+    os.symlink("g1", os.path.join(root, "current"))
+    return gen
+
+
+def test_warm_needs_copy_data_and_a_vmwn_kernel(tmp_path):
+    with pytest.raises(SiteError, match="warm = on needs data = copy"):
+        _cfg(tmp_path, env_extra="warm = on\n")
+    with pytest.raises(SiteError, match="warm = on needs a kernel booted by vmwn"):
+        _cfg(tmp_path, kernel=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="generation files must be root's")
+def test_a_changed_base_is_never_restored(tmp_path):
+    cfg = _cfg(tmp_path)
+    env = cfg.env("tiny")
+    _fake_generation(cfg, env)
+    assert warm.current(cfg, env).vcpus == env.vcpus
+    time.sleep(0.01)
+    with open(env.image, "ab") as f:  # the base changes (rebuilt, or edited by hand)
+        f.write(b"y")
+    with pytest.raises(warm.NotPrepared, match="made from other files; run 'vmwn warm "
+                                                "prepare tiny'"):
+        warm.current(cfg, env)
+    assert warm.choose(cfg, env, env.vcpus, env.memory_mib) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="generation files must be root's")
+def test_a_generation_others_can_write_is_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    env = cfg.env("tiny")
+    _fake_generation(cfg, env, mode=0o666)
+    with pytest.raises(warm.NotPrepared, match="writable by others"):
+        warm.current(cfg, env)
+
+
+def test_no_generation_and_warm_off(tmp_path, caplog):
+    cfg = _cfg(tmp_path)
+    env = cfg.env("tiny")
+    caplog.set_level(logging.INFO, logger="vmwn")
+    assert warm.choose(cfg, env, 1, env.memory_mib) is None
+    assert "cold boot: no prepared guest for tiny (run 'vmwn warm prepare tiny')" in caplog.text
+    cold = _cfg(tmp_path, env_extra="data = copy\n")
+    assert warm.choose(cold, cold.env("tiny"), 1, 512) is None
+    assert "warm off" in warm.status(cold, cold.env("tiny"))
+    with pytest.raises(SiteError, match="does not have warm = on"):
+        warm.prepare(cold, cold.env("tiny"))
+
+
+def test_seed_padding(tmp_path):
+    small = tmp_path / "seed.iso"
+    small.write_bytes(b"CD001" * 10)
+    assert warm.pad_seed(str(small)) and small.stat().st_size == warm.SEED_BYTES
+    big = tmp_path / "big.iso"
+    big.write_bytes(b"x" * (warm.SEED_BYTES + 1))
+    assert not warm.pad_seed(str(big))
+
+
+def test_libvirt_save_header_is_stripped(tmp_path):
+    xml = b"<domain/>" + b"\0" * 100
+    stream = b"QEVM\x00\x00\x00\x03" + os.urandom(5000)
+    head = struct.pack("=16sIIIII56x", b"LibvirtQemudSave", 2, len(xml), 1, 0, 0)
+    saved = tmp_path / "saved"
+    saved.write_bytes(head + xml + stream)
+    warm._strip_libvirt_header(str(saved), str(tmp_path / "out"))
+    assert (tmp_path / "out").read_bytes() == stream
+    saved.write_bytes(struct.pack("=16sIIIII56x", b"LibvirtQemudSave", 2, len(xml), 1, 1, 0)
+                      + xml + stream)
+    with pytest.raises(SiteError, match="save_image_format"):
+        warm._strip_libvirt_header(str(saved), str(tmp_path / "out"))
+    saved.write_bytes(b"short")
+    with pytest.raises(SiteError, match="truncated"):
+        warm._strip_libvirt_header(str(saved), str(tmp_path / "out"))
+
+
+def test_launcher_gives_qemu_the_saved_state(tmp_path, monkeypatch):
+    from vmwn import emulator
+    monkeypatch.delenv("VMWN_INCOMING", raising=False)
+    assert emulator._incoming() == []
+    state_file = tmp_path / "state"
+    state_file.write_bytes(b"QEVM")
+    monkeypatch.setenv("VMWN_INCOMING", str(state_file))
+    flag, where = emulator._incoming()
+    fd = int(where.split(":")[1])
+    try:
+        assert flag == "-incoming" and where.startswith("fd:")
+        assert os.get_inheritable(fd) and os.read(fd, 4) == b"QEVM"
+    finally:
+        os.close(fd)
+
+
+def test_domain_carries_the_warm_flag_and_the_state(tmp_path):
+    from vmwn.domain import render
+    cfg = config.load(vmwn_testlib.write_config(str(tmp_path), envs=WARM_ENVS))
+    env = cfg.env("tiny")
+    cold = render(cfg, env, job_id="1.x", user="nobody", uid=65534, gid=65534)
+    assert "vmwn.warm=1" not in cold and "VMWN_INCOMING" not in cold
+    xml = render(cfg, env, job_id="1.x", user="nobody", uid=65534, gid=65534, warm=True,
+                 incoming="/var/lib/vmwn/warm/tiny/g1/state")
+    assert f"{env.cmdline} vmwn.warm=1'" in xml
+    assert "<qemu:env name='VMWN_INCOMING' value='/var/lib/vmwn/warm/tiny/g1/state'/>" in xml

@@ -1,0 +1,364 @@
+"""Warm starts: a guest booted once per environment, saved, and restored for each job.
+
+``vmwn warm prepare ENV`` boots the environment's guest with the kernel
+argument ``vmwn.warm=1``; the guest sets itself up as far as it can without
+knowing its job (modules, file systems, network lease), zeroes its free
+memory, prints ``vmwn-guest: prepared`` and polls its seed disk, which holds a
+placeholder.  libvirt saves it (memory and device state); vmwn keeps the QEMU
+stream and seals it with the disk the guest had written, as one *generation*
+in ``[site] warm_dir``/ENV/, named by ``current``.
+
+A job's prologue then gives QEMU that stream (``-incoming``, through vmwn's
+launcher) instead of a boot, an overlay on the generation's disk and the job's
+seed in the placeholder's place (same size).  The restored guest finds the
+seed, sets its clock from the virtual RTC, rekeys its RNG from the host's
+entropy (vmwn-reseed) and applies the seed as a cold guest would: users, keys,
+host name, mounts, sshd.  Nothing unique to a job is in the saved state, so one
+generation serves any number of jobs.
+
+A generation is used only while everything it was made from is unchanged
+(:func:`fingerprint`: base files, QEMU, template, machine, memory, vCPUs);
+otherwise, and when a job asks for other vCPUs or memory, the job boots cold
+and the node log says why.  Jobs hold their generation (their overlay is backed
+by its disk): a new generation never replaces files a running job uses, and old
+ones are removed once no job refers to them.
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import time
+
+from . import disk, keys, ports, state as statemod, subp
+from .errors import SiteError
+
+log = logging.getLogger(__name__)
+
+# Every job's seed is padded to this size in warm mode: the restored guest's
+# kernel knows the seed disk's size from before the save.
+SEED_BYTES = 1 << 20
+PLACEHOLDER_MAGIC = b"vmwn-warm-placeholder"
+# The placeholder also carries a throwaway host key, so the guest's sshd can be
+# saved listening (stopped); a restored guest serves connections only with its job's.
+HOST_KEY_OFFSET = 4096
+KERNEL_FLAG = "vmwn.warm=1"
+PREPARED_LINE = b"vmwn-guest: prepared"
+# The preparing guest runs as nobody: it never holds anything of a job.
+PREPARE_UID = PREPARE_GID = 65534
+# libvirt's save image (src/qemu/qemu_saveimage.h): magic, version 2, then
+# data_len, was_running, format, cookieOffset, 14 unused words; the domain
+# XML (data_len bytes) follows, then QEMU's migration stream.
+_SAVE_MAGIC = b"LibvirtQemudSave"
+_SAVE_HEADER = struct.Struct("=16sIIIII56x")
+FORMAT = 1  # of meta.json
+
+
+class NotPrepared(Exception):
+    """No usable generation; the text says why (for the node log)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    path: str
+    vcpus: int
+    memory_mib: int
+
+    @property
+    def state(self):
+        return state_of(self.path)
+
+    @property
+    def disk(self):
+        return disk_of(self.path)
+
+
+def state_of(generation):
+    """The QEMU stream of the generation at path ``generation`` (a job's ``warm`` field)."""
+    return os.path.join(generation, "state")
+
+
+def disk_of(generation):
+    """The disk the prepared guest had written: backing file of its jobs' overlays."""
+    return os.path.join(generation, "disk.qcow2")
+
+
+def env_dir(cfg, env_name):
+    return os.path.join(cfg.site["warm_dir"], env_name)
+
+
+def _identity(path):
+    st = os.stat(path)
+    return [path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def fingerprint(cfg, env):
+    """What a saved guest depends on; a generation is restored only if this is unchanged."""
+    files = [p for _, p in env.artefacts()] + [
+        cfg.site["qemu"], os.path.join(cfg.site["template_dir"], env.template)]
+    with open(files[-1], "rb") as f:
+        template_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"files": [_identity(p) for p in files], "template_sha256": template_sha,
+            "cmdline": env.cmdline, "machine": env.machine, "accel": env.accel,
+            "network": env.network, "vcpus": env.vcpus, "memory_mib": env.memory_mib,
+            "seed_bytes": SEED_BYTES, "format": FORMAT}
+
+
+def current(cfg, env):
+    """The generation a job of ``env`` may restore; raises NotPrepared saying why not."""
+    link = os.path.join(env_dir(cfg, env.name), "current")
+    try:
+        path = os.path.join(os.path.dirname(link), os.readlink(link))
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise NotPrepared(f"no prepared guest for {env.name} "
+                          f"(run 'vmwn warm prepare {env.name}')") from None
+    except (OSError, ValueError) as e:
+        raise NotPrepared(f"the prepared guest of {env.name} is unreadable ({e}); "
+                          f"run 'vmwn warm prepare {env.name}'") from None
+    try:
+        now = fingerprint(cfg, env)
+    except OSError as e:
+        raise NotPrepared(f"cannot check {env.name}'s files: {e}") from None
+    if meta.get("fingerprint") != now:
+        changed = sorted(k for k in now if meta.get("fingerprint", {}).get(k) != now[k])
+        raise NotPrepared(f"the prepared guest of {env.name} was made from other "
+                          f"{', '.join(changed)}; run 'vmwn warm prepare {env.name}'")
+    gen = Generation(path=path, vcpus=meta["fingerprint"]["vcpus"],
+                     memory_mib=meta["fingerprint"]["memory_mib"])
+    for p in (gen.state, gen.disk):
+        st = os.stat(p)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise NotPrepared(f"{p} is not root's or is writable by others: a job could "
+                              "change what later jobs restore; run "
+                              f"'vmwn warm prepare {env.name}'")
+    return gen
+
+
+def choose(cfg, env, vcpus, memory_mib, log=log):
+    """The generation for a job, or None (a cold boot); the node log says why it is cold."""
+    if not env.warm:
+        return None
+    try:
+        gen = current(cfg, env)
+    except NotPrepared as e:
+        log.warning("cold boot: %s", e)
+        return None
+    if (vcpus, memory_mib) != (gen.vcpus, gen.memory_mib):
+        log.info("cold boot: the job asks for %d vCPUs and %d MiB; the prepared guest of %s "
+                 "has %d and %d", vcpus, memory_mib, env.name, gen.vcpus, gen.memory_mib)
+        return None
+    return gen
+
+
+def pad_seed(path):
+    """Give a job's seed the placeholder's size; False if it does not fit."""
+    size = os.path.getsize(path)
+    if size > SEED_BYTES:
+        return False
+    with open(path, "r+b") as f:
+        f.truncate(SEED_BYTES)
+    return True
+
+
+# ---------------------------------------------------------------- preparing
+
+@contextlib.contextmanager
+def _locked(d):
+    fd = os.open(os.path.join(d, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def prepare(cfg, env, say=print):
+    """Boot ``env``'s guest to its waiting point, save it and make it current.
+
+    Returns a dict of what it cost (seconds, state and disk bytes).  Raises
+    SiteError; nothing half-made is left behind.
+    """
+    from . import virt
+    from .domain import render
+    if not env.warm:
+        raise SiteError(f"environment {env.name} does not have warm = on",
+                        f"set warm = on in [env {env.name}] first")
+    missing = env.missing()
+    if missing:
+        raise SiteError(f"environment {env.name} is not installed (missing {missing[0]})",
+                        f"run 'vmwn image build {env.name}'")
+    unsealed = disk.unsealed_base(env)
+    if unsealed:
+        raise SiteError(f"base file {unsealed[0]} of {env.name} is {unsealed[1]}",
+                        f"run 'vmwn image build {env.name}'")
+    root = env_dir(cfg, env.name)
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    os.chmod(cfg.site["warm_dir"], 0o755)
+    os.chmod(root, 0o755)  # job QEMUs (the job's user) read the generation
+    t0 = time.monotonic()
+    with _locked(root):
+        work = tempfile.mkdtemp(prefix=".new-", dir=root)
+        os.chmod(work, 0o711)
+        name = f"vmwn-warm-{env.name}"
+        conn = virt.connect(cfg.site["libvirt_uri"])
+        try:
+            virt.destroy(conn, name)  # an earlier prepare's, killed midway
+            placeholder = os.path.join(work, "placeholder")
+            with open(placeholder, "wb") as f:
+                f.write(PLACEHOLDER_MAGIC)
+                f.seek(HOST_KEY_OFFSET)
+                f.write(keys.generate("vmwn-warm-throwaway").private_openssh.encode())
+                f.truncate(SEED_BYTES)
+            gen_disk = os.path.join(work, "disk.qcow2")
+            subp.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F",
+                      "qcow2" if env.image.endswith(".qcow2") else disk.base_format(env.image),
+                      "-b", env.image, gen_disk],
+                     timeout=60, fix="check the warm directory and the base image")
+            for p in (placeholder, gen_disk):
+                os.chown(p, PREPARE_UID, PREPARE_GID)
+                os.chmod(p, 0o600)
+            console = os.path.join(work, "console.log")
+            with ports.locked(cfg):
+                port = ports.pick(cfg)
+            xml = render(cfg, env, job_id=f"warm-{env.name}", user="nobody", port=port,
+                         overlay=gen_disk, seed=placeholder, console_log=console,
+                         uid=PREPARE_UID, gid=PREPARE_GID, warm=True, name=name)
+            virt.open_domain_dirs()
+            dom = virt.start(conn, xml)
+            _wait_prepared(console, dom, virt, env.boot_timeout, env.name)
+            t_boot = time.monotonic() - t0
+            saved = os.path.join(work, "saved")
+            virt.save(dom, saved)
+            _strip_libvirt_header(saved, os.path.join(work, "state"))
+            os.unlink(saved)
+            for p in (placeholder, console):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+            for p in (gen_disk, os.path.join(work, "state")):
+                os.chown(p, 0, 0)
+                os.chmod(p, 0o644)
+            cost = {"prepare_seconds": round(time.monotonic() - t0, 2),
+                    "boot_seconds": round(t_boot, 2),
+                    "state_bytes": os.path.getsize(os.path.join(work, "state")),
+                    "disk_bytes": _allocated(gen_disk)}
+            with open(os.path.join(work, "meta.json"), "w", encoding="utf-8") as f:
+                json.dump({"fingerprint": fingerprint(cfg, env), "created": time.time(),
+                           **cost}, f, indent=1)
+            os.chmod(os.path.join(work, "meta.json"), 0o644)
+            gen = os.path.join(root, f"g{time.time_ns()}")
+            os.rename(work, gen)
+            os.chmod(gen, 0o755)
+            work = None
+            tmp = os.path.join(root, ".current.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.symlink(os.path.basename(gen), tmp)
+            os.replace(tmp, os.path.join(root, "current"))
+        finally:
+            try:
+                virt.destroy(conn, name)
+            finally:
+                conn.close()
+                if work:
+                    shutil.rmtree(work, ignore_errors=True)
+        for old in remove_unused(cfg, env.name):
+            say(f"{env.name}: removed generation {old}, which no job uses")
+    log.info("%s: prepared guest saved in %.1f s (%d MiB state)", env.name,
+             cost["prepare_seconds"], cost["state_bytes"] >> 20)
+    return cost
+
+
+def _allocated(path):
+    return os.stat(path).st_blocks * 512
+
+
+def _wait_prepared(console, dom, virt, timeout, env_name):
+    from .lifecycle import ERROR_LINE, console_tail
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(console, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        if PREPARED_LINE in data:
+            return
+        if ERROR_LINE in data or not virt.is_active(dom):
+            raise SiteError(f"the guest of {env_name} failed while being prepared "
+                            f"({console_tail(console)})",
+                            f"run 'vmwn check --boot {env_name}'")
+        time.sleep(0.05)
+    raise SiteError(f"the guest of {env_name} did not say it was prepared within "
+                    f"{timeout:.0f} s ({console_tail(console)})",
+                    "warm = on needs vmwn's tiny guest (or one whose init implements "
+                    "vmwn.warm=1); see docs/performance.md")
+
+
+def _strip_libvirt_header(saved, out):
+    """Write the QEMU migration stream of libvirt's save image ``saved`` to ``out``."""
+    with open(saved, "rb") as f:
+        head = f.read(_SAVE_HEADER.size)
+        if len(head) != _SAVE_HEADER.size:
+            raise SiteError(f"libvirt's save image {saved} is truncated", "see the libvirt log")
+        magic, version, data_len, _running, fmt, _cookie = _SAVE_HEADER.unpack(head)
+        if magic != _SAVE_MAGIC or version != 2 or fmt != 0:
+            raise SiteError(f"libvirt's save image is not an uncompressed version-2 image "
+                            f"(magic {magic!r}, version {version}, format {fmt})",
+                            "set save_image_format = \"raw\" in /etc/libvirt/qemu.conf")
+        f.seek(_SAVE_HEADER.size + data_len)
+        with open(out, "wb") as o:
+            shutil.copyfileobj(f, o, 1 << 20)
+
+
+def in_use(cfg):
+    """Generation directories that live jobs' overlays are backed by."""
+    return {os.path.realpath(st.warm) for st in statemod.all_jobs(cfg) if st.warm}
+
+
+def remove_unused(cfg, env_name):
+    """Remove the generations of ``env_name`` that are not current and no job uses."""
+    root = env_dir(cfg, env_name)
+    try:
+        cur = os.path.realpath(os.path.join(root, "current"))
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    busy = in_use(cfg)
+    removed = []
+    for n in sorted(names):
+        p = os.path.join(root, n)
+        if n.startswith("g") and os.path.isdir(p) and os.path.realpath(p) not in busy | {cur}:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(n)
+    return removed
+
+
+def drop(cfg, env_name):
+    """Remove every generation no job uses, the current one too (warm starts stop)."""
+    root = env_dir(cfg, env_name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(root, "current"))
+    return remove_unused(cfg, env_name)
+
+
+def status(cfg, env):
+    """One line about ``env``'s warm state, for operators."""
+    if not env.warm:
+        return f"{env.name}: warm off"
+    try:
+        gen = current(cfg, env)
+    except NotPrepared as e:
+        return f"{env.name}: warm on, cold boots: {e}"
+    with open(os.path.join(gen.path, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    return (f"{env.name}: warm on, prepared {time.strftime('%Y-%m-%d %H:%M', time.localtime(meta['created']))} "
+            f"({meta['state_bytes'] >> 20} MiB state, {meta['disk_bytes'] >> 20} MiB disk, "
+            f"{gen.vcpus} vCPU, {gen.memory_mib} MiB; made in {meta['prepare_seconds']} s)")
