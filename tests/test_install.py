@@ -44,21 +44,20 @@ def test_install_layout_modes_and_ownership(tmp_path):
         d = mom / f"{fam}.d"
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o755 and os.stat(d).st_uid == 0
         text = (d / "50-vmwn").read_text()
-        if fam == "epilogue":
-            assert text.startswith(f"#!{VENV_PY} -Es\n")
-            assert "CONFIG = '/etc/vmwn/vmwn.conf'" in text
-            assert "PBS_HOME = '/var/spool/torque'" in text
-        else:
-            assert text.startswith("#!/bin/sh\n")
-            assert f"\nPYTHON={VENV_PY}\n" in text
-            assert "\nCONFIG=/etc/vmwn/vmwn.conf\n" in text
-            assert "\nPBS_HOME=/var/spool/torque\n" in text
+        assert text.startswith("#!/bin/sh\n")
+        assert f"\nPYTHON={VENV_PY}\n" in text
+        assert "\nCONFIG=/etc/vmwn/vmwn.conf\n" in text
+        assert "\nPBS_HOME=/var/spool/torque\n" in text
+        if fam == "epilogue":  # the gate, with the state directory as vmwn.conf says
+            assert "\nSTATE_DIR=/var/lib/vmwn/jobs\n" in text
+            assert "vmwn_job_dir() {" in text and "@vmwn_job_dir@" not in text
         assert stat.S_IMODE(os.stat(d / "50-vmwn").st_mode) == 0o755
         # the dispatcher names the directory as the node sees it, not the staging path
         assert f"steps=/var/spool/torque/mom_priv/{fam}.d\n" in (mom / fam).read_text()
     starter = tmp_path / "usr/local/libexec/vmwn/job-starter"
     assert stat.S_IMODE(os.stat(starter).st_mode) == 0o755
     assert "from vmwn.hooks.starter import main" in starter.read_text()
+    assert starter.read_text().startswith("#!/bin/sh\n# vmwn job starter ($job_starter)")
     assert (mom / "config").read_text().splitlines()[-1] == \
         "$job_starter /usr/local/libexec/vmwn/job-starter"
     conf = tmp_path / "etc/vmwn/vmwn.conf"

@@ -130,7 +130,9 @@ def test_a_broken_install_never_fails_the_epilogue(tmp_path):
     import sys
     with open(os.path.join(ROOT, "epilogue.d", "50-vmwn")) as f:
         text = install.render_step(f.read(), sys.executable, str(tmp_path / "c.conf"),
-                                   str(tmp_path), None)
+                                   str(tmp_path), None, state_dir=str(tmp_path / "jobs"))
+    from vmwn.state import safe_name
+    os.makedirs(tmp_path / "jobs" / safe_name("7.srv"))  # a job vmwn made something for
     step = tmp_path / "50-vmwn"
     step.write_text(text.replace("from vmwn.hooks.epilogue import main",
                                  "from vmwn.hooks.no_such_module import main"))

@@ -21,7 +21,7 @@ import vmwn_testlib
 from vmwn_testlib import leftovers, needs_image
 
 RUN = os.getpid()
-WARM_ENVS = vmwn_testlib.ENVS.replace(
+WARM_ENVS = vmwn_testlib.ENVS if vmwn_testlib.WARM else vmwn_testlib.ENVS.replace(
     "[env tiny]\ndescription = tiny test guest\ndata = copy\n",
     "[env tiny]\ndescription = tiny test guest\ndata = copy\nwarm = on\n", 1)
 

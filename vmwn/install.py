@@ -31,19 +31,35 @@ EMULATOR_NAME = "qemu"
 STARTER_ENTRY = "vmwn.hooks.starter"
 CONFIG_COMMENT = "# vmwn job starter (added by vmwn install, removed by vmwn uninstall)"
 
-_STARTER = '''#!{python} -Es
-"""vmwn job starter (pbs_mom's $job_starter): runs the job in its VM, or on the host
-when the job has none.  Installed by vmwn; do not edit."""
-CONFIG = {config!r}
-STATE_DIR = {state_dir!r}
-PBS_HOME = {pbs_home!r}
+STARTER_MARK = "# vmwn job starter ($job_starter)"
+_STARTER = """#!/bin/sh
+# vmwn job starter ($job_starter): runs the job in its VM, or on the host when
+# the job has none.  Installed by vmwn; do not edit.
+PYTHON={python}
+VMWN_PATH={pythonpath}
+CONFIG={config}
+STATE_DIR={state_dir}
+PBS_HOME={pbs_home}
 
-import sys  # noqa: E402
-{pythonpath}
-from {entry} import main  # noqa: E402
-
-sys.exit(main(config_path=CONFIG, state_dir=STATE_DIR, pbs_home=PBS_HOME))
-'''
+{job_dir_fn}
+# A job vmwn made nothing for, that names no environment, starts exactly as
+# pbs_mom would have started it, without a Python start.  Anything else
+# (no job id, a shell that is not an absolute executable path) is Python's.
+if [ $# -gt 0 ] && [ -n "$PBS_JOBID" ] && [ -z "$VMWN_ENV" ] &&
+        case $1 in /*) [ -f "$1" ] && [ -x "$1" ] ;; *) false ;; esac &&
+        ! vmwn_job_dir "$STATE_DIR" "$PBS_JOBID"; then
+    exec "$@"
+fi
+exec "$PYTHON" -Es -c '
+import sys
+config, state_dir, pbs_home, path = sys.argv[1:5]
+del sys.argv[1:5]
+sys.path[:0] = [p for p in path.split(":") if p]
+from {entry} import main
+sys.exit(main(config_path=config, state_dir=state_dir, pbs_home=pbs_home))
+' "$CONFIG" "$STATE_DIR" "$PBS_HOME" "$VMWN_PATH" "$@"
+"""
+JOB_DIR_SH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks", "jobdir.sh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,10 +152,13 @@ def _read(path):
         return None
 
 
-def render_step(source_text, python, config_path, pbs_home, pythonpath=None, qstat=""):
-    """A step script with the site's interpreter, configuration path, PBS_HOME and qstat."""
+def render_step(source_text, python, config_path, pbs_home, pythonpath=None, qstat="",
+                state_dir=None):
+    """A step script with the site's interpreter, configuration path, PBS_HOME, qstat
+    and state directory."""
     if source_text.startswith("#!/bin/sh"):
-        return _render_sh_step(source_text, python, config_path, pbs_home, pythonpath, qstat)
+        return _render_sh_step(source_text, python, config_path, pbs_home, pythonpath, qstat,
+                               state_dir)
     paths = [p for p in (pythonpath or "").split(os.pathsep) if p]
     out = []
     for i, line in enumerate(source_text.splitlines()):
@@ -155,12 +174,18 @@ def render_step(source_text, python, config_path, pbs_home, pythonpath=None, qst
     return "\n".join(out) + "\n"
 
 
-def _render_sh_step(source_text, python, config_path, pbs_home, pythonpath, qstat=""):
+def _render_sh_step(source_text, python, config_path, pbs_home, pythonpath, qstat="",
+                    state_dir=None):
     """Shell steps carry the same settings as shell assignments, quoted."""
+    from .config import SITE_KEYS
     values = {"PYTHON": python, "CONFIG": config_path, "PBS_HOME": pbs_home, "QSTAT": qstat,
-              "VMWN_PATH": ":".join(p for p in (pythonpath or "").split(os.pathsep) if p)}
+              "VMWN_PATH": ":".join(p for p in (pythonpath or "").split(os.pathsep) if p),
+              "STATE_DIR": state_dir or SITE_KEYS["state_dir"].default}
     out = []
     for line in source_text.splitlines():
+        if line == "# @vmwn_job_dir@":
+            out.append(job_dir_function().rstrip("\n"))
+            continue
         name = line.split("=", 1)[0]
         if "=" in line and name in values and line == line.lstrip():
             line = f"{name}={shlex.quote(values.pop(name))}"
@@ -175,12 +200,18 @@ def render_starter(python, config_path, pythonpath=None, state_dir=None, pbs_hom
     records live (``state_dir``) and PBS_HOME are fixed at install time.
     """
     from .config import SITE_KEYS
-    paths = [p for p in (pythonpath or "").split(os.pathsep) if p]
-    extra = f"sys.path[:0] = {paths!r}\n" if paths else ""
-    return _STARTER.format(python=python, config=config_path, entry=STARTER_ENTRY,
-                           pythonpath=extra,
-                           state_dir=state_dir or SITE_KEYS["state_dir"].default,
-                           pbs_home=pbs_home or SITE_KEYS["pbs_home"].default)
+    q = shlex.quote
+    return _STARTER.format(
+        python=q(python), config=q(config_path), entry=STARTER_ENTRY,
+        pythonpath=q(":".join(p for p in (pythonpath or "").split(os.pathsep) if p)),
+        state_dir=q(state_dir or SITE_KEYS["state_dir"].default),
+        pbs_home=q(pbs_home or SITE_KEYS["pbs_home"].default), job_dir_fn=job_dir_function())
+
+
+def job_dir_function():
+    """The shell function the starter and the epilogue step use to skip Python."""
+    with open(JOB_DIR_SH, encoding="utf-8") as f:
+        return f.read()
 
 
 def others_can_execute(path):
@@ -207,7 +238,8 @@ def _is_ours_step(path):
 
 def _is_ours_starter(path):
     text = _read(path)
-    return text is not None and f"from {STARTER_ENTRY} import main" in text
+    return text is not None and (STARTER_MARK in text  # a Python starter is 0.1's
+                                 or f"from {STARTER_ENTRY} import main" in text)
 
 
 def _is_ours_emulator(path):
@@ -257,7 +289,7 @@ def install(opts):
                             "run install from a vmwn source tree")
         p = os.path.join(d, STEP_NAME)
         _write(p, render_step(text, python, lay.config, lay.pbs_home, opts.pythonpath,
-                              _qstat(opts)), 0o755)
+                              _qstat(opts), _state_dir(lay)), 0o755)
         written.append(p)
     for hook, (steps_dir, _) in dispatch.HOOKS.items():
         p = os.path.join(mom_priv, hook)
