@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 import subprocess
 import time
 
@@ -195,3 +196,26 @@ def test_variable_and_resource_names_are_checked():
         harness.parse_variable_args(["1X=2"], {})
     assert harness.parse_variable_args(["A=1,B", r"C=x\,y"], {"B": "b"}) == \
         {"A": "1", "B": "b", "C": "x,y"}
+
+
+def test_vmwn_run_refuses_a_pbs_home_whose_pbs_mom_runs(node):
+    """pbs_mom holds an fcntl write lock on mom_priv/mom.lock while it runs."""
+    lock = os.path.join(node.mom_priv, "mom.lock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({lock!r}, os.O_RDWR | os.O_CREAT, 0o644)\n"
+         "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        write_script(node, "job", "true")
+        r = vmwn_run(node, "job")
+        assert r.returncode != 0
+        assert f"pbs_mom (pid {holder.pid}) runs on {node.pbs_home}" in r.stderr
+        jobs = os.path.join(node.mom_priv, "jobs")
+        assert not os.path.isdir(jobs) or not os.listdir(jobs)
+    finally:
+        holder.kill()
+        holder.wait()
+    r = vmwn_run(node, "job")  # the lock is gone: it runs
+    assert r.returncode == 0, r.stderr

@@ -9,7 +9,7 @@ from vmwn import install
 from vmwn.errors import SiteError
 from vmwn.hooks import dispatch
 
-from conftest import VENV_PY
+from conftest import REPO, VENV_PY
 
 MOM = "var/spool/torque/mom_priv"
 
@@ -192,3 +192,34 @@ def test_foreign_launcher_is_never_overwritten(tmp_path):
     with pytest.raises(SiteError, match="is not vmwn's"):
         install.install(opts(tmp_path))
     assert "exec /usr/bin/qemu" in p.read_text()
+
+
+def test_a_wheel_installs_a_node_with_its_console_command(tmp_path):
+    """pip install of the wheel, then vmwn-install: hooks, starter, launcher, templates and
+    the sample configuration, as 'make install' installs them from the source tree."""
+    import subprocess
+    import sys
+    wheels = tmp_path / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(wheels), REPO],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    whl = next(wheels.glob("vmwn-*.whl"))
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps",
+                        "--disable-pip-version-check", str(whl)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    root = tmp_path / "node"
+    r = subprocess.run([str(venv / "bin" / "vmwn-install"), "install", "--destdir", str(root),
+                        "--qstat", ""], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
+    mom = root / "var/spool/torque/mom_priv"
+    for fam in ("prologue", "epilogue"):
+        assert "from vmwn.hooks." in (mom / f"{fam}.d" / "50-vmwn").read_text()
+    assert (root / "usr/local/libexec/vmwn/job-starter").read_text().startswith("#!/bin/sh")
+    assert "vmwn's QEMU launcher" in (root / "usr/local/libexec/vmwn/qemu").read_text()
+    conf = (root / "etc/vmwn/vmwn.conf").read_text()
+    share = venv / "share" / "vmwn"
+    assert f"template_dir = {share}/templates" in conf
+    assert (share / "templates" / "domain.xml.j2").is_file()

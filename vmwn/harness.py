@@ -220,6 +220,12 @@ class Job:
         if not os.path.isdir(self.mom_priv):
             raise SiteError(f"{self.mom_priv} does not exist",
                             "install vmwn with 'make install PBS_HOME=...' or pass --pbs-home")
+        mom = pbs.mom_running(self.pbs_home)
+        if mom:
+            raise SiteError(f"pbs_mom (pid {mom}) runs on {self.pbs_home}: vmwn run would write "
+                            "job files into its mom_priv/jobs, which it recovers when it "
+                            "restarts", "run vmwn run on a PBS_HOME of its own (--pbs-home) "
+                            "or submit with qsub")
         self.alarm = (args.prologalarm if args.prologalarm is not None
                       else pbs.prologalarm(self.pbs_home)) - pbs.ALARM_MARGIN
         self.starter = args.starter or pbs.mom_setting(self.pbs_home, "job_starter")

@@ -23,7 +23,20 @@ from .hooks import dispatch
 
 log = logging.getLogger(__name__)
 
-SOURCE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _data_dir():
+    """Where the steps, templates and sample vmwn.conf are: the source tree, or
+    PREFIX/share/vmwn of the environment a wheel was installed into."""
+    if os.path.isdir(os.path.join(_CHECKOUT, "prologue.d")):
+        return _CHECKOUT
+    import sysconfig
+    return os.path.join(sysconfig.get_path("data"), "share", "vmwn")
+
+
+SOURCE_DIR = _data_dir()
+IN_CHECKOUT = SOURCE_DIR == _CHECKOUT
 STEP_NAME = "50-vmwn"
 STEP_SOURCES = {"prologue.d": "prologue.d/50-vmwn", "epilogue.d": "epilogue.d/50-vmwn"}
 STARTER_NAME = "job-starter"
@@ -343,8 +356,9 @@ def _install_config(lay, opts):
     sample = _read(opts.sample_config or os.path.join(SOURCE_DIR, "etc", "vmwn.conf"))
     if sample is None:
         raise SiteError("no sample vmwn.conf to install", "pass --sample-config")
-    if opts.template_dir:
-        tdir = _check_path("template-dir", opts.template_dir)
+    tdir = opts.template_dir or (None if IN_CHECKOUT else os.path.join(SOURCE_DIR, "templates"))
+    if tdir:
+        tdir = _check_path("template-dir", tdir)
         lines = sample.splitlines()
         if "[site]" in lines:
             lines.insert(lines.index("[site]") + 1, f"template_dir = {tdir}")
@@ -430,7 +444,7 @@ def uninstall(opts):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m vmwn.install",
+    p = argparse.ArgumentParser(prog="vmwn-install",
                                 description="Install vmwn's Torque hooks on this node.")
     p.add_argument("action", choices=("install", "uninstall"))
     p.add_argument("--pbs-home", default="/var/spool/torque", help="Torque's PBS_HOME")

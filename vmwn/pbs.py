@@ -397,3 +397,26 @@ def adopt(job_id, pid):
                           f"{job_id}: {TM_ERRORS.get(rc, f'tm_adopt returned {rc}')}",
                           "check that pbs_mom runs and that [site] emulator is vmwn's "
                           "launcher")
+
+
+def mom_running(pbs_home):
+    """The pid of the pbs_mom that holds ``mom_priv/mom.lock`` (its fcntl write lock), or 0."""
+    import errno
+    import fcntl
+    import struct
+    path = os.path.join(pbs_home, "mom_priv", "mom.lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return 0
+    try:
+        # F_GETLK with a write-lock probe: who would block it (struct flock, x86-64).
+        probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        try:
+            got = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
+        except OSError as e:
+            return 0 if e.errno != errno.EACCES else -1
+        ltype, _whence, _start, _len, pid = struct.unpack("hhqqi", got)
+        return pid if ltype != fcntl.F_UNLCK else 0
+    finally:
+        os.close(fd)

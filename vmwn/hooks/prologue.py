@@ -33,15 +33,17 @@ def _on_sigterm(signo, frame):
     raise Interrupted("the prologue was interrupted by SIGTERM", "the job is requeued")
 
 
-def deadline(cfg, pbs_home, now=None):
+def deadline(cfg, pbs_home, now=None, used=None):
     """Absolute time.monotonic() by which the VM must be up.
 
     ``[site] prologue_deadline`` from the start of the hook, and never later than
-    pbs_mom's alarm ($prologalarm - 10) less the time teardown needs.
+    pbs_mom's alarm ($prologalarm - 10) less the time teardown needs.  ``used``:
+    seconds of the alarm already spent (default: the age of this session, which
+    pbs_mom starts for the prologue).
     """
     now = time.monotonic() if now is None else now
     alarm = pbs.prologalarm(pbs_home) - pbs.ALARM_MARGIN
-    used = session_age()
+    used = session_age() if used is None else used
     if used >= alarm:
         used = 0.0  # not started by pbs_mom's alarm (run by hand from a long-lived shell)
     budget = min(cfg.site["prologue_deadline"], alarm - CLEANUP_RESERVE) - used
