@@ -522,3 +522,41 @@ def test_the_guest_user_has_the_users_other_groups(cluster, workdir, env):
     else:  # virtiofsd serves the user's primary group only (see docs/admin-guide.md)
         assert "chgrp" in err
     assert torquelib.wait_clean(job) == []
+
+
+WARM_JOB = """#!/bin/sh
+echo "host=$(hostname)"
+echo "rnd=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' ')"
+echo "clock=$(date +%s)"
+cat /proc/cmdline
+echo "$PBS_JOBID" > "warm-$PBS_JOBID.txt"
+"""
+
+
+@needs_image("tiny")
+def test_warm_jobs_are_restored_unique_and_leave_nothing(cluster, workdir):
+    """A site prepares tinywarm with the installed command; two jobs are restored from
+    it under the real pbs_mom: their own random bytes, clock and output, nothing left."""
+    vmwn = "/usr/local/bin/vmwn"
+    cp = torquelib.run([vmwn, "warm", "prepare", "tinywarm"], check=False, timeout=300)
+    assert cp.returncode == 0, cp.stderr
+    try:
+        jobs = [cluster.submit(workdir, WARM_JOB, "-l other=vmwn=tinywarm", name=f"w{i}.sh")
+                for i in range(2)]
+        outs = []
+        for i, job in enumerate(jobs):
+            st = cluster.wait(job)
+            out, err = cluster.wait_output(workdir, job, name=f"w{i}.sh")
+            assert st["exit_status"] == "0", (st, out, err)
+            assert "vmwn.warm=1" in out, "the job's guest was booted, not restored"
+            fields = dict(ln.split("=", 1) for ln in out.splitlines()
+                          if ln.split("=", 1)[0] in ("host", "rnd", "clock"))
+            assert abs(int(fields["clock"]) - time.time()) < 300
+            with open(os.path.join(workdir, f"warm-{job}.txt")) as f:
+                assert f.read().strip() == job
+            outs.append(fields)
+        assert outs[0]["rnd"] != outs[1]["rnd"] and outs[0]["host"] != outs[1]["host"]
+        for job in jobs:
+            assert torquelib.wait_clean(job) == []
+    finally:
+        torquelib.run([vmwn, "warm", "drop", "tinywarm"], check=False)

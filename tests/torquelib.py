@@ -47,6 +47,11 @@ boot_timeout = 6
 description = tiny with the copy data path (tests only)
 data = copy
 """ + TINY + """
+[env tinywarm]
+description = tiny restored from a prepared guest (tests only)
+data = copy
+warm = on
+""" + TINY + """
 [env tinynolo]
 description = tiny without the host's loopback services (tests only)
 network = no-loopback
