@@ -26,13 +26,22 @@ WARM_ENVS = vmwn_testlib.ENVS if vmwn_testlib.WARM else vmwn_testlib.ENVS.replac
     "[env tiny]\ndescription = tiny test guest\ndata = copy\nwarm = on\n", 1)
 
 
+NOLO_ENV = """
+[env tinynolo]
+description = tiny restored, without the host's loopback
+data = copy
+warm = on
+network = no-loopback
+""" + vmwn_testlib.TINY
+
+
 @pytest.fixture(scope="module")
 def warm_site():
     """A configuration with warm = on for tiny and a generation of its own, prepared once."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     base = vmwn_testlib.qemu_reachable_dir("vmwn-warm-")
-    path = vmwn_testlib.write_config(base, envs=WARM_ENVS, ports="42000-42499",
+    path = vmwn_testlib.write_config(base, envs=WARM_ENVS + NOLO_ENV, ports="42000-42499",
                                      warm_dir=f"{base}/warm")
     cfg = config.load(path)
     cost = warm.prepare(cfg, cfg.env("tiny"), say=lambda line: None)
@@ -40,8 +49,8 @@ def warm_site():
     shutil.rmtree(base, ignore_errors=True)
 
 
-def spec(cfg, job_id, vcpus=1, memory_mib=None, user="alice", uid=4242, gid=4343):
-    e = cfg.env("tiny")
+def spec(cfg, job_id, vcpus=1, memory_mib=None, user="alice", uid=4242, gid=4343, env="tiny"):
+    e = cfg.env(env)
     return lifecycle.JobSpec(job_id=job_id, user=user, uid=uid, gid=gid, group="lab",
                              job_name="w", env=e, vcpus=vcpus,
                              memory_mib=memory_mib or e.memory_mib,
@@ -169,6 +178,28 @@ def test_refresh_keeps_the_generation_a_running_job_uses(warm_site):
     assert not os.path.exists(used)
 
 
+@needs_image("tiny")
+def test_a_restored_guest_is_confined_before_it_runs(warm_site):
+    """no-loopback: the restored guest stays paused until its QEMU is confined."""
+    from test_isolation import HostService
+    cfg, _ = warm_site
+    warm.prepare(cfg, cfg.env("tinynolo"), say=lambda line: None)
+    svc = HostService()
+    job = f"506.{RUN}.warm.test"
+    try:
+        st = lifecycle.create(cfg, spec(cfg, job, env="tinynolo"), time.monotonic() + 120)
+        assert st.warm
+        with Guest.connect(st) as g:
+            status, out, err = g.run(f"echo x | nc -w 3 10.0.2.2 {svc.port}", timeout=30)
+        assert status != 0 and b"hello from the host" not in out + err
+        time.sleep(0.5)
+        assert svc.seen == []
+    finally:
+        svc.close()
+        lifecycle.destroy(cfg, job)
+    assert leftovers(cfg, job) == []
+
+
 # ------------------------------------------------------------------ unit tests
 
 def _cfg(tmp_path, env_extra="warm = on\ndata = copy\n", kernel=True):
@@ -289,6 +320,25 @@ def test_launcher_gives_qemu_the_saved_state(tmp_path, monkeypatch):
         os.close(fd)
 
 
+def test_a_restored_guest_runs_at_once_unless_it_must_wait(tmp_path, monkeypatch):
+    """-S goes only for a restore that may run before libvirt's 'cont' (not no-loopback)."""
+    from vmwn import emulator
+    state_file = tmp_path / "state"
+    state_file.write_bytes(b"QEVM")
+    args = ["-name", "x", "-S", "-m", "256"]
+    monkeypatch.delenv("VMWN_INCOMING", raising=False)
+    monkeypatch.setenv("VMWN_AUTOSTART", "1")
+    assert emulator._args(args) == args  # a cold boot keeps libvirt's -S
+    monkeypatch.setenv("VMWN_INCOMING", str(state_file))
+    out = emulator._args(args)
+    os.close(int(out[-1].split(":")[1]))
+    assert out[:-2] == ["-name", "x", "-m", "256"] and out[-2] == "-incoming"
+    monkeypatch.delenv("VMWN_AUTOSTART")
+    out = emulator._args(args)
+    os.close(int(out[-1].split(":")[1]))
+    assert out[:-2] == args
+
+
 def test_domain_carries_the_warm_flag_and_the_state(tmp_path):
     from vmwn.domain import render
     cfg = config.load(vmwn_testlib.write_config(str(tmp_path), envs=WARM_ENVS))
@@ -299,3 +349,9 @@ def test_domain_carries_the_warm_flag_and_the_state(tmp_path):
                  incoming="/var/lib/vmwn/warm/tiny/g1/state")
     assert f"{env.cmdline} vmwn.warm=1'" in xml
     assert "<qemu:env name='VMWN_INCOMING' value='/var/lib/vmwn/warm/tiny/g1/state'/>" in xml
+    # No global run state in the stream: a restored guest runs as QEMU decides (autostart).
+    assert "<qemu:arg value='migration.store-global-state=off'/>" in xml
+    assert "VMWN_AUTOSTART" not in xml
+    xml = render(cfg, env, job_id="1.x", user="nobody", uid=65534, gid=65534, warm=True,
+                 incoming="/s", autostart=True)
+    assert "<qemu:env name='VMWN_AUTOSTART' value='1'/>" in xml

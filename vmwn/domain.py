@@ -48,7 +48,7 @@ def guest_hostname(job_id):
 
 def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, port=0,
            overlay=None, seed="/dev/null", console_log="/dev/null", created=None, shares=(),
-           uid=None, gid=None, warm=False, incoming=None, name=None):
+           uid=None, gid=None, warm=False, incoming=None, name=None, autostart=False):
     """The domain XML for one job, validated; raises SiteError if the template is unfit.
 
     QEMU runs as ``uid``:``gid`` (the job's; looked up from ``user`` when not
@@ -69,7 +69,7 @@ def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, 
         seed=seed, console_log=console_log,
         shares=[dict(tag=s.tag, socket=s.socket) for s in shares],
         uid=int(uid), gid=int(gid), emulator=cfg.site["emulator"], qemu=cfg.site["qemu"],
-        warm=bool(warm), incoming=incoming or "",
+        warm=bool(warm), incoming=incoming or "", autostart=bool(autostart),
     )
     xml = render_template(cfg.site["template_dir"], env.template, ctx, xml=True)
     check(xml, ctx["name"], ctx["job_id"], f"{cfg.site['template_dir']}/{env.template}")

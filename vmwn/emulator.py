@@ -183,10 +183,20 @@ def _exec(qemu, argv):
         os.setsid()  # out of the anchor's session: pbs_mom's kill stops at the anchor
         for s in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; QEMU must not
             signal.signal(s, signal.SIG_DFL)
-        os.execv(qemu, [qemu] + list(argv[1:]) + _incoming())
+        os.execv(qemu, [qemu] + _args(argv[1:]))
     except BaseException as e:  # noqa: BLE001 - nothing may escape a forked child
         os.write(2, f"vmwn: cannot run {qemu}: {e}\n".encode(errors="replace"))
     os._exit(127)
+
+
+def _args(args):
+    """QEMU's arguments: libvirt's, and for a warm start the saved state to load.  A
+    restored guest that may run at once (VMWN_AUTOSTART) loses libvirt's -S: it then
+    runs while libvirt still sets QEMU up, and libvirt's final 'cont' finds it running."""
+    incoming = _incoming()
+    if incoming and os.environ.get("VMWN_AUTOSTART") == "1":
+        args = [a for a in args if a != "-S"]
+    return list(args) + incoming
 
 
 def _incoming():

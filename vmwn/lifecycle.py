@@ -246,7 +246,7 @@ def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
                                 console_log=st.console_log, created=st.created,
                                 shares=shares, uid=st.uid, gid=st.gid, warm=bool(st.warm),
                                 incoming=warm.state_of(st.warm) if st.warm
-                                else None)
+                                else None, autostart=not netpolicy.needs_paused_start(env))
             timer.mark("render")
             try:
                 dom = virt.start(conn, xml, paused=netpolicy.needs_paused_start(env))
