@@ -355,3 +355,36 @@ def test_domain_carries_the_warm_flag_and_the_state(tmp_path):
     xml = render(cfg, env, job_id="1.x", user="nobody", uid=65534, gid=65534, warm=True,
                  incoming="/s", autostart=True)
     assert "<qemu:env name='VMWN_AUTOSTART' value='1'/>" in xml
+
+
+def test_drop_leaves_no_directory_behind(tmp_path):
+    cfg = _cfg(tmp_path)
+    env = cfg.env("tiny")
+    gen = _fake_generation(cfg, env)
+    open(os.path.join(warm.env_dir(cfg, env.name), ".lock"), "w").close()
+    assert warm.drop(cfg, env.name) == [os.path.basename(gen)]
+    assert not os.path.exists(warm.env_dir(cfg, env.name))
+    assert warm.drop(cfg, env.name) == []  # again: nothing to do, no error
+
+
+def test_an_image_build_refreshes_every_warm_environment_on_its_files(tmp_path, monkeypatch):
+    from vmwn import images
+    cfg = _cfg(tmp_path)
+    conf = cfg.files[0]
+    with open(conf, "a") as f:  # a second environment on the same files, warm too
+        base = cfg.env("tiny")
+        f.write(f"\n[env tinywarm]\nimage = {base.image}\nkernel = {base.kernel}\n"
+                f"initrd = {base.initrd}\ndata = copy\nwarm = on\n"
+                f"\n[env other]\nimage = {tmp_path}/other.qcow2\nkernel = {base.kernel}\n"
+                "data = copy\nwarm = on\n")
+    cfg = config.load(conf)
+    prepared = []
+
+    def not_prepared(cfg, env):
+        raise warm.NotPrepared("stale")
+    monkeypatch.setattr(warm, "current", not_prepared)
+    monkeypatch.setattr(warm, "prepare", lambda cfg, env: prepared.append(env.name) or
+                        {"prepare_seconds": 1.0})
+    images._refresh_warm(cfg, cfg.env("tiny"))
+    # 'other' shares the kernel: its saved guest booted it, so it is stale too.
+    assert prepared == ["other", "tiny", "tinywarm"]

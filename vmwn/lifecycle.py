@@ -129,6 +129,9 @@ def _prepare(cfg, spec, timer, log, deadline):
     if gen and not warm.pad_seed(seed_path):
         log.info("cold boot: the job's seed is larger than the prepared guest's seed disk")
         gen = None
+    if gen:
+        log.info("restoring the prepared guest of %s (%s)", env.name,
+                 os.path.basename(gen.path))
     os.chown(seed_path, spec.uid, spec.gid)  # read by the job's QEMU; it holds the job's keys
     os.chmod(seed_path, 0o400)
     timer.mark("keys and seed")

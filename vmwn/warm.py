@@ -342,11 +342,16 @@ def remove_unused(cfg, env_name):
 
 
 def drop(cfg, env_name):
-    """Remove every generation no job uses, the current one too (warm starts stop)."""
+    """Remove every generation no job uses, the current one too (warm starts stop), and
+    the environment's directory once nothing of it is left."""
     root = env_dir(cfg, env_name)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(root, "current"))
-    return remove_unused(cfg, env_name)
+    removed = remove_unused(cfg, env_name)
+    with contextlib.suppress(FileNotFoundError):
+        if not [n for n in os.listdir(root) if n != ".lock"]:
+            shutil.rmtree(root)
+    return removed
 
 
 def status(cfg, env):

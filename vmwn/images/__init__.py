@@ -101,18 +101,21 @@ def cmd_build(args):
     return 0
 
 
-def _refresh_warm(cfg, env):
-    """A new base never meets an old saved guest: prepare again when warm = on."""
+def _refresh_warm(cfg, built):
+    """A new base never meets an old saved guest: every environment with warm = on that
+    boots files of ``built`` (whatever its name) is prepared again."""
     from .. import warm
-    if not env.warm:
-        return
-    try:
-        warm.current(cfg, env)
-        print(f"{env.name}: prepared guest up to date")
-    except warm.NotPrepared as e:
-        print(f"{env.name}: preparing the warm guest ({e})")
-        cost = warm.prepare(cfg, env)
-        print(f"{env.name}: prepared in {cost['prepare_seconds']} s")
+    files = {p for _, p in built.artefacts()}
+    for env in sorted(cfg.environments.values(), key=lambda e: e.name):
+        if not env.warm or not files & {p for _, p in env.artefacts()}:
+            continue
+        try:
+            warm.current(cfg, env)
+            print(f"{env.name}: prepared guest up to date")
+        except warm.NotPrepared as e:
+            print(f"{env.name}: preparing the warm guest ({e})")
+            cost = warm.prepare(cfg, env)
+            print(f"{env.name}: prepared in {cost['prepare_seconds']} s")
 
 
 def _interrupt(signum, frame):
