@@ -431,12 +431,13 @@ warm = on
         _write(path, f"[127.0.0.1]:{port} {host_public}\n", 0o644)
         return path
 
-    def vmwn_run(self, node, script, resources=(), pbs_home=None, timeout=900):
-        argv = [self.vmwn, "--config", node.config, "run", "-u", self.user, "-d", self.submit,
+    def vmwn_run(self, node, script, resources=(), pbs_home=None, timeout=900, submit=None):
+        submit = submit or self.submit
+        argv = [self.vmwn, "--config", node.config, "run", "-u", self.user, "-d", submit,
                 "--prologalarm", "300", "--pbs-home", pbs_home or node.pbs_home]
         for r in resources:
             argv += ["-l", r]
-        cp = subp.run(argv + [script], cwd=self.submit, timeout=timeout, check=False)
+        cp = subp.run(argv + [script], cwd=submit, timeout=timeout, check=False)
         lines = cp.stdout.splitlines()
         if cp.returncode != 0 or len(lines) < 2:
             raise SiteError(f"vmwn run {script} failed ({cp.returncode}): "
@@ -447,9 +448,10 @@ warm = on
 
 # ------------------------------------------------------------ measurements
 
-def measure_vm_jobs(b, env="tiny", simultaneous=1, reps=None):
+def measure_vm_jobs(b, env="tiny", simultaneous=1, reps=None, submit=None):
     """Whole VM jobs through ``vmwn run`` with timing steps around vmwn's steps:
-    ``reps`` rounds of ``simultaneous`` jobs; one dict per job."""
+    ``reps`` rounds of ``simultaneous`` jobs submitted from ``submit`` (default the
+    bench's submit directory); one dict per job."""
     out = []
     for i in range(reps or b.reps):
         _say(f"vmwn job{'s' if simultaneous > 1 else ''} ({env}"
@@ -473,7 +475,8 @@ def measure_vm_jobs(b, env="tiny", simultaneous=1, reps=None):
 
         def one(k):
             try:
-                ids[k] = (b.vmwn_run(b.vm, "job.sh", [f"other=vmwn={env}"]), time.time())
+                ids[k] = (b.vmwn_run(b.vm, "job.sh", [f"other=vmwn={env}"], submit=submit),
+                          time.time())
             except VmwnError as e:
                 errors.append(e)
         t0 = time.time()
@@ -500,6 +503,8 @@ def measure_vm_jobs(b, env="tiny", simultaneous=1, reps=None):
             out.append(dict(wall=end - t0, prologue=pe - ps, epilogue=ee - es,
                             starter_first=(fb - pe) if fb else None,
                             first_instruction=(fb - ps) if fb else None))
+            if fb:
+                _say(f"  {job_id}: first instruction {fb - ps:.3f} s after the prologue's start")
     return out
 
 
@@ -522,9 +527,13 @@ def measure_warm(b):
     res = dict(prepare=first["prepare_seconds"], refresh=again["prepare_seconds"],
                state_mib=again["state_bytes"] / MIB, disk_mib=again["disk_bytes"] / MIB,
                rss=rss, phases=ph)
-    res["jobs"] = measure_vm_jobs(b, "tinywarm")
-    res["jobs4"] = measure_vm_jobs(b, "tinywarm", simultaneous=4, reps=1)
-    res["cold4"] = measure_vm_jobs(b, "tiny", simultaneous=4, reps=1)
+    # The copy mode stages the submit directory in: one holding only the job script,
+    # not what the other measurements left in the bench's.
+    submit = b._udir("warm-submit")
+    _write(os.path.join(submit, "job.sh"), f"#!/bin/sh\necho {MARKER}\n", 0o755, b.uid, b.gid)
+    res["jobs"] = measure_vm_jobs(b, "tinywarm", submit=submit)
+    res["jobs4"] = measure_vm_jobs(b, "tinywarm", simultaneous=4, reps=1, submit=submit)
+    res["cold4"] = measure_vm_jobs(b, "tiny", simultaneous=4, reps=1, submit=submit)
     warm.drop(b.cfg, env.name)
     return res
 
