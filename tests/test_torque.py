@@ -525,6 +525,7 @@ def test_the_guest_user_has_the_users_other_groups(cluster, workdir, env):
 
 
 WARM_JOB = """#!/bin/sh
+cd "$PBS_O_WORKDIR" || exit 9
 echo "host=$(hostname)"
 echo "rnd=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' ')"
 echo "clock=$(date +%s)"
