@@ -89,11 +89,11 @@ test-unit: deps
 demo: deps
 	@$(MAKE) --no-print-directory guest GUESTS=tiny
 	@$(MAKE) --no-print-directory install
-	$(PY) -m vmwn.demo --pbs-home $(PBS_HOME) --config $(DESTDIR)$(SYSCONFDIR)/vmwn/vmwn.conf
+	$(PY) examples/demo.py --pbs-home $(PBS_HOME) --config $(DESTDIR)$(SYSCONFDIR)/vmwn/vmwn.conf
 
 bench: deps torque
 	@$(MAKE) --no-print-directory guest GUESTS=tiny
-	$(PY) -m vmwn.bench --config $(CONFIG)
+	$(PY) bench/vmwn_bench.py --config $(CONFIG)
 	$(PY) bench/torque_bench.py
 
 install: deps

@@ -14,11 +14,11 @@ import subprocess
 import sys
 import tempfile
 
-from .errors import SiteError, exit_code
+from vmwn.errors import SiteError, exit_code
 
 DEMO_USER = "vmwndemo"
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "job.sh")
+EXAMPLE = os.path.join(HERE, "job.sh")
 
 
 def ensure_user(name):
@@ -30,7 +30,7 @@ def ensure_user(name):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vmwn.demo")
+    p = argparse.ArgumentParser(prog="examples/demo.py")
     p.add_argument("--pbs-home", default="/var/spool/torque")
     p.add_argument("--config", default="/etc/vmwn/vmwn.conf")
     p.add_argument("--env", default="tiny")

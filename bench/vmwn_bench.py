@@ -9,7 +9,8 @@ vmwn's hooks.  Everything the run creates (a node tree under /tmp, a job user
 when none is given, overlays, domains, QEMU processes) is removed at the end,
 also after a failure or Ctrl-C.
 
-Usage: ``python -m vmwn.bench --config PATH [--quick] [--jobs N] [--user NAME]``.
+Usage: ``python bench/vmwn_bench.py --config PATH [--quick] [--jobs N] [--user NAME]``
+(from the source tree; not part of the installed package).
 """
 
 import argparse
@@ -31,8 +32,8 @@ import threading
 import time
 import types
 
-from . import config as configmod, subp
-from .errors import SiteError, UserError, VmwnError
+from vmwn import config as configmod, subp
+from vmwn.errors import SiteError, UserError, VmwnError
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def _rss_mib(pid):
 
 def _vm_rss_mib(launcher):
     """QEMU's RSS under vmwn's launcher (the largest process of the launcher's tree)."""
-    from .usage import tree
+    from vmwn.usage import tree
     return max((r for r in (_rss_mib(p) for p in tree(launcher)) if r is not None),
                default=None)
 
@@ -189,7 +190,7 @@ class ConsoleWatch:
         self._t.start()
 
     def _run(self):
-        from .lifecycle import Console  # the prologue's own reader of the announcement
+        from vmwn.lifecycle import Console  # the prologue's own reader of the announcement
         console = Console(self.path)
         while not self._stop.is_set():
             if console.poll() == "ready":
@@ -204,7 +205,7 @@ class ConsoleWatch:
 
 def _connect_retrying(uri, wait=30.0):
     """libvirt, waiting up to ``wait`` seconds for a libvirtd that is restarting."""
-    from . import virt
+    from vmwn import virt
     end = time.monotonic() + wait
     while True:
         try:
@@ -289,7 +290,7 @@ class Bench:
 
     def _node(self, name, timing_steps):
         """vmwn installed into ROOT/NAME (PBS_HOME, config, starter)."""
-        from . import install
+        from vmwn import install
         base = os.path.join(self.root, name)
         conf = os.path.join(base, "etc", "vmwn", "vmwn.conf")
         os.makedirs(os.path.dirname(conf))
@@ -337,7 +338,7 @@ warm = on
 
     def cleanup(self):
         """Remove every domain, process, file and account this run made."""
-        from . import lifecycle, virt
+        from vmwn import lifecycle, virt
         for pid in list(self.pids):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -375,7 +376,7 @@ warm = on
     # -- helpers ----------------------------------------------------------------
 
     def spec(self, job_id, env=None, host_workdir=None):
-        from .lifecycle import JobSpec
+        from vmwn.lifecycle import JobSpec
         env = env or self.env
         workdir = (host_workdir or self.submit) if env.data == "mounted" else \
             f"/home/{self.user}/bench"
@@ -386,7 +387,7 @@ warm = on
 
     def create(self, job_id, env=None, host_workdir=None):
         """lifecycle.create in this process; returns (state, phases, console-ready, t0)."""
-        from . import lifecycle, state as statemod
+        from vmwn import lifecycle, state as statemod
         self.job_ids.add(job_id)
         phases, ends = {}, {}
 
@@ -404,7 +405,7 @@ warm = on
         return st, phases, ends, watch.at
 
     def destroy(self, job_id):
-        from . import lifecycle, state as statemod, virt
+        from vmwn import lifecycle, state as statemod, virt
         st = statemod.load(self.cfg, job_id)
         conn = virt.connect(self.cfg.site["libvirt_uri"])
         t0 = time.monotonic()
@@ -510,7 +511,7 @@ def measure_vm_jobs(b, env="tiny", simultaneous=1, reps=None, submit=None):
 
 def measure_warm(b):
     """Warm starts of tinywarm: what preparing costs, then jobs restored from it."""
-    from . import warm
+    from vmwn import warm
     env = b.cfg.environments["tinywarm"]
     _say("warm: preparing tinywarm")
     first = warm.prepare(b.cfg, env, say=_say)
@@ -540,8 +541,8 @@ def measure_warm(b):
 
 def measure_phases(b, throughput):
     """In-process lifecycle.create: the prologue's phases, the starter's steps, destroy."""
-    from . import ssh, transfer
-    from .hooks.starter import build_command, guest_env, job_argv
+    from vmwn import ssh, transfer
+    from vmwn.hooks.starter import build_command, guest_env, job_argv
     runs = []
     for i in range(b.reps + 1):
         warm = i == 0
@@ -594,7 +595,7 @@ def _timed(argv, **kw):
 
 def _relay(b, st, env, script):
     """The installed starter relaying ``script``'s output from the guest; (seconds, cp)."""
-    from . import warden
+    from vmwn import warden
     served = warden.serve_booted(b.cfg, st)
     t, cp = _timed([b.vm.starter, "/bin/sh"], env=env, timeout=600, input=script)
     served.join(5)
@@ -606,7 +607,7 @@ def _relay(b, st, env, script):
 
 def measure_throughput(b, st):
     """Relay (the installed starter) and harvest against OpenSSH ssh and scp, same guest."""
-    from . import ssh, transfer
+    from vmwn import ssh, transfer
     _say("throughput: starter relay and harvest against OpenSSH")
     kh = b.known_hosts(os.path.join(b.root, "known_hosts"), st.port, st.host_key_public)
     env = {"PATH": "/bin:/usr/bin", "PBS_JOBID": st.job_id, "PBS_O_WORKDIR": b.empty,
@@ -659,7 +660,7 @@ SMALL_FILES = 2000
 def measure_small_files(b, st, kh):
     """The copy path's harvest of many small files against a plain tar stream over
     the same guest's SSH (the issue's yardstick), and native cp on the host."""
-    from . import ssh, transfer
+    from vmwn import ssh, transfer
     _say(f"throughput: harvest of {SMALL_FILES} small files against tar over ssh and cp")
     sub = f"{st.workdir}/small"
     guest = ssh.Guest.connect(st)
@@ -694,7 +695,7 @@ def measure_mounted(b):
     """The mounted data path: a guest writing many small files and one big file
     into its virtio-fs working directory (which is the host's), against the same
     commands run natively on the host as the same user, and native cp."""
-    from . import ssh
+    from vmwn import ssh
     _say("mounted: guest writes into its host directory, against the same on the host")
     env = dataclasses.replace(b.cfg.environments["tiny"], data="mounted")
     work = b._udir("mounted")
@@ -733,7 +734,7 @@ def measure_mounted(b):
 
 def measure_floor(b):
     """The same kernel, initrd and devices under qemu-system-x86_64 alone, to SSH login."""
-    from . import keys, seed, ssh
+    from vmwn import keys, seed, ssh
     out = []
     e = b.env
     for i in range(b.reps):
@@ -802,8 +803,8 @@ def measure_floor(b):
 
 def measure_naive(b):
     """cp of the base, virsh create, then OpenSSH ssh until the job's first line comes back."""
-    from . import keys, seed
-    from .domain import render
+    from vmwn import keys, seed
+    from vmwn.domain import render
     out = []
     e = b.env
     uri = b.cfg.site["libvirt_uri"]
@@ -828,7 +829,7 @@ def measure_naive(b):
         xml_path = os.path.join(d, "domain.xml")
         _write(xml_path, xml)
         kh = b.known_hosts(os.path.join(d, "known_hosts"), port, hostkey.public_line)
-        from .domain import domain_name
+        from vmwn.domain import domain_name
         b.domains.add(domain_name(jid))
         subp.run(["virsh", "-q", "-c", uri, "create", xml_path], timeout=120)
         while True:
@@ -1102,7 +1103,7 @@ def build_rows(m):
 # --------------------------------------------------------------------- main
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m vmwn.bench",
+    p = argparse.ArgumentParser(prog="bench/vmwn_bench.py",
                                 description="Measure vmwn's per-job overhead against "
                                 "baselines measured in the same run (needs root).")
     p.add_argument("--config", default=None, help="vmwn.conf naming the tiny environment")
