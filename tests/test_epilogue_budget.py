@@ -4,6 +4,7 @@ import types
 
 import pytest
 
+import vmwn.hooks as hooks
 from vmwn.hooks import epilogue
 
 
@@ -21,10 +22,17 @@ def node(tmp_path, alarm=None):
     (20, 5.0),       # never below a few seconds: a tiny alarm still tries
 ])
 def test_harvest_budget_leaves_the_destroy_its_share(tmp_path, monkeypatch, alarm, expected):
-    monkeypatch.setattr(epilogue, "session_age", lambda: 0.0)
+    monkeypatch.setattr(hooks, "session_age", lambda: 0.0)
     assert epilogue.budget(node(tmp_path, alarm), None) == expected
 
 
 def test_time_already_used_by_earlier_steps_counts(tmp_path, monkeypatch):
-    monkeypatch.setattr(epilogue, "session_age", lambda: 30.0)
+    monkeypatch.setattr(hooks, "session_age", lambda: 30.0)
     assert epilogue.budget(node(tmp_path, 100), None) == 40.0
+
+
+def test_a_hook_run_by_hand_from_an_old_session_has_spent_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(hooks, "session_age", lambda: 5000.0)
+    n = node(tmp_path, 100)
+    assert hooks.alarm_spent(n.pbs_home) == (90, 0.0)
+    assert epilogue.budget(n, None) == 70.0

@@ -68,11 +68,25 @@ def session_age():
     pbs_mom's alarm runs from when it started the hook, not from when this step
     began; earlier steps and the dispatcher have already used part of it.
     """
+    from ..usage import TICK, start_time
+    started = start_time(os.getsid(0))
     try:
-        with open(f"/proc/{os.getsid(0)}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
         with open("/proc/uptime", encoding="ascii") as f:
             uptime = float(f.read().split()[0])
-        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return 0.0
+    return max(0.0, uptime - started / TICK) if started else 0.0
+
+
+def alarm_spent(pbs_home, used=None):
+    """(seconds pbs_mom's alarm gives a hook, seconds of them this hook has spent).
+
+    The one place both hooks' budgets come from: ``$prologalarm`` (pbs_mom uses it
+    for the epilogue too) less the mom's margin, and the age of this hook's session
+    (``used`` overrides it); a hook not started under the alarm (run by hand from an
+    older session) has spent nothing.
+    """
+    from .. import pbs
+    alarm = pbs.prologalarm(pbs_home) - pbs.ALARM_MARGIN
+    used = session_age() if used is None else used
+    return alarm, (0.0 if used >= alarm else used)

@@ -12,7 +12,7 @@ import sys
 import time
 
 from .. import config, errors, logsetup, pbs
-from . import ensure_std_fds, is_sister, say, session_age, setup_logging
+from . import alarm_spent, ensure_std_fds, is_sister, say, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,7 @@ HARVEST_MAX_SECONDS = 180.0
 
 def budget(cfg, pbs_home):
     """Seconds the harvest may take: what pbs_mom's alarm leaves, less the destroy's share."""
-    alarm = pbs.prologalarm(pbs_home or cfg.pbs_home) - pbs.ALARM_MARGIN
-    used = session_age()
-    if used >= alarm:
-        used = 0.0  # not started under pbs_mom's alarm (run by hand)
+    alarm, used = alarm_spent(pbs_home or cfg.pbs_home)
     return max(5.0, min(HARVEST_MAX_SECONDS, alarm - used - DESTROY_RESERVE))
 
 

@@ -16,7 +16,7 @@ import signal
 import time
 
 from .. import config, errors, logsetup, pbs, request
-from . import ensure_std_fds, is_sister, say, setup_logging, session_age
+from . import alarm_spent, ensure_std_fds, is_sister, say, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,7 @@ def deadline(cfg, pbs_home, now=None, used=None):
     pbs_mom starts for the prologue).
     """
     now = time.monotonic() if now is None else now
-    alarm = pbs.prologalarm(pbs_home) - pbs.ALARM_MARGIN
-    used = session_age() if used is None else used
-    if used >= alarm:
-        used = 0.0  # not started by pbs_mom's alarm (run by hand from a long-lived shell)
+    alarm, used = alarm_spent(pbs_home, used)
     budget = min(cfg.site["prologue_deadline"], alarm - CLEANUP_RESERVE) - used
     if budget <= 0:
         raise errors.SiteError(f"no time left to boot a VM within $prologalarm "
