@@ -11,7 +11,8 @@ import os
 import re
 import time
 
-from . import disk, keys, netpolicy, ports, seed, share, state as statemod, usage, warm
+from . import (disk, guestfiles, keys, netpolicy, ports, seed, share, state as statemod,
+               usage, warm)
 from .domain import domain_name, guest_hostname, render as render_domain
 from .errors import GuestLost, SiteError, TransientError, UserError, VmwnError
 from .logsetup import job_logger
@@ -147,7 +148,8 @@ def _prepare(cfg, spec, timer, log, deadline):
             seed=seed_path, console_log=os.path.join(jdir, "console.log"),
             vcpus=spec.vcpus, memory_mib=spec.memory_mib, job_name=spec.job_name,
             data=env.data, shares=[dataclasses.asdict(s) for s in shares],
-            control_dir=seed.control_dir(spec.user, mounted), warm=gen.path if gen else "")
+            control_dir=guestfiles.control_dir(spec.user, mounted),
+            warm=gen.path if gen else "")
         statemod.save(cfg, st)  # recorded before anything outside the job dir exists
     timer.mark("port")
     if env.image:

@@ -28,7 +28,7 @@ import struct
 import tempfile
 import time
 
-from . import privs, seed, subp, transfer
+from . import guestfiles, privs, subp, transfer
 from .errors import GuestLost, SiteError, UserError
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,8 @@ def _extract_as_user(debugfs, e2fsck, raw, out, output_dir, user):
             raise GuestLost(f"debugfs did not extract {output_dir} from the VM's disk",
                             "nothing could be recovered")
         tree = os.path.join(tree, names[0])
-    home = seed.guest_home(user)
-    ctl = posixpath.join(home, transfer.CONTROL)
+    home = guestfiles.guest_home(user)
+    ctl = posixpath.join(home, guestfiles.HOME_CONTROL_DIR)
     skip = list(transfer.GUEST_OWN) if posixpath.dirname(ctl) == output_dir.rstrip("/") else []
     if src == "/":
         skip.append("lost+found")
@@ -177,7 +177,7 @@ def _staged(fs, mount, ctl, output_dir):
     """(stage-in manifest keyed by path relative to the output directory, the job's
     umask); ({}, the default umask) if unreadable."""
     none = ({}, transfer.DEFAULT_UMASK)
-    path = on_disk(posixpath.join(ctl, transfer.MANIFEST), mount)
+    path = on_disk(posixpath.join(ctl, guestfiles.MANIFEST), mount)
     if path is None or fs.kind(path) != "regular":
         return none
     dest = os.path.join(fs.out, "manifest.json")

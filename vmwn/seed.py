@@ -32,22 +32,8 @@ def context(*, job_id, instance_id, hostname, user, uid, gid, group, shell, work
                 host_key_public=hostkey.public_line)
 
 
-def guest_home(user):
-    """The job user's home in the guest (cloud-init's and the tiny guest's default)."""
-    return f"/home/{user}"
-
-
-# vmwn's files in the guest (job script, pid files, environment).  With the
-# home mounted from the host they live outside it, in the guest's own file
-# system (not /run: Debian mounts it noexec, and the job script is executed).
-MOUNTED_CONTROL_DIR = "/var/lib/vmwn-job"
-# Otherwise (copy mode) in the guest's own home, relative to it.
-HOME_CONTROL_DIR = ".vmwn"
-
-
-def control_dir(user, mounted):
-    """Guest directory for vmwn's control files: never one a share covers."""
-    return MOUNTED_CONTROL_DIR if mounted else f"{guest_home(user)}/{HOME_CONTROL_DIR}"
+# The guest's control directory is guestfiles' (the seed only makes it).
+from .guestfiles import control_dir, guest_home  # noqa: E402,F401
 
 
 # Supplementary groups a guest gets: names it can hold, ids clear of the guests'

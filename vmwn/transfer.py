@@ -31,7 +31,7 @@ import stat
 import time
 
 from .errors import GuestLost, SiteError, TransientError, UserError
-from .seed import HOME_CONTROL_DIR as CONTROL  # the guest contract names it
+from .guestfiles import HOME_CONTROL_DIR as CONTROL, MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ GUEST_OWN = (CONTROL, ".ssh/authorized_keys")
 def guest_own(home):
     """Absolute guest paths of :data:`GUEST_OWN` for the guest home ``home``."""
     return frozenset(posixpath.join(home, p) for p in GUEST_OWN)
-MANIFEST = "manifest.json"
 # Applied when the job starter recorded no umask: nothing comes back group- or
 # world-writable that the job did not ask for.
 DEFAULT_UMASK = 0o022

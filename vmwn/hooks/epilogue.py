@@ -40,9 +40,9 @@ def _guest_job_running(st_fields):
     from ..ssh import Guest
     from ..state import JobState
     from shlex import quote
-    from ..seed import control_dir
+    from .. import guestfiles
     st = JobState.from_json(st_fields)
-    pidfile = quote((st.control_dir or control_dir(st.user, False)) + "/job.pid")
+    pidfile = quote(guestfiles.pidfile(st.control_dir or guestfiles.control_dir(st.user, False)))
     guest = Guest.connect(st, timeout=10)
     try:
         _, out, _ = guest.run(f'p=$(cat {pidfile} 2>/dev/null) && '

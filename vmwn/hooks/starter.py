@@ -376,7 +376,7 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
     import posixpath
     import stat
     import paramiko
-    from .. import logsetup, ssh, transfer
+    from .. import guestfiles, logsetup, ssh, transfer
     from ..config import parse_bytes
     _setup_logging(cfg)
     log = logsetup.job_logger(__name__, job_id)
@@ -398,7 +398,8 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
         try:
             _check_mounts(sftp, st)
             ctl = transfer.control_dir(sftp, getattr(st, "control_dir", "") or None)
-            tag = "job" if mode != "task" else "task-" + _safe(environ.get("PBS_TASKNUM", "0"))
+            tag = guestfiles.JOB if mode != "task" else \
+                guestfiles.task_tag(_safe(environ.get("PBS_TASKNUM", "0")))
             if mode != "task" and getattr(st, "data", "copy") == "copy":
                 host_dir = environ.get("PBS_O_WORKDIR") or st.host_workdir
                 res = transfer.stage_in(guest, host_dir, st.workdir,
@@ -420,13 +421,14 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
             if nodefile and mode != "task":
                 try:
                     with open(nodefile, "rb") as f:
-                        _put_bytes(sftp, posixpath.join(ctl, "nodefile"), f.read(1 << 20), 0o600)
+                        _put_bytes(sftp, posixpath.join(ctl, guestfiles.NODEFILE),
+                                   f.read(1 << 20), 0o600)
                 except OSError as e:
                     log.warning("cannot copy PBS_NODEFILE %s: %s", nodefile, e.strerror)
             if nodefile:
-                environ["PBS_NODEFILE"] = posixpath.join(ctl, "nodefile")
+                environ["PBS_NODEFILE"] = posixpath.join(ctl, guestfiles.NODEFILE)
             if mode == "batch":
-                script_path = posixpath.join(ctl, "job.sh")
+                script_path = posixpath.join(ctl, guestfiles.JOB_SCRIPT)
                 _put_bytes(sftp, script_path, script, 0o700)
                 argv = job_argv(shell, how, script_path, args)
             elif mode == "task":
@@ -434,7 +436,7 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
             else:
                 argv = [shell] + rest[1:]
             env_text, env_rest = env_script(guest_env(environ, has_tmp))
-            env_file = posixpath.join(ctl, tag + ".env")
+            env_file = guestfiles.envfile(ctl, tag)
             _put_bytes(sftp, env_file, env_text, 0o600)
         except (IOError, EOFError, paramiko.SSHException) as e:
             from ..errors import GuestLost
@@ -443,7 +445,7 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
                             "the virtual machine may be out of disk space") from None
         finally:
             sftp.close()
-        pidfile = posixpath.join(ctl, tag + ".pid")
+        pidfile = guestfiles.pidfile(ctl, tag)
         command = build_command(pidfile, start_dir(environ), env_rest, argv, env_file=env_file,
                                 umask=current_umask())
         interactive = mode == "interactive"
