@@ -16,15 +16,19 @@ from .errors import TransientError
 
 
 @contextlib.contextmanager
-def locked(cfg):
-    """Hold the node-wide allocation lock (blocking; held for milliseconds)."""
-    root = statemod.ensure_root(cfg)
-    fd = os.open(os.path.join(root, ".ports.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+def flocked(path):
+    """Hold an exclusive flock on the root-only file ``path`` (made if missing)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+def locked(cfg):
+    """Hold the node-wide allocation lock (blocking; held for milliseconds)."""
+    return flocked(os.path.join(statemod.ensure_root(cfg), ".ports.lock"))
 
 
 def _free(address, port):

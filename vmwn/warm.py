@@ -26,7 +26,6 @@ ones are removed once no job refers to them.
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -170,16 +169,6 @@ def pad_seed(path):
 
 # ---------------------------------------------------------------- preparing
 
-@contextlib.contextmanager
-def _locked(d):
-    fd = os.open(os.path.join(d, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def prepare(cfg, env, say=print):
     """Boot ``env``'s guest to its waiting point, save it and make it current.
 
@@ -204,7 +193,7 @@ def prepare(cfg, env, say=print):
     os.chmod(cfg.site["warm_dir"], 0o755)
     os.chmod(root, 0o755)  # job QEMUs (the job's user) read the generation
     t0 = time.monotonic()
-    with _locked(root):
+    with ports.flocked(os.path.join(root, ".lock")):  # one prepare of ENV at a time
         work = tempfile.mkdtemp(prefix=".new-", dir=root)
         os.chmod(work, 0o711)
         name = f"vmwn-warm-{env.name}"
