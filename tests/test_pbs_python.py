@@ -27,7 +27,9 @@ else:
 TORQUE_PREFIX = os.environ.get("TORQUE_PREFIX", "/opt/vmwn-torque")
 BIN = os.path.join(TORQUE_PREFIX, "bin")
 
-pytestmark = [pytest.mark.torque, pytest.mark.skipif(pbs is None, reason=_NO_PBS)]
+# integration too: it brings the shared Torque cluster up ('make install') and down.
+pytestmark = [pytest.mark.torque, pytest.mark.integration,
+              pytest.mark.skipif(pbs is None, reason=_NO_PBS)]
 
 
 def _torque(cmd, *args, user=None, stdin=None):

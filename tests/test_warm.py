@@ -160,6 +160,33 @@ def test_a_failed_restore_falls_back_to_a_cold_boot(warm_site, caplog):
 
 
 @needs_image("tiny")
+def test_a_generation_removed_under_a_starting_job_costs_a_cold_boot(warm_site, monkeypatch,
+                                                                      caplog):
+    """A refresh may remove the generation a job chose a moment earlier (injected: its
+    disk is gone when the job's overlay is made)."""
+    from vmwn import disk
+    cfg, _ = warm_site
+    real = disk.create_overlay
+
+    def gone(cfg, job_id, base, timeout=60):
+        if base.startswith(cfg.site["warm_dir"]):
+            raise SiteError(f"base image {base} is missing", "injected")
+        return real(cfg, job_id, base, timeout)
+    monkeypatch.setattr(disk, "create_overlay", gone)
+    caplog.set_level(logging.INFO, logger="vmwn")
+    job = f"507.{RUN}.warm.test"
+    try:
+        st = lifecycle.create(cfg, spec(cfg, job), time.monotonic() + 180)
+        assert st.warm == "" and state.load(cfg, job).warm == ""
+        with Guest.connect(st) as g:
+            assert g.run("id -un")[1] == b"alice\n"
+    finally:
+        lifecycle.destroy(cfg, job)
+    assert any("cold boot: base image" in r.getMessage() for r in caplog.records)
+    assert leftovers(cfg, job) == []
+
+
+@needs_image("tiny")
 def test_refresh_keeps_the_generation_a_running_job_uses(warm_site):
     cfg, _ = warm_site
     env = cfg.env("tiny")
@@ -254,6 +281,18 @@ def test_a_changed_base_is_never_restored(tmp_path):
                                                 "prepare tiny'"):
         warm.current(cfg, env)
     assert warm.choose(cfg, env, env.vcpus, env.memory_mib) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="generation files must be root's")
+@pytest.mark.skipif(os.geteuid() != 0, reason="generation files must be root's")
+def test_a_generation_with_a_missing_file_is_not_restored(tmp_path, caplog):
+    cfg = _cfg(tmp_path)
+    env = cfg.env("tiny")
+    gen = _fake_generation(cfg, env)
+    os.unlink(os.path.join(gen, "disk.qcow2"))  # removed by hand
+    caplog.set_level(logging.INFO, logger="vmwn")
+    assert warm.choose(cfg, env, env.vcpus, env.memory_mib) is None
+    assert "disk.qcow2 of the prepared guest of tiny is unreadable" in caplog.text
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="generation files must be root's")

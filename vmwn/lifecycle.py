@@ -198,8 +198,16 @@ def _give_overlay(cfg, st, env, deadline):
     """A fresh overlay, the job's alone: its QEMU runs as the job's user.  A
     restored guest's overlay is backed by its generation's disk, which holds
     what the prepared guest wrote before it was saved."""
-    base = warm.disk_of(st.warm) if st.warm else env.image
-    path = disk.create_overlay(cfg, st.job_id, base, timeout=_left(deadline))
+    if st.warm:
+        try:
+            path = disk.create_overlay(cfg, st.job_id, warm.disk_of(st.warm),
+                                       timeout=_left(deadline))
+        except SiteError as e:  # a refresh removed the generation since the job chose it
+            job_logger(__name__, st.job_id).warning("cold boot: %s", e.problem)
+            st.warm = ""
+            statemod.save(cfg, st)
+    if not st.warm:
+        path = disk.create_overlay(cfg, st.job_id, env.image, timeout=_left(deadline))
     os.chown(path, st.uid, st.gid)
     os.chmod(path, 0o600)
 

@@ -133,7 +133,11 @@ def current(cfg, env):
     gen = Generation(path=path, vcpus=meta["fingerprint"]["vcpus"],
                      memory_mib=meta["fingerprint"]["memory_mib"])
     for p in (gen.state, gen.disk):
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise NotPrepared(f"{p} of the prepared guest of {env.name} is unreadable "
+                              f"({e.strerror}); run 'vmwn warm prepare {env.name}'") from None
         if st.st_uid != 0 or st.st_mode & 0o022:
             raise NotPrepared(f"{p} is not root's or is writable by others: a job could "
                               "change what later jobs restore; run "
