@@ -51,6 +51,7 @@ def _warm_mode():
         yield
     finally:
         shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(vmwn_testlib.WARM_DIR, ignore_errors=True)  # every job has ended
 
 
 def _is_root():

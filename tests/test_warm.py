@@ -41,12 +41,14 @@ def warm_site():
     if os.geteuid() != 0:
         pytest.skip("needs root")
     base = vmwn_testlib.qemu_reachable_dir("vmwn-warm-")
-    path = vmwn_testlib.write_config(base, envs=WARM_ENVS + NOLO_ENV, ports="42000-42499",
-                                     warm_dir=f"{base}/warm")
-    cfg = config.load(path)
-    cost = warm.prepare(cfg, cfg.env("tiny"), say=lambda line: None)
-    yield cfg, cost
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        path = vmwn_testlib.write_config(base, envs=WARM_ENVS + NOLO_ENV, ports="42000-42499",
+                                         warm_dir=f"{base}/warm")
+        cfg = config.load(path)
+        cost = warm.prepare(cfg, cfg.env("tiny"), say=lambda line: None)
+        yield cfg, cost
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def spec(cfg, job_id, vcpus=1, memory_mib=None, user="alice", uid=4242, gid=4343, env="tiny"):
