@@ -44,6 +44,12 @@ def create_overlay(cfg, job_id, base, timeout=60):
     path = overlay_path(cfg, job_id)
     if os.path.lexists(path):
         os.unlink(path)  # a leftover of an earlier attempt of the same job id
+    return make_overlay(path, base, timeout)
+
+
+def make_overlay(path, base, timeout=60):
+    """A qcow2 at ``path`` whose backing file is ``base`` (its format named, never probed
+    by QEMU); returns ``path``."""
     fmt = "qcow2" if base.endswith(".qcow2") else base_format(base)
     subp.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", base, path],
              timeout=timeout, fix="check the overlay directory and the base image")

@@ -240,6 +240,7 @@ def _go_cold(cfg, st, env, deadline):
 
 def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
     from . import virt
+    paused = netpolicy.needs_paused_start(env)  # confined before it runs
     shares = _shares(st)
     if shares:  # before the domain: QEMU connects to each socket as it starts
         share.start(st, shares, cfg.site["virtiofsd"])
@@ -259,10 +260,10 @@ def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
                                 console_log=st.console_log, created=st.created,
                                 shares=shares, uid=st.uid, gid=st.gid, warm=bool(st.warm),
                                 incoming=warm.state_of(st.warm) if st.warm
-                                else None, autostart=not netpolicy.needs_paused_start(env))
+                                else None, autostart=not paused)
             timer.mark("render")
             try:
-                dom = virt.start(conn, xml, paused=netpolicy.needs_paused_start(env))
+                dom = virt.start(conn, xml, paused=paused)
                 break
             except virt.PortTaken:
                 if attempt == PORT_ATTEMPTS - 1:
@@ -274,7 +275,7 @@ def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
         st.uuid = dom.UUIDString()
         st.vm_pid = virt.emulator_pid(st.domain)
         st.vm_start = usage.start_time(st.vm_pid) if st.vm_pid else 0
-        if netpolicy.needs_paused_start(env):
+        if paused:
             netpolicy.confine(env, st.job_id, usage.tree(st.vm_pid) if st.vm_pid else [])
             virt.resume(dom)
         timer.mark("restore" if st.warm else "define and start")
@@ -297,11 +298,12 @@ PROBE_AFTER = 10.0
 class Console:
     """Follows a guest's serial console log for vmwn's one-line announcements."""
 
-    def __init__(self, path):
-        self.path, self.pos, self.tail = path, 0, b""
+    def __init__(self, path, ready=READY_LINE):
+        self.path, self.ready, self.pos, self.tail = path, ready, 0, b""
 
     def poll(self):
-        """'ready', 'error: REASON', or None while the guest has said neither."""
+        """'ready' (the guest printed ``ready``, by default READY_LINE), 'error: REASON',
+        or None while the guest has said neither."""
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.pos)
@@ -310,7 +312,7 @@ class Console:
             return None
         self.pos += len(data)
         self.tail = (self.tail + data)[-8192:]
-        if READY_LINE in self.tail:
+        if self.ready in self.tail:
             return "ready"
         i = self.tail.find(ERROR_LINE)
         if i >= 0 and b"\n" in self.tail[i:]:

@@ -35,7 +35,7 @@ import struct
 import tempfile
 import time
 
-from . import disk, keys, ports, state as statemod, subp
+from . import disk, keys, ports, state as statemod
 from .errors import SiteError
 
 log = logging.getLogger(__name__)
@@ -210,11 +210,7 @@ def prepare(cfg, env, say=print):
                 f.seek(HOST_KEY_OFFSET)
                 f.write(keys.generate("vmwn-warm-throwaway").private_openssh.encode())
                 f.truncate(SEED_BYTES)
-            gen_disk = os.path.join(work, "disk.qcow2")
-            subp.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F",
-                      "qcow2" if env.image.endswith(".qcow2") else disk.base_format(env.image),
-                      "-b", env.image, gen_disk],
-                     timeout=60, fix="check the warm directory and the base image")
+            gen_disk = disk.make_overlay(disk_of(work), env.image)
             for p in (placeholder, gen_disk):
                 os.chown(p, PREPARE_UID, PREPARE_GID)
                 os.chmod(p, 0o600)
@@ -274,19 +270,16 @@ def _allocated(path):
 
 
 def _wait_prepared(console, dom, virt, timeout, env_name):
-    from .lifecycle import ERROR_LINE, console_tail
+    from .lifecycle import Console, console_tail
+    watch = Console(console, ready=PREPARED_LINE)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        try:
-            with open(console, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
-        if PREPARED_LINE in data:
+        said = watch.poll()
+        if said == "ready":
             return
-        if ERROR_LINE in data or not virt.is_active(dom):
+        if said or not virt.is_active(dom):
             raise SiteError(f"the guest of {env_name} failed while being prepared "
-                            f"({console_tail(console)})",
+                            f"({said or console_tail(console)})",
                             f"run 'vmwn check --boot {env_name}'")
         time.sleep(0.05)
     raise SiteError(f"the guest of {env_name} did not say it was prepared within "
