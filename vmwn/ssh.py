@@ -57,6 +57,20 @@ def banner_ready(address, port, timeout=1.0):
         return False
 
 
+def _nodelay_socket(address, port, timeout):
+    """A TCP connection with Nagle's algorithm off.
+
+    SSH sends many small packets that each wait for an answer (key exchange,
+    service and channel requests, SFTP calls).  With Nagle on, such a packet
+    sent while an earlier one is unacknowledged waits for the peer's delayed
+    ACK, about 40 ms on Linux (measured: opening SFTP took 55 ms instead of
+    12 ms).  OpenSSH's client sets TCP_NODELAY too.
+    """
+    s = socket.create_connection((address, port), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
 class Guest:
     """One authenticated SSH connection to a job's guest."""
 
@@ -85,7 +99,8 @@ class Guest:
             try:
                 client.connect(st.bind_address, port=st.port, username=st.user, pkey=pkey,
                                look_for_keys=False, allow_agent=False, timeout=left,
-                               banner_timeout=left, auth_timeout=left)
+                               banner_timeout=left, auth_timeout=left,
+                               sock=_nodelay_socket(st.bind_address, st.port, left))
                 break
             except pm.BadHostKeyException:
                 client.close()
