@@ -92,7 +92,7 @@ def test_two_restored_jobs_are_unique_and_leave_nothing(warm_site):
                 assert status == 0, err
                 rnd, clock, user, host, cmdline = out.decode().splitlines()
             seen.append((rnd, st.host_key_public))
-            with open(st.console_log, "rb") as f:  # said only after vmwn-reseed succeeded
+            with open(st.console_log, "rb") as f:  # said only after vmwn-restored succeeded
                 assert b"vmwn-guest: restored" in f.read()
             assert abs(int(clock) - time.time()) < 3, "the guest's clock was not set"
             assert user == "alice" and host.startswith("vmwn-")

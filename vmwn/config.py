@@ -26,25 +26,30 @@ ENV_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
-def parse_size_mib(text):
-    """'256', '256M', '2G', '2GiB', '512mb' -> MiB (plain numbers are MiB)."""
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(text, plain, example):
+    """Bytes of a size such as '512M', '2GiB' or '4096'; a number without a unit is
+    in ``plain`` (a key of _UNITS, or '' for bytes)."""
     m = _SIZE_RE.match(str(text))
     if not m:
-        raise ValueError(f"{text!r} is not a size such as 512M or 2G")
-    n, unit = int(m.group(1)), m.group(2).lower()
-    factor = {"": 1, "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}[unit]
-    if n and n * factor < 1:
+        raise ValueError(f"{text!r} is not a size such as {example}")
+    n, unit = int(m.group(1)), m.group(2).lower() or plain
+    return n * _UNITS.get(unit, 1)
+
+
+def parse_size_mib(text):
+    """'256', '256M', '2G', '2GiB', '512mb' -> MiB (plain numbers are MiB)."""
+    b = _size(text, "m", "512M or 2G")
+    if b and b < 1 << 20:
         raise ValueError(f"{text!r} is less than 1 MiB")
-    return int(n * factor)
+    return b >> 20
 
 
 def parse_bytes(text):
     """'100M', '2G', '4096' (bytes) -> bytes."""
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"{text!r} is not a size such as 100M or 2G")
-    n, unit = int(m.group(1)), m.group(2).lower()
-    return n * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    return _size(text, "", "100M or 2G")
 
 
 def _int_range(lo, hi):

@@ -293,6 +293,9 @@ ERROR_LINE = b"vmwn-guest: error:"
 # that doubles: probing an sshd that is still starting costs the guest a fork
 # per attempt, which under load can starve the boot it waits for.
 PROBE_AFTER = 10.0
+# Seconds between reads of the console log while the guest boots: a read of a
+# small file, and every job waits half of it on average after its guest is ready.
+CONSOLE_POLL = 0.005
 
 
 class Console:
@@ -362,7 +365,7 @@ def _wait_ready(st, env, dom, end, virt, log):
         if now >= end:
             raise TransientError(f"the guest did not answer SSH within {env.boot_timeout:.0f} s "
                                  f"({console_tail(st.console_log)})", fix)
-        time.sleep(0.02)
+        time.sleep(CONSOLE_POLL)
 
 
 def console_tail(path, limit=160):

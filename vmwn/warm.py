@@ -12,7 +12,7 @@ A job's prologue then gives QEMU that stream (``-incoming``, through vmwn's
 launcher) instead of a boot, an overlay on the generation's disk and the job's
 seed in the placeholder's place (same size).  The restored guest finds the
 seed, sets its clock from the virtual RTC, rekeys its RNG from the host's
-entropy (vmwn-reseed) and applies the seed as a cold guest would: users, keys,
+entropy (vmwn-restored) and applies the seed as a cold guest would: users, keys,
 host name, mounts, sshd.  Nothing unique to a job is in the saved state, so one
 generation serves any number of jobs.
 

@@ -109,8 +109,9 @@ def _fail(exc, cfg):
         return exc.code if isinstance(exc.code, int) else 1
     if isinstance(exc, KeyboardInterrupt):
         _die_of(2)
+    from . import setup_logging
     log = logging.getLogger(__name__)
-    _setup_logging(cfg)
+    setup_logging(cfg)
     if isinstance(exc, GuestLost):
         line = f"vmwn: the job's virtual machine was lost: {exc.line()}"
         log.error("job %s: %s", os.environ.get("PBS_JOBID"), exc.line())
@@ -126,17 +127,6 @@ def _fail(exc, cfg):
     except OSError:
         pass
     return exit_code("starter", exc)
-
-
-def _setup_logging(cfg):
-    """Log to syslog (and the debug log) only: stderr is the user's .e file."""
-    import logging
-    from .. import logsetup
-    root = logging.getLogger()
-    logsetup.setup(syslog=True if cfg is None else cfg.site["syslog"],
-                   debug_log=None if cfg is None else cfg.site["debug_log"], stderr=False)
-    if not root.handlers:
-        root.addHandler(logging.NullHandler())
 
 
 def _die_of(signum):
@@ -378,7 +368,8 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
     import paramiko
     from .. import guestfiles, logsetup, ssh, transfer
     from ..config import parse_bytes
-    _setup_logging(cfg)
+    from . import setup_logging
+    setup_logging(cfg)
     log = logsetup.job_logger(__name__, job_id)
     mom = os.getppid()
     environ = dict(os.environ)

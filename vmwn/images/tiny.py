@@ -34,8 +34,8 @@ DISK_LABEL = "vmwn-home"
 GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "guest")
 INIT_SOURCE = os.path.join(GUEST_DIR, "tiny-init")
 # Run by /init after a warm restore (docs/performance.md): fresh host entropy, CRNG rekeyed.
-RESEED_SOURCE = os.path.join(GUEST_DIR, "vmwn-reseed.c")
-RECIPE_FILES = (INIT_SOURCE, RESEED_SOURCE)
+RESTORED_SOURCE = os.path.join(GUEST_DIR, "vmwn-restored.c")
+RECIPE_FILES = (INIT_SOURCE, RESTORED_SOURCE)
 TOOLS = {"cpio": "cpio", "gzip": "gzip", "mkfs.ext4": "e2fsprogs", "qemu-img": "qemu-utils",
          "dpkg-deb": "dpkg", "apt-get": "apt", "ldd": "libc-bin", "gcc": "gcc"}
 
@@ -173,7 +173,7 @@ def assemble(root, ktree, bbtree, sshtree):
     install_busybox(root, os.path.join(bbtree, "bin", "busybox"))
     install_binary(root, os.path.join(sshtree, "usr", "sbin", "sshd"), "usr/sbin/sshd")
     order = install_modules(root, mods[0], release)
-    compile_static(RESEED_SOURCE, os.path.join(root, "sbin", "vmwn-reseed"))
+    compile_static(RESTORED_SOURCE, os.path.join(root, "sbin", "vmwn-restored"))
     files = {
         "init": (read_init(), 0o755),
         "etc/passwd": (PASSWD, 0o644),
