@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from vmwn_testlib import TINY
+from vmwn_testlib import TINY, WARM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = os.environ.get("TORQUE_PREFIX", "/opt/vmwn-torque")
@@ -23,6 +23,7 @@ PBS_HOME = "/var/spool/torque"
 CONF_D = "/etc/vmwn/vmwn.conf.d"
 TEST_CONF = os.path.join(CONF_D, "50-torque-tests.conf")
 PATH = f"{PREFIX}/bin:{PREFIX}/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+VMWN = "/usr/local/bin/vmwn"  # make install's
 STATE_DIR = "/var/lib/vmwn/jobs"
 OVERLAY_DIR = "/var/lib/vmwn/overlays"
 
@@ -46,7 +47,7 @@ boot_timeout = 6
 [env tinycopy]
 description = tiny with the copy data path (tests only)
 data = copy
-""" + TINY + """
+""" + ("warm = on\n" if WARM else "") + TINY + """
 [env tinywarm]
 description = tiny restored from a prepared guest (tests only)
 data = copy
@@ -180,12 +181,17 @@ def bring_up():
     os.chmod(TEST_CONF, 0o644)
     cp = run([os.path.join(REPO, "scripts", "torque-up")], check=False, timeout=120)
     assert cp.returncode == 0, f"torque-up failed: {cp.stderr.strip()}"
+    if WARM:  # VMWN_TEST_WARM=1: the copy-mode jobs are restored, not booted
+        cp = run([VMWN, "warm", "prepare", "tinycopy"], check=False, timeout=300)
+        assert cp.returncode == 0, f"vmwn warm prepare tinycopy failed: {cp.stderr.strip()}"
     # pbs_mom reads $job_starter at start and on SIGHUP.
     run(["pkill", "-HUP", "-x", "pbs_mom"], check=False)
     time.sleep(1)
 
 
 def take_down():
+    if WARM:
+        run([VMWN, "warm", "drop", "tinycopy"], check=False, timeout=120)
     try:
         os.unlink(TEST_CONF)
     except FileNotFoundError:

@@ -91,8 +91,6 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     until = deadline(cfg, home)
     signal.signal(signal.SIGTERM, _on_sigterm)
     from .. import lifecycle, operators, state, warden
-    # Heal the node first: remains of jobs that ended without their epilogue.
-    operators.bounded_reap(cfg, home)
     try:
         st = lifecycle.prepare(cfg, req, until)
         try:
@@ -117,6 +115,11 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
         return _refuse(cfg, args.job_id, type(e)(
             f"the job's virtual machine could not be prepared in {n} starts; "
             f"last: {e.problem}", e.fix), jlog)
+    finally:
+        # Heal the node: remains of jobs that ended without their epilogue (their
+        # ports, disk, memory).  Once the warden is on its way, so that the job's
+        # boot does not wait for it; a failed start heals before its retry.
+        operators.bounded_reap(cfg, home)
     return 0
 
 
