@@ -563,15 +563,11 @@ def measure_phases(b, throughput):
         t0 = time.monotonic()
         guest = ssh.Guest.connect(st)
         t1 = time.monotonic()
-        sftp = guest.sftp()
-        ctl = transfer.control_dir(sftp)
-        res = transfer.stage_in(guest, b.stagein, st.workdir, 1 << 30, sftp=sftp)
-        transfer.write_manifest(sftp, ctl, res.manifest)
+        ctl = st.control_dir
         script = ctl + "/job.sh"
-        with sftp.open(script, "wb") as f:
-            f.write(f"#!/bin/sh\necho {MARKER}\n".encode())
-            f.chmod(0o700)
-        sftp.close()
+        transfer.prepare(guest, ctl, [("job.sh", f"#!/bin/sh\necho {MARKER}\n".encode(), 0o700)],
+                         workdir=st.workdir, host_dir=b.stagein, max_bytes=1 << 30,
+                         home=f"/home/{st.user}")
         t2 = time.monotonic()
         chan = guest.exec(build_command(ctl + "/job.pid", st.workdir,
                                         guest_env({"PATH": "/bin:/usr/bin"}),

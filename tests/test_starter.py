@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from vmwn import config, state, warden
+from vmwn import config, state, transfer, warden
 from vmwn.hooks import starter
 
 from test_transfer_guestd import GuestServer
@@ -87,8 +87,9 @@ class Job:
 
 
 def job_commands(job):
-    """The guest commands but the stage-in's tar (see transfer.TAR_IN)."""
-    return [c for c in job.srv.commands if not c.endswith("exec tar -xf -")]
+    """The guest commands but the one preparing the guest (transfer.PREPARE)."""
+    prefix = transfer.PREPARE.split("{", 1)[0]
+    return [c for c in job.srv.commands if not c.startswith(prefix)]
 
 
 @pytest.fixture

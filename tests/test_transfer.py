@@ -6,9 +6,10 @@ import stat
 import pytest
 
 from vmwn import transfer
-from vmwn.errors import UserError
+from vmwn.errors import GuestLost, SiteError, UserError
 
-from test_transfer_guestd import connect, guestd  # noqa: F401 - fixture
+from test_transfer_guestd import (connect, control_dir, guestd,  # noqa: F401 - fixture
+                                  stage_in, write_manifest)
 
 
 def _tree(root):
@@ -52,7 +53,7 @@ def test_stage_in_copies_files_dirs_links_with_modes_and_mtimes(guestd, tmp_path
     gdir = str(tmp_path / "guest" / "work")
     g = connect(guestd, tmp_path)
     try:
-        res = transfer.stage_in(g, host_tree, gdir, 10 << 20)
+        res = stage_in(guestd, g, host_tree, gdir, 10 << 20)
     finally:
         g.close()
     def no_dir_times(tree):  # the guest's tar sets them (GNU) or not (busybox)
@@ -76,7 +77,7 @@ def test_stage_in_over_cap_copies_nothing(guestd, tmp_path, host_tree):
     g = connect(guestd, tmp_path)
     try:
         with pytest.raises(UserError, match="stage_in_max"):
-            transfer.stage_in(g, host_tree, gdir, 1000)
+            stage_in(guestd, g, host_tree, gdir, 1000)
     finally:
         g.close()
     assert not os.path.exists(gdir)
@@ -86,24 +87,21 @@ def test_stage_in_missing_workdir_is_users_problem(guestd, tmp_path):
     g = connect(guestd, tmp_path)
     try:
         with pytest.raises(UserError, match="working directory"):
-            transfer.stage_in(g, str(tmp_path / "nope"), str(tmp_path / "g"), 1 << 20)
+            stage_in(guestd, g, str(tmp_path / "nope"), str(tmp_path / "g"), 1 << 20)
     finally:
         g.close()
 
 
-def _stage_and_write_manifest(g, host, gdir):
-    sftp = g.sftp()
-    res = transfer.stage_in(g, host, gdir, 10 << 20, sftp=sftp)
-    ctl = transfer.control_dir(sftp)
-    transfer.write_manifest(sftp, ctl, res.manifest)
-    return sftp, ctl
+def _stage_and_write_manifest(srv, g, host, gdir):
+    stage_in(srv, g, host, gdir, 10 << 20)  # the manifest with it
+    return g.sftp(), control_dir(srv)
 
 
 def test_harvest_copies_new_and_changed_skips_unchanged(guestd, tmp_path, host_tree):
     gdir = str(tmp_path / "guest" / "work")
     g = connect(guestd, tmp_path)
     try:
-        sftp, ctl = _stage_and_write_manifest(g, host_tree, gdir)
+        sftp, ctl = _stage_and_write_manifest(guestd, g, host_tree, gdir)
         # The job: a new file, a new directory tree, a changed file.
         with open(os.path.join(gdir, "result.out"), "wb") as f:
             f.write(b"\x00result\r\n")
@@ -143,7 +141,7 @@ def test_harvest_never_copies_control_dir(guestd, tmp_path):
     g = connect(guestd, tmp_path)
     try:
         sftp = g.sftp()
-        ctl = transfer.control_dir(sftp)
+        ctl = control_dir(guestd)
         with open(os.path.join(ctl, "job.sh"), "w") as f:
             f.write("secret script")
         with open(os.path.join(guestd.guest_home, "out.txt"), "w") as f:
@@ -237,9 +235,8 @@ def test_manifest_round_trip(guestd, tmp_path):
     g = connect(guestd, tmp_path)
     try:
         sftp = g.sftp()
-        ctl = transfer.control_dir(sftp)
-        transfer.write_manifest(sftp, ctl, {"files": {"/w/a": [3, 7]}, "dirs": ["/w"],
-                                            "umask": 0o027})
+        ctl = control_dir(guestd)
+        write_manifest(ctl, {"files": {"/w/a": [3, 7]}, "dirs": ["/w"], "umask": 0o027})
         assert transfer.read_manifest(sftp, ctl) == ({"/w/a": (3, 7)}, {"/w"}, 0o027)
         with open(os.path.join(ctl, "manifest.json"), "w") as f:
             f.write("{not json")
@@ -265,9 +262,8 @@ def test_a_job_submitted_from_home_keeps_the_guests_key_both_ways(guestd, tmp_pa
         f.write("ssh-ed25519 AAAAjob vmwn-job:1\n")
     g = connect(guestd, tmp_path)
     try:
+        stage_in(guestd, g, str(home), guestd.guest_home, 10 << 20)
         sftp = g.sftp()
-        res = transfer.stage_in(g, str(home), guestd.guest_home, 10 << 20, sftp=sftp)
-        transfer.write_manifest(sftp, transfer.control_dir(sftp), res.manifest)
         with open(guest_keys) as f:
             assert f.read() == "ssh-ed25519 AAAAjob vmwn-job:1\n"
         with open(os.path.join(guestd.guest_home, ".ssh", "config")) as f:
@@ -282,3 +278,67 @@ def test_a_job_submitted_from_home_keeps_the_guests_key_both_ways(guestd, tmp_pa
     assert (home / ".ssh" / "authorized_keys").read_text() == "ssh-ed25519 AAAAuser me@laptop\n"
     assert not (home / transfer.CONTROL).exists()
     assert res.problems == []
+
+
+# ---------------------------------------------- preparing the guest: one command
+
+def test_prepare_writes_the_control_files_and_answers_what_the_starter_asks(guestd, tmp_path):
+    ctl = os.path.join(guestd.guest_home, ".vmwn")
+    g = connect(guestd, tmp_path)
+    try:
+        files = [("job.sh", b"#!/bin/sh\necho hi\n", 0o700), ("job.env", b"export A=1\n", 0o600)]
+        got = transfer.prepare(g, ctl, files, shell="/bin/sh", tmpdir=str(tmp_path),
+                               mounts=True)
+        other = transfer.prepare(g, ctl, [], shell="/no/such/shell", tmpdir="/no/such/dir")
+    finally:
+        g.close()
+    assert stat.S_IMODE(os.stat(ctl).st_mode) == 0o700
+    with open(os.path.join(ctl, "job.sh"), "rb") as f:
+        assert f.read() == b"#!/bin/sh\necho hi\n"
+    assert stat.S_IMODE(os.stat(os.path.join(ctl, "job.sh")).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.join(ctl, "job.env")).st_mode) == 0o600
+    assert (got.has_shell, got.has_tmpdir, got.staged) == (True, True, None)
+    assert " /proc proc " in got.proc_mounts  # the guest's own mount table
+    assert (other.has_shell, other.has_tmpdir, other.proc_mounts) == (False, False, "")
+    # One guest command per preparation: no SFTP session, no second channel.
+    assert len(guestd.commands) == 2
+
+
+def test_a_working_directory_the_guest_cannot_make_is_the_users_to_change(
+        guestd, tmp_path, host_tree):
+    blocker = tmp_path / "guest-file"
+    blocker.write_text("a file where the working directory's parent should be")
+    g = connect(guestd, tmp_path)
+    try:
+        with pytest.raises(UserError) as e:
+            stage_in(guestd, g, host_tree, str(blocker / "work"), 10 << 20)
+    finally:
+        g.close()
+    assert f"cannot make the working directory {blocker}/work" in e.value.problem
+    assert "qsub -d" in e.value.fix
+    assert blocker.read_text().startswith("a file")
+
+
+def test_a_control_directory_the_guest_cannot_make_is_the_sites_to_fix(guestd, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    g = connect(guestd, tmp_path)
+    try:
+        with pytest.raises(SiteError, match="cannot make vmwn's directory") as e:
+            transfer.prepare(g, str(blocker / ".vmwn"), [("job.sh", b"x", 0o700)])
+    finally:
+        g.close()
+    assert "image" in e.value.fix
+
+
+def test_an_unpack_the_guest_refuses_loses_the_guest_with_tars_reason(guestd, tmp_path):
+    ctl = os.path.join(guestd.guest_home, ".vmwn")
+    os.makedirs(os.path.join(ctl, "job.sh", "full"))  # a directory where the script goes
+    g = connect(guestd, tmp_path)
+    try:
+        with pytest.raises(GuestLost, match="preparing the job in the virtual machine "
+                                            "failed: tar: ") as e:
+            transfer.prepare(g, ctl, [("job.sh", b"echo hi\n", 0o700)])
+    finally:
+        g.close()
+    assert "out of disk space" in e.value.fix

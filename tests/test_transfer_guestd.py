@@ -428,7 +428,8 @@ class GuestServer:
             uid=uid, gid=gid, group="root", bind_address="127.0.0.1", port=self.port,
             host_key_public=self.host_key_public, key_path=key_path, workdir=workdir,
             host_workdir=host_workdir, output_dir=workdir, overlay="", seed="",
-            console_log="", phase="running")
+            console_log="", phase="running",
+            control_dir=os.path.join(self.guest_home, ".vmwn"))
 
     def close(self):
         self.proxy.close()
@@ -458,6 +459,31 @@ def guestd(tmp_path):
 def connect(srv, tmp_path, workdir="/nonexistent", host_workdir="/nonexistent"):
     key = srv.write_user_key(str(tmp_path / f"key-{time.monotonic_ns()}"))
     return Guest.connect(srv.job_state("1.test", key, workdir, host_workdir))
+
+
+def control_dir(srv):
+    """vmwn's control directory in the in-process guest (~/.vmwn, 0700)."""
+    from vmwn import transfer
+    d = os.path.join(srv.guest_home, transfer.CONTROL)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def stage_in(srv, guest, host_dir, workdir, max_bytes, umask=None):
+    """What the job starter does in copy mode (transfer.prepare, no control files but
+    the manifest, which it writes into control_dir(srv)); returns the StageResult."""
+    from vmwn import transfer
+    kw = {} if umask is None else {"umask": umask}
+    return transfer.prepare(guest, control_dir(srv), [], workdir=workdir, host_dir=host_dir,
+                            max_bytes=max_bytes, home=srv.guest_home, **kw).staged
+
+
+def write_manifest(ctl, manifest):
+    """A manifest as the job starter leaves it (for harvest tests that craft one)."""
+    import json
+    from vmwn.guestfiles import MANIFEST
+    with open(os.path.join(ctl, MANIFEST), "w") as f:
+        json.dump(manifest, f)
 
 
 # ------------------------------------------------------------- the server itself

@@ -17,7 +17,8 @@ import pytest
 
 from vmwn import transfer
 
-from test_transfer_guestd import connect, guestd  # noqa: F401 - fixture
+from test_transfer_guestd import (connect, control_dir, guestd,  # noqa: F401 - fixture
+                                  stage_in, write_manifest)
 
 LATIN1 = b"r\xe9sultat"  # what any Latin-1 tool writes
 
@@ -162,14 +163,7 @@ def test_a_big_sparse_file_stays_sparse(guestd, tmp_path, dirs):
 
 def test_the_jobs_umask_applies_to_what_comes_back(guestd, tmp_path, dirs):
     gdir, host = dirs
-    g = connect(guestd, tmp_path)
-    try:
-        sftp = g.sftp()
-        ctl = transfer.control_dir(sftp)
-        transfer.write_manifest(sftp, ctl, {"files": {}, "dirs": [], "umask": 0o077})
-        sftp.close()
-    finally:
-        g.close()
+    write_manifest(control_dir(guestd), {"files": {}, "dirs": [], "umask": 0o077})
     os.mkdir(os.path.join(gdir, "open"))
     os.chmod(os.path.join(gdir, "open"), 0o777)
     with open(os.path.join(gdir, "open", "f"), "w") as f:
@@ -204,7 +198,7 @@ def test_stage_in_takes_names_that_are_not_utf8(guestd, tmp_path, dirs):
         f.write(b"in")
     g = connect(guestd, tmp_path)
     try:
-        res = transfer.stage_in(g, host, gdir, 1 << 20)
+        res = stage_in(guestd, g, host, gdir, 1 << 20)
     finally:
         g.close()
     assert res.skipped == [] and res.files == 1
@@ -219,11 +213,7 @@ def test_a_file_the_job_was_given_keeps_its_mode_a_new_one_gets_the_umask(guestd
     os.symlink("given.txt", os.path.join(host, "given-link"))
     g = connect(guestd, tmp_path)
     try:
-        res = transfer.stage_in(g, host, gdir, 1 << 20)
-        sftp = g.sftp()
-        res.manifest["umask"] = 0o077
-        transfer.write_manifest(sftp, transfer.control_dir(sftp), res.manifest)
-        sftp.close()
+        res = stage_in(guestd, g, host, gdir, 1 << 20, umask=0o077)
     finally:
         g.close()
     with open(os.path.join(gdir, "given.txt"), "a") as f:  # the job appends

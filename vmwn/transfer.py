@@ -1,8 +1,10 @@
-"""Copy the job's files between the host and its guest over SFTP.
+"""Copy the job's files between the host and its guest over SSH.
 
 Stage-in (job starter, as the job user): PBS_O_WORKDIR goes into the guest's
-working directory before the job runs.  Harvest (epilogue, as root): a child
-that has dropped to the job user copies back what the job created or changed.
+working directory before the job runs, in the one tar stream that also
+carries vmwn's control files (:func:`prepare`).  Harvest (epilogue, as root):
+a child that has dropped to the job user copies back what the job created or
+changed.
 
 File-system rules, both directions:
 
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import stat
 import time
 
@@ -140,114 +143,163 @@ def scan_host(host_dir, max_bytes):
     return entries, total, skipped
 
 
-def _guest_makedirs(sftp, path):
-    """mkdir -p over SFTP; an existing non-directory in the way is an error."""
-    parts = [p for p in path.split("/") if p]
-    cur = "/"
-    for p in parts:
-        cur = posixpath.join(cur, p)
-        try:
-            a = sftp.stat(cur)
-        except FileNotFoundError:
-            sftp.mkdir(cur, 0o700)
-            continue
-        if not stat.S_ISDIR(a.st_mode):
-            raise UserError(f"{cur} in the virtual machine is not a directory",
-                            "choose another working directory")
+@dataclasses.dataclass
+class Prepared:
+    """What the job starter learns from preparing the guest."""
+    staged: StageResult = None   # copy mode's stage-in, else None
+    has_shell: bool = True       # the job's shell exists in the guest
+    has_tmpdir: bool = False     # $TMPDIR (the host's) is a directory there
+    proc_mounts: str = ""        # the guest's /proc/mounts, when asked for
 
 
-def control_dir(sftp, path=None):
-    """vmwn's guest directory for the job script, pid files and manifest: ``path``
-    (the seed made it) or the guest user's ~/.vmwn, created 0700."""
-    d = path or posixpath.join(sftp.normalize("."), CONTROL)
-    try:
-        sftp.mkdir(d, 0o700)
-    except IOError:
-        a = sftp.lstat(d)
-        if not stat.S_ISDIR(a.st_mode):
-            raise UserError(f"{d} in the virtual machine is not a directory",
-                            "remove it from the image") from None
-    return d
+# Run by the guest user's (POSIX) shell with one tar stream on its stdin: the
+# control directory and the working directory (made 0700 where missing), the
+# stream unpacked at / (its names are relative to /), then one line for the job
+# starter (does the job's shell exist, is $TMPDIR a directory) and, when asked,
+# the guest's mount table.  Only the shell's builtins besides mkdir and tar:
+# every process a guest starts costs it milliseconds under TCG.
+PREPARE = ('for d in {dirs}; do [ -d "$d" ] || (umask 077 && mkdir -p -- "$d") '
+           '|| {{ echo "vmwn-mkdir $d" >&2; exit 3; }}; done; '
+           'tar -xf - -C / || exit 4; '
+           'if [ -e {shell} ]; then s=1; else s=0; fi; '
+           'if [ -n {tmp} ] && [ -d {tmp} ]; then t=1; else t=0; fi; '
+           'echo "vmwn-prepared shell=$s tmp=$t"{mounts}')
+_MOUNTS = '; while IFS= read -r l; do printf "%s\\n" "$l"; done < /proc/mounts'
 
 
-# Run by the guest user's shell: unpack the working directory's tar stream.
-TAR_IN = "cd {dir} && exec tar -xf -"
+def _member(path):
+    """A tar member name for the absolute guest ``path`` (unpacked at /)."""
+    return "./" + path.lstrip("/")
 
 
-def stage_in(guest, host_dir, guest_dir, max_bytes, sftp=None):
-    """Copy ``host_dir`` into ``guest_dir`` (runs as the job user).  Returns StageResult.
+def prepare(guest, ctl, control_files, workdir=None, host_dir=None, max_bytes=0,
+            home=None, shell="/bin/sh", tmpdir=None, mounts=False, umask=DEFAULT_UMASK):
+    """Make the guest ready for the job in one command over one channel (runs as the
+    job user): vmwn's control directory ``ctl`` with ``control_files`` in it (name,
+    bytes, mode; the copy mode's manifest is added last, with the job's ``umask``
+    that harvest applies), and, with ``host_dir``, the host's working directory
+    copied into ``workdir``.  Returns Prepared.
 
-    One tar stream over the job's SSH connection into the guest's tar, so many
-    small files cost what they cost ``tar | ssh tar``: any depth, names that
-    are not UTF-8, symlinks as symlinks (never followed).  The guest's own
-    files (its key, vmwn's control directory) are never in the stream.
+    One tar stream into the guest's tar, so many small files cost what they cost
+    ``tar | ssh tar``: any depth, names that are not UTF-8, symlinks as symlinks
+    (never followed).  The guest's own files below ``home`` (its key, vmwn's
+    control directory) are never overwritten by the job's.
     """
     import shlex
     import tarfile
-    entries, total, skipped = scan_host(host_dir, max_bytes)
-    res = StageResult(skipped=list(skipped))
-    own = sftp is None
-    sftp = sftp or guest.sftp()
-    try:
-        _guest_makedirs(sftp, guest_dir)
-        guests = guest_own(sftp.normalize("."))
-    except _sftp_errors() as e:
-        if isinstance(e, UserError):
-            raise
-        raise GuestLost(f"cannot make {guest_dir} in the virtual machine: "
-                        f"{' '.join(str(e).split()) or type(e).__name__}",
-                        "the virtual machine may be out of disk space or lost") from None
-    finally:
-        if own:
-            sftp.close()
-    chan = guest.exec(TAR_IN.format(dir=shlex.quote(guest_dir)))
+    staged = None
+    if host_dir is not None:
+        entries, _total, skipped = scan_host(host_dir, max_bytes)
+        staged = StageResult(skipped=list(skipped))
+        staged.manifest["umask"] = umask
+    dirs = " ".join(shlex.quote(d) for d in (ctl, workdir) if d)
+    chan = guest.exec(PREPARE.format(dirs=dirs, shell=shlex.quote(shell),
+                                     tmp=shlex.quote(tmpdir or ""),
+                                     mounts=_MOUNTS if mounts else ""))
     writer = _ChannelWriter(chan)
+    what = f"copying {host_dir} into the virtual machine" if host_dir is not None else \
+        "preparing the job in the virtual machine"
+    out = bytearray()
     try:
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT,
                           encoding="utf-8", errors="surrogateescape") as tf:
-            for rel, kind, st in entries:
-                dst = posixpath.join(guest_dir, rel)
-                if dst in guests or any(dst.startswith(o + "/") for o in guests):
-                    continue
-                info = tarfile.TarInfo("./" + rel)
-                info.mtime, info.uid, info.gid = int(st.st_mtime), st.st_uid, st.st_gid
-                info.mode = stat.S_IMODE(st.st_mode)
-                if kind == "dir":
-                    info.type, info.mode = tarfile.DIRTYPE, info.mode | 0o700
-                    tf.addfile(info)
-                    res.dirs += 1
-                    res.manifest["dirs"].append(dst)
-                elif kind == "link":
-                    info.type = tarfile.SYMTYPE
-                    try:
-                        info.linkname = os.readlink(os.path.join(host_dir, rel))
-                    except OSError as e:
-                        res.skipped.append(f"{printable(rel)}: {e.strerror}")
-                        continue
-                    tf.addfile(info)
-                    res.links += 1
-                else:
-                    n = _add_file(tf, info, os.path.join(host_dir, rel), max_bytes - res.bytes)
-                    if isinstance(n, str):
-                        res.skipped.append(f"{printable(rel)}: {n}")
-                        continue
-                    res.bytes += n
-                    res.files += 1
-                    res.manifest["files"][dst] = [n, info.mtime]
+            if staged is not None:
+                _stage(tf, entries, host_dir, workdir, max_bytes, guest_own(home or ctl),
+                       staged)
+                control_files = list(control_files) + [
+                    (MANIFEST, json.dumps(staged.manifest, separators=(",", ":")).encode(),
+                     0o600)]
+            now = int(time.time())
+            for name, data, mode in control_files:
+                info = tarfile.TarInfo(_member(posixpath.join(ctl, name)))
+                info.size, info.mode, info.mtime = len(data), mode, now
+                info.uid, info.gid = os.getuid(), os.getgid()
+                tf.addfile(info, _BytesReader(data))
         chan.shutdown_write()
-        status, err = _finish(chan)
+        status, err = _finish(chan, out=out)
     except (OSError, EOFError) as e:
-        status, err = _finish(chan)
-        raise GuestLost(f"copying {host_dir} into the virtual machine failed: "
-                        f"{_first_line(err) or ' '.join(str(e).split()) or type(e).__name__}",
-                        "the virtual machine may be out of disk space or lost") from None
+        status, err = _finish(chan, out=out)
+        if status not in (3, 4):
+            why = _first_line(err) or " ".join(str(e).split()) or type(e).__name__
+            raise GuestLost(f"{what} failed: {why}",
+                            "the virtual machine may be out of disk space or lost") from None
+    if status == 3:
+        d = _first_line(err)[len("vmwn-mkdir "):] if _first_line(err).startswith(
+            "vmwn-mkdir ") else (workdir or ctl)
+        if d == ctl:
+            raise SiteError(f"cannot make vmwn's directory {d} in the virtual machine",
+                            "check the environment's image (the job user's home)")
+        raise UserError(f"cannot make the working directory {d} in the virtual machine "
+                        f"({_mkdir_why(err)})", "choose another working directory (qsub -d)")
     if status != 0:
-        raise GuestLost(f"copying {host_dir} into the virtual machine failed: "
-                        f"{_first_line(err) or f'tar exited {status}'}",
+        raise GuestLost(f"{what} failed: {_first_line(err) or f'exit status {status}'}",
                         "the virtual machine may be out of disk space") from None
-    log.info("staged in %d files, %d dirs, %d links, %d bytes from %s",
-             res.files, res.dirs, res.links, res.bytes, host_dir)
-    return res
+    text = bytes(out).decode("utf-8", "surrogateescape")
+    head, _, rest = text.partition("\n")
+    m = re.fullmatch(r"vmwn-prepared shell=([01]) tmp=([01])", head.strip())
+    if not m:
+        raise GuestLost(f"{what} failed: the guest answered {head.strip()[:100]!r}",
+                        "the virtual machine's shell is not a POSIX shell")
+    if staged is not None:
+        log.info("staged in %d files, %d dirs, %d links, %d bytes from %s",
+                 staged.files, staged.dirs, staged.links, staged.bytes, host_dir)
+    return Prepared(staged=staged, has_shell=m.group(1) == "1", has_tmpdir=m.group(2) == "1",
+                    proc_mounts=rest)
+
+
+def _mkdir_why(err):
+    """mkdir's own reason (its message's last part), else a generic one."""
+    for line in err.decode("utf-8", "backslashreplace").splitlines():
+        if "mkdir" in line and ":" in line:
+            return line.rsplit(":", 1)[1].strip()[:200]
+    return "a part of it is not a directory, or not writable"
+
+
+def _stage(tf, entries, host_dir, workdir, max_bytes, guests, res):
+    """The working directory's members, below ``workdir``; fills ``res``."""
+    import tarfile
+    for rel, kind, st in entries:
+        dst = posixpath.join(workdir, rel)
+        if dst in guests or any(dst.startswith(o + "/") for o in guests):
+            continue
+        info = tarfile.TarInfo(_member(dst))
+        info.mtime, info.uid, info.gid = int(st.st_mtime), st.st_uid, st.st_gid
+        info.mode = stat.S_IMODE(st.st_mode)
+        if kind == "dir":
+            info.type, info.mode = tarfile.DIRTYPE, info.mode | 0o700
+            tf.addfile(info)
+            res.dirs += 1
+            res.manifest["dirs"].append(dst)
+        elif kind == "link":
+            info.type = tarfile.SYMTYPE
+            try:
+                info.linkname = os.readlink(os.path.join(host_dir, rel))
+            except OSError as e:
+                res.skipped.append(f"{printable(rel)}: {e.strerror}")
+                continue
+            tf.addfile(info)
+            res.links += 1
+        else:
+            n = _add_file(tf, info, os.path.join(host_dir, rel), max_bytes - res.bytes)
+            if isinstance(n, str):
+                res.skipped.append(f"{printable(rel)}: {n}")
+                continue
+            res.bytes += n
+            res.files += 1
+            res.manifest["files"][dst] = [n, info.mtime]
+
+
+class _BytesReader:
+    """A file-like reader of bytes, for tarfile's addfile."""
+
+    def __init__(self, data):
+        self.data, self.pos = data, 0
+
+    def read(self, n=-1):
+        n = len(self.data) - self.pos if n is None or n < 0 else n
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += len(chunk)
+        return chunk
 
 
 class _ChannelWriter:
@@ -264,9 +316,10 @@ class _ChannelWriter:
         pass
 
 
-def _finish(chan, timeout=60):
+def _finish(chan, timeout=60, out=None):
     """(exit status, stderr bytes) of a guest command; -1 if it did not end within
-    ``timeout`` seconds (a copy cut short).  Closes the channel."""
+    ``timeout`` seconds (a copy cut short).  With ``out`` (a bytearray) its stdout
+    is kept there (up to 1 MiB).  Closes the channel."""
     chan.settimeout(timeout)
     err = bytearray()
     try:
@@ -276,6 +329,12 @@ def _finish(chan, timeout=60):
                 break
             if len(err) < 65536:
                 err += chunk
+        while out is not None:
+            chunk = chan.recv(65536)
+            if not chunk:
+                break
+            if len(out) < 1 << 20:
+                out += chunk
         status = chan.recv_exit_status()
     except OSError:
         status = -1
@@ -322,14 +381,6 @@ def _add_file(tf, info, path, budget):
         info.mode = stat.S_IMODE(now.st_mode)
         tf.addfile(info, _Exactly(f, now.st_size))
     return now.st_size
-
-
-def write_manifest(sftp, ctl, manifest):
-    """Record what was staged in, so that harvest copies back only changes."""
-    data = json.dumps(manifest, separators=(",", ":")).encode()
-    with sftp.open(posixpath.join(ctl, MANIFEST), "wb") as f:
-        f.set_pipelined(True)
-        f.write(data)
 
 
 def read_manifest(sftp, ctl):

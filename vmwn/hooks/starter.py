@@ -364,7 +364,6 @@ def _await_guest(sock_path, mode):
 
 def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
     import posixpath
-    import stat
     import paramiko
     from .. import guestfiles, logsetup, ssh, transfer
     from ..config import parse_bytes
@@ -385,57 +384,61 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
     try:
         transport = guest.client.get_transport()
         _capture_exit_signal(transport)
-        sftp = guest.sftp()
+        ctl = getattr(st, "control_dir", "") or guestfiles.control_dir(st.user, False)
+        tag = guestfiles.JOB if mode != "task" else \
+            guestfiles.task_tag(_safe(environ.get("PBS_TASKNUM", "0")))
+        files = []
+        nodefile = environ.get("PBS_NODEFILE")
+        if nodefile and mode != "task":
+            try:
+                with open(nodefile, "rb") as f:
+                    files.append((guestfiles.NODEFILE, f.read(1 << 20), 0o600))
+            except OSError as e:
+                log.warning("cannot copy PBS_NODEFILE %s: %s", nodefile, e.strerror)
+        if nodefile:
+            environ["PBS_NODEFILE"] = posixpath.join(ctl, guestfiles.NODEFILE)
+        if mode == "batch":
+            script_path = posixpath.join(ctl, guestfiles.JOB_SCRIPT)
+            files.append((guestfiles.JOB_SCRIPT, script, 0o700))
+        # $TMPDIR is the host's: it goes to the job only if the guest has it too, on
+        # the command line (known after the guest answered), never in the file.
+        tmpdir = environ.get("TMPDIR")
+        env_text, env_rest = env_script(guest_env(environ))
+        env_file = guestfiles.envfile(ctl, tag)
+        files.append((posixpath.basename(env_file), env_text, 0o600))
+        copy = mode != "task" and getattr(st, "data", "copy") == "copy"
+        shares = [s["path"] for s in getattr(st, "shares", None) or ()]
         try:
-            _check_mounts(sftp, st)
-            ctl = transfer.control_dir(sftp, getattr(st, "control_dir", "") or None)
-            tag = guestfiles.JOB if mode != "task" else \
-                guestfiles.task_tag(_safe(environ.get("PBS_TASKNUM", "0")))
-            if mode != "task" and getattr(st, "data", "copy") == "copy":
-                host_dir = environ.get("PBS_O_WORKDIR") or st.host_workdir
-                res = transfer.stage_in(guest, host_dir, st.workdir,
-                                        parse_bytes(cfg.site["stage_in_max"]), sftp=sftp)
-                res.manifest["umask"] = current_umask()  # the harvest applies it
-                transfer.write_manifest(sftp, ctl, res.manifest)
-                for item in res.skipped[:20]:
-                    _say(f"not copied into the virtual machine: {item}")
-            shell = rest[0]
-            if mode != "task" and not _guest_has(sftp, shell):
-                fallback = cfg.environments[st.env].ssh_user_shell if st.env in \
-                    cfg.environments else "/bin/sh"
-                if mode != "batch" or not script.startswith(b"#!"):  # else its #! decides
-                    _say(f"{shell} does not exist in environment {st.env}; using {fallback}")
-                shell = fallback
-            tmpdir = environ.get("TMPDIR")
-            has_tmp = bool(tmpdir) and _guest_has(sftp, tmpdir, stat.S_ISDIR)
-            nodefile = environ.get("PBS_NODEFILE")
-            if nodefile and mode != "task":
-                try:
-                    with open(nodefile, "rb") as f:
-                        _put_bytes(sftp, posixpath.join(ctl, guestfiles.NODEFILE),
-                                   f.read(1 << 20), 0o600)
-                except OSError as e:
-                    log.warning("cannot copy PBS_NODEFILE %s: %s", nodefile, e.strerror)
-            if nodefile:
-                environ["PBS_NODEFILE"] = posixpath.join(ctl, guestfiles.NODEFILE)
-            if mode == "batch":
-                script_path = posixpath.join(ctl, guestfiles.JOB_SCRIPT)
-                _put_bytes(sftp, script_path, script, 0o700)
-                argv = job_argv(shell, how, script_path, args)
-            elif mode == "task":
-                argv = rest
-            else:
-                argv = [shell] + rest[1:]
-            env_text, env_rest = env_script(guest_env(environ, has_tmp))
-            env_file = guestfiles.envfile(ctl, tag)
-            _put_bytes(sftp, env_file, env_text, 0o600)
-        except (IOError, EOFError, paramiko.SSHException) as e:
+            prep = transfer.prepare(
+                guest, ctl, files, workdir=st.workdir if copy else None,
+                host_dir=(environ.get("PBS_O_WORKDIR") or st.host_workdir) if copy else None,
+                max_bytes=parse_bytes(cfg.site["stage_in_max"]),
+                home=guestfiles.guest_home(st.user), shell=rest[0], tmpdir=tmpdir,
+                mounts=bool(shares) and mode != "task", umask=current_umask())
+        except (EOFError, paramiko.SSHException) as e:
             from ..errors import GuestLost
             raise GuestLost(f"preparing the job in the guest failed: "
                             f"{' '.join(str(e).split()) or type(e).__name__}",
                             "the virtual machine may be out of disk space") from None
-        finally:
-            sftp.close()
+        if shares and mode != "task":
+            _check_mounts(prep.proc_mounts, shares, st.env)
+        for item in (prep.staged.skipped if prep.staged else [])[:20]:
+            _say(f"not copied into the virtual machine: {item}")
+        shell = rest[0]
+        if mode != "task" and not prep.has_shell:
+            fallback = cfg.environments[st.env].ssh_user_shell if st.env in \
+                cfg.environments else "/bin/sh"
+            if mode != "batch" or not script.startswith(b"#!"):  # else its #! decides
+                _say(f"{shell} does not exist in environment {st.env}; using {fallback}")
+            shell = fallback
+        if tmpdir and prep.has_tmpdir:
+            env_rest.append(("TMPDIR", tmpdir))
+        if mode == "batch":
+            argv = job_argv(shell, how, script_path, args)
+        elif mode == "task":
+            argv = rest
+        else:
+            argv = [shell] + rest[1:]
         pidfile = guestfiles.pidfile(ctl, tag)
         command = build_command(pidfile, start_dir(environ), env_rest, argv, env_file=env_file,
                                 umask=current_umask())
@@ -541,36 +544,16 @@ def unmounted(proc_mounts, paths):
     return [p for p in paths if p not in mounted]
 
 
-def _check_mounts(sftp, st):
+def _check_mounts(proc_mounts, paths, env):
     """Mounted mode: refuse to run the job if the guest lacks a share (a guest
     without virtio-fs would otherwise run it on its own disk, and lose the output)."""
-    paths = [s["path"] for s in getattr(st, "shares", None) or ()]
-    if not paths:
-        return
-    with sftp.open("/proc/mounts", "r") as f:
-        text = f.read(1 << 20).decode("utf-8", "surrogateescape")
-    missing = unmounted(text, paths)
+    missing = unmounted(proc_mounts, paths)
     if missing:
         from ..errors import SiteError
         raise SiteError(f"the virtual machine did not mount {missing[0]} from the host "
-                        f"(environment {st.env}); the job was not run",
+                        f"(environment {env}); the job was not run",
                         "the site should give this environment a guest with virtio-fs, "
                         "or set data = copy for it")
-
-
-def _guest_has(sftp, path, test=None):
-    try:
-        a = sftp.stat(path)
-    except IOError:
-        return False
-    return test(a.st_mode) if test else True
-
-
-def _put_bytes(sftp, path, data, mode):
-    with sftp.open(path, "wb") as f:
-        f.set_pipelined(True)
-        f.write(data)
-        f.chmod(mode)
 
 
 def _tty_size():
