@@ -413,14 +413,15 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
                 guest, ctl, files, workdir=st.workdir if copy else None,
                 host_dir=(environ.get("PBS_O_WORKDIR") or st.host_workdir) if copy else None,
                 max_bytes=parse_bytes(cfg.site["stage_in_max"]),
-                home=guestfiles.guest_home(st.user), shell=rest[0], tmpdir=tmpdir,
-                mounts=bool(shares) and mode != "task", umask=current_umask())
+                # copy mode: the control directory is the guest home's .vmwn
+                home=posixpath.dirname(ctl), shell=rest[0], tmpdir=tmpdir,
+                mounts=bool(shares), umask=current_umask())
         except (EOFError, paramiko.SSHException) as e:
             from ..errors import GuestLost
             raise GuestLost(f"preparing the job in the guest failed: "
                             f"{' '.join(str(e).split()) or type(e).__name__}",
                             "the virtual machine may be out of disk space") from None
-        if shares and mode != "task":
+        if shares:
             _check_mounts(prep.proc_mounts, shares, st.env)
         for item in (prep.staged.skipped if prep.staged else [])[:20]:
             _say(f"not copied into the virtual machine: {item}")
