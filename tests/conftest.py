@@ -7,6 +7,7 @@ pbs_mom, so the node tree lives under a world-searchable temporary directory
 
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,64 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_PY = sys.executable
 TEST_USER = "vmwntest"
+
+
+# The outside systems a test may reach only with its marker: programs that boot
+# or reach guests, run Torque or slapd, and libvirt's real drivers.  Unit tests
+# use libvirt's test:/// driver and the in-process SSH guest.
+OUTSIDE_MARKERS = ("integration", "torque", "slapd", "slow")
+OUTSIDE_PROGRAMS = frozenset((
+    "qemu-system-x86_64", "virsh", "libvirtd", "virtiofsd", "ssh", "scp", "slapd",
+    "pbs_server", "pbs_mom", "pbs_sched", "qsub", "qstat", "qdel", "qsig", "qrun"))
+
+
+def _outside_program(args):
+    """The program an argv (list or shell string) starts, if it is an outside one."""
+    argv = args if isinstance(args, (list, tuple)) else str(args).split()
+    name = os.path.basename(os.fsdecode(argv[0])) if argv else ""
+    return name if name in OUTSIDE_PROGRAMS else None
+
+
+def _unreachable_or_test(uri):
+    """libvirt's test driver, or a socket that does not exist (an error-path test)."""
+    if uri.startswith("test:///"):
+        return True
+    m = re.search(r"[?&]socket=([^&]+)", uri)
+    return bool(m) and not os.path.exists(m.group(1))
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_systems(request, monkeypatch):
+    """A test without one of OUTSIDE_MARKERS fails when it starts an outside program
+    or opens libvirt other than its test:/// driver: a unit test that reaches a real
+    system by accident would pass or fail for reasons of its own."""
+    if any(request.node.get_closest_marker(m) for m in OUTSIDE_MARKERS):
+        yield
+        return
+    real_init = subprocess.Popen.__init__
+
+    def popen_init(self, args, *a, **kw):
+        name = _outside_program(args)
+        if name:
+            pytest.fail(f"{request.node.nodeid} starts {name} without a marker "
+                        f"({', '.join(OUTSIDE_MARKERS)})", pytrace=False)
+        real_init(self, args, *a, **kw)
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen_init)
+    try:
+        import libvirt
+    except ImportError:
+        libvirt = None
+    if libvirt is not None:
+        for fn in ("open", "openReadOnly", "openAuth"):
+            real = getattr(libvirt, fn)
+
+            def guarded(uri=None, *a, _real=real, _fn=fn, **kw):
+                if not _unreachable_or_test(uri or ""):
+                    pytest.fail(f"{request.node.nodeid} opens libvirt {uri or '(default)'} "
+                                "without a marker; unit tests use test:///", pytrace=False)
+                return _real(uri, *a, **kw)
+            monkeypatch.setattr(libvirt, fn, guarded)
+    yield
 
 
 @pytest.fixture(autouse=True)

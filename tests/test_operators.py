@@ -21,12 +21,16 @@ OLD = time.time() - 3600
 
 
 @pytest.fixture
-def site():
-    """A configuration with its own state, overlays and PBS_HOME (mom_priv/jobs exists)."""
+def site(request):
+    """A configuration with its own state, overlays and PBS_HOME (mom_priv/jobs exists);
+    unit tests get libvirt's test driver, integration tests the real libvirtd."""
     from vmwn import config
     import shutil
     base = qemu_reachable_dir("vmwn-ops-")
-    path = write_config(base, site_extra=f"pbs_home = {base}/torque", ports="43500-43599")
+    uri = "" if request.node.get_closest_marker("integration") else \
+        "\nlibvirt_uri = test:///default"
+    path = write_config(base, site_extra=f"pbs_home = {base}/torque{uri}",
+                        ports="43500-43599")
     os.makedirs(f"{base}/torque/mom_priv/jobs")
     cfg = config.load(path)
     yield cfg

@@ -59,6 +59,7 @@ def _status(pid):
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
+@pytest.mark.integration  # a real virtiofsd
 @pytest.mark.skipif(os.geteuid() != 0 or not HAVE_VIRTIOFSD, reason="needs root and virtiofsd")
 def test_virtiofsd_runs_as_the_job_user_in_a_namespace_of_its_ids_only(job):
     st, d, mine = job
@@ -85,6 +86,7 @@ def test_virtiofsd_runs_as_the_job_user_in_a_namespace_of_its_ids_only(job):
     assert not os.path.exists(shares[0].socket)
 
 
+@pytest.mark.integration  # a real virtiofsd
 @pytest.mark.skipif(os.geteuid() != 0 or not HAVE_VIRTIOFSD, reason="needs root and virtiofsd")
 def test_a_directory_the_user_cannot_enter_is_the_users_problem(job):
     st, d, _ = job
@@ -99,6 +101,7 @@ def test_a_directory_the_user_cannot_enter_is_the_users_problem(job):
         os.rmdir(private)
 
 
+@pytest.mark.integration  # a real virtiofsd
 @pytest.mark.skipif(os.geteuid() != 0 or not HAVE_VIRTIOFSD, reason="needs root and virtiofsd")
 def test_a_virtiofsd_that_exits_at_once_is_a_site_error(job):
     st, d, mine = job

@@ -21,7 +21,7 @@ from conftest import write_site_config
 def site(tmp_path):
     path = str(tmp_path / "vmwn.conf")
     write_site_config(path, str(tmp_path), extra_site="start_attempts = 3\n"
-                      "max_parallel_boots = 1")
+                      "max_parallel_boots = 1\nlibvirt_uri = test:///default")
     with open(path, "a") as f:
         f.write("\n[env ghost]\nimage = ghost/disk.qcow2\naccel = qemu\nmemory = 256M\n")
     os.makedirs(tmp_path / "torque" / "mom_priv" / "jobs")

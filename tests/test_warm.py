@@ -69,6 +69,7 @@ def _generation_files(cfg):
     return {p: _sha(p) for p in (gen.state, gen.disk)}
 
 
+@pytest.mark.integration
 @needs_image("tiny")
 def test_two_restored_jobs_are_unique_and_leave_nothing(warm_site):
     cfg, cost = warm_site
@@ -113,6 +114,7 @@ def test_two_restored_jobs_are_unique_and_leave_nothing(warm_site):
     assert _generation_files(cfg) == before, "a job changed the prepared guest"
 
 
+@pytest.mark.integration
 @needs_image("tiny")
 def test_request_that_does_not_fit_boots_cold_and_says_so(warm_site, caplog):
     cfg, _ = warm_site
@@ -129,6 +131,7 @@ def test_request_that_does_not_fit_boots_cold_and_says_so(warm_site, caplog):
     assert leftovers(cfg, job) == []
 
 
+@pytest.mark.integration
 @needs_image("tiny")
 def test_a_failed_restore_falls_back_to_a_cold_boot(warm_site, caplog):
     """A damaged saved state (injected: truncated) costs a cold boot, not the job."""
@@ -161,6 +164,7 @@ def test_a_failed_restore_falls_back_to_a_cold_boot(warm_site, caplog):
     assert leftovers(cfg, job) == []
 
 
+@pytest.mark.integration
 @needs_image("tiny")
 def test_a_generation_removed_under_a_starting_job_costs_a_cold_boot(warm_site, monkeypatch,
                                                                       caplog):
@@ -188,6 +192,7 @@ def test_a_generation_removed_under_a_starting_job_costs_a_cold_boot(warm_site, 
     assert leftovers(cfg, job) == []
 
 
+@pytest.mark.integration
 @needs_image("tiny")
 def test_refresh_keeps_the_generation_a_running_job_uses(warm_site):
     cfg, _ = warm_site
@@ -207,6 +212,7 @@ def test_refresh_keeps_the_generation_a_running_job_uses(warm_site):
     assert not os.path.exists(used)
 
 
+@pytest.mark.integration
 @needs_image("tiny")
 def test_a_restored_guest_is_confined_before_it_runs(warm_site):
     """no-loopback: the restored guest stays paused until its QEMU is confined."""

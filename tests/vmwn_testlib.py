@@ -97,6 +97,8 @@ def site():
 
 
 def needs_image(name):
+    """Skips a test that boots the ``name`` guest without root or the image (the
+    test carries the integration marker itself: tests/conftest.py's guard)."""
     env_dir = os.path.join(IMAGE_DIR, name)
     have = all(os.path.isfile(os.path.join(env_dir, f))
                for f in ("disk.qcow2", "vmlinuz", "initrd.img"))
