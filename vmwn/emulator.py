@@ -83,6 +83,7 @@ def _pidfd(pid, parent):
         fd = os.pidfd_open(pid)
     except OSError:
         return -1
+    # usage.stat_fields' parse, repeated: the launcher runs without vmwn installed.
     with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
         if f.read().rsplit(")", 1)[1].split()[1] != str(parent):
             os.close(fd)

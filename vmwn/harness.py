@@ -144,16 +144,13 @@ def parse_variable_args(values, environ):
 
 def session_pids(sid):
     """Every process whose session id is ``sid``."""
+    from .usage import stat_fields
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 3 and fields[3] == str(sid):
+        fields = stat_fields(entry)
+        if fields and len(fields) > 3 and fields[3] == str(sid):
             pids.append(int(entry))
     return pids
 

@@ -128,15 +128,15 @@ def stop(st, shares, timeout=5.0):
 
 def _is_ours(sh):
     """The pid is still a virtiofsd of this share (pids are reused)."""
+    from .usage import stat_fields
     try:
         with open(f"/proc/{sh.pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-        with open(f"/proc/{sh.pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
     except OSError:
         return False
-    return state != b"Z" and os.path.basename(argv[0]) == b"virtiofsd" and \
-        _socket_inode(sh.pid) == sh.inode
+    fields = stat_fields(sh.pid)
+    return bool(fields) and fields[0] != "Z" and \
+        os.path.basename(argv[0]) == b"virtiofsd" and _socket_inode(sh.pid) == sh.inode
 
 
 def _socket_inode(pid):

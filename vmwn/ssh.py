@@ -140,6 +140,33 @@ class Guest:
                             "the job's VM stopped") from None
         return chan
 
+    def capture_exit_signals(self):
+        """Record RFC 4254 "exit-signal" on each channel as ``chan.vmwn_exit_signal``
+        (the signal's name): paramiko drops it, and the job starter relays it.
+
+        Only this connection's dispatch table is replaced (a private paramiko
+        table, so it is done here, beside the rest of vmwn's paramiko); the
+        request still reaches paramiko's own handler.
+        """
+        from paramiko.common import MSG_CHANNEL_REQUEST
+        transport = self.client.get_transport()
+        table = dict(type(transport)._channel_handler_table)
+        original = table[MSG_CHANNEL_REQUEST]
+
+        def handler(chan, m):
+            pos = m.packet.tell()
+            try:
+                if m.get_text() == "exit-signal":
+                    m.get_boolean()
+                    chan.vmwn_exit_signal = m.get_text()
+            except Exception:  # noqa: BLE001 - a malformed request is paramiko's to reject
+                pass
+            m.packet.seek(pos)
+            original(chan, m)
+
+        table[MSG_CHANNEL_REQUEST] = handler
+        transport._channel_handler_table = table
+
     def run(self, command, timeout=60.0, stdin=None):
         """Run a short command; returns (status, stdout bytes, stderr bytes)."""
         chan = self.exec(command)

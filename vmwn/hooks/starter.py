@@ -382,8 +382,7 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
     log.info("starting %s in guest %s as %s", mode, st.domain, st.user)
     guest = ssh.Guest.connect(st)
     try:
-        transport = guest.client.get_transport()
-        _capture_exit_signal(transport)
+        guest.capture_exit_signals()
         ctl = getattr(st, "control_dir", "") or guestfiles.control_dir(st.user, False)
         tag = guestfiles.JOB if mode != "task" else \
             guestfiles.task_tag(_safe(environ.get("PBS_TASKNUM", "0")))
@@ -563,31 +562,6 @@ def _tty_size():
         return (sz.columns, sz.lines)
     except OSError:
         return (80, 24)
-
-
-def _capture_exit_signal(transport):
-    """Record RFC 4254 "exit-signal" on the channel (paramiko drops it).
-
-    Only this transport's dispatch table is replaced; the request still
-    reaches paramiko's own handler.
-    """
-    from paramiko.common import MSG_CHANNEL_REQUEST
-    table = dict(type(transport)._channel_handler_table)
-    original = table[MSG_CHANNEL_REQUEST]
-
-    def handler(chan, m):
-        pos = m.packet.tell()
-        try:
-            if m.get_text() == "exit-signal":
-                m.get_boolean()
-                chan.vmwn_exit_signal = m.get_text()
-        except Exception:  # noqa: BLE001 - a malformed request is paramiko's to reject
-            pass
-        m.packet.seek(pos)
-        original(chan, m)
-
-    table[MSG_CHANNEL_REQUEST] = handler
-    transport._channel_handler_table = table
 
 
 def signal_number(name):
