@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vmwn import cli, operators, state
+from vmwn import cli, operators, pbs, state
 from vmwn.errors import SiteError
 
 from vmwn_testlib import IMAGE_DIR, leftovers, qemu_reachable_dir, write_config
@@ -75,7 +75,7 @@ def test_mom_records_decide_which_jobs_are_here(site):
     mom_record(site, "1.srv", ".JB")
     mom_record(site, "2.srv", ".SC", body="#!/bin/sh\n")
     mom_record(site, "3.short", ".JB", body="<job><jobid>3.very.long.server.name</jobid></job>")
-    mom = operators.MomJobs(site.site["pbs_home"])
+    mom = pbs.MomJobs(site.site["pbs_home"])
     assert mom.present("1.srv") and mom.present("2.srv")
     assert mom.present("3.very.long.server.name")  # prefix shortened, id in the record
     assert not mom.present("4.srv")
@@ -83,7 +83,7 @@ def test_mom_records_decide_which_jobs_are_here(site):
 
 def test_without_mom_priv_reap_refuses_to_judge(site, tmp_path):
     with pytest.raises(SiteError, match="cannot tell which jobs are still on this node"):
-        operators.MomJobs(str(tmp_path / "nothing"))
+        pbs.MomJobs(str(tmp_path / "nothing"))
 
 
 def test_reap_removes_state_key_and_overlay_of_ended_jobs_only(site, capsys, caplog):

@@ -242,7 +242,7 @@ class Job:
         self._dirs()
         self.seq = self._allocate()
         self.job_id = f"{self.seq}.{self.host}"
-        jobs = os.path.join(self.mom_priv, "jobs")
+        jobs = pbs.jobs_dir(self.pbs_home)
         self.sc = os.path.join(jobs, self.job_id + ".SC")
         self.jb = os.path.join(jobs, self.job_id + ".JB")
         spool = os.path.join(self.pbs_home, "spool")
@@ -282,8 +282,9 @@ class Job:
         self.ppn, self.np = ppn, ppn * self.num_nodes
 
     def _dirs(self):
-        for sub, mode in (("mom_priv/jobs", 0o751), ("spool", 0o1777), ("aux", 0o755)):
-            d = os.path.join(self.pbs_home, sub)
+        for d, mode in ((pbs.jobs_dir(self.pbs_home), 0o751),
+                        (os.path.join(self.pbs_home, "spool"), 0o1777),
+                        (os.path.join(self.pbs_home, "aux"), 0o755)):
             if not os.path.isdir(d):
                 os.makedirs(d)
                 os.chmod(d, mode)
@@ -296,7 +297,8 @@ class Job:
             fcntl.flock(f, fcntl.LOCK_EX)
             text = f.read().strip()
             seq = int(text) + 1 if text.isdigit() else 1
-            while os.path.exists(os.path.join(self.mom_priv, "jobs", f"{seq}.{self.host}.SC")):
+            while os.path.exists(os.path.join(pbs.jobs_dir(self.pbs_home),
+                                              f"{seq}.{self.host}.SC")):
                 seq += 1
             f.seek(0)
             f.truncate()

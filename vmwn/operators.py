@@ -19,12 +19,10 @@ import logging
 import logging.handlers
 import os
 import shutil
-import socket
 import sys
 import time
-import xml.etree.ElementTree as ET
 
-from . import config as configmod, disk, state as statemod
+from . import config as configmod, disk, pbs, state as statemod
 from .errors import SiteError, VmwnError
 
 log = logging.getLogger(__name__)
@@ -158,65 +156,6 @@ def _overlays(cfg):
     return [os.path.join(d, n) for n in names if n.endswith(".qcow2")]
 
 
-class MomJobs:
-    """Which jobs pbs_mom still holds, from ``mom_priv/jobs`` (and pbs_python if present)."""
-
-    def __init__(self, pbs_home):
-        self.dir = os.path.join(pbs_home, "mom_priv", "jobs")
-        try:
-            names = os.listdir(self.dir)
-        except FileNotFoundError:
-            raise SiteError(f"{self.dir} does not exist, so vmwn cannot tell which jobs "
-                            "are still on this node", "set [site] pbs_home or pass "
-                            "--pbs-home") from None
-        self.prefixes = {n[:-3] for n in names if n.endswith((".JB", ".SC"))}
-        self.ids = set()
-        for n in names:
-            if n.endswith(".JB"):
-                self.ids.update(self._record_ids(os.path.join(self.dir, n)))
-        self.host = socket.gethostname().split(".")[0]
-
-    @staticmethod
-    def _record_ids(path):
-        """Job ids named inside a .JB record (the prefix may be shortened by Torque)."""
-        try:
-            with open(path, "rb") as f:
-                root = ET.fromstring(f.read(1 << 20))
-        except (OSError, ET.ParseError):
-            return set()
-        return {t.strip() for t in (root.findtext("jobid"), root.findtext("jobid_")) if t}
-
-    def present(self, job_id):
-        if job_id in self.prefixes or job_id in self.ids:
-            return True
-        return self._server_says_here(job_id)
-
-    def _server_says_here(self, job_id):
-        """True when pbs_python is installed and the server runs the job on this host."""
-        try:
-            import pbs as pbs_python  # noqa: PLC0415 - optional, needs libtorque
-        except ImportError:
-            return False
-        conn = -1
-        try:
-            conn = pbs_python.pbs_connect(pbs_python.pbs_default())
-            if conn < 0:
-                return False
-            for job in pbs_python.pbs_statjob(conn, job_id, None, "NULL") or []:
-                attrs = {a.name: a.value for a in job.attribs}
-                hosts = attrs.get("exec_host", "")
-                if attrs.get("job_state") in ("R", "E") and \
-                        hosts.split("/")[0].split(".")[0] == self.host:
-                    return True
-        except Exception as e:  # noqa: BLE001 - pbs_python raises assorted types
-            log.warning("pbs_python lookup of %s failed: %s", job_id, e)
-        finally:
-            if conn >= 0:
-                with contextlib.suppress(Exception):
-                    pbs_python.pbs_disconnect(conn)
-        return False
-
-
 def _owned_paths(cfg):
     return tuple(os.path.realpath(cfg.site[k]) + "/" for k in ("state_dir", "overlay_dir"))
 
@@ -227,15 +166,8 @@ def _domain_is_ours(dom, cfg, roots):
     libvirt is shared by everything on the host; a domain made under another
     vmwn configuration (another state_dir) is that configuration's to reap.
     """
-    try:
-        root = ET.fromstring(dom.XMLDesc(0))
-    except Exception:  # noqa: BLE001 - gone meanwhile, or unreadable: not ours to judge
-        return False
-    paths = [el.get("file") or el.get("path") or ""
-             for el in root.iterfind("devices/disk/source")]
-    paths += [el.get("path") or "" for el in root.iterfind("devices/serial/source")]
-    paths += [el.get("path") or "" for el in root.iterfind("devices/console/source")]
-    return any(os.path.realpath(p).startswith(roots) for p in paths if p)
+    from . import virt
+    return any(os.path.realpath(p).startswith(roots) for p in virt.domain_files(dom))
 
 
 # A requeued job restarts within seconds; a start count this old has lost its job.
@@ -248,7 +180,7 @@ class Reaper:
     def __init__(self, cfg, pbs_home=None, grace=DEFAULT_GRACE, dry_run=False,
                  deadline=None, say=None):
         self.cfg, self.grace, self.dry_run, self.deadline = cfg, grace, dry_run, deadline
-        self.mom = MomJobs(pbs_home or cfg.pbs_home)
+        self.mom = pbs.MomJobs(pbs_home or cfg.pbs_home)
         self.say = say or (lambda line: None)
         self.lines = []
         self.now = time.time()

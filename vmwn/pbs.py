@@ -7,10 +7,12 @@ or on the server (pbs_python, optional).  This module only parses: it imports
 nothing beyond the standard library, so a hook for a job without a VM stays cheap.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
+import socket
 import xml.etree.ElementTree as ET
 
 from .errors import SiteError, UserError
@@ -212,11 +214,91 @@ class JobRecord:
     attributes: dict
 
 
+def jobs_dir(pbs_home):
+    """pbs_mom's directory of job files: ``<prefix>.JB`` (the job record), ``.SC``
+    (the script), ``.TK`` (tasks).  The one place that names it."""
+    return os.path.join(pbs_home, "mom_priv", "jobs")
+
+
 def job_record_path(pbs_home, job_id, script=""):
     """The .JB path: beside the .SC named by argv (the true prefix), else by job id."""
     if script and script.endswith(".SC"):
         return script[:-3] + ".JB"
-    return os.path.join(pbs_home, "mom_priv", "jobs", job_id + ".JB")
+    return os.path.join(jobs_dir(pbs_home), job_id + ".JB")
+
+
+def is_job_script(pbs_home, path):
+    """True for an existing regular file ``<jobs_dir>/NAME.SC``: what pbs_mom names on
+    its job starter's stdin."""
+    import stat
+    d = jobs_dir(os.path.normpath(pbs_home))
+    if not (path.startswith("/") and path.endswith(".SC")
+            and os.path.dirname(os.path.normpath(path)) == d
+            and os.path.normpath(path) == path):
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+class MomJobs:
+    """Which jobs pbs_mom still holds, from ``mom_priv/jobs`` (and pbs_python if present)."""
+
+    def __init__(self, pbs_home):
+        self.dir = jobs_dir(pbs_home)
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            raise SiteError(f"{self.dir} does not exist, so vmwn cannot tell which jobs "
+                            "are still on this node", "set [site] pbs_home or pass "
+                            "--pbs-home") from None
+        self.prefixes = {n[:-3] for n in names if n.endswith((".JB", ".SC"))}
+        self.ids = set()
+        for n in names:
+            if n.endswith(".JB"):
+                self.ids.update(self._record_ids(os.path.join(self.dir, n)))
+        self.host = socket.gethostname().split(".")[0]
+
+    @staticmethod
+    def _record_ids(path):
+        """Job ids named inside a .JB record (the prefix may be shortened by Torque)."""
+        try:
+            with open(path, "rb") as f:
+                root = ET.fromstring(f.read(1 << 20))
+        except (OSError, ET.ParseError):
+            return set()
+        return {t.strip() for t in (root.findtext("jobid"), root.findtext("jobid_")) if t}
+
+    def present(self, job_id):
+        if job_id in self.prefixes or job_id in self.ids:
+            return True
+        return self._server_says_here(job_id)
+
+    def _server_says_here(self, job_id):
+        """True when pbs_python is installed and the server runs the job on this host."""
+        try:
+            import pbs as pbs_python  # noqa: PLC0415 - optional, needs libtorque
+        except ImportError:
+            return False
+        conn = -1
+        try:
+            conn = pbs_python.pbs_connect(pbs_python.pbs_default())
+            if conn < 0:
+                return False
+            for job in pbs_python.pbs_statjob(conn, job_id, None, "NULL") or []:
+                attrs = {a.name: a.value for a in job.attribs}
+                hosts = attrs.get("exec_host", "")
+                if attrs.get("job_state") in ("R", "E") and \
+                        hosts.split("/")[0].split(".")[0] == self.host:
+                    return True
+        except Exception as e:  # noqa: BLE001 - pbs_python raises assorted types
+            log.warning("pbs_python lookup of %s failed: %s", job_id, e)
+        finally:
+            if conn >= 0:
+                with contextlib.suppress(Exception):
+                    pbs_python.pbs_disconnect(conn)
+        return False
 
 
 def read_job_record(path):

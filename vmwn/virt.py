@@ -214,6 +214,20 @@ def vmwn_domains(conn):
     return out
 
 
+def domain_files(dom):
+    """The host files a domain's disks, serial and console use ([] if it is gone)."""
+    import xml.etree.ElementTree as ET
+    try:
+        root = ET.fromstring(dom.XMLDesc(0))
+    except Exception:  # noqa: BLE001 - gone meanwhile, or unreadable: nothing to judge
+        return []
+    paths = [el.get("file") or el.get("path") or ""
+             for el in root.iterfind("devices/disk/source")]
+    paths += [el.get("path") or "" for el in root.iterfind("devices/serial/source")]
+    paths += [el.get("path") or "" for el in root.iterfind("devices/console/source")]
+    return [p for p in paths if p]
+
+
 def find_job(conn, job_id):
     """Domains whose vmwn metadata names ``job_id`` (normally zero or one)."""
     return [dom for dom, meta in vmwn_domains(conn) if meta.get("id") == job_id]

@@ -160,6 +160,7 @@ def read_job_script(pbs_home, data):
     """
     import shlex
     import stat
+    from .. import pbs
     from ..errors import UserError
     line = data[:-1] if data.endswith(b"\n") else data
     if b"\n" not in line and b"\0" not in line:
@@ -168,7 +169,7 @@ def read_job_script(pbs_home, data):
         if text.startswith("exec "):
             how, text = "exec", text[5:].lstrip()
         path, _, argtext = text.partition(" ")
-        if _is_mom_script(pbs_home, path):
+        if pbs.is_job_script(pbs_home, path):
             try:
                 args = shlex.split(argtext)
             except ValueError as e:
@@ -193,20 +194,6 @@ def read_job_script(pbs_home, data):
         raise UserError("the job starter's stdin is neither a script path nor script text "
                         "(it holds NUL bytes)", "check the mom's job_starter setting")
     return data, [], "text"
-
-
-def _is_mom_script(pbs_home, path):
-    """True for an existing regular file ``<pbs_home>/mom_priv/jobs/NAME.SC``."""
-    import stat
-    jobs_dir = os.path.join(os.path.normpath(pbs_home), "mom_priv", "jobs")
-    if not (path.startswith("/") and path.endswith(".SC")
-            and os.path.dirname(os.path.normpath(path)) == jobs_dir
-            and os.path.normpath(path) == path):
-        return False
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def guest_env(environ, guest_has_tmpdir=False):
