@@ -214,6 +214,20 @@ class JobRecord:
     attributes: dict
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 on /dev/null for a C library that writes there itself."""
+    saved = os.dup(2)
+    nul = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(nul, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(nul)
+
+
 def jobs_dir(pbs_home):
     """pbs_mom's directory of job files: ``<prefix>.JB`` (the job record), ``.SC``
     (the script), ``.TK`` (tasks).  The one place that names it."""
@@ -283,8 +297,11 @@ class MomJobs:
             return False
         conn = -1
         try:
-            conn = pbs_python.pbs_connect(pbs_python.pbs_default())
+            with _quiet_stderr():  # libtorque prints "Unable to communicate with ..." itself
+                conn = pbs_python.pbs_connect(pbs_python.pbs_default())
             if conn < 0:
+                log.info("pbs_python cannot reach the server; job %s judged by the mom's "
+                         "files alone", job_id)
                 return False
             for job in pbs_python.pbs_statjob(conn, job_id, None, "NULL") or []:
                 attrs = {a.name: a.value for a in job.attribs}
