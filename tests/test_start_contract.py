@@ -188,3 +188,41 @@ def test_a_state_directory_vmwn_may_not_use_aborts_instead_of_looping(site, caps
     assert _prologue(site, "other=vmwn=nosuch") == 1
     err = capsys.readouterr().err
     assert "cannot be counted" in err and "cannot be recorded" in err
+
+
+def test_a_broken_configuration_is_requeued_a_bounded_number_of_times_then_refused(
+        tmp_path, capfd, monkeypatch):
+    """An unreadable vmwn.conf (here a drop-in with an unknown key) used to requeue
+    every VM job at once and for ever (2580 starts measured under pbs_mom)."""
+    from vmwn.hooks import epilogue, starter
+    conf = tmp_path / "vmwn.conf"
+    write_site_config(str(conf), str(tmp_path))
+    (tmp_path / "vmwn.conf.d").mkdir()
+    (tmp_path / "vmwn.conf.d" / "61-bad.conf").write_text("[site]\nno_such_key = 1\n")
+    with pytest.raises(errors.SiteError):
+        config.load(str(conf))
+    states = str(tmp_path / "installed-state")  # what the steps were installed with
+    argv = ["prologue", "7.srv", "nobody", "nogroup", "job", "other=vmwn=tiny", "batch",
+            "", ""]
+    limit = config.SITE_KEYS["start_attempts"].default
+    codes = [prologue.main(argv, config_path=str(conf), pbs_home=str(tmp_path / "torque"),
+                           environ={}, state_dir=states) for _ in range(limit)]
+    assert codes == [2] * (limit - 1) + [0]
+    err = capfd.readouterr().err
+    assert err.count("no_such_key") == limit - 1 and "Traceback" not in err
+    refusal = state.read_refusal(states, "7.srv")
+    assert refusal["kind"] == "SiteError" and "no_such_key" in refusal["problem"]
+    # The job starter needs no configuration to tell the job's owner why.
+    monkeypatch.setenv("PBS_JOBID", "7.srv")
+    rc = starter.main(["starter", "/bin/sh"], config_path=str(conf), state_dir=states,
+                      pbs_home=str(tmp_path / "torque"))
+    err = capfd.readouterr().err
+    assert rc != 0 and err.count("\n") == 1
+    assert "configuration cannot be read" in err and "no_such_key" in err
+    # The epilogue removes the refusal without one either, and nothing is left.
+    eargv = ["epilogue", "7.srv", "nobody", "nogroup", "job", "1", "other=vmwn=tiny",
+             "cput=0", "batch", "", "0", "/x.SC"]
+    assert epilogue.main(eargv, config_path=str(conf), pbs_home=str(tmp_path / "torque"),
+                         environ={}, state_dir=states) == 0
+    assert sorted(os.listdir(states)) == [".starts"] and os.listdir(
+        os.path.join(states, ".starts")) == []

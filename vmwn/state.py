@@ -87,7 +87,10 @@ class JobState:
 
 
 def root_dir(cfg):
-    return cfg.site["state_dir"]
+    """The state directory of a configuration, or ``cfg`` itself when it is one (a
+    path string): the prologue counts and refuses starts even when vmwn.conf cannot
+    be read, in the directory installed with its step."""
+    return cfg if isinstance(cfg, str) else cfg.site["state_dir"]
 
 
 def job_dir(cfg, job_id):
@@ -242,6 +245,20 @@ def write_refusal(cfg, job_id, error):
         os.close(fd)
     os.chmod(tmp, 0o644)
     os.rename(tmp, os.path.join(d, REFUSAL_NAME))
+
+
+def remove_lone_refusal(state_dir, job_id):
+    """Remove the job's directory if it holds a refusal record and nothing else (a
+    job refused before anything was made for it); True if it did."""
+    d = job_dir_in(state_dir, job_id)
+    try:
+        if os.listdir(d) != [REFUSAL_NAME]:
+            return False
+        os.unlink(os.path.join(d, REFUSAL_NAME))
+        os.rmdir(d)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def read_refusal(state_dir, job_id):

@@ -107,13 +107,25 @@ def recover_offline(cfg, st, jlog):
     return res
 
 
-def run(argv, config_path=None, pbs_home=None, environ=None):
+def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     """The step's work.  Returns 0; raises only when no state could be reached."""
     environ = os.environ if environ is None else environ
     args = pbs.parse_epilogue_argv(argv)
     if is_sister(environ):
         return 0
-    cfg = config.load(config_path)
+    try:
+        cfg = config.load(config_path)
+    except errors.VmwnError:
+        # The prologue refused the job for this (and the starter told its owner):
+        # its refusal record is all there is, and needs no configuration to go.
+        from .. import state
+        where = state_dir or config.SITE_KEYS["state_dir"].default
+        if state.remove_lone_refusal(where, args.job_id):
+            state.clear_starts(where, args.job_id)
+            return 0
+        if not os.path.lexists(state.job_dir_in(where, args.job_id)):
+            return 0  # no VM; a requeued job's start count is kept for its next start
+        raise  # a VM needs the configuration to be torn down: 'vmwn reap' after the fix
     from .. import state
     if not os.path.lexists(state.job_dir(cfg, args.job_id)):
         return 0  # no VM; a start count of a requeued job is kept for its next start
@@ -181,12 +193,12 @@ def _copy_back(cfg, st, end, jlog):
     return res
 
 
-def main(argv, config_path=None, pbs_home=None, environ=None):
+def main(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     """Entry point of epilogue.d/50-vmwn."""
     ensure_std_fds()
     job_id = argv[1] if len(argv) > 1 else "?"
     try:
-        return run(argv[1:], config_path, pbs_home, environ)
+        return run(argv[1:], config_path, pbs_home, environ, state_dir)
     except BaseException as e:  # noqa: BLE001 - report, then exit as the table says
         setup_logging()
         jlog = logsetup.job_logger(__name__, job_id)

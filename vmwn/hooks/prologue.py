@@ -61,7 +61,7 @@ def _cached(fn):
     return get
 
 
-def run(argv, config_path=None, pbs_home=None, environ=None):
+def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     """The step's work; raises vmwn errors.  Returns 0 when the job may start.
 
     A job vmwn will not run (the user's mistake, or too many failed starts)
@@ -73,7 +73,10 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     args = pbs.parse_prologue_argv(argv)
     if is_sister(environ):
         return 0  # multi-node requests are refused on the mother superior
-    cfg = config.load(config_path)
+    try:
+        cfg = config.load(config_path)
+    except errors.VmwnError as e:
+        return _unconfigured(state_dir, args.job_id, e)
     home = pbs_home or cfg.pbs_home
     variables = _cached(lambda: pbs.job_variables(home, args))
     jlog = logsetup.job_logger(__name__, args.job_id)
@@ -123,6 +126,38 @@ def run(argv, config_path=None, pbs_home=None, environ=None):
     return 0
 
 
+def _unconfigured(state_dir, job_id, error):
+    """vmwn.conf cannot be read, so nothing says how this job should run: requeue
+    it (the site may be fixing the file), counted in the state directory installed
+    with the step, and after the default start_attempts refuse it.  The job
+    starter needs no configuration to tell the job's owner why; without a count
+    pbs_server would restart the job at once, for ever (measured: 2580 starts).
+    """
+    from .. import state
+    setup_logging()
+    jlog = logsetup.job_logger(__name__, job_id)
+    where = state_dir or config.SITE_KEYS["state_dir"].default
+    limit = config.SITE_KEYS["start_attempts"].default
+    try:
+        n = state.count_start(where, job_id)
+    except (OSError, errors.VmwnError) as e2:  # no count, no bound on requeues: abort
+        raise errors.NodeBroken(f"{error.problem}; and the job's starts cannot be counted "
+                                f"({_why(e2)})", error.fix) from None
+    if n < limit:
+        jlog.warning("start %d of %d failed: %s", n, limit, error.line())
+        raise error
+    refusal = errors.SiteError(f"this node's vmwn configuration cannot be read, so the job "
+                               f"was not run ({error.problem})", error.fix)
+    try:
+        state.write_refusal(where, job_id, refusal)
+        state.clear_starts(where, job_id)
+    except (OSError, errors.VmwnError) as e2:
+        raise errors.NodeBroken(f"{refusal.problem}; and the refusal cannot be recorded "
+                                f"({_why(e2)})", error.fix) from None
+    jlog.error("job refused after %d starts: %s", n, refusal.line())
+    return 0
+
+
 def _refuse(cfg, job_id, error, jlog):
     """Let the job start only to fail with ``error`` shown to its owner; returns 0.
 
@@ -153,13 +188,13 @@ def _teardown(cfg, job_id):
                                                      exc_info=True)
 
 
-def main(argv, config_path=None, pbs_home=None, environ=None):
+def main(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     """Entry point of prologue.d/50-vmwn: every outcome becomes a deliberate exit code."""
     ensure_std_fds()
     os.umask(0o022)  # pbs_mom hands the prologue the job's umask (077 by default)
     job_id = argv[1] if len(argv) > 1 else "?"
     try:
-        return run(argv[1:], config_path, pbs_home, environ)
+        return run(argv[1:], config_path, pbs_home, environ, state_dir)
     except BaseException as e:  # noqa: BLE001 - no exception may exit 1 by accident
         setup_logging()
         jlog = logsetup.job_logger(__name__, job_id)
