@@ -6,6 +6,7 @@ call, so each case shows whether vmwn itself was consulted.
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -108,24 +109,6 @@ def test_rendered_settings_are_shell_quoted(tmp_path):
     assert r.returncode == 0
 
 
-def test_a_broken_install_requeues_instead_of_aborting(tmp_path):
-    """If vmwn cannot be imported the step exits 2 (requeue), never 1 (abort)."""
-    import sys
-    home = tmp_path / "torque"
-    (home / "mom_priv" / "jobs").mkdir(parents=True)
-    with open(os.path.join(ROOT, "prologue.d", "50-vmwn")) as f:
-        text = install.render_step(f.read(), sys.executable, str(tmp_path / "c.conf"),
-                                   str(home), str(tmp_path / "empty"))
-    step = tmp_path / "50-vmwn"
-    step.write_text(text.replace("from vmwn.hooks.prologue import main",
-                                 "from vmwn.hooks.no_such_module import main"))
-    step.chmod(0o755)
-    r = subprocess.run([str(step), "7.srv", "u", "g", "n", "other=vmwn=tiny", "batch", "", "/x"],
-                       env={"PATH": "/bin:/usr/bin"}, capture_output=True, text=True)
-    assert r.returncode == 2
-    assert r.stderr.startswith("vmwn: cannot load vmwn") and r.stderr.count("\n") == 1
-
-
 def test_a_broken_install_never_fails_the_epilogue(tmp_path):
     import sys
     with open(os.path.join(ROOT, "epilogue.d", "50-vmwn")) as f:
@@ -140,3 +123,30 @@ def test_a_broken_install_never_fails_the_epilogue(tmp_path):
     r = subprocess.run([str(step), "7.srv", "u", "g", "n", "0", "", "", "batch", "", "0", "/x"],
                        env={"PATH": "/bin:/usr/bin"}, capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr.startswith("vmwn: cannot load vmwn")
+
+
+def test_a_broken_install_is_requeued_twice_then_aborted_never_run(tmp_path):
+    """vmwn cannot be imported: pbs_server would restart the job at once for ever
+    after each exit 2, and exit 0 would run it on the host (the job starter cannot
+    load vmwn either), so the step counts, requeues twice and aborts (exit 1)."""
+    home = tmp_path / "torque"
+    (home / "mom_priv" / "jobs").mkdir(parents=True)
+    states = tmp_path / "state"
+    with open(os.path.join(ROOT, "prologue.d", "50-vmwn")) as f:
+        text = install.render_step(f.read(), sys.executable, str(tmp_path / "vmwn.conf"),
+                                   str(home), str(tmp_path / "empty"), state_dir=str(states))
+    path = tmp_path / "50-vmwn"
+    path.write_text(text.replace("from vmwn.hooks.prologue import main",
+                                 "from vmwn.hooks.no_such_module import main"))
+    path.chmod(0o755)
+    codes, errs = [], []
+    for _ in range(4):
+        r = subprocess.run([str(path), "7.srv", "u", "g", "name", "other=vmwn=tiny", "batch",
+                            "", "/x.SC"], env={"PATH": "/bin:/usr/bin"},
+                           capture_output=True, text=True)
+        codes.append(r.returncode)
+        errs.append(r.stderr)
+    assert codes == [2, 2, 1, 2]  # the count starts again for a new submission
+    assert all(e.count("\n") == 1 and "cannot load vmwn" in e and "reinstall" in e
+               for e in errs), errs
+    assert "requeued" in errs[0] and "aborted after 3 starts" in errs[2]
