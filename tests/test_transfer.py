@@ -322,13 +322,17 @@ def test_a_working_directory_the_guest_cannot_make_is_the_users_to_change(
 def test_a_control_directory_the_guest_cannot_make_is_the_sites_to_fix(guestd, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
+    (tmp_path / "host").mkdir()
     g = connect(guestd, tmp_path)
     try:
         with pytest.raises(SiteError, match="cannot make vmwn's directory") as e:
-            transfer.prepare(g, str(blocker / ".vmwn"), [("job.sh", b"x", 0o700)])
+            # A working directory that could be made does not take the blame.
+            transfer.prepare(g, str(blocker / ".vmwn"), [("job.sh", b"x", 0o700)],
+                             workdir=str(tmp_path / "work"), host_dir=str(tmp_path / "host"),
+                             max_bytes=1 << 20)
     finally:
         g.close()
-    assert "image" in e.value.fix
+    assert f"{blocker}/.vmwn" in e.value.problem and "image" in e.value.fix
 
 
 def test_an_unpack_the_guest_refuses_loses_the_guest_with_tars_reason(guestd, tmp_path):

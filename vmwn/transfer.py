@@ -223,9 +223,10 @@ def prepare(guest, ctl, control_files, workdir=None, host_dir=None, max_bytes=0,
             why = _first_line(err) or " ".join(str(e).split()) or type(e).__name__
             raise GuestLost(f"{what} failed: {why}",
                             "the virtual machine may be out of disk space or lost") from None
-    if status == 3:
-        d = _first_line(err)[len("vmwn-mkdir "):] if _first_line(err).startswith(
-            "vmwn-mkdir ") else (workdir or ctl)
+    if status == 3:  # the shell's mkdir said why on stderr, then PREPARE said which
+        named = [ln[len("vmwn-mkdir "):] for ln in err.decode("utf-8", "surrogateescape")
+                 .splitlines() if ln.startswith("vmwn-mkdir ")]
+        d = named[-1] if named else (workdir or ctl)
         if d == ctl:
             raise SiteError(f"cannot make vmwn's directory {d} in the virtual machine",
                             "check the environment's image (the job user's home)")
