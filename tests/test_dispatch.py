@@ -172,16 +172,20 @@ def test_dispatcher_starts_only_sh_find_and_the_step(mom_priv, tmp_path):
 
 # -- vmwn's own steps ---------------------------------------------------------------
 
+# As the installed steps call them: with the state directory installed with them
+# (beside PBS_HOME here, as write_site_config puts it).
 PROBE = """
 import json, sys
 from vmwn.hooks import {module} as m
-rc = m.main(sys.argv[1:], config_path={config!r}, pbs_home={pbs_home!r})
+rc = m.main(sys.argv[1:], config_path={config!r}, pbs_home={pbs_home!r},
+            state_dir={state_dir!r})
 print(json.dumps({{"rc": rc, "heavy": sorted(x for x in {heavy!r} if x in sys.modules)}}))
 """
 
 
 def run_step(module, argv, config, pbs_home, env=None, preexec=None):
-    code = PROBE.format(module=module, config=config, pbs_home=pbs_home, heavy=HEAVY)
+    code = PROBE.format(module=module, config=config, pbs_home=pbs_home, heavy=HEAVY,
+                        state_dir=os.path.join(os.path.dirname(pbs_home), "state"))
     r = subprocess.run([VENV_PY, "-Es", "-c", code, module, *argv], cwd=REPO,
                        env=env or MINIMAL_ENV, stdin=subprocess.DEVNULL, capture_output=True,
                        text=True, preexec_fn=preexec)
@@ -265,6 +269,9 @@ def test_prologue_site_problems_exit_2(site, tmp_path):
     assert result(r)["rc"] == 2 and "no_such_key" in r.stderr
     r = run_step("prologue", PRO_ARGV[:2], str(bad), home)
     assert result(r)["rc"] == 2
+    # Counted where the step was installed to count (tests/test_start_contract.py
+    # follows such a job to its refusal), never in the node's own state directory.
+    assert os.listdir(os.path.join(os.path.dirname(home), "state", ".starts"))
 
 
 def test_prologue_unexpected_exception_exits_2_not_1(site, monkeypatch, capsys):
