@@ -93,7 +93,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
         return _refuse(cfg, args.job_id, e, jlog)
     until = deadline(cfg, home)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    from .. import lifecycle, operators, state, warden
+    from .. import lifecycle, operators, warden
     try:
         st = lifecycle.prepare(cfg, req, until)
         try:
@@ -106,15 +106,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     except errors.UserError as e:
         return _refuse(cfg, args.job_id, e, jlog)
     except errors.VmwnError as e:
-        try:
-            n = state.count_start(cfg, args.job_id)
-        except (OSError, errors.VmwnError) as e2:  # no count, no bound on requeues: abort
-            raise errors.NodeBroken(f"{e.problem}; and the job's starts cannot be counted "
-                                    f"({_why(e2)})", e.fix) from None
-        limit = cfg.site["start_attempts"]
-        if n < limit:
-            jlog.warning("start %d of %d failed: %s", n, limit, e.line())
-            raise
+        n = _counted(cfg, args.job_id, e, cfg.site["start_attempts"], jlog)
         return _refuse(cfg, args.job_id, type(e)(
             f"the job's virtual machine could not be prepared in {n} starts; "
             f"last: {e.problem}", e.fix), jlog)
@@ -133,33 +125,35 @@ def _unconfigured(state_dir, job_id, error):
     starter needs no configuration to tell the job's owner why; without a count
     pbs_server would restart the job at once, for ever (measured: 2580 starts).
     """
-    from .. import state
     setup_logging()
     jlog = logsetup.job_logger(__name__, job_id)
     where = state_dir or config.SITE_KEYS["state_dir"].default
-    limit = config.SITE_KEYS["start_attempts"].default
+    _counted(where, job_id, error, config.SITE_KEYS["start_attempts"].default, jlog)
+    return _refuse(where, job_id, errors.SiteError(
+        f"this node's vmwn configuration cannot be read, so the job was not run "
+        f"({error.problem})", error.fix), jlog)
+
+
+def _counted(where, job_id, error, limit, jlog):
+    """Count one more failed start of the job in ``where`` (a configuration, or the
+    state directory itself): re-raise ``error`` (a requeue) while there were fewer
+    than ``limit``, else return the count.  A start that cannot be counted aborts
+    the job: without a count there is no bound on its requeues."""
+    from .. import state
     try:
         n = state.count_start(where, job_id)
-    except (OSError, errors.VmwnError) as e2:  # no count, no bound on requeues: abort
+    except (OSError, errors.VmwnError) as e:
         raise errors.NodeBroken(f"{error.problem}; and the job's starts cannot be counted "
-                                f"({_why(e2)})", error.fix) from None
+                                f"({_why(e)})", error.fix) from None
     if n < limit:
         jlog.warning("start %d of %d failed: %s", n, limit, error.line())
         raise error
-    refusal = errors.SiteError(f"this node's vmwn configuration cannot be read, so the job "
-                               f"was not run ({error.problem})", error.fix)
-    try:
-        state.write_refusal(where, job_id, refusal)
-        state.clear_starts(where, job_id)
-    except (OSError, errors.VmwnError) as e2:
-        raise errors.NodeBroken(f"{refusal.problem}; and the refusal cannot be recorded "
-                                f"({_why(e2)})", error.fix) from None
-    jlog.error("job refused after %d starts: %s", n, refusal.line())
-    return 0
+    return n
 
 
 def _refuse(cfg, job_id, error, jlog):
     """Let the job start only to fail with ``error`` shown to its owner; returns 0.
+    ``cfg`` is the configuration, or the state directory itself (see _unconfigured).
 
     A node that cannot record the refusal aborts the job instead (exit 1): its
     reason then stays in pbs_mom's spool, but the job never loops.
