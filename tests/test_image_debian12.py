@@ -236,7 +236,9 @@ def boot_and_check(image, kernel, initrd, cmdline, timeout=240, memory_mib=1024)
                 if READY_LINE in text:
                     break
                 time.sleep(1)
-            assert [ln.strip() for ln in text.splitlines()].count(READY_LINE) == 1, text[-3000:]
+            # Announced exactly once.  Counted as the host's watcher reads it, in
+            # the text: a getty prompt may share its line.
+            assert text.count(READY_LINE) == 1, text[-3000:]
             return boot_seconds, text
         finally:
             if client is not None:
