@@ -28,7 +28,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
 	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini iptables
 
 .PHONY: all deps apt venv daemons guest test test-unit demo bench install uninstall \
-	install-gip uninstall-gip check clean torque torque-up torque-down pbs-python
+	install-gip uninstall-gip check clean wheel torque torque-up torque-down pbs-python
 
 all: deps
 
@@ -96,28 +96,35 @@ bench: deps torque
 	$(PY) bench/vmwn_bench.py --config $(CONFIG)
 	$(PY) bench/torque_bench.py
 
+# A node is installed from the wheel, exactly as a site installs one without a
+# source tree: pip install dist/vmwn-*.whl into the runtime, then its vmwn-install.
+wheel: venv
+	@rm -rf dist build && $(VENV)/bin/pip wheel -q --disable-pip-version-check --no-deps \
+		--no-build-isolation -w dist . && ls dist/vmwn-*.whl
+
 install: deps
 	@if [ -z '$(DESTDIR)' ]; then \
-		[ -x $(RUNTIME)/bin/python ] || $(PYTHON) -m venv $(RUNTIME) || exit 1; \
-		$(RUNTIME)/bin/pip install -q --disable-pip-version-check . && \
+		$(MAKE) --no-print-directory wheel && \
+		{ [ -x $(RUNTIME)/bin/python ] || $(PYTHON) -m venv $(RUNTIME); } && \
+		$(RUNTIME)/bin/pip install -q --disable-pip-version-check dist/vmwn-*.whl && \
 		$(RUNTIME)/bin/pip install -q --disable-pip-version-check --force-reinstall \
-			--no-deps . || exit 1; \
+			--no-deps dist/vmwn-*.whl || exit 1; \
 		if [ -e $(TORQUE_PREFIX)/include/pbs_ifl.h ]; then \
 			scripts/build-pbs-python $(RUNTIME) || exit 1; fi; \
 		install -d -m 0755 $(PREFIX)/bin; \
 		for c in vmwn vmwn-submit-filter; do ln -sfn $(RUNTIME)/bin/$$c $(PREFIX)/bin/$$c; done; \
+		cd / && $(RUNTIME)/bin/vmwn-install install --pbs-home $(PBS_HOME) \
+			--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX) --qstat '$(QSTAT)'; \
+	else \
+		$(PY) -m vmwn.torque.install install --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
+			--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX) --python $(HOOK_PYTHON) \
+			--sample-config $(CURDIR)/etc/vmwn.conf --qstat '$(QSTAT)'; \
 	fi
-	install -d -m 0755 $(DESTDIR)$(PREFIX)/share/vmwn/templates
-	install -m 0644 templates/*.j2 $(DESTDIR)$(PREFIX)/share/vmwn/templates/
-	$(PY) -m vmwn.install install --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
-		--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX) --python $(HOOK_PYTHON) \
-		--template-dir $(PREFIX)/share/vmwn/templates --sample-config $(CURDIR)/etc/vmwn.conf \
-		--qstat '$(QSTAT)'
 
 uninstall:
-	$(PY) -m vmwn.install uninstall --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
+	$(PY) -m vmwn.torque.install uninstall --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
 		--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX)
-	rm -rf $(DESTDIR)$(PREFIX)/share/vmwn $(if $(DESTDIR),,$(RUNTIME))
+	rm -rf $(if $(DESTDIR),,$(RUNTIME))
 	@for c in vmwn vmwn-submit-filter; do \
 		[ "$$(readlink $(DESTDIR)$(PREFIX)/bin/$$c)" = '$(RUNTIME)/bin/'$$c ] \
 			&& rm -f $(DESTDIR)$(PREFIX)/bin/$$c; done; true

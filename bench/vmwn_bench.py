@@ -290,7 +290,7 @@ class Bench:
 
     def _node(self, name, timing_steps):
         """vmwn installed into ROOT/NAME (PBS_HOME, config, starter)."""
-        from vmwn import install
+        from vmwn.torque import install
         base = os.path.join(self.root, name)
         conf = os.path.join(base, "etc", "vmwn", "vmwn.conf")
         os.makedirs(os.path.dirname(conf))
@@ -376,7 +376,7 @@ warm = on
     # -- helpers ----------------------------------------------------------------
 
     def spec(self, job_id, env=None, host_workdir=None):
-        from vmwn.lifecycle import JobSpec
+        from vmwn.spec import JobSpec
         env = env or self.env
         workdir = (host_workdir or self.submit) if env.data == "mounted" else \
             f"/home/{self.user}/bench"
@@ -544,7 +544,7 @@ def measure_warm(b):
 def measure_phases(b, throughput):
     """In-process lifecycle.create: the prologue's phases, the starter's steps, destroy."""
     from vmwn import ssh, transfer
-    from vmwn.hooks.starter import build_command, guest_env, job_argv
+    from vmwn.torque.hooks.starter import build_command, guest_env, job_argv
     runs = []
     for i in range(b.reps + 1):
         warm = i == 0
@@ -559,7 +559,7 @@ def measure_phases(b, throughput):
                 r["rss"] = _vm_rss_mib(int(f.read().strip()))
         except (OSError, ValueError):
             r["rss"] = None
-        # The job starter's steps, as vmwn/hooks/starter.py takes them.
+        # The job starter's steps, as vmwn/torque/hooks/starter.py takes them.
         t0 = time.monotonic()
         guest = ssh.Guest.connect(st)
         t1 = time.monotonic()

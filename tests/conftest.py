@@ -141,7 +141,7 @@ def world_tmp():
 
 def starter_python():
     """An interpreter the test user may execute (the venv's may sit under /root)."""
-    from vmwn.install import others_can_execute
+    from vmwn.torque.install import others_can_execute
     for cand in (VENV_PY, "/usr/bin/python3"):
         if others_can_execute(cand):
             return cand
@@ -150,7 +150,7 @@ def starter_python():
 
 def user_python_path():
     """An interpreter the job user can run, and the sys.path entries that give it vmwn."""
-    from vmwn.install import others_can_execute
+    from vmwn.torque.install import others_can_execute
     site = os.path.join(os.path.dirname(os.path.dirname(VENV_PY)), "lib",
                         f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
     if others_can_execute(VENV_PY):
@@ -190,7 +190,7 @@ def node(world_tmp, test_user):
     sysconfdir = os.path.join(root, "etc")
     config = os.path.join(sysconfdir, "vmwn", "vmwn.conf")
     write_site_config(config, root, extra_site="queue_defaults = vmq:tiny")
-    from vmwn import install
+    from vmwn.torque import install
     opts = install.build_parser().parse_args(
         ["install", "--pbs-home", f"{root}/torque", "--sysconfdir", sysconfdir,
          "--prefix", f"{root}/prefix", "--python", VENV_PY,

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from vmwn import cli, errors, install
+from vmwn import cli, errors
+from vmwn.torque import install
 
 # A command module with a bug in it, registered like any other command module.
 BUGGY = '''
@@ -62,7 +63,7 @@ def test_anticipated_errors_keep_their_codes(tmp_path, capsys):
     assert err.startswith("vmwn envs: ") and "unknown key" in err and err.count("\n") == 1
 
 
-# -- python -m vmwn.install --------------------------------------------------------------
+# -- python -m vmwn.torque.install --------------------------------------------------------------
 
 def test_install_site_error_exit_code(tmp_path, capsys):
     rc = install.main(["install", "--pbs-home", "relative/path", "--destdir", str(tmp_path)])

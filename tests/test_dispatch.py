@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from vmwn.errors import SiteError
-from vmwn.hooks import dispatch
-from vmwn.hooks import prologue as prologue_step
+from vmwn.torque.hooks import dispatch
+from vmwn.torque.hooks import prologue as prologue_step
 
 from conftest import REPO, VENV_PY, write_site_config
 
@@ -176,7 +176,7 @@ def test_dispatcher_starts_only_sh_find_and_the_step(mom_priv, tmp_path):
 # (beside PBS_HOME here, as write_site_config puts it).
 PROBE = """
 import json, sys
-from vmwn.hooks import {module} as m
+from vmwn.torque.hooks import {module} as m
 rc = m.main(sys.argv[1:], config_path={config!r}, pbs_home={pbs_home!r},
             state_dir={state_dir!r})
 print(json.dumps({{"rc": rc, "heavy": sorted(x for x in {heavy!r} if x in sys.modules)}}))
@@ -316,7 +316,7 @@ def test_epilogue_without_state_exits_at_once(site):
 def test_epilogue_with_stdout_and_stderr_closed(site, tmp_path):
     config, home = site
     code = ("import os, sys\n"
-            "from vmwn.hooks import epilogue as m\n"
+            "from vmwn.torque.hooks import epilogue as m\n"
             f"rc = m.main(sys.argv, config_path={config!r}, pbs_home={home!r})\n"
             "fd = os.open(os.devnull, os.O_RDONLY)\n"
             f"open({str(tmp_path / 'out')!r}, 'w').write(f'{{rc}} {{fd}}')\n")
@@ -334,7 +334,7 @@ def test_epilogue_bad_argv_still_exits_0(site):
 
 
 def test_ensure_std_fds_fills_closed_descriptors():
-    code = ("import os\nfrom vmwn.hooks import ensure_std_fds\nensure_std_fds()\n"
+    code = ("import os\nfrom vmwn.torque.hooks import ensure_std_fds\nensure_std_fds()\n"
             "fd = os.open('/dev/null', os.O_RDONLY)\nos.write(2, b'')\n"
             "raise SystemExit(0 if fd > 2 else 1)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO,

@@ -4,8 +4,8 @@ import types
 
 import pytest
 
-import vmwn.hooks as hooks
-from vmwn.hooks import epilogue
+import vmwn.torque.hooks as hooks
+from vmwn.torque.hooks import epilogue
 
 
 def node(tmp_path, alarm=None):

@@ -1,6 +1,6 @@
 """Faults during a VM job, each through the installed hooks under pbs_mom's conventions.
 
-Every test drives one job with vmwn.harness (prologue as root in its own
+Every test drives one job with vmwn.torque.harness (prologue as root in its own
 session under the alarm, the job starter as the job user, the epilogue with
 its 11 arguments), injects one fault, and checks three things: the job ends
 the way its user would expect, its .e file says why, and nothing of the job
@@ -43,7 +43,8 @@ class Node:
     """A Torque node tree with vmwn installed, in a world-searchable temporary directory."""
 
     def __init__(self, root, user, site_extra=""):
-        from vmwn import config, install
+        from vmwn import config
+        from vmwn.torque import install
         self.root, self.user = root, user
         self.conf = os.path.join(root, "etc", "vmwn", "vmwn.conf")
         self.debug_log = os.path.join(root, "debug.log")
@@ -80,11 +81,12 @@ class Node:
     def sweep(self):
         """After the test, pass or fail: every job of this node is gone from the mom,
         so a reap removes whatever a failed assertion left (domains included)."""
-        from vmwn import operators
+        from vmwn import reap
+        from vmwn.torque import pbs
         jobs = os.path.join(self.root, "torque", "mom_priv", "jobs")
         for name in os.listdir(jobs) if os.path.isdir(jobs) else []:
             os.unlink(os.path.join(jobs, name))
-        operators.Reaper(self.cfg, pbs_home=os.path.join(self.root, "torque"), grace=0).run()
+        reap.Reaper(self.cfg, pbs.MomJobs(os.path.join(self.root, "torque")).present, grace=0).run()
 
     def logs(self):
         try:
@@ -105,7 +107,8 @@ class Run:
     """One job's three steps, each callable on its own so faults can go between them."""
 
     def __init__(self, node, script, resources, alarm, name):
-        from vmwn import cli, harness
+        from vmwn import cli
+        from vmwn.torque import harness
         self.node = node
         path = os.path.join(node.submit, name)
         with open(path, "w") as f:
@@ -406,7 +409,7 @@ def test_epilogue_for_a_job_whose_prologue_never_ran(node):
 
 
 def test_mom_restart_while_the_job_runs(node):
-    from vmwn import harness
+    from vmwn.torque import harness
     run = node.job()
     assert run.prologue() == 0
     run.start()
@@ -475,11 +478,12 @@ def test_libvirtd_stopped_during_the_boot(node):
     # A domain libvirtd was creating when it died is adopted again some time
     # after its restart, possibly after the epilogue looked: the next reap
     # (every VM job's prologue runs one) removes it.
-    from vmwn import operators
+    from vmwn import reap
+    from vmwn.torque import pbs
     end = time.monotonic() + 10
     while time.monotonic() < end and not leftovers(node.cfg, run.id):
         time.sleep(0.5)
-    operators.Reaper(node.cfg, grace=0).run()
+    reap.Reaper(node.cfg, pbs.MomJobs(node.cfg.pbs_home).present, grace=0).run()
     run.assert_clean()
 
 

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from vmwn import install, state
+from vmwn import state
+from vmwn.torque import install
 
 GATE = install.JOB_DIR_SH
 IDS = ["123.server", "123.server.example.org", "9024[1].srv", "77@host", "...5.x",

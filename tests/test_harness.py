@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from vmwn import harness, privs
+from vmwn import privs
+from vmwn.torque import harness
 from vmwn.errors import UserError
 
 from conftest import VENV_PY

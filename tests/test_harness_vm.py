@@ -17,7 +17,7 @@ def test_vm_job_end_to_end(world_tmp, test_user):
     if not all(os.path.exists(os.path.join(IMAGES, f))
                for f in ("disk.qcow2", "vmlinuz", "initrd.img")):
         pytest.skip("tiny image not built")
-    from vmwn import install
+    from vmwn.torque import install
     root = world_tmp
     conf = os.path.join(root, "etc", "vmwn", "vmwn.conf")
     os.makedirs(os.path.dirname(conf))

@@ -15,10 +15,12 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from vmwn import domain, lifecycle, pbs, request, state
+from vmwn.spec import JobSpec
+from vmwn import domain, lifecycle, state
+from vmwn.torque import pbs, request
 from vmwn.errors import SiteError, UserError
 from vmwn.warden import answer_error
-from vmwn.hooks import prologue, starter
+from vmwn.torque.hooks import prologue, starter
 
 from conftest import write_site_config
 from vmwn_testlib import IMAGE_DIR
@@ -90,22 +92,20 @@ def test_job_name_reaches_domain_xml_as_text(site, text):
                                   "x" * 40, "-rf", "u\udcff"])
 def test_user_and_group_names_that_cannot_reach_a_guest_are_refused(site, user):
     cfg = site[0]
-    spec = lifecycle.JobSpec(job_id="7.srv", user=user, uid=1000, gid=1000, group="g",
-                             job_name="j", env=cfg.env("tiny"), vcpus=1, memory_mib=256,
-                             workdir="/tmp/w", host_workdir="/tmp/w")
     with pytest.raises(SiteError, match="cannot be used in a guest"):
-        lifecycle.validate(spec)
+        JobSpec(job_id="7.srv", user=user, uid=1000, gid=1000, group="g", job_name="j",
+                env=cfg.env("tiny"), vcpus=1, memory_mib=256, workdir="/tmp/w",
+                host_workdir="/tmp/w")
 
 
 @pytest.mark.parametrize("workdir", ["/tmp/a\0b", "/tmp/a\nb", "/tmp/../etc", "/etc/cron.d",
                                      "/tmp/" + "d" * 1100, "relative"])
 def test_hostile_working_directories_are_refused(site, workdir):
     cfg = site[0]
-    spec = lifecycle.JobSpec(job_id="7.srv", user="alice", uid=1000, gid=1000, group="g",
-                             job_name="j", env=cfg.env("tiny"), vcpus=1, memory_mib=256,
-                             workdir=workdir, host_workdir=workdir)
-    with pytest.raises(UserError):
-        lifecycle.validate(spec)
+    with pytest.raises(UserError, match="working directory"):
+        JobSpec(job_id="7.srv", user="alice", uid=1000, gid=1000, group="g", job_name="j",
+                env=cfg.env("tiny"), vcpus=1, memory_mib=256, workdir=workdir,
+                host_workdir=workdir)
 
 
 @pytest.mark.parametrize("env", ["../../../etc/passwd", "tiny/../../x", "tiny\nother",

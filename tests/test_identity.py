@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from vmwn import disk, lifecycle, netpolicy, pbs, virt
+from vmwn.spec import JobSpec
+from vmwn import disk, lifecycle, netpolicy, virt
+from vmwn.torque import pbs
 from vmwn.errors import SiteError
 
 from conftest import user_python_path
@@ -48,9 +50,9 @@ def test_a_base_file_a_job_could_change_is_refused_before_anything_is_made(
     else:
         os.chmod(victim, 0o664 if how == "g+w" else 0o646)
     env = _env(site, base)
-    spec = lifecycle.JobSpec(job_id="61.identity.test", user="alice", uid=4242, gid=4343,
-                             group="lab", job_name="t", env=env, vcpus=1, memory_mib=256,
-                             workdir="/home/alice/w", host_workdir="/nonexistent")
+    spec = JobSpec(job_id="61.identity.test", user="alice", uid=4242, gid=4343,
+                   group="lab", job_name="t", env=env, vcpus=1, memory_mib=256,
+                   workdir="/home/alice/w", host_workdir="/nonexistent")
     with pytest.raises(SiteError) as e:
         lifecycle.create(site, spec, time.monotonic() + 60)
     assert victim in e.value.problem and says in e.value.problem
@@ -111,7 +113,7 @@ def test_adoption_of_a_session_that_is_not_the_callers_is_refused_by_libtorque(t
     """What a job starter would get for another user's QEMU: libtorque refuses it."""
     pytest.importorskip("pbs")
     python, path = user_python_path()
-    code = ("import os\nfrom vmwn import pbs\ntry:\n    pbs.adopt('65.identity.test', 1)\n"
+    code = ("import os\nfrom vmwn.torque import pbs\ntry:\n    pbs.adopt('65.identity.test', 1)\n"
             "except pbs.AdoptFailed as e:\n    print(e.problem)\n")
     r = subprocess.run(["setpriv", f"--reuid={test_user.pw_uid}", f"--regid={test_user.pw_gid}",
                         "--clear-groups", python, "-c", code], capture_output=True, text=True,

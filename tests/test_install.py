@@ -1,13 +1,14 @@
 """make install / uninstall into a staging DESTDIR: modes, idempotence, site files kept."""
 
 import os
+import pathlib
 import stat
 
 import pytest
 
-from vmwn import install
+from vmwn.torque import install
 from vmwn.errors import SiteError
-from vmwn.hooks import dispatch
+from vmwn.torque.hooks import dispatch
 
 from conftest import REPO, VENV_PY
 
@@ -56,13 +57,27 @@ def test_install_layout_modes_and_ownership(tmp_path):
         assert f"steps=/var/spool/torque/mom_priv/{fam}.d\n" in (mom / fam).read_text()
     starter = tmp_path / "usr/local/libexec/vmwn/job-starter"
     assert stat.S_IMODE(os.stat(starter).st_mode) == 0o755
-    assert "from vmwn.hooks.starter import main" in starter.read_text()
+    assert "from vmwn.torque.hooks.starter import main" in starter.read_text()
     assert starter.read_text().startswith("#!/bin/sh\n# vmwn job starter ($job_starter)")
     assert (mom / "config").read_text().splitlines()[-1] == \
         "$job_starter /usr/local/libexec/vmwn/job-starter"
     conf = tmp_path / "etc/vmwn/vmwn.conf"
     with open("etc/vmwn.conf") as f:
-        assert conf.read_text() == f.read()
+        sample = f.read()
+    assert conf.read_text() == sample.replace(
+        "[site]\n", "[site]\ntemplate_dir = /usr/local/share/vmwn/templates\n", 1)
+    templates = tmp_path / "usr/local/share/vmwn/templates"
+    for name in install.BUNDLED_TEMPLATES:
+        assert (templates / name).read_text() == (pathlib.Path("templates") / name).read_text()
+        assert stat.S_IMODE(os.stat(templates / name).st_mode) == 0o644
+
+
+def test_uninstall_removes_the_bundled_templates_and_keeps_a_sites_own(tmp_path):
+    install.install(opts(tmp_path))
+    templates = tmp_path / "usr/local/share/vmwn/templates"
+    (templates / "site.xml.j2").write_text("<domain/>")
+    install.uninstall(opts(tmp_path, "uninstall"))
+    assert sorted(os.listdir(templates)) == ["site.xml.j2"]
 
 
 def test_installed_step_is_accepted_by_the_dispatcher_contract(tmp_path):
@@ -199,14 +214,29 @@ def test_a_wheel_installs_a_node_with_its_console_command(tmp_path):
     the sample configuration, as 'make install' installs them from the source tree."""
     import subprocess
     import sys
+    import shutil
+    import zipfile
+    # Built from a copy of the tracked files: a checkout's build/ may hold modules
+    # that no longer exist, and setuptools would put them in the wheel.
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "-C", REPO, "ls-files", "-z"], capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    for rel in filter(None, tracked):
+        if os.path.isfile(os.path.join(REPO, rel)):
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.join(REPO, rel), src / rel)
     wheels = tmp_path / "wheels"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                        "--no-build-isolation", "-w", str(wheels), REPO],
+                        "--no-build-isolation", "-w", str(wheels), str(src)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    whl = next(wheels.glob("vmwn-*.whl"))
+    modules = {n for n in zipfile.ZipFile(whl).namelist()
+               if n.startswith("vmwn/") and n.endswith(".py")}
+    assert modules == {rel for rel in tracked if rel.startswith("vmwn/") and rel.endswith(".py")}
+    assert "vmwn/torque/hooks/jobdir.sh" in zipfile.ZipFile(whl).namelist()
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    whl = next(wheels.glob("vmwn-*.whl"))
     r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps",
                         "--disable-pip-version-check", str(whl)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -216,10 +246,12 @@ def test_a_wheel_installs_a_node_with_its_console_command(tmp_path):
     assert r.returncode == 0, r.stderr
     mom = root / "var/spool/torque/mom_priv"
     for fam in ("prologue", "epilogue"):
-        assert "from vmwn.hooks." in (mom / f"{fam}.d" / "50-vmwn").read_text()
+        assert "from vmwn.torque.hooks." in (mom / f"{fam}.d" / "50-vmwn").read_text()
     assert (root / "usr/local/libexec/vmwn/job-starter").read_text().startswith("#!/bin/sh")
     assert "vmwn's QEMU launcher" in (root / "usr/local/libexec/vmwn/qemu").read_text()
     conf = (root / "etc/vmwn/vmwn.conf").read_text()
+    assert "template_dir = /usr/local/share/vmwn/templates" in conf
     share = venv / "share" / "vmwn"
-    assert f"template_dir = {share}/templates" in conf
-    assert (share / "templates" / "domain.xml.j2").is_file()
+    for name in ("domain.xml.j2", "meta-data.j2", "user-data.j2"):
+        assert (root / "usr/local/share/vmwn/templates" / name).read_bytes() == \
+            (share / "templates" / name).read_bytes()

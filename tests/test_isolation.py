@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from vmwn.spec import JobSpec
 from vmwn import emulator, lifecycle, state, usage, virt
 from vmwn.ssh import Guest
 
@@ -28,9 +29,9 @@ UID, GID = 4242, 4343
 
 def spec(cfg, job_id, network="open", uid=UID, gid=GID, user="alice"):
     e = dataclasses.replace(cfg.env("tiny"), network=network)
-    return lifecycle.JobSpec(job_id=job_id, user=user, uid=uid, gid=gid, group="lab",
-                             job_name="t", env=e, vcpus=1, memory_mib=e.memory_mib,
-                             workdir="/home/alice/w", host_workdir="/nonexistent")
+    return JobSpec(job_id=job_id, user=user, uid=uid, gid=gid, group="lab",
+               job_name="t", env=e, vcpus=1, memory_mib=e.memory_mib,
+               workdir="/home/alice/w", host_workdir="/nonexistent")
 
 
 @contextlib.contextmanager

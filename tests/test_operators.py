@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from vmwn import cli, operators, pbs, state
+from vmwn import cli, reap as reapmod, state
+from vmwn.commands import operators
+from vmwn.torque import pbs
 from vmwn.errors import SiteError
 
 from vmwn_testlib import IMAGE_DIR, leftovers, qemu_reachable_dir, write_config
@@ -83,7 +85,7 @@ def test_mom_records_decide_which_jobs_are_here(site):
 
 def test_without_mom_priv_reap_refuses_to_judge(site, tmp_path):
     with pytest.raises(SiteError, match="cannot tell which jobs are still on this node"):
-        pbs.MomJobs(str(tmp_path / "nothing"))
+        pbs.MomJobs(str(tmp_path / "nothing")).read()
 
 
 def test_reap_removes_state_key_and_overlay_of_ended_jobs_only(site, capsys, caplog):
@@ -91,7 +93,7 @@ def test_reap_removes_state_key_and_overlay_of_ended_jobs_only(site, capsys, cap
     here = fake_job(site, "11.srv")
     young = fake_job(site, "12.srv", created=time.time())
     mom_record(site, "11.srv")
-    caplog.set_level(logging.INFO, logger="vmwn.operators")
+    caplog.set_level(logging.INFO, logger="vmwn.reap")
     assert reap(site) == 0
     out = capsys.readouterr().out
     assert "removed overlay" in out and "of job 10.srv" in out
@@ -143,9 +145,9 @@ def test_bounded_reap_skips_while_another_process_reaps(site, caplog):
         fcntl.flock(fd, fcntl.LOCK_EX)
         # A reap that waited for the lock would wait until the lock is released
         # below: the thread would still be running when join's hang guard expires.
-        caplog.set_level(logging.INFO, logger="vmwn.operators")
+        caplog.set_level(logging.INFO, logger="vmwn.reap")
         t = threading.Thread(target=lambda: got.append(
-            operators.bounded_reap(site, site.site["pbs_home"])), daemon=True)
+            reapmod.bounded_reap(site, pbs.MomJobs(site.site["pbs_home"]).present)), daemon=True)
         t.start()
         t.join(60)
         assert not t.is_alive(), "bounded_reap waited for the other reaper's lock"
@@ -153,21 +155,22 @@ def test_bounded_reap_skips_while_another_process_reaps(site, caplog):
         assert "reap skipped: another process is reaping" in caplog.messages
     finally:
         os.close(fd)
-    lines = operators.bounded_reap(site, site.site["pbs_home"])
+    lines = reapmod.bounded_reap(site, pbs.MomJobs(site.site["pbs_home"]).present)
     assert any("50.srv" in line for line in lines) and not os.path.exists(st.key_path)
 
 
 def test_bounded_reap_stops_at_its_deadline(site):
     for i in range(5):
         fake_job(site, f"6{i}.srv")
-    r = operators.Reaper(site, grace=0, deadline=time.monotonic() - 1)
+    r = reapmod.Reaper(site, pbs.MomJobs(site.pbs_home).present, grace=0,
+                       deadline=time.monotonic() - 1)
     assert r.run() == []
     assert len(state.all_jobs(site)) == 5
 
 
 def test_bounded_reap_never_raises(site, tmp_path):
     fake_job(site, "70.srv")
-    assert operators.bounded_reap(site, str(tmp_path / "no-pbs-home")) == []
+    assert reapmod.bounded_reap(site, pbs.MomJobs(str(tmp_path / "no-pbs-home")).present) == []
 
 
 def test_ps_lists_state_records_without_a_domain(site, capsys):
@@ -234,7 +237,7 @@ def test_reap_leaves_domains_of_another_configuration_alone(site):
         assert leftovers(site, job) != []
         # Its own configuration does reap it.
         other_cfg = dataclasses.replace(site, site={**site.site, "state_dir": other})
-        operators.Reaper(other_cfg, grace=0).run()
+        reapmod.Reaper(other_cfg, pbs.MomJobs(other_cfg.pbs_home).present, grace=0).run()
         assert leftovers(site, job) == []
     finally:
         lifecycle.destroy(site, job)

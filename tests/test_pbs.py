@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from vmwn import pbs
+from vmwn.torque import pbs
 from vmwn.errors import SiteError, UserError
 
 PRO = ["12.srv.example.org", "alice", "users", "myjob", "nodes=1:ppn=2,walltime=01:00:00",

@@ -1,7 +1,7 @@
 """pbs_python (the optional ``pbs`` module) against the real pbs_server on this host.
 
 vmwn asks the server for a job's Variable_List through pbs_python when the job
-record is not on the node (vmwn.pbs.server_variables).  These tests need the
+record is not on the node (vmwn.torque.pbs.server_variables).  These tests need the
 module built into the running interpreter (scripts/build-pbs-python VENV) and a
 server that answers ``qstat -B`` (scripts/torque-up); otherwise they skip.
 """
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from vmwn import pbs as vmwn_pbs
+from vmwn.torque import pbs as vmwn_pbs
 
 try:
     import pbs

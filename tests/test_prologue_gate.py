@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from vmwn import install
+from vmwn.torque import install
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,8 +117,8 @@ def test_a_broken_install_never_fails_the_epilogue(tmp_path):
     from vmwn.state import safe_name
     os.makedirs(tmp_path / "jobs" / safe_name("7.srv"))  # a job vmwn made something for
     step = tmp_path / "50-vmwn"
-    step.write_text(text.replace("from vmwn.hooks.epilogue import main",
-                                 "from vmwn.hooks.no_such_module import main"))
+    step.write_text(text.replace("from vmwn.torque.hooks.epilogue import main",
+                                 "from vmwn.torque.hooks.no_such_module import main"))
     step.chmod(0o755)
     r = subprocess.run([str(step), "7.srv", "u", "g", "n", "0", "", "", "batch", "", "0", "/x"],
                        env={"PATH": "/bin:/usr/bin"}, capture_output=True, text=True)
@@ -136,8 +136,8 @@ def test_a_broken_install_is_requeued_twice_then_aborted_never_run(tmp_path):
         text = install.render_step(f.read(), sys.executable, str(tmp_path / "vmwn.conf"),
                                    str(home), str(tmp_path / "empty"), state_dir=str(states))
     path = tmp_path / "50-vmwn"
-    path.write_text(text.replace("from vmwn.hooks.prologue import main",
-                                 "from vmwn.hooks.no_such_module import main"))
+    path.write_text(text.replace("from vmwn.torque.hooks.prologue import main",
+                                 "from vmwn.torque.hooks.no_such_module import main"))
     path.chmod(0o755)
     codes, errs = [], []
     for _ in range(4):

@@ -1,11 +1,13 @@
 """From a parsed job to a request: which environment, vCPUs, memory, limits."""
 
+import grp
 import os
 import pwd
 
 import pytest
 
-from vmwn import config, pbs, request
+from vmwn import config
+from vmwn.torque import pbs, request
 from vmwn.errors import SiteError, UserError
 
 from conftest import write_site_config
@@ -19,7 +21,7 @@ def cfg(tmp_path):
     return config.load(path)
 
 
-def args(resources="", queue="batch", user="root", group=""):
+def args(resources="", queue="batch", user="nobody", group=""):
     return pbs.parse_prologue_argv(["5.srv", user, group, "job", resources, queue, ""])
 
 
@@ -84,7 +86,8 @@ def test_build_sizes(cfg):
                       {"PBS_O_WORKDIR": "/home/x/run/"}, no_variables)
     assert (r.vcpus, r.memory_mib, r.env.name) == (2, 1200, "tiny")
     assert r.workdir == r.host_workdir == "/home/x/run"
-    assert r.uid == 0 and r.group == pwd.getpwuid(0).pw_name
+    assert r.uid == pwd.getpwnam("nobody").pw_uid
+    assert r.group == grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
 
 
 def test_defaults_and_memory_floor(cfg):
@@ -136,3 +139,33 @@ def test_spec_is_the_lifecycles(cfg):
     spec = r
     assert (spec.job_id, spec.vcpus, spec.memory_mib, spec.queue) == ("5.srv", 1, 256, "batch")
     assert os.path.isabs(spec.workdir)
+
+
+def test_a_working_directory_cut_at_a_comma_is_named(cfg, tmp_path):
+    """Torque splits Variable_List at commas: a job submitted from 'run,2' arrives
+    with PBS_O_WORKDIR '.../run'.  The user is told why, before any VM is made."""
+    (tmp_path / "run,2").mkdir()
+    with pytest.raises(UserError, match="cuts PBS_O_WORKDIR at a comma") as e:
+        request.build(cfg, request.Choice("tiny", "x"), args(),
+                      {"PBS_O_WORKDIR": str(tmp_path / "run")}, dict)
+    assert str(tmp_path / "run") in e.value.problem and "no comma" in e.value.fix
+    # A directory that exists, or is missing for another reason, is not judged here.
+    (tmp_path / "run").mkdir()
+    assert request.build(cfg, request.Choice("tiny", "x"), args(),
+                         {"PBS_O_WORKDIR": str(tmp_path / "run")}, dict).workdir \
+        == str(tmp_path / "run")
+    assert request.build(cfg, request.Choice("tiny", "x"), args(),
+                         {"PBS_O_WORKDIR": str(tmp_path / "other")}, dict)
+
+
+def test_no_unchecked_spec_can_be_made(cfg):
+    """lifecycle takes a JobSpec as it is: constructing one is what checks it."""
+    from vmwn.spec import JobSpec
+    good = dict(job_id="5.srv", user="alice", uid=1000, gid=1000, group="lab", job_name="j",
+                env=cfg.env("tiny"), vcpus=1, memory_mib=256, workdir="/home/alice",
+                host_workdir="/home/alice")
+    assert JobSpec(**good).user == "alice"
+    for bad, error in ((dict(uid=0), UserError), (dict(user="a b"), SiteError),
+                       (dict(workdir="/etc"), UserError), (dict(vcpus=0), SiteError)):
+        with pytest.raises(error):
+            JobSpec(**{**good, **bad})

@@ -13,7 +13,9 @@ import signal
 import pytest
 
 from test_faults import GUEST_LOST, Node, _warden_started, qemu_pid, wait_for
-from vmwn import harness, operators, virt
+from vmwn import virt
+from vmwn.commands import operators
+from vmwn.torque import harness
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

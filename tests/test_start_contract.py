@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from vmwn import config, errors, pbs, request, state, warden
+from vmwn import config, errors, state, warden
+from vmwn.torque import pbs, request
 from vmwn.domain import guest_hostname
-from vmwn.hooks import prologue
+from vmwn.torque.hooks import prologue
 
 from conftest import write_site_config
 
@@ -123,7 +124,7 @@ def test_boot_slots_make_boots_wait_their_turn(site):
     assert order == [("in", "a"), ("out", "a"), ("in", "b"), ("out", "b")]
 
 
-STARTER = ("import sys; from vmwn.hooks import starter; "
+STARTER = ("import sys; from vmwn.torque.hooks import starter; "
            "sys.exit(starter.main(['starter', '/bin/sh'], config_path=sys.argv[1], "
            "state_dir=sys.argv[2], pbs_home=sys.argv[3]))")
 
@@ -194,7 +195,7 @@ def test_a_broken_configuration_is_requeued_a_bounded_number_of_times_then_refus
         tmp_path, capfd, monkeypatch):
     """An unreadable vmwn.conf (here a drop-in with an unknown key) used to requeue
     every VM job at once and for ever (2580 starts measured under pbs_mom)."""
-    from vmwn.hooks import epilogue, starter
+    from vmwn.torque.hooks import epilogue, starter
     conf = tmp_path / "vmwn.conf"
     write_site_config(str(conf), str(tmp_path))
     (tmp_path / "vmwn.conf.d").mkdir()

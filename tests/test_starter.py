@@ -18,12 +18,12 @@ import time
 import pytest
 
 from vmwn import config, state, transfer, warden
-from vmwn.hooks import starter
+from vmwn.torque.hooks import starter
 
 from test_transfer_guestd import GuestServer
 from vmwn_testlib import serve_warden
 
-RUNNER = ("import sys; from vmwn.hooks import starter as s; "
+RUNNER = ("import sys; from vmwn.torque.hooks import starter as s; "
           "s.LOST_AFTER = float(sys.argv[1]); s.PROBE_EVERY = float(sys.argv[2]); "
           "sys.exit(s.main(['starter'] + sys.argv[4:], config_path=sys.argv[3]))")
 
@@ -165,7 +165,7 @@ BIND_AND_EXEC = ("import os, subprocess, sys; "
 def test_installed_starter_uses_its_baked_configuration(job, tmp_path, where):
     """The starter as installed, at the default configuration path (in a private
     mount namespace, where a temporary directory covers /etc/vmwn) or another."""
-    from vmwn import install
+    from vmwn.torque import install
     etc = tmp_path / "etc-vmwn"
     etc.mkdir()
     (etc / "vmwn.conf").write_text(job.conf.read_text())

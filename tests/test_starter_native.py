@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-RUNNER = ("import sys; from vmwn.hooks.starter import main; "
+RUNNER = ("import sys; from vmwn.torque.hooks.starter import main; "
           "sys.exit(main(['starter'] + sys.argv[2:], config_path=sys.argv[1]))")
 
 

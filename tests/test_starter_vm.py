@@ -76,7 +76,7 @@ def start(vm, script, args=""):
         os.setgid(user.pw_gid)
         os.setuid(user.pw_uid)
         os.setsid()
-    p = subprocess.Popen([python, "-c", "import sys; from vmwn.hooks.starter import main; "
+    p = subprocess.Popen([python, "-c", "import sys; from vmwn.torque.hooks.starter import main; "
                           "sys.exit(main(['starter'] + sys.argv[2:], config_path=sys.argv[1]))",
                           cfg.files[0], "/bin/bash"], env=env, cwd=host,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

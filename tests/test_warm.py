@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from vmwn.spec import JobSpec
 from vmwn import config, lifecycle, state, warm
 from vmwn.errors import SiteError
 from vmwn.ssh import Guest
@@ -53,10 +54,10 @@ def warm_site():
 
 def spec(cfg, job_id, vcpus=1, memory_mib=None, user="alice", uid=4242, gid=4343, env="tiny"):
     e = cfg.env(env)
-    return lifecycle.JobSpec(job_id=job_id, user=user, uid=uid, gid=gid, group="lab",
-                             job_name="w", env=e, vcpus=vcpus,
-                             memory_mib=memory_mib or e.memory_mib,
-                             workdir=f"/home/{user}/w", host_workdir="/nonexistent")
+    return JobSpec(job_id=job_id, user=user, uid=uid, gid=gid, group="lab",
+               job_name="w", env=e, vcpus=vcpus,
+               memory_mib=memory_mib or e.memory_mib,
+               workdir=f"/home/{user}/w", host_workdir="/nonexistent")
 
 
 def _sha(path):

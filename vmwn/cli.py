@@ -19,9 +19,9 @@ COMMAND_MODULES = [
     "vmwn.commands.envs",       # envs, render, check
     "vmwn.commands.warm",       # warm prepare, status, drop
     "vmwn.images",              # image build
-    "vmwn.harness",             # run
+    "vmwn.torque.harness",      # run
     "vmwn.grid.commands",       # advertise, jdl, match, submit-filter
-    "vmwn.operators",           # ps, reap
+    "vmwn.commands.operators",  # ps, reap
 ]
 
 

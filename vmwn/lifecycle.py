@@ -8,37 +8,15 @@ making it, so that a prologue killed at any instant leaves enough behind for
 import contextlib
 import dataclasses
 import os
-import re
 import time
 
 from . import (disk, guestfiles, keys, netpolicy, ports, seed, share, state as statemod,
                usage, warm)
 from .domain import domain_name, guest_hostname, render as render_domain
-from .errors import GuestLost, SiteError, TransientError, UserError, VmwnError
+from .errors import GuestLost, SiteError, TransientError, VmwnError
 from .logsetup import job_logger
-from .request import JobSpec
 
 PORT_ATTEMPTS = 4
-USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
-_SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc",
-                "/root", "/run", "/sbin", "/sys", "/usr", "/var")
-
-
-def validate(spec):
-    """Reject what cannot safely reach a guest; the message names what to change."""
-    if not USER_RE.match(spec.user) or not USER_RE.match(spec.group):
-        raise SiteError(f"user/group name {spec.user!r}/{spec.group!r} cannot be used in a guest",
-                        "vmwn supports POSIX portable account names (a-z 0-9 _ . -)")
-    if spec.uid <= 0 or spec.gid < 0:
-        raise UserError("jobs of root cannot run in a vmwn guest", "submit as a normal user")
-    wd = spec.workdir
-    if (not wd.startswith("/") or os.path.normpath(wd) != wd.rstrip("/") or "\0" in wd
-            or any(ord(c) < 32 or ord(c) == 127 for c in wd) or len(wd) > 1024):
-        raise UserError(f"working directory {wd!r} is not a plain absolute path",
-                        "submit from a directory whose path has no control characters")
-    if wd == "/" or any(wd == d or wd.startswith(d + "/") for d in _SYSTEM_DIRS):
-        raise UserError(f"working directory {wd} is a system directory in the guest",
-                        "submit from your home, /tmp or a project directory")
 
 
 def create(cfg, spec, deadline, on_phase=None):
@@ -60,7 +38,6 @@ def prepare(cfg, spec, deadline, on_phase=None):
 
 def _made(cfg, spec, deadline, on_phase, boot_too):
     log = job_logger(__name__, spec.job_id)
-    validate(spec)
     env = spec.env
     missing = env.missing()
     if missing:

@@ -22,7 +22,6 @@ that connection closes.  :func:`stop` ends what is left.
 
 import ctypes
 import dataclasses
-import grp
 import os
 import signal
 import socket
@@ -219,9 +218,7 @@ def _launch(st, sh, virtiofsd):
         os.waitpid(pid, 0)
         text = msg.decode("utf-8", "replace")
         if text.startswith("user:"):
-            from .pbs import workdir_hint
-            raise UserError(f"{sh.path} cannot be shared with the virtual machine: {text[5:]}"
-                            f"{workdir_hint(sh.path)}",
+            raise UserError(f"{sh.path} cannot be shared with the virtual machine: {text[5:]}",
                             "submit from a directory you can enter, or ask for the copy mode")
         raise SiteError(f"virtiofsd for {sh.path} did not start: {text}",
                         "see the node's log; user namespaces must be enabled "

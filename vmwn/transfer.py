@@ -93,9 +93,7 @@ def scan_host(host_dir, max_bytes):
     try:
         top = os.lstat(host_dir)
     except OSError as e:
-        from .pbs import workdir_hint
-        raise UserError(f"cannot read the job's working directory {host_dir}: {e.strerror}"
-                        f"{workdir_hint(host_dir)}",
+        raise UserError(f"cannot read the job's working directory {host_dir}: {e.strerror}",
                         "submit from a directory readable on the execution host") from None
     if not stat.S_ISDIR(top.st_mode):
         raise UserError(f"the job's working directory {host_dir} is not a directory",

@@ -127,13 +127,14 @@ def cmd_check(args):
 def boot_check(cfg, env):
     """Boot ``env`` once as an unprivileged guest user; returns a list of problems."""
     from .. import lifecycle, state, virt
+    from ..spec import JobSpec
     from ..ssh import Guest
     job_id = f"check-{os.getpid()}-{int(time.time())}.vmwn"
     phases = []
-    spec = lifecycle.JobSpec(job_id=job_id, user="vmwncheck", uid=60999, gid=60999,
-                             group="vmwncheck", job_name="vmwn-check", env=env,
-                             vcpus=env.vcpus, memory_mib=env.memory_mib,
-                             workdir="/tmp/vmwn-check", host_workdir="/nonexistent")
+    spec = JobSpec(job_id=job_id, user="vmwncheck", uid=60999, gid=60999,
+                   group="vmwncheck", job_name="vmwn-check", env=env,
+                   vcpus=env.vcpus, memory_mib=env.memory_mib,
+                   workdir="/tmp/vmwn-check", host_workdir="/nonexistent")
     problems = []
     t0 = time.monotonic()
     try:

@@ -9,14 +9,12 @@ asking for more than the environment or the node allows is the user's mistake.
 
 import dataclasses
 import grp
-import logging
 import os
 import pwd
 
+from .. import spec
 from . import pbs
-from .errors import SiteError, UserError
-
-log = logging.getLogger(__name__)
+from ..errors import SiteError, UserError
 
 ENV_VARIABLE = "VMWN_ENV"
 OTHER_PREFIX = "vmwn="
@@ -50,26 +48,6 @@ def requested_env(cfg, args, variables):
     if name:
         return Choice(name, f"default of queue {args.queue}")
     return None
-
-
-@dataclasses.dataclass(frozen=True)
-class JobSpec:
-    """A checked request: everything lifecycle.create needs besides the config.
-
-    Defined here, not in lifecycle, so that sizing a request stays cheap.
-    """
-    job_id: str
-    user: str
-    uid: int
-    gid: int
-    group: str
-    job_name: str
-    env: object  # config.Environment
-    vcpus: int
-    memory_mib: int
-    workdir: str
-    host_workdir: str
-    queue: str = ""
 
 
 def _positive_int(text, name):
@@ -164,48 +142,42 @@ def _group_name(gid):
         return str(gid)
 
 
+def workdir_cut_at_comma(path):
+    """True when ``path`` is missing because Torque cut PBS_O_WORKDIR at a comma
+    (it splits Variable_List at commas): a sibling is named ``<base>,...``."""
+    parent, base = os.path.split(path.rstrip("/"))
+    try:
+        os.lstat(path)
+        return False
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False  # root may not see into it (root-squashed NFS): not ours to judge
+    try:
+        return any(n.startswith(base + ",") for n in os.listdir(parent or "/"))
+    except OSError:
+        return False
+
+
 def build(cfg, choice, args, environ, variables):
-    """Check a job's request against its environment and this node; return a JobSpec."""
+    """Read a job's request against its environment and this node; return a checked
+    JobSpec (``UserError``/``SiteError`` naming what to change)."""
     env = cfg.env(choice.name)
     res = pbs.parse_resources(args.resources)
     n = cores(res, environ)
-    given = allocated_cores(environ)
-    # The guest gets the cores the scheduler gave the job on this node, never
-    # more (-l ncpus=N does not make pbs_sched allocate N slots).
-    vcpus = given or (n if n is not None else env.vcpus)
-    if given and n is not None and n > given:
-        log.info("job %s asks for %d cores but holds %d on this node; the guest gets %d",
-                 args.job_id, n, given, given)
-    asked_mib = memory_mib(res, n or 1)
-    # An environment's default memory is what its image needs to boot: a smaller
-    # request still gets that much, never less.
-    mem = max(asked_mib, env.memory_mib) if asked_mib else env.memory_mib
-
-    vcpu_limits = [(env.max_vcpus, f"max_vcpus of environment {env.name}"),
-                   (cfg.max_vcpus_node, "the node's max_vcpus")]
-    for limit, what in vcpu_limits:
-        if vcpus > limit:
-            raise UserError(f"the job asks for {vcpus} cores but {what} is {limit}",
-                            f"ask for at most {min(x for x, _ in vcpu_limits)} cores")
-    mem_limits = [(env.max_memory_mib, f"max_memory of environment {env.name}"),
-                  (cfg.max_memory_node_mib, "the node's max_memory")]
-    for limit, what in mem_limits:
-        if mem > limit:
-            if asked_mib is None or asked_mib <= limit:
-                raise SiteError(f"environment {env.name} needs {mem} MiB but {what} is "
-                                f"{limit} MiB", "raise max_memory or lower the "
-                                "environment's memory")
-            raise UserError(f"the job asks for {mem} MiB of memory but {what} is "
-                            f"{limit} MiB", f"ask for at most "
-                            f"{min(x for x, _ in mem_limits)}mb")
-
+    vcpus, mem = spec.size(cfg, env, args.job_id, cores=n, given=allocated_cores(environ),
+                           memory_mib=memory_mib(res, n or 1))
     pw, gid = _user(args.user, args.group)
     workdir = environ.get("PBS_O_WORKDIR") or variables().get("PBS_O_WORKDIR") or pw.pw_dir
     if not os.path.isabs(workdir):
         raise UserError(f"PBS_O_WORKDIR {workdir!r} is not an absolute path",
                         "submit from an absolute working directory")
     workdir = os.path.normpath(workdir)
-    return JobSpec(job_id=args.job_id, user=args.user, uid=pw.pw_uid, gid=gid,
-                   group=args.group or _group_name(gid), job_name=args.job_name,
-                   env=env, vcpus=vcpus, memory_mib=mem, workdir=workdir,
-                   host_workdir=workdir, queue=args.queue)
+    if workdir_cut_at_comma(workdir):
+        raise UserError(f"the job's working directory {workdir} does not exist: Torque cuts "
+                        "PBS_O_WORKDIR at a comma",
+                        "submit from a directory whose path has no comma")
+    return spec.JobSpec(job_id=args.job_id, user=args.user, uid=pw.pw_uid, gid=gid,
+                        group=args.group or _group_name(gid), job_name=args.job_name,
+                        env=env, vcpus=vcpus, memory_mib=mem, workdir=workdir,
+                        host_workdir=workdir, queue=args.queue)

@@ -1,6 +1,6 @@
 """Install vmwn's hooks into a Torque node, and take them out again.
 
-``make install`` calls ``python -m vmwn.install install``: the dispatchers become
+``make install`` calls ``python -m vmwn.torque.install install``: the dispatchers become
 pbs_mom's prologue, epilogue and their .parallel forms; vmwn's steps go into
 ``mom_priv/prologue.d`` and ``epilogue.d`` beside any site steps; the job starter
 goes to PREFIX/libexec/vmwn and is named in ``mom_priv/config``, beside the
@@ -18,12 +18,12 @@ import os
 import shlex
 import sys
 
-from .errors import SiteError, VmwnError
+from ..errors import SiteError, VmwnError
 from .hooks import dispatch
 
 log = logging.getLogger(__name__)
 
-_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _data_dir():
@@ -36,12 +36,12 @@ def _data_dir():
 
 
 SOURCE_DIR = _data_dir()
-IN_CHECKOUT = SOURCE_DIR == _CHECKOUT
 STEP_NAME = "50-vmwn"
+BUNDLED_TEMPLATES = ("domain.xml.j2", "meta-data.j2", "user-data.j2")
 STEP_SOURCES = {"prologue.d": "prologue.d/50-vmwn", "epilogue.d": "epilogue.d/50-vmwn"}
 STARTER_NAME = "job-starter"
 EMULATOR_NAME = "qemu"
-STARTER_ENTRY = "vmwn.hooks.starter"
+STARTER_ENTRY = "vmwn.torque.hooks.starter"
 CONFIG_COMMENT = "# vmwn job starter (added by vmwn install, removed by vmwn uninstall)"
 
 STARTER_MARK = "# vmwn job starter ($job_starter)"
@@ -98,6 +98,10 @@ class Layout:
     @property
     def emulator(self):
         return os.path.join(self.prefix, "libexec", "vmwn", EMULATOR_NAME)
+
+    @property
+    def templates(self):
+        return os.path.join(self.prefix, "share", "vmwn", "templates")
 
     @property
     def mom_config(self):
@@ -190,7 +194,7 @@ def render_step(source_text, python, config_path, pbs_home, pythonpath=None, qst
 def _render_sh_step(source_text, python, config_path, pbs_home, pythonpath, qstat="",
                     state_dir=None):
     """Shell steps carry the same settings as shell assignments, quoted."""
-    from .config import SITE_KEYS
+    from ..config import SITE_KEYS
     values = {"PYTHON": python, "CONFIG": config_path, "PBS_HOME": pbs_home, "QSTAT": qstat,
               "VMWN_PATH": ":".join(p for p in (pythonpath or "").split(os.pathsep) if p),
               "STATE_DIR": state_dir or SITE_KEYS["state_dir"].default}
@@ -212,7 +216,7 @@ def render_starter(python, config_path, pythonpath=None, state_dir=None, pbs_hom
     A job without a VM must run whatever state vmwn.conf is in, so where job
     records live (``state_dir``) and PBS_HOME are fixed at install time.
     """
-    from .config import SITE_KEYS
+    from ..config import SITE_KEYS
     q = shlex.quote
     return _STARTER.format(
         python=q(python), config=q(config_path), entry=STARTER_ENTRY,
@@ -246,13 +250,15 @@ def others_can_execute(path):
 
 def _is_ours_step(path):
     text = _read(path)
-    return text is not None and "from vmwn.hooks." in text
+    # vmwn.hooks: where the hooks lived before the Torque package had its own.
+    return text is not None and ("from vmwn.torque.hooks." in text or "from vmwn.hooks." in text)
 
 
 def _is_ours_starter(path):
     text = _read(path)
     return text is not None and (STARTER_MARK in text  # a Python starter is 0.1's
-                                 or f"from {STARTER_ENTRY} import main" in text)
+                                 or f"from {STARTER_ENTRY} import main" in text
+                                 or "from vmwn.hooks.starter import main" in text)
 
 
 def _is_ours_emulator(path):
@@ -290,7 +296,8 @@ def install(opts):
     python = os.path.abspath(opts.python or sys.executable)
     srcdir = opts.srcdir or SOURCE_DIR
     _preflight(lay)
-    written = _install_config(lay, opts)
+    written = _install_templates(lay, srcdir)
+    written += _install_config(lay, opts)
     mom_priv = lay.dest(lay.mom_priv)
     _makedirs(mom_priv, 0o751)
     for steps_dir, source in STEP_SOURCES.items():
@@ -314,7 +321,7 @@ def install(opts):
     _write(starter, render_starter(starter_python, lay.config, opts.pythonpath,
                                    _state_dir(lay), lay.pbs_home), 0o755)
     written.append(starter)
-    from . import emulator
+    from .. import emulator
     # Its default QEMU is the one libvirt probes (domains name theirs in VMWN_QEMU).
     _write(lay.dest(lay.emulator), emulator.script(starter_python,
                                                    _site_value(lay, "qemu")), 0o755)
@@ -342,11 +349,30 @@ def _state_dir(lay):
 
 
 def _site_value(lay, key):
-    from . import config
+    from .. import config
     try:
         return config.load(lay.dest(lay.config)).site[key]
     except (VmwnError, OSError):
         return config.SITE_KEYS[key].default
+
+
+def _install_templates(lay, srcdir):
+    """The bundled templates into PREFIX/share/vmwn/templates, replacing the ones an
+    earlier install put there (a site's own templates live in its own template_dir)."""
+    src = os.path.join(srcdir, "templates")
+    dst = lay.dest(lay.templates)
+    missing = [n for n in BUNDLED_TEMPLATES if not os.path.isfile(os.path.join(src, n))]
+    if missing:
+        raise SiteError(f"{os.path.join(src, missing[0])} is missing",
+                        "run install from a vmwn source tree or an installed wheel")
+    if os.path.realpath(src) == os.path.realpath(dst):
+        return []
+    _makedirs(dst, 0o755)
+    written = []
+    for n in BUNDLED_TEMPLATES:
+        _write(os.path.join(dst, n), _read(os.path.join(src, n)), 0o644)
+        written.append(os.path.join(dst, n))
+    return written
 
 
 def _install_config(lay, opts):
@@ -356,13 +382,11 @@ def _install_config(lay, opts):
     sample = _read(opts.sample_config or os.path.join(SOURCE_DIR, "etc", "vmwn.conf"))
     if sample is None:
         raise SiteError("no sample vmwn.conf to install", "pass --sample-config")
-    tdir = opts.template_dir or (None if IN_CHECKOUT else os.path.join(SOURCE_DIR, "templates"))
-    if tdir:
-        tdir = _check_path("template-dir", tdir)
-        lines = sample.splitlines()
-        if "[site]" in lines:
-            lines.insert(lines.index("[site]") + 1, f"template_dir = {tdir}")
-            sample = "\n".join(lines) + "\n"
+    tdir = _check_path("template-dir", opts.template_dir or lay.templates)
+    lines = sample.splitlines()
+    if "[site]" in lines:
+        lines.insert(lines.index("[site]") + 1, f"template_dir = {tdir}")
+        sample = "\n".join(lines) + "\n"
     _makedirs(os.path.dirname(target), 0o755)
     _write(target, sample, 0o644)
     return [target]
@@ -377,7 +401,7 @@ def _dropin_path(lay):
 
 def _install_dropin(lay):
     """Where install put the QEMU launcher, when that is not the default path."""
-    from .config import SITE_KEYS
+    from ..config import SITE_KEYS
     path = _dropin_path(lay)
     if lay.emulator == SITE_KEYS["emulator"].default:
         return []
@@ -419,6 +443,15 @@ def uninstall(opts):
         if os.path.isdir(d) and not os.listdir(d):
             os.rmdir(d)
             removed.append(d)
+    tdir = lay.dest(lay.templates)
+    if os.path.realpath(tdir) != os.path.realpath(os.path.join(SOURCE_DIR, "templates")):
+        for n in sorted(os.listdir(tdir)) if os.path.isdir(tdir) else []:
+            if n in BUNDLED_TEMPLATES:
+                os.unlink(os.path.join(tdir, n))
+                removed.append(os.path.join(tdir, n))
+        for d in (tdir, os.path.dirname(tdir)):
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
     dropin = _dropin_path(lay)
     if "written by vmwn install" in (_read(dropin) or ""):
         os.unlink(dropin)
@@ -470,9 +503,9 @@ def build_parser():
 
 def main(argv=None):
     """Command line entry; exit codes come from vmwn.errors like the vmwn command's."""
-    from . import errors
-    from .cli import internal_error_line
-    from .logsetup import setup
+    from .. import errors
+    from ..cli import internal_error_line
+    from ..logsetup import setup
     opts = build_parser().parse_args(argv)
     if opts.verbose:
         setup(verbose=True, syslog=False)

@@ -15,7 +15,7 @@ import re
 import socket
 import xml.etree.ElementTree as ET
 
-from .errors import SiteError, UserError
+from ..errors import SiteError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +257,20 @@ def is_job_script(pbs_home, path):
 
 
 class MomJobs:
-    """Which jobs pbs_mom still holds, from ``mom_priv/jobs`` (and pbs_python if present)."""
+    """Which jobs pbs_mom still holds, from ``mom_priv/jobs`` (and pbs_python if present).
+
+    The directory is read at the first question, so that a reap with nothing to
+    judge never reads it, and a missing directory fails the reap that asks
+    (``SiteError``), not whoever made this object.
+    """
 
     def __init__(self, pbs_home):
         self.dir = jobs_dir(pbs_home)
+        self.prefixes = self.ids = None
+        self.host = socket.gethostname().split(".")[0]
+
+    def read(self):
+        """Read the directory now (``SiteError`` if it is missing); returns self."""
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
@@ -272,7 +282,7 @@ class MomJobs:
         for n in names:
             if n.endswith(".JB"):
                 self.ids.update(self._record_ids(os.path.join(self.dir, n)))
-        self.host = socket.gethostname().split(".")[0]
+        return self
 
     @staticmethod
     def _record_ids(path):
@@ -285,6 +295,8 @@ class MomJobs:
         return {t.strip() for t in (root.findtext("jobid"), root.findtext("jobid_")) if t}
 
     def present(self, job_id):
+        if self.prefixes is None:
+            self.read()
         if job_id in self.prefixes or job_id in self.ids:
             return True
         return self._server_says_here(job_id)
@@ -345,20 +357,6 @@ def read_job_record(path):
             attributes[el.tag] = el.text or ""
     variables = split_variable_list(attributes.get("Variable_List", ""))
     return JobRecord(variables=variables, resources=resources, attributes=attributes)
-
-
-class _quiet_stderr:
-    """fd 2 on /dev/null for the duration (C libraries write there directly)."""
-
-    def __enter__(self):
-        self.saved = os.dup(2)
-        nul = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(nul, 2)
-        os.close(nul)
-
-    def __exit__(self, *exc):
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
 
 
 def server_variables(job_id):
@@ -436,21 +434,6 @@ def prologalarm(pbs_home):
     except ValueError:
         return DEFAULT_PROLOGALARM
 
-
-
-def workdir_hint(path):
-    """Why a PBS_O_WORKDIR may not exist: Torque cuts Variable_List values at a comma,
-    so a directory whose name has one arrives shortened.  '' when that is not it."""
-    import os
-    parent, base = os.path.split(path.rstrip("/"))
-    try:
-        names = os.listdir(parent or "/")
-    except OSError:
-        return ""
-    if any(n.startswith(base + ",") for n in names):
-        return (" (Torque cuts PBS_O_WORKDIR at a comma: submit from a directory whose path "
-                "has none)")
-    return ""
 
 
 TM_ADOPT_JOBID = 114  # tm_.h

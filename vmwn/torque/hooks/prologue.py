@@ -15,7 +15,8 @@ import os
 import signal
 import time
 
-from .. import config, errors, logsetup, pbs, request
+from ... import config, errors, logsetup
+from .. import pbs, request
 from . import alarm_spent, ensure_std_fds, is_sister, say, setup_logging
 
 log = logging.getLogger(__name__)
@@ -86,14 +87,12 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
         if choice is None:
             return 0
         jlog.info("environment %s requested by %s", choice.name, choice.source)
-        req = request.build(cfg, choice, args, environ, variables)
-        from .. import lifecycle
-        lifecycle.validate(req)
+        req = request.build(cfg, choice, args, environ, variables)  # checked
     except errors.UserError as e:
         return _refuse(cfg, args.job_id, e, jlog)
     until = deadline(cfg, home)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    from .. import lifecycle, operators, warden
+    from ... import lifecycle, reap, warden
     try:
         st = lifecycle.prepare(cfg, req, until)
         try:
@@ -114,7 +113,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
         # Heal the node: remains of jobs that ended without their epilogue (their
         # ports, disk, memory).  Once the warden is on its way, so that the job's
         # boot does not wait for it; a failed start heals before its retry.
-        operators.bounded_reap(cfg, home)
+        reap.bounded_reap(cfg, pbs.MomJobs(home).present)
     return 0
 
 
@@ -139,7 +138,7 @@ def _counted(where, job_id, error, limit, jlog):
     state directory itself): re-raise ``error`` (a requeue) while there were fewer
     than ``limit``, else return the count.  A start that cannot be counted aborts
     the job: without a count there is no bound on its requeues."""
-    from .. import state
+    from ... import state
     try:
         n = state.count_start(where, job_id)
     except (OSError, errors.VmwnError) as e:
@@ -158,7 +157,7 @@ def _refuse(cfg, job_id, error, jlog):
     A node that cannot record the refusal aborts the job instead (exit 1): its
     reason then stays in pbs_mom's spool, but the job never loops.
     """
-    from .. import state
+    from ... import state
     jlog.warning("job refused: %s", error.line())
     try:
         state.write_refusal(cfg, job_id, error)
@@ -174,7 +173,7 @@ def _why(e):
 
 
 def _teardown(cfg, job_id):
-    from .. import lifecycle
+    from ... import lifecycle
     try:
         lifecycle.destroy(cfg, job_id)
     except Exception as e:  # noqa: BLE001 - reported; the requeue goes ahead

@@ -23,8 +23,9 @@ import subprocess
 import time
 import xml.etree.ElementTree as ET
 
-from . import config as configmod, pbs
-from .errors import SiteError, UserError
+from .. import config as configmod
+from . import pbs
+from ..errors import SiteError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def parse_variable_args(values, environ):
 
 def session_pids(sid):
     """Every process whose session id is ``sid``."""
-    from .usage import stat_fields
+    from ..usage import stat_fields
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -344,7 +345,7 @@ class Job:
         with open(self.nodefile, "w", encoding="ascii") as f:
             f.write(f"{self.host}\n" * self.np)
         spool = [self.ou] if self.merged else [self.ou, self.er]
-        from . import privs
+        from .. import privs
         privs.run_as(self.user, self.uid, self.gid, _create_spool_files, spool, timeout=30)
 
     def _write_record(self):
@@ -526,7 +527,7 @@ class Job:
         pairs = [(self.ou, self.out_path("o"))]
         if not self.merged:
             pairs.append((self.er, self.out_path("e")))
-        from . import privs
+        from .. import privs
         privs.run_as(self.user, self.uid, self.gid, _deliver, pairs, timeout=300)
         for src, _ in pairs:
             os.unlink(src)

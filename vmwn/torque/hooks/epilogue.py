@@ -11,7 +11,8 @@ import os
 import sys
 import time
 
-from .. import config, errors, logsetup, pbs
+from ... import config, errors, logsetup
+from .. import pbs
 from . import alarm_spent, ensure_std_fds, is_sister, say, setup_logging
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,10 @@ def summary(res, env):
 
 def _guest_job_running(st_fields):
     """As the job user: True while the guest job's process group leader still lives."""
-    from ..ssh import Guest
-    from ..state import JobState
+    from ...ssh import Guest
+    from ...state import JobState
     from shlex import quote
-    from .. import guestfiles
+    from ... import guestfiles
     st = JobState.from_json(st_fields)
     pidfile = quote(guestfiles.pidfile(st.control_dir or guestfiles.control_dir(st.user, False)))
     guest = Guest.connect(st, timeout=10)
@@ -69,7 +70,7 @@ def explain_end(cfg, st, exit_status, jlog, timeout=30.0):
         say(f"the job was killed by {name} (exit status {exit_status})")
     if exit_status != 0 and exit_status <= 256:
         return
-    from .. import privs
+    from ... import privs
     try:
         running = privs.run_as(st.user, st.uid, st.gid, _guest_job_running,
                                dataclasses.asdict(st), timeout=timeout)
@@ -85,7 +86,7 @@ def explain_end(cfg, st, exit_status, jlog, timeout=30.0):
 
 def _guest_gone(cfg, st, jlog):
     """True when the guest's domain has stopped and its disk is still there to read."""
-    from .. import offline
+    from ... import offline
     try:
         return offline.guest_gone(cfg, st)
     except errors.VmwnError as e:
@@ -95,7 +96,7 @@ def _guest_gone(cfg, st, jlog):
 
 def recover_offline(cfg, st, jlog):
     """Copy back what the dead guest had written to its disk (before its overlay goes)."""
-    from .. import offline
+    from ... import offline
     res = offline.recover(cfg, st)
     jlog.info("recovered %d files, %d bytes in %.1f s from the overlay", res.files,
               res.bytes, res.seconds)
@@ -118,7 +119,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     except errors.VmwnError:
         # The prologue refused the job for this (and the starter told its owner):
         # its refusal record is all there is, and needs no configuration to go.
-        from .. import state
+        from ... import state
         where = state_dir or config.SITE_KEYS["state_dir"].default
         if state.remove_lone_refusal(where, args.job_id):
             state.clear_starts(where, args.job_id)
@@ -126,13 +127,15 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
         if not os.path.lexists(state.job_dir_in(where, args.job_id)):
             return 0  # no VM; a requeued job's start count is kept for its next start
         raise  # a VM needs the configuration to be torn down: 'vmwn reap' after the fix
-    from .. import state
+    from ... import state
     if not os.path.lexists(state.job_dir(cfg, args.job_id)):
         return 0  # no VM; a start count of a requeued job is kept for its next start
     setup_logging(cfg)
     state.clear_starts(cfg, args.job_id)
+    if state.remove_lone_refusal(cfg.site["state_dir"], args.job_id):
+        return 0  # refused before anything was made: no domain to look for
     if not state.exists(cfg, args.job_id):
-        from .. import lifecycle
+        from ... import lifecycle
         refused = state.read_refusal(cfg.site["state_dir"], args.job_id) is not None
         lifecycle.destroy(cfg, args.job_id)
         if not refused:  # the job starter told the owner about a refusal already
@@ -143,7 +146,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     failures = []
     try:
         st = state.load(cfg, args.job_id)
-        from .. import warden
+        from ... import warden
         if warden.stop(st):  # the job has ended: no boot, pause or resume from here on
             st = state.load(cfg, args.job_id)
         if st.phase != "running":
@@ -165,7 +168,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     except Exception as e:  # noqa: BLE001 - the VM is destroyed whatever happened
         failures.append(("output not copied back", e))
     try:
-        from .. import lifecycle
+        from ... import lifecycle
         lifecycle.destroy(cfg, args.job_id)
     except Exception as e:  # noqa: BLE001
         failures.append(("VM not destroyed", e))
@@ -178,7 +181,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
 
 def _copy_back(cfg, st, end, jlog):
     """Copy mode: harvest from the running guest, or read a lost guest's disk."""
-    from .. import transfer
+    from ... import transfer
     if _guest_gone(cfg, st, jlog):  # lost before the job ended, or paused on a full disk
         return recover_offline(cfg, st, jlog)
     try:

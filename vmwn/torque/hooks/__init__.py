@@ -35,7 +35,7 @@ def ensure_std_fds():
 def setup_logging(cfg=None):
     """Syslog (and the debug log) only: the hook's stderr is the user's .e file."""
     import logging
-    from .. import logsetup
+    from ... import logsetup
     if cfg is None:
         logsetup.setup(stderr=False)
     else:
@@ -68,7 +68,7 @@ def session_age():
     pbs_mom's alarm runs from when it started the hook, not from when this step
     began; earlier steps and the dispatcher have already used part of it.
     """
-    from ..usage import TICK, start_time
+    from ...usage import TICK, start_time
     started = start_time(os.getsid(0))
     try:
         with open("/proc/uptime", encoding="ascii") as f:

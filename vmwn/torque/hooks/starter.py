@@ -59,29 +59,29 @@ def main(argv=None, config_path=None, state_dir=None, pbs_home=None):
     cfg = None
     try:
         if not rest:
-            from ..errors import SiteError
+            from ...errors import SiteError
             raise SiteError("the job starter was called without the job's shell or command",
                             "set $job_starter in mom_priv/config to this program only")
         job_id = os.environ.get("PBS_JOBID")
         if job_id:
-            from .. import state
+            from ... import state
             if state_dir is None:
-                from .. import config
+                from ... import config
                 cfg = config.load(config_path or config.DEFAULT_PATH)
                 state_dir = cfg.site["state_dir"]
             refusal = state.read_refusal(state_dir, job_id)
             if refusal is not None:
-                from ..warden import answer_error
+                from ...warden import answer_error
                 raise answer_error(refusal)
             sock = state.warden_socket(state_dir, job_id)
             if os.path.exists(sock):
                 if cfg is None:
-                    from .. import config
+                    from ... import config
                     cfg = config.load(config_path or config.DEFAULT_PATH)
                 return _run_vm(cfg, job_id, rest, sock, pbs_home or cfg.site["pbs_home"])
             wanted = os.environ.get("VMWN_ENV", "").strip()
             if wanted:
-                from ..errors import UserError
+                from ...errors import UserError
                 raise UserError(f"the job asks for environment {wanted!r} in VMWN_ENV, but "
                                 "this node's prologue did not see that request, so the job "
                                 "was not run", f"submit with -l other=vmwn={wanted} (or ask "
@@ -96,7 +96,7 @@ def _exec_native(rest):
     try:
         os.execvp(rest[0], rest)
     except OSError as e:
-        from ..errors import UserError
+        from ...errors import UserError
         raise UserError(f"cannot execute the job's shell {rest[0]}: {e.strerror}",
                         "check qsub -S or your login shell on the execution host") from None
 
@@ -104,7 +104,7 @@ def _exec_native(rest):
 def _fail(exc, cfg):
     """Report ``exc`` in one line on stderr and in syslog; return the starter's status."""
     import logging
-    from ..errors import GuestLost, VmwnError, exit_code
+    from ...errors import GuestLost, VmwnError, exit_code
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else 1
     if isinstance(exc, KeyboardInterrupt):
@@ -161,7 +161,7 @@ def read_job_script(pbs_home, data):
     import shlex
     import stat
     from .. import pbs
-    from ..errors import UserError
+    from ...errors import UserError
     line = data[:-1] if data.endswith(b"\n") else data
     if b"\n" not in line and b"\0" not in line:
         text = line.decode("utf-8", "surrogateescape").strip()
@@ -306,7 +306,7 @@ def _mode(rest, environ):
 
 
 def _read_stdin():
-    from ..errors import UserError
+    from ...errors import UserError
     buf = bytearray()
     while len(buf) <= _STDIN_MAX:
         chunk = os.read(0, 1 << 16)
@@ -325,7 +325,7 @@ def _await_guest(sock_path, mode):
     """
     import time
     import types
-    from .. import warden
+    from ... import warden
     import signal
     t0 = time.monotonic()
 
@@ -352,8 +352,8 @@ def _await_guest(sock_path, mode):
 def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
     import posixpath
     import paramiko
-    from .. import guestfiles, logsetup, ssh, transfer
-    from ..config import parse_bytes
+    from ... import guestfiles, logsetup, ssh, transfer
+    from ...config import parse_bytes
     from . import setup_logging
     setup_logging(cfg)
     log = logsetup.job_logger(__name__, job_id)
@@ -403,7 +403,7 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
                 home=posixpath.dirname(ctl), shell=rest[0], tmpdir=tmpdir,
                 mounts=bool(shares), umask=current_umask())
         except (EOFError, paramiko.SSHException) as e:
-            from ..errors import GuestLost
+            from ...errors import GuestLost
             raise GuestLost(f"preparing the job in the guest failed: "
                             f"{' '.join(str(e).split()) or type(e).__name__}",
                             "the virtual machine may be out of disk space") from None
@@ -460,7 +460,8 @@ def _adopt(job_id, st, log):
     """Have pbs_mom count the VM as the job's: it then charges QEMU's CPU time and
     memory to the job and checks cput and vmem on it (vmwn.emulator says how).  A
     failure is the site's to fix and does not stop the job."""
-    from .. import emulator, pbs, usage
+    from ... import emulator, usage
+    from .. import pbs
     launcher = _launcher_of(st)
     anchor = emulator.anchor_of(launcher, usage.children) if launcher else 0
     if not anchor:
@@ -479,7 +480,7 @@ def _adopt(job_id, st, log):
 
 def _release_anchor(st, log):
     import signal
-    from .. import emulator, usage
+    from ... import emulator, usage
     launcher = _launcher_of(st)
     if not launcher:
         return
@@ -494,13 +495,13 @@ def _release_anchor(st, log):
 
 def _launcher_of(st):
     """The VM's launcher pid (vmwn.emulator) while it is still that process, else 0."""
-    from .. import usage
+    from ... import usage
     pid = getattr(st, "vm_pid", 0)
     return pid if pid and usage.start_time(pid) == getattr(st, "vm_start", 0) else 0
 
 
 def _report_usage(st, log):
-    from .. import usage
+    from ... import usage
     pid = _launcher_of(st)
     if not pid:
         return
@@ -536,7 +537,7 @@ def _check_mounts(proc_mounts, paths, env):
     without virtio-fs would otherwise run it on its own disk, and lose the output)."""
     missing = unmounted(proc_mounts, paths)
     if missing:
-        from ..errors import SiteError
+        from ...errors import SiteError
         raise SiteError(f"the virtual machine did not mount {missing[0]} from the host "
                         f"(environment {env}); the job was not run",
                         "the site should give this environment a guest with virtio-fs, "
@@ -616,7 +617,7 @@ class Relay:
         import select
         import signal
         import time
-        from ..errors import GuestLost
+        from ...errors import GuestLost
         chan = self.chan
         stdin_open = self.interactive
         ended = None
