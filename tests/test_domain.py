@@ -157,8 +157,10 @@ def test_libvirt_rejects_broken_template_as_site_error(cfg, tmp_path):
     try:
         bad = render(cfg).replace("<memory unit='MiB'>256</memory>", "")
         bad = bad.replace("<vcpu placement='static'>1</vcpu>", "<vcpu>many</vcpu>")
-        with pytest.raises(SiteError, match="libvirt"):
+        # Named as the template's fault (every libvirt error says "libvirt").
+        with pytest.raises(SiteError, match="libvirt rejects the domain XML") as e:
             virt.start(conn, bad)
+        assert e.value.fix == "fix the environment's template"
     finally:
         conn.close()
 

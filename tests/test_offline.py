@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from conftest import write_site_config
-from vmwn import config, errors, offline, privs, state
+from vmwn import config, errors, extfs, landlock, offline, privs, state
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("mkfs.ext4") or os.path.exists("/usr/sbin/mkfs.ext4"))
@@ -214,7 +214,7 @@ def test_a_missing_overlay_is_reported(world_tmp, job):
 
 
 def _try_writes(inside, outside):
-    confined = offline.confine(inside)
+    confined = landlock.confine(inside)
     results = {"confined": confined}
     for name, path in (("inside", inside), ("outside", outside)):
         try:
@@ -249,9 +249,9 @@ def test_guest_paths_map_onto_the_disk(guest, mount, expect):
 
 
 def test_debugfs_quoting():
-    assert offline.quote('/a b"c') == '"/a b""c"'
+    assert extfs.quote('/a b"c') == '"/a b""c"'
     with pytest.raises(errors.UserError):
-        offline.quote("/a\nb")
+        extfs.quote("/a\nb")
 
 
 def test_an_overlay_naming_a_root_only_backing_file_is_read_with_the_users_rights(

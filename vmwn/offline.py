@@ -7,28 +7,24 @@ user's file (its QEMU ran as that user), so its header, and the backing file
 or data file it names, are read with that user's rights only.  The filesystem
 inside it is the guest's and may be
 hostile, so the host kernel never mounts it: ``debugfs`` parses it in user
-space, running as the job user and confined by Landlock to writing in its own
-scratch directory.  What it extracted is then copied into the job's working
+space (``extfs``), running as the job user and confined by Landlock
+(``landlock``) to writing in its own scratch directory.  What it extracted is then copied into the job's working
 directory with the live harvest's symlink-safe writer (``transfer.write_tree``).
 The scratch directory lives in the job's state directory, so a teardown that
 finds it left behind removes it with the rest of the job.
 """
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
 import os
 import posixpath
-import re
 import shutil
-import stat
-import struct
 import tempfile
 import time
 
-from . import guestfiles, privs, subp, transfer
+from . import disk, extfs, guestfiles, landlock, privs, transfer
 from .errors import GuestLost, SiteError, UserError
 
 log = logging.getLogger(__name__)
@@ -38,13 +34,6 @@ log = logging.getLogger(__name__)
 MOUNTS = {"vmwn-home": "/home"}
 ROOT_MARK = "/etc/debian_version"
 _MAX_MANIFEST = 64 << 20
-_MAX_LISTED_DIRS = 20000
-_MAX_SPECIALS = 50
-_SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
-
-_LS_P = re.compile(r"^/(\d+)/([0-7]+)/\d+/\d+/(.*)/(\d*)/$")
-_KINDS = {stat.S_IFIFO: "a fifo", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
 
 def guest_gone(cfg, st):
@@ -69,15 +58,6 @@ def guest_gone(cfg, st):
         conn.close()
 
 
-def _convert_as_user(overlay, raw, out, timeout):
-    """In the job user's child: the overlay as a sparse raw image, and the output dir."""
-    subp.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", overlay, raw],
-             timeout=max(1.0, timeout), fix="check free space in the state directory")
-    os.chmod(raw, 0o600)
-    os.mkdir(out, 0o700)
-    return True
-
-
 def recover(cfg, st, timeout=240.0):
     """Copy the job's new and changed files from its dead guest's overlay to st.host_workdir.
 
@@ -89,10 +69,7 @@ def recover(cfg, st, timeout=240.0):
     cap = parse_bytes(cfg.site["harvest_max"])
     if not st.overlay or not os.path.isfile(st.overlay):
         raise GuestLost("the VM's disk is gone", "the output was lost with the VM")
-    debugfs = shutil.which("debugfs", path=os.pathsep.join(_SBIN))
-    e2fsck = shutil.which("e2fsck", path=os.pathsep.join(_SBIN))
-    if not debugfs or not e2fsck:
-        raise SiteError("debugfs or e2fsck is not installed", "install Debian package e2fsprogs")
+    debugfs, e2fsck = extfs.tools()
     t0 = time.monotonic()
     end = t0 + timeout
     scratch = tempfile.mkdtemp(prefix="offline-", dir=state.job_dir(cfg, st.job_id))
@@ -101,7 +78,7 @@ def recover(cfg, st, timeout=240.0):
         os.chown(scratch, st.uid, st.gid)
         raw = os.path.join(scratch, "disk.raw")
         out = os.path.join(scratch, "out")
-        privs.run_as(st.user, st.uid, st.gid, _convert_as_user, st.overlay, raw, out,
+        privs.run_as(st.user, st.uid, st.gid, _to_raw_as_user, st.overlay, raw, out,
                      max(1.0, end - time.monotonic()) - 1.0,
                      timeout=max(1.0, end - time.monotonic()))
         t1 = time.monotonic()
@@ -126,6 +103,13 @@ def recover(cfg, st, timeout=240.0):
 
 # --------------------------------------------------------------- as the job user
 
+def _to_raw_as_user(overlay, raw, out, timeout):
+    """The overlay as a sparse raw image, and the output directory."""
+    disk.to_raw(overlay, raw, timeout)
+    os.mkdir(out, 0o700)
+    return True
+
+
 def _write_as_user(tree, host_dir, cap, staged, skip, umask):
     staged = {k: tuple(v) for k, v in staged.items()}
     return dataclasses.asdict(transfer.write_tree(tree, host_dir, cap, staged, skip, umask))
@@ -133,8 +117,8 @@ def _write_as_user(tree, host_dir, cap, staged, skip, umask):
 
 def _extract_as_user(debugfs, e2fsck, raw, out, output_dir, user):
     """Child side: confine, find the output on the disk, extract it with debugfs."""
-    confine(out, raw)
-    fs = _Fs(debugfs, raw, out)
+    landlock.confine(out, raw)
+    fs = extfs.Image(debugfs, raw, out)
     fs.replay(e2fsck)
     label = fs.label()
     mount = MOUNTS.get(label)
@@ -155,7 +139,7 @@ def _extract_as_user(debugfs, e2fsck, raw, out, output_dir, user):
                         "nothing could be recovered")
     tree = os.path.join(out, "tree")
     os.mkdir(tree, 0o700)
-    fs.run(f"rdump {quote(src)} .", cwd=tree)
+    fs.run(f"rdump {extfs.quote(src)} .", cwd=tree)
     if src != "/":
         names = os.listdir(tree)
         if len(names) != 1:
@@ -170,7 +154,7 @@ def _extract_as_user(debugfs, e2fsck, raw, out, output_dir, user):
     staged, umask = _staged(fs, mount, ctl, output_dir)
     return {"tree": tree, "mount": mount, "skip": skip,
             "staged": staged, "umask": umask,
-            "specials": _specials(fs, src)}
+            "specials": fs.specials(src)}
 
 
 def _staged(fs, mount, ctl, output_dir):
@@ -180,8 +164,7 @@ def _staged(fs, mount, ctl, output_dir):
     path = on_disk(posixpath.join(ctl, guestfiles.MANIFEST), mount)
     if path is None or fs.kind(path) != "regular":
         return none
-    dest = os.path.join(fs.out, "manifest.json")
-    fs.run(f"dump {quote(path)} manifest.json", cwd=fs.out)
+    dest = fs.dump(path, "staged.json")
     try:
         with open(dest, "rb") as f:
             m = json.loads(f.read(_MAX_MANIFEST).decode())
@@ -198,83 +181,6 @@ def _staged(fs, mount, ctl, output_dir):
             os.unlink(dest)
 
 
-def _specials(fs, src):
-    """Fifos, devices and sockets below ``src``: debugfs never extracts them; say so."""
-    found, level, dirs = [], [(quote(src), "")], 0
-    while level and dirs < _MAX_LISTED_DIRS:
-        dirs += len(level)
-        cmds = os.path.join(fs.out, "ls.cmds")
-        with open(cmds, "w", encoding="utf-8") as f:
-            f.writelines(f"ls -p {spec}\n" for spec, _ in level)
-        text = fs.run("", cmdfile=cmds)
-        os.unlink(cmds)
-        chunks = re.split(r"^debugfs: ls -p .*$", text, flags=re.M)[1:]
-        nxt = []
-        for (_, rel), chunk in zip(level, chunks):
-            for line in chunk.splitlines():
-                m = _LS_P.match(line)
-                if not m or m.group(3) in (".", ".."):
-                    continue
-                mode = int(m.group(2), 8)
-                r = posixpath.join(rel, m.group(3)) if rel else m.group(3)
-                if stat.S_ISDIR(mode):
-                    nxt.append((f"<{int(m.group(1))}>", r))
-                elif stat.S_IFMT(mode) in _KINDS:
-                    found.append(f"{r}: {_KINDS[stat.S_IFMT(mode)]} in the guest; not copied back")
-        level = nxt
-    return found[:_MAX_SPECIALS]
-
-
-class _Fs:
-    """One raw ext4 image, read by debugfs (read-only, never the kernel)."""
-
-    def __init__(self, debugfs, raw, out):
-        self.debugfs, self.raw, self.out = debugfs, raw, out
-
-    ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "DEBUGFS_PAGER": "__none__"}
-
-    def replay(self, e2fsck):
-        """Apply the journal to the copy: a guest that died mid-flight left its last
-        committed changes (synced files among them) only in the journal."""
-        cp = subp.run([e2fsck, "-E", "journal_only", "-y", self.raw], cwd=self.out,
-                      timeout=600, env=self.ENV, check=False)
-        if cp.returncode not in (0, 1, 2):
-            log.warning("e2fsck could not replay the journal of the VM's disk (status %d): %s",
-                        cp.returncode, " ".join(cp.stdout.split()[-20:]))
-
-    def run(self, request, cwd=None, cmdfile=None):
-        # -n: a disk that was in use when its VM died may fail checksums debugfs need not trust
-        argv = ([self.debugfs, "-n"] + (["-f", cmdfile] if cmdfile else ["-R", request])
-                + [self.raw])
-        cp = subp.run(argv, cwd=cwd or self.out, timeout=600, env=self.ENV,
-                      fix="the VM's disk is damaged; its output cannot be recovered")
-        self.stderr = cp.stderr
-        return cp.stdout
-
-    def label(self):
-        m = re.search(r"^Filesystem volume name:\s*(.*)$", self.run("stats"), re.M)
-        if not m:
-            why = " ".join(ln for ln in self.stderr.splitlines()
-                           if not ln.startswith("debugfs ")).strip()[:200]
-            raise GuestLost(f"the VM's disk holds no ext2/3/4 filesystem debugfs can read "
-                            f"({why or 'no message'})", "its output cannot be recovered")
-        name = m.group(1).strip()
-        return "" if name == "<none>" else name
-
-    def kind(self, path):
-        """'directory', 'regular', another type word, or None when ``path`` is missing."""
-        m = re.search(r"Type:\s*(\S+)", self.run(f"stat {quote(path)}"))
-        return m.group(1) if m else None
-
-
-def quote(path):
-    """``path`` as one debugfs argument (its command parser doubles quotes inside quotes)."""
-    if any(ord(c) < 32 for c in path):
-        raise UserError(f"the path {path!r} cannot be read from the VM's disk",
-                        "use paths without control characters")
-    return '"' + path.replace('"', '""') + '"'
-
-
 def on_disk(guest_path, mount):
     """Path inside the filesystem mounted at ``mount`` for ``guest_path``, or None."""
     p = posixpath.normpath(guest_path)
@@ -285,55 +191,3 @@ def on_disk(guest_path, mount):
     if p.startswith(mount.rstrip("/") + "/"):
         return p[len(mount.rstrip("/")):]
     return None
-
-
-# -------------------------------------------------------------------- Landlock
-
-_SYS_CREATE, _SYS_ADD_RULE, _SYS_RESTRICT = 444, 445, 446     # x86_64 and aarch64 alike
-_PR_SET_NO_NEW_PRIVS = 38
-_WRITE_FILE, _TRUNCATE, _REFER = 1 << 1, 1 << 14, 1 << 13
-_DIR_WRITES = (1 << 1) | (1 << 4) | (1 << 5) | sum(1 << i for i in range(6, 13))
-
-
-def confine(writable, *files):
-    """Allow this process and its children to write only below ``writable``, to ``files``
-    and to /dev/null.
-
-    Returns False (and logs) when the kernel has no Landlock: the process is
-    then bounded only by the job user's own rights.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    abi = libc.syscall(ctypes.c_long(_SYS_CREATE), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-    if abi < 1:
-        log.warning("Landlock is not available (%s); debugfs runs unconfined as the job user",
-                    os.strerror(ctypes.get_errno()))
-        return False
-    handled = _DIR_WRITES | (_REFER if abi >= 2 else 0) | (_TRUNCATE if abi >= 3 else 0)
-    attr = ctypes.create_string_buffer(struct.pack("<Q", handled), 8)
-    rfd = libc.syscall(ctypes.c_long(_SYS_CREATE), attr, ctypes.c_size_t(8), ctypes.c_uint32(0))
-    if rfd < 0:
-        raise SiteError(f"cannot create a Landlock ruleset: {os.strerror(ctypes.get_errno())}",
-                        "see the operator log")
-    try:
-        rules = [(writable, handled, os.O_DIRECTORY)] + [
-            (f, handled & (_WRITE_FILE | _TRUNCATE), 0) for f in (os.devnull,) + files]
-        for path, rights, flags in rules:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC | flags)
-            try:
-                rule = ctypes.create_string_buffer(struct.pack("<Qi", rights, fd), 12)
-                if libc.syscall(ctypes.c_long(_SYS_ADD_RULE), ctypes.c_int(rfd),
-                                ctypes.c_int(1), rule, ctypes.c_uint32(0)) != 0:
-                    raise SiteError(f"cannot add a Landlock rule for {path}: "
-                                    f"{os.strerror(ctypes.get_errno())}", "see the operator log")
-            finally:
-                os.close(fd)
-        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or \
-                libc.syscall(ctypes.c_long(_SYS_RESTRICT), ctypes.c_int(rfd),
-                             ctypes.c_uint32(0)) != 0:
-            raise SiteError(f"cannot enforce Landlock: {os.strerror(ctypes.get_errno())}",
-                            "see the operator log")
-    finally:
-        os.close(rfd)
-    return True
-

@@ -243,9 +243,8 @@ class Job:
         self._dirs()
         self.seq = self._allocate()
         self.job_id = f"{self.seq}.{self.host}"
-        jobs = pbs.jobs_dir(self.pbs_home)
-        self.sc = os.path.join(jobs, self.job_id + ".SC")
-        self.jb = os.path.join(jobs, self.job_id + ".JB")
+        self.sc = pbs.job_file(self.pbs_home, self.job_id, pbs.SCRIPT)
+        self.jb = pbs.job_file(self.pbs_home, self.job_id, pbs.RECORD)
         spool = os.path.join(self.pbs_home, "spool")
         self.ou = os.path.join(spool, self.job_id + ".OU")
         self.er = os.path.join(spool, self.job_id + ".ER")
@@ -298,8 +297,8 @@ class Job:
             fcntl.flock(f, fcntl.LOCK_EX)
             text = f.read().strip()
             seq = int(text) + 1 if text.isdigit() else 1
-            while os.path.exists(os.path.join(pbs.jobs_dir(self.pbs_home),
-                                              f"{seq}.{self.host}.SC")):
+            while os.path.exists(pbs.job_file(self.pbs_home, f"{seq}.{self.host}",
+                                              pbs.SCRIPT)):
                 seq += 1
             f.seek(0)
             f.truncate()

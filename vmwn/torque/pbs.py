@@ -228,17 +228,25 @@ def _quiet_stderr():
         os.close(nul)
 
 
+RECORD, SCRIPT = ".JB", ".SC"  # the suffixes of pbs_mom's job files
+
+
 def jobs_dir(pbs_home):
     """pbs_mom's directory of job files: ``<prefix>.JB`` (the job record), ``.SC``
     (the script), ``.TK`` (tasks).  The one place that names it."""
     return os.path.join(pbs_home, "mom_priv", "jobs")
 
 
+def job_file(pbs_home, prefix, suffix):
+    """``<jobs_dir>/<prefix><suffix>``: a job file as pbs_mom names it."""
+    return os.path.join(jobs_dir(pbs_home), prefix + suffix)
+
+
 def job_record_path(pbs_home, job_id, script=""):
     """The .JB path: beside the .SC named by argv (the true prefix), else by job id."""
-    if script and script.endswith(".SC"):
-        return script[:-3] + ".JB"
-    return os.path.join(jobs_dir(pbs_home), job_id + ".JB")
+    if script and script.endswith(SCRIPT):
+        return script[:-len(SCRIPT)] + RECORD
+    return job_file(pbs_home, job_id, RECORD)
 
 
 def is_job_script(pbs_home, path):
@@ -246,7 +254,7 @@ def is_job_script(pbs_home, path):
     its job starter's stdin."""
     import stat
     d = jobs_dir(os.path.normpath(pbs_home))
-    if not (path.startswith("/") and path.endswith(".SC")
+    if not (path.startswith("/") and path.endswith(SCRIPT)
             and os.path.dirname(os.path.normpath(path)) == d
             and os.path.normpath(path) == path):
         return False
@@ -277,10 +285,10 @@ class MomJobs:
             raise SiteError(f"{self.dir} does not exist, so vmwn cannot tell which jobs "
                             "are still on this node", "set [site] pbs_home or pass "
                             "--pbs-home") from None
-        self.prefixes = {n[:-3] for n in names if n.endswith((".JB", ".SC"))}
+        self.prefixes = {n[:-3] for n in names if n.endswith((RECORD, SCRIPT))}
         self.ids = set()
         for n in names:
-            if n.endswith(".JB"):
+            if n.endswith(RECORD):
                 self.ids.update(self._record_ids(os.path.join(self.dir, n)))
         return self
 
