@@ -29,7 +29,7 @@ DEFAULT_GRACE = 120.0
 PROLOGUE_REAP_SECONDS = 2.0
 
 
-def asas_int(text, default=0):
+def as_int(text, default=0):
     try:
         return int(str(text).strip())
     except ValueError:
