@@ -800,17 +800,16 @@ def _floor_boot(b, tag):
     st = types.SimpleNamespace(job_id=name, bind_address="127.0.0.1", port=port,
                                user=b.user, key_path=key_path,
                                host_key_public=hostkey.public_line)
-    while True:
-        if ssh.banner_ready("127.0.0.1", port, timeout=0.5):
-            try:
-                ssh.Guest.connect(st, timeout=10).close()
-                break
-            except VmwnError:
-                pass
-        if time.monotonic() - t0 > 240:
-            raise SiteError("the floor guest did not answer SSH in 240 s",
-                            f"see {console}")
-        time.sleep(0.02)
+    def logged_in():
+        if not ssh.banner_ready("127.0.0.1", port, timeout=0.5):
+            return False
+        try:
+            ssh.Guest.connect(st, timeout=10).close()
+            return True
+        except VmwnError:
+            return False
+
+    _poll_until(logged_in, t0, 0.02, "the floor guest did not answer SSH", console)
     t1 = time.monotonic()
     watch.stop()
     rss = _rss_mib(pid)
@@ -822,6 +821,15 @@ def _floor_boot(b, tag):
     return dict(boot=t1 - t0, start=t_started - t0, rss=rss,
                 kill=time.monotonic() - t2,
                 console_to_login=(t1 - watch.at) if watch.at else None)
+
+
+def _poll_until(probe, since, every, what, where, limit=240.0):
+    """Call ``probe`` every ``every`` s until it returns True; SiteError ``limit`` s
+    after ``since`` (a time.monotonic() value)."""
+    while not probe():
+        if time.monotonic() - since > limit:
+            raise SiteError(f"{what} in {limit:.0f} s", f"see {where}")
+        time.sleep(every)
 
 
 def measure_naive(b):
@@ -855,15 +863,13 @@ def measure_naive(b):
         from vmwn.domain import domain_name
         b.domains.add(domain_name(jid))
         subp.run(["virsh", "-q", "-c", uri, "create", xml_path], timeout=120)
-        while True:
+        def answered():
             cp = subp.run(b.ssh_argv(port, key_path, kh, f"echo {MARKER}"), timeout=30,
                           check=False)
-            if cp.returncode == 0 and MARKER in cp.stdout:
-                break
-            if time.monotonic() - t0 > 240:
-                raise SiteError("the naive guest did not answer ssh in 240 s",
-                                f"see {d}/console.log")
-            time.sleep(0.1)
+            return cp.returncode == 0 and MARKER in cp.stdout
+
+        _poll_until(answered, t0, 0.1, "the naive guest did not answer ssh",
+                    f"{d}/console.log")
         t1 = time.monotonic()
         subp.run(["virsh", "-q", "-c", uri, "destroy", domain_name(jid)], timeout=120)
         b.domains.discard(domain_name(jid))

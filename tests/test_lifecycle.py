@@ -10,6 +10,7 @@ import pytest
 from vmwn.domain import guest_hostname
 
 from vmwn import keys, lifecycle, state
+from vmwn.spec import JobSpec
 from vmwn.errors import SiteError, TransientError, UserError
 from vmwn.ssh import Guest
 
@@ -22,9 +23,9 @@ RUN = os.getpid()
 
 def spec(cfg, job_id, env="tiny", user="alice", uid=4242, gid=4343, workdir="/home/alice/w"):
     e = cfg.env(env)
-    return lifecycle.JobSpec(job_id=job_id, user=user, uid=uid, gid=gid, group="lab",
-                             job_name="t", env=e, vcpus=1, memory_mib=e.memory_mib,
-                             workdir=workdir, host_workdir="/nonexistent")
+    return JobSpec(job_id=job_id, user=user, uid=uid, gid=gid, group="lab",
+                   job_name="t", env=e, vcpus=1, memory_mib=e.memory_mib,
+                   workdir=workdir, host_workdir="/nonexistent")
 
 
 @needs_image("tiny")

@@ -57,11 +57,13 @@ def test_no_heavy_imports_on_the_native_path(env):
         assert heavy not in mods
 
 
-def test_missing_shell_is_one_clear_line(env):
+def test_missing_shell_fails_as_pbs_mom_fails_it(env):
+    """A job without a VM whose shell cannot be run gets pbs_mom's own line and status
+    (start_exec.c), as on a node without vmwn: nothing of vmwn shows."""
     pid, rc, out, err = run(["/bin/no-such-shell"], env)
-    assert rc == 1
-    assert err == (b"vmwn: cannot execute the job's shell /bin/no-such-shell: No such file or "
-                   b"directory: check qsub -S or your login shell on the execution host\n")
+    assert (rc, err) == (254, b"PBS: exec of shell '/bin/no-such-shell' failed\n")
+    pid, rc, out, err = run(["no-such-shell-\udcff"], env)
+    assert (rc, err) == (254, b"PBS: exec of shell 'no-such-shell-\xff' failed\n")
 
 
 def test_no_arguments(env):

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import REPO, starter_python
 from vmwn import lifecycle, state, transfer
+from vmwn.spec import JobSpec
 from vmwn_testlib import needs_image, serve_warden, site  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.integration, needs_image("tiny")]
@@ -43,10 +44,10 @@ def vm(test_user, tmp_path_factory):
     for p in (host, os.path.join(host, "input.txt")):
         os.chown(p, test_user.pw_uid, test_user.pw_gid)
     e = cfg.env("tiny")
-    spec = lifecycle.JobSpec(job_id=JOB, user=test_user.pw_name, uid=test_user.pw_uid,
-                             gid=test_user.pw_gid, group=test_user.pw_name, job_name="t",
-                             env=e, vcpus=1, memory_mib=e.memory_mib, workdir=host,
-                             host_workdir=host)
+    spec = JobSpec(job_id=JOB, user=test_user.pw_name, uid=test_user.pw_uid,
+                   gid=test_user.pw_gid, group=test_user.pw_name, job_name="t",
+                   env=e, vcpus=1, memory_mib=e.memory_mib, workdir=host,
+                   host_workdir=host)
     st = lifecycle.create(cfg, spec, time.monotonic() + 240)
     jobs = os.path.join(work, "torque", "mom_priv", "jobs")
     os.makedirs(jobs)

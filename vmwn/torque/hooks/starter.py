@@ -91,14 +91,23 @@ def main(argv=None, config_path=None, state_dir=None, pbs_home=None):
         return _fail(exc, cfg)
 
 
+# What pbs_mom writes and returns itself when it cannot exec a job's shell
+# (TMomFinalizeChild, Torque 6.1 src/resmom/start_exec.c): a job without a VM
+# fails exactly as on a node without vmwn.
+NATIVE_EXEC_FAILED = 254
+
+
 def _exec_native(rest):
     """Replace this process by the job, as the mom would have started it."""
     try:
         os.execvp(rest[0], rest)
-    except OSError as e:
-        from ...errors import UserError
-        raise UserError(f"cannot execute the job's shell {rest[0]}: {e.strerror}",
-                        "check qsub -S or your login shell on the execution host") from None
+    except OSError:
+        line = b"PBS: exec of shell '%s' failed\n" % os.fsencode(rest[0])[:256]
+        try:
+            os.write(2, line)
+        except OSError:
+            pass
+        return NATIVE_EXEC_FAILED
 
 
 def _fail(exc, cfg):
