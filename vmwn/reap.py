@@ -30,6 +30,7 @@ PROLOGUE_REAP_SECONDS = 2.0
 
 
 def as_int(text, default=0):
+    """A number from domain metadata, which anyone with libvirt access may have written."""
     try:
         return int(str(text).strip())
     except ValueError:
@@ -37,6 +38,7 @@ def as_int(text, default=0):
 
 
 def mtime(path):
+    """A path's age reference; a path that vanished counts as new (left alone)."""
     try:
         return os.lstat(path).st_mtime
     except OSError:
@@ -44,6 +46,7 @@ def mtime(path):
 
 
 def overlays(cfg):
+    """Every overlay in overlay_dir, whichever job made it."""
     d = cfg.site["overlay_dir"]
     try:
         names = sorted(os.listdir(d))
