@@ -188,3 +188,22 @@ def test_template_with_undefined_variable_is_a_one_line_site_error(cfg, tmp_path
 def test_unreachable_libvirt_is_a_site_error():
     with pytest.raises(SiteError, match="cannot reach libvirt.*start libvirtd"):
         virt.connect("qemu+unix:///system?socket=/nonexistent/sock")
+
+
+@pytest.mark.parametrize("message, fix", [
+    ("Failed to connect socket to '/var/run/libvirt/libvirt-sock': Permission denied",
+     "run this as root: libvirt's system socket is root's"),
+    ("Failed to connect socket to '/var/run/libvirt/libvirt-sock': Connection refused",
+     "start libvirtd (and virtlogd) or fix [site] libvirt_uri"),
+])
+def test_an_unreachable_libvirt_names_the_right_fix(monkeypatch, message, fix):
+    """An operator without root is told so, not to start a libvirtd that runs."""
+    import libvirt
+
+    def refuse(uri):
+        libvirt.virResetLastError()  # else the error carries an earlier test's last error
+        raise libvirt.libvirtError(message)
+    monkeypatch.setattr(libvirt, "open", refuse)
+    with pytest.raises(SiteError) as e:
+        virt.connect("qemu:///system")
+    assert message in e.value.problem and e.value.fix == fix

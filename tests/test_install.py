@@ -244,6 +244,8 @@ def test_a_wheel_installs_a_node_with_its_console_command(tmp_path):
     r = subprocess.run([str(venv / "bin" / "vmwn-install"), "install", "--destdir", str(root),
                         "--qstat", ""], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr
+    # The wheel's venv has no pbs_python: the site is told what that costs.
+    assert "pbs_python is not importable" in r.stderr and "VMWN_ENV" in r.stderr
     mom = root / "var/spool/torque/mom_priv"
     for fam in ("prologue", "epilogue"):
         assert "from vmwn.torque.hooks." in (mom / f"{fam}.d" / "50-vmwn").read_text()

@@ -31,6 +31,9 @@ def connect(uri):
     try:
         return lv.open(uri)
     except lv.libvirtError as e:
+        if "Permission denied" in _msg(e):
+            raise SiteError(f"cannot reach libvirt at {uri}: {_msg(e)}",
+                            "run this as root: libvirt's system socket is root's") from None
         raise SiteError(f"cannot reach libvirt at {uri}: {_msg(e)}",
                         "start libvirtd (and virtlogd) or fix [site] libvirt_uri") from None
 

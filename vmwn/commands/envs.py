@@ -44,9 +44,10 @@ def cmd_envs(args):
     print(f"{'NAME':<12} {'AVAILABLE':<10} {'ACCEL':<6} {'VCPUS':<6} {'MEMORY':<12} DESCRIPTION")
     for r in rows:
         avail = "yes" if r["available"] else "no"
-        print(f"{r['name']:<12} {avail:<10} {r['accel']:<6} "
-              f"{r['vcpus']}/{r['max_vcpus']:<4} {r['memory_mib']}/{r['max_memory_mib']}M"
-              f"{'':<2} {r['description']}")
+        vcpus = f"{r['vcpus']}/{r['max_vcpus']}"
+        memory = f"{r['memory_mib']}/{r['max_memory_mib']}M"
+        print(f"{r['name']:<12} {avail:<10} {r['accel']:<6} {vcpus:<6} {memory:<12} "
+              f"{r['description']}")
         for m in r["missing"]:
             print(f"{'':<12} missing: {m}")
     return 0

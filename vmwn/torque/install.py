@@ -331,8 +331,26 @@ def install(opts):
         print(f"vmwn install: warning: the job starter runs as the job's user, but "
               f"{starter_python} is not executable by other users: pass --starter-python "
               "with an interpreter under a world-searchable path", file=sys.stderr)
+    if not _imports_pbs(python):
+        print(f"vmwn install: warning: pbs_python is not importable by {python}: jobs that "
+              "ask with qsub -v VMWN_ENV are refused and VMs are not charged to their jobs; "
+              "build it against this node's libtorque (scripts/build-pbs-python in vmwn's "
+              "source tree)", file=sys.stderr)
     written += _add_starter_line(lay)
     return written
+
+
+def _imports_pbs(python):
+    """True when ``python`` imports pbs_python, or cannot be run here to ask (a staged
+    install for another machine)."""
+    from .. import subp
+    if not os.access(python, os.X_OK):
+        return True
+    try:
+        return subp.run([python, "-Esc", "import pbs"], timeout=30,
+                        check=False).returncode == 0
+    except VmwnError:
+        return True
 
 
 def _qstat(opts):
