@@ -31,11 +31,11 @@ def connect(uri):
     try:
         return lv.open(uri)
     except lv.libvirtError as e:
-        if "Permission denied" in _msg(e):
-            raise SiteError(f"cannot reach libvirt at {uri}: {_msg(e)}",
-                            "run this as root: libvirt's system socket is root's") from None
-        raise SiteError(f"cannot reach libvirt at {uri}: {_msg(e)}",
-                        "start libvirtd (and virtlogd) or fix [site] libvirt_uri") from None
+        msg = _msg(e)
+        fix = ("run this as root: libvirt's system socket is root's"
+               if "Permission denied" in msg
+               else "start libvirtd (and virtlogd) or fix [site] libvirt_uri")
+        raise SiteError(f"cannot reach libvirt at {uri}: {msg}", fix) from None
 
 
 def _msg(e):
