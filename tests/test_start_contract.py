@@ -219,7 +219,7 @@ def test_a_broken_configuration_is_requeued_a_bounded_number_of_times_then_refus
                       pbs_home=str(tmp_path / "torque"))
     err = capfd.readouterr().err
     assert rc != 0 and err.count("\n") == 1
-    assert "configuration cannot be read" in err and "no_such_key" in err
+    assert "configuration cannot be used" in err and "no_such_key" in err
     # The epilogue removes the refusal without one either, and nothing is left.
     eargv = ["epilogue", "7.srv", "nobody", "nogroup", "job", "1", "other=vmwn=tiny",
              "cput=0", "batch", "", "0", "/x.SC"]
@@ -227,3 +227,41 @@ def test_a_broken_configuration_is_requeued_a_bounded_number_of_times_then_refus
                          environ={}, state_dir=states) == 0
     assert sorted(os.listdir(states)) == [".starts"] and os.listdir(
         os.path.join(states, ".starts")) == []
+
+
+def test_a_state_dir_changed_without_reinstalling_refuses_vm_jobs(tmp_path, capfd,
+                                                                   monkeypatch):
+    """The steps and the job starter carry the state_dir they were installed with.
+    If vmwn.conf names another, the starter would find no VM for the job and run it
+    on the host: the prologue refuses it instead, where the starter looks."""
+    from vmwn.torque.hooks import epilogue, starter
+    conf = tmp_path / "vmwn.conf"
+    write_site_config(str(conf), str(tmp_path))  # state_dir = tmp_path/jobs
+    states = str(tmp_path / "installed-state")
+    assert config.load(str(conf)).site["state_dir"] != states
+    argv = ["prologue", "8.srv", "nobody", "nogroup", "job", "other=vmwn=tiny", "batch",
+            "", ""]
+    limit = config.SITE_KEYS["start_attempts"].default
+    codes = [prologue.main(argv, config_path=str(conf), pbs_home=str(tmp_path / "torque"),
+                           environ={}, state_dir=states) for _ in range(limit)]
+    assert codes == [2] * (limit - 1) + [0]
+    refusal = state.read_refusal(states, "8.srv")
+    assert refusal["kind"] == "SiteError" and states in refusal["problem"]
+    assert "install vmwn again" in refusal["fix"]
+    capfd.readouterr()
+    monkeypatch.setenv("PBS_JOBID", "8.srv")
+    rc = starter.main(["starter", "/bin/sh"], config_path=str(conf), state_dir=states,
+                      pbs_home=str(tmp_path / "torque"))
+    err = capfd.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "state_dir" in err
+    eargv = ["epilogue", "8.srv", "nobody", "nogroup", "job", "1", "other=vmwn=tiny",
+             "cput=0", "batch", "", "0", "/x.SC"]
+    assert epilogue.main(eargv, config_path=str(conf), pbs_home=str(tmp_path / "torque"),
+                         environ={}, state_dir=states) == 0
+    assert sorted(os.listdir(states)) == [".starts"] and os.listdir(
+        os.path.join(states, ".starts")) == []
+    # A job that asks for no VM is not touched by the mismatch.
+    native = ["prologue", "9.srv", "nobody", "nogroup", "job", "walltime=60", "batch", "", ""]
+    assert prologue.main(native, config_path=str(conf), pbs_home=str(tmp_path / "torque"),
+                         environ={}, state_dir=states) == 0
+    assert state.read_refusal(states, "9.srv") is None

@@ -115,25 +115,26 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     if is_sister(environ):
         return 0
     try:
-        cfg = config.load(config_path)
-    except errors.VmwnError:
-        # The prologue refused the job for this (and the starter told its owner):
-        # its refusal record is all there is, and needs no configuration to go.
-        from ... import state
-        where = state_dir or config.SITE_KEYS["state_dir"].default
-        if state.remove_lone_refusal(where, args.job_id):
-            state.clear_starts(where, args.job_id)
-            return 0
+        cfg, broken = config.load(config_path), None
+    except errors.VmwnError as e:
+        cfg, broken = None, e
+    from ... import state
+    # The state directory the steps were installed with (the configuration's when
+    # run without one): where the prologue records a refusal, even one made
+    # without a usable configuration.
+    where = state_dir or (cfg.site["state_dir"] if cfg else
+                          config.SITE_KEYS["state_dir"].default)
+    if state.remove_lone_refusal(where, args.job_id):
+        state.clear_starts(where, args.job_id)
+        return 0  # refused before anything was made (the starter told its owner why)
+    if cfg is None:
         if not os.path.lexists(state.job_dir_in(where, args.job_id)):
             return 0  # no VM; a requeued job's start count is kept for its next start
-        raise  # a VM needs the configuration to be torn down: 'vmwn reap' after the fix
-    from ... import state
+        raise broken  # a VM needs the configuration to be torn down: 'vmwn reap' after the fix
     if not os.path.lexists(state.job_dir(cfg, args.job_id)):
         return 0  # no VM; a start count of a requeued job is kept for its next start
     setup_logging(cfg)
     state.clear_starts(cfg, args.job_id)
-    if state.remove_lone_refusal(cfg.site["state_dir"], args.job_id):
-        return 0  # refused before anything was made: no domain to look for
     if not state.exists(cfg, args.job_id):
         from ... import lifecycle
         refused = state.read_refusal(cfg.site["state_dir"], args.job_id) is not None

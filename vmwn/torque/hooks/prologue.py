@@ -86,6 +86,14 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
         choice = request.requested_env(cfg, args, variables)
         if choice is None:
             return 0
+        if state_dir and os.path.realpath(state_dir) != os.path.realpath(cfg.site["state_dir"]):
+            # The job starter would look for this job's VM in the other directory,
+            # find none, and run the job on the host.
+            return _unconfigured(state_dir, args.job_id, errors.SiteError(
+                f"[site] state_dir is {cfg.site['state_dir']}, but vmwn's steps and job "
+                f"starter were installed with {state_dir}",
+                "install vmwn again after changing state_dir ('make install' or "
+                "'vmwn-install install')"))
         jlog.info("environment %s requested by %s", choice.name, choice.source)
         req = request.build(cfg, choice, args, environ, variables)  # checked
     except errors.UserError as e:
@@ -118,7 +126,8 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
 
 
 def _unconfigured(state_dir, job_id, error):
-    """vmwn.conf cannot be read, so nothing says how this job should run: requeue
+    """vmwn.conf cannot be read, or names another state directory than the one the
+    steps were installed with, so nothing says how this job should run: requeue
     it (the site may be fixing the file), counted in the state directory installed
     with the step, and after the default start_attempts refuse it.  The job
     starter needs no configuration to tell the job's owner why; without a count
@@ -129,7 +138,7 @@ def _unconfigured(state_dir, job_id, error):
     where = state_dir or config.SITE_KEYS["state_dir"].default
     _counted(where, job_id, error, config.SITE_KEYS["start_attempts"].default, jlog)
     return _refuse(where, job_id, errors.SiteError(
-        f"this node's vmwn configuration cannot be read, so the job was not run "
+        f"this node's vmwn configuration cannot be used, so the job was not run "
         f"({error.problem})", error.fix), jlog)
 
 
