@@ -191,11 +191,40 @@ def test_a_state_directory_vmwn_may_not_use_aborts_instead_of_looping(site, caps
     assert "cannot be counted" in err and "cannot be recorded" in err
 
 
+def _refused_in_every_step(tmp_path, conf, states, job_id, capfd, monkeypatch):
+    """Prologue start_attempts times (requeued, then refused), the job starter and the
+    epilogue, with the steps installed for ``states``.  Returns (refusal record,
+    the prologue's stderr, the starter's status, the starter's stderr)."""
+    from vmwn.torque.hooks import epilogue, starter
+    home = str(tmp_path / "torque")
+    argv = ["prologue", job_id, "nobody", "nogroup", "job", "other=vmwn=tiny", "batch",
+            "", ""]
+    limit = config.SITE_KEYS["start_attempts"].default
+    codes = [prologue.main(argv, config_path=str(conf), pbs_home=home, environ={},
+                           state_dir=states) for _ in range(limit)]
+    assert codes == [2] * (limit - 1) + [0]
+    prologue_err = capfd.readouterr().err
+    refusal = state.read_refusal(states, job_id)
+    monkeypatch.setenv("PBS_JOBID", job_id)
+    rc = starter.main(["starter", "/bin/sh"], config_path=str(conf), state_dir=states,
+                      pbs_home=home)
+    err = capfd.readouterr().err
+    assert rc != 0 and err.count("\n") == 1
+    # The epilogue removes the refusal, and nothing is left.
+    eargv = ["epilogue", job_id, "nobody", "nogroup", "job", "1", "other=vmwn=tiny",
+             "cput=0", "batch", "", "0", "/x.SC"]
+    assert epilogue.main(eargv, config_path=str(conf), pbs_home=home, environ={},
+                         state_dir=states) == 0
+    assert sorted(os.listdir(states)) == [".starts"] and os.listdir(
+        os.path.join(states, ".starts")) == []
+    return refusal, prologue_err, rc, err
+
+
 def test_a_broken_configuration_is_requeued_a_bounded_number_of_times_then_refused(
         tmp_path, capfd, monkeypatch):
     """An unreadable vmwn.conf (here a drop-in with an unknown key) used to requeue
-    every VM job at once and for ever (2580 starts measured under pbs_mom)."""
-    from vmwn.torque.hooks import epilogue, starter
+    every VM job at once and for ever (2580 starts measured under pbs_mom).  The job
+    starter and the epilogue need no configuration to tell the owner and to clean up."""
     conf = tmp_path / "vmwn.conf"
     write_site_config(str(conf), str(tmp_path))
     (tmp_path / "vmwn.conf.d").mkdir()
@@ -203,30 +232,12 @@ def test_a_broken_configuration_is_requeued_a_bounded_number_of_times_then_refus
     with pytest.raises(errors.SiteError):
         config.load(str(conf))
     states = str(tmp_path / "installed-state")  # what the steps were installed with
-    argv = ["prologue", "7.srv", "nobody", "nogroup", "job", "other=vmwn=tiny", "batch",
-            "", ""]
+    refusal, prologue_err, rc, err = _refused_in_every_step(tmp_path, conf, states, "7.srv",
+                                                            capfd, monkeypatch)
     limit = config.SITE_KEYS["start_attempts"].default
-    codes = [prologue.main(argv, config_path=str(conf), pbs_home=str(tmp_path / "torque"),
-                           environ={}, state_dir=states) for _ in range(limit)]
-    assert codes == [2] * (limit - 1) + [0]
-    err = capfd.readouterr().err
-    assert err.count("no_such_key") == limit - 1 and "Traceback" not in err
-    refusal = state.read_refusal(states, "7.srv")
+    assert prologue_err.count("no_such_key") == limit - 1 and "Traceback" not in prologue_err
     assert refusal["kind"] == "SiteError" and "no_such_key" in refusal["problem"]
-    # The job starter needs no configuration to tell the job's owner why.
-    monkeypatch.setenv("PBS_JOBID", "7.srv")
-    rc = starter.main(["starter", "/bin/sh"], config_path=str(conf), state_dir=states,
-                      pbs_home=str(tmp_path / "torque"))
-    err = capfd.readouterr().err
-    assert rc != 0 and err.count("\n") == 1
     assert "configuration cannot be used" in err and "no_such_key" in err
-    # The epilogue removes the refusal without one either, and nothing is left.
-    eargv = ["epilogue", "7.srv", "nobody", "nogroup", "job", "1", "other=vmwn=tiny",
-             "cput=0", "batch", "", "0", "/x.SC"]
-    assert epilogue.main(eargv, config_path=str(conf), pbs_home=str(tmp_path / "torque"),
-                         environ={}, state_dir=states) == 0
-    assert sorted(os.listdir(states)) == [".starts"] and os.listdir(
-        os.path.join(states, ".starts")) == []
 
 
 def test_a_state_dir_changed_without_reinstalling_refuses_vm_jobs(tmp_path, capfd,
@@ -234,32 +245,15 @@ def test_a_state_dir_changed_without_reinstalling_refuses_vm_jobs(tmp_path, capf
     """The steps and the job starter carry the state_dir they were installed with.
     If vmwn.conf names another, the starter would find no VM for the job and run it
     on the host: the prologue refuses it instead, where the starter looks."""
-    from vmwn.torque.hooks import epilogue, starter
     conf = tmp_path / "vmwn.conf"
     write_site_config(str(conf), str(tmp_path))  # state_dir = tmp_path/jobs
     states = str(tmp_path / "installed-state")
     assert config.load(str(conf)).site["state_dir"] != states
-    argv = ["prologue", "8.srv", "nobody", "nogroup", "job", "other=vmwn=tiny", "batch",
-            "", ""]
-    limit = config.SITE_KEYS["start_attempts"].default
-    codes = [prologue.main(argv, config_path=str(conf), pbs_home=str(tmp_path / "torque"),
-                           environ={}, state_dir=states) for _ in range(limit)]
-    assert codes == [2] * (limit - 1) + [0]
-    refusal = state.read_refusal(states, "8.srv")
+    refusal, _, rc, err = _refused_in_every_step(tmp_path, conf, states, "8.srv", capfd,
+                                                 monkeypatch)
     assert refusal["kind"] == "SiteError" and states in refusal["problem"]
     assert "install vmwn again" in refusal["fix"]
-    capfd.readouterr()
-    monkeypatch.setenv("PBS_JOBID", "8.srv")
-    rc = starter.main(["starter", "/bin/sh"], config_path=str(conf), state_dir=states,
-                      pbs_home=str(tmp_path / "torque"))
-    err = capfd.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "state_dir" in err
-    eargv = ["epilogue", "8.srv", "nobody", "nogroup", "job", "1", "other=vmwn=tiny",
-             "cput=0", "batch", "", "0", "/x.SC"]
-    assert epilogue.main(eargv, config_path=str(conf), pbs_home=str(tmp_path / "torque"),
-                         environ={}, state_dir=states) == 0
-    assert sorted(os.listdir(states)) == [".starts"] and os.listdir(
-        os.path.join(states, ".starts")) == []
+    assert rc == 2 and "state_dir" in err
     # A job that asks for no VM is not touched by the mismatch.
     native = ["prologue", "9.srv", "nobody", "nogroup", "job", "walltime=60", "batch", "", ""]
     assert prologue.main(native, config_path=str(conf), pbs_home=str(tmp_path / "torque"),
