@@ -80,7 +80,7 @@ def test_every_module_has_a_row_in_the_architecture_table():
     (r'"\.(JB|SC|TK)"', "torque/pbs.py"),
     (r'"mom_priv", "jobs"', "torque/pbs.py"),
     # the alarm budget
-    (r"ALARM_MARGIN\s*=|prologalarm\(pbs_home\) -", "torque/pbs.py|torque/hooks/__init__.py"),
+    (r"ALARM_MARGIN\s*=|-\s*(pbs\.)?ALARM_MARGIN\b", "torque/pbs.py"),
 ])
 def test_each_concept_has_one_owner(pattern, owner):
     found = set()

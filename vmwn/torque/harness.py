@@ -224,8 +224,7 @@ class Job:
                             "job files into its mom_priv/jobs, which it recovers when it "
                             "restarts", "run vmwn run on a PBS_HOME of its own (--pbs-home) "
                             "or submit with qsub")
-        self.alarm = (args.prologalarm if args.prologalarm is not None
-                      else pbs.prologalarm(self.pbs_home)) - pbs.ALARM_MARGIN
+        self.alarm = pbs.hook_alarm(self.pbs_home, args.prologalarm)
         self.starter = args.starter or pbs.mom_setting(self.pbs_home, "job_starter")
         self._user(args)
         if not os.path.isfile(args.script):

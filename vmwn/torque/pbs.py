@@ -443,6 +443,14 @@ def prologalarm(pbs_home):
         return DEFAULT_PROLOGALARM
 
 
+def hook_alarm(pbs_home, prologalarm_seconds=None):
+    """Seconds after a hook's start at which pbs_mom kills it: ``$prologalarm`` (or
+    ``prologalarm_seconds``) less the mom's margin."""
+    if prologalarm_seconds is None:
+        prologalarm_seconds = prologalarm(pbs_home)
+    return prologalarm_seconds - ALARM_MARGIN
+
+
 
 TM_ADOPT_JOBID = 114  # tm_.h
 TM_ERRORS = {17000: "pbs_mom cannot be reached (TM_ESYSTEM)",

@@ -87,6 +87,6 @@ def alarm_spent(pbs_home, used=None):
     older session) has spent nothing.
     """
     from .. import pbs
-    alarm = pbs.prologalarm(pbs_home) - pbs.ALARM_MARGIN
+    alarm = pbs.hook_alarm(pbs_home)
     used = session_age() if used is None else used
     return alarm, (0.0 if used >= alarm else used)
