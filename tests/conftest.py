@@ -24,17 +24,29 @@ TEST_USER = "vmwntest"
 # The outside systems a test may reach only with its marker: programs that boot
 # or reach guests, run Torque or slapd, and libvirt's real drivers.  Unit tests
 # use libvirt's test:/// driver and the in-process SSH guest.
-OUTSIDE_MARKERS = ("integration", "torque", "slapd", "slow")
+OUTSIDE_MARKERS = ("integration", "torque", "openpbs", "slapd", "slow")
 OUTSIDE_PROGRAMS = frozenset((
     "qemu-system-x86_64", "virsh", "libvirtd", "virtiofsd", "ssh", "scp", "slapd",
-    "pbs_server", "pbs_mom", "pbs_sched", "qsub", "qstat", "qdel", "qsig", "qrun"))
+    "pbs_server", "pbs_mom", "pbs_sched", "qsub", "qstat", "qdel", "qsig", "qrun", "qmgr"))
+# Programs that change the host itself (its firewall, its accounts, its network
+# namespaces): never from a unit test.  A stand-in of the same name that a test
+# made in a directory of its own is not the host's and may run.
+HOST_CHANGERS = frozenset((
+    "iptables", "ip6tables", "iptables-legacy", "ip6tables-legacy", "nft",
+    "useradd", "userdel", "usermod", "groupadd", "groupdel", "ip"))
+SYSTEM_DIRS = ("/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/local/bin")
 
 
 def _outside_program(args):
     """The program an argv (list or shell string) starts, if it is an outside one."""
     argv = args if isinstance(args, (list, tuple)) else str(args).split()
-    name = os.path.basename(os.fsdecode(argv[0])) if argv else ""
-    return name if name in OUTSIDE_PROGRAMS else None
+    path = os.fsdecode(argv[0]) if argv else ""
+    name = os.path.basename(path)
+    if name in OUTSIDE_PROGRAMS:
+        return name
+    if name in HOST_CHANGERS and (os.path.dirname(path) in ("",) + SYSTEM_DIRS):
+        return name
+    return None
 
 
 def _unreachable_or_test(uri):
@@ -117,17 +129,21 @@ def _is_root():
     return os.geteuid() == 0
 
 
+def account_or_skip(name):
+    """A test account made by scripts/test-accounts (make test does it); tests never
+    make accounts: a unit test changes nothing on the host."""
+    if not _is_root():
+        pytest.skip(f"needs root to become the test user {name}")
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pytest.skip(f"no account {name}: run scripts/test-accounts (make test does)")
+
+
 @pytest.fixture(scope="session")
 def test_user():
-    """The unprivileged account jobs run as (created with useradd when missing)."""
-    if not _is_root():
-        pytest.skip("needs root to create and become the test user")
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", TEST_USER],
-                       check=True)
-        return pwd.getpwnam(TEST_USER)
+    """The unprivileged account jobs run as."""
+    return account_or_skip(TEST_USER)
 
 
 @pytest.fixture

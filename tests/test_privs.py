@@ -2,10 +2,8 @@
 
 import grp
 import os
-import pwd
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 
@@ -13,26 +11,23 @@ import pytest
 
 from vmwn import errors, privs
 
+from conftest import account_or_skip
+
 USER = "vmwntest"
 GROUP2 = "vmwntest2"
 
 
 @pytest.fixture(scope="session")
 def unpriv():
-    """(name, uid, gid, extra gid) of a real unprivileged user; created when missing."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to change user")
+    """(name, uid, gid, extra gid) of a real unprivileged user (scripts/test-accounts)."""
+    pw = account_or_skip(USER)
     try:
-        grp.getgrnam(GROUP2)
+        extra = grp.getgrnam(GROUP2)
     except KeyError:
-        subprocess.run(["groupadd", GROUP2], check=True)
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-s", "/bin/sh", USER], check=True)
-    subprocess.run(["usermod", "-a", "-G", GROUP2, USER], check=True)
-    pw = pwd.getpwnam(USER)
-    return USER, pw.pw_uid, pw.pw_gid, grp.getgrnam(GROUP2).gr_gid
+        pytest.skip(f"no group {GROUP2}: run scripts/test-accounts (make test does)")
+    if USER not in extra.gr_mem:
+        pytest.skip(f"{USER} is not in {GROUP2}: run scripts/test-accounts (make test does)")
+    return USER, pw.pw_uid, pw.pw_gid, extra.gr_gid
 
 
 @pytest.fixture
