@@ -6,6 +6,7 @@ before or instead of one.
 
 import dataclasses
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -129,13 +130,238 @@ def test_adoption_outside_a_pbs_mom_job_fails_at_once(monkeypatch):
         pbs.adopt("66.identity.test", os.getpid())
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for iptables")
-def test_no_loopback_rules_are_found_with_pbs_moms_path(monkeypatch):
-    """pbs_mom runs the prologue with PATH=/bin:/usr/bin; iptables lives in /usr/sbin."""
-    monkeypatch.setenv("PATH", "/bin:/usr/bin")
-    netpolicy._ensure_rules()  # adds them once, or finds them there
-    for cmd, rule in netpolicy.RULES:
-        assert subprocess.run([f"/usr/sbin/{cmd}", "-w", "-C", *rule]).returncode == 0
+# ---------------------------------------------------------------- no-loopback's rules
+#
+# Unit tests never change the host's firewall: netpolicy.SBIN points at fake
+# iptables/ip6tables that keep their rules in files and record each call, and
+# whether the node-wide lock was held during it.  The integration test below
+# runs the real commands in a network namespace of its own.
+
+FAKE_IPTABLES = r"""#!/bin/bash
+name=$(basename "$0")
+op=$2
+shift 2
+rule="$*"
+if flock -n "$VMWN_TEST_LOCK" true; then held=unlocked; else held=locked; fi
+echo "$0 $op $held $rule" >> "$VMWN_TEST_DIR/calls"
+db="$VMWN_TEST_DIR/$name.rules"
+touch "$db"
+if [ -e "$VMWN_TEST_DIR/fail$op" ]; then
+    echo "iptables v1.8.9 (nf_tables): RULE_INSERT failed (Invalid argument): rule in chain OUTPUT" >&2
+    exit 4
+fi
+case "$op" in
+-C) grep -qxF -- "$rule" "$db" ;;
+-I) sleep 0.2; echo "$rule" >> "$db" ;;
+-D) grep -qxF -- "$rule" "$db" || exit 1
+    awk -v r="$rule" '!done && $0 == r { done = 1; next } 1' "$db" > "$db.new"
+    mv "$db.new" "$db" ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_firewall(tmp_path, monkeypatch):
+    """Fake iptables and ip6tables in netpolicy.SBIN, a fake cgroup v2 mount, and the
+    lock in tmp_path.  Yields a namespace with the calls and the rules so far."""
+    import types
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    for name in ("iptables", "ip6tables"):
+        (sbin / name).write_text(FAKE_IPTABLES)
+        (sbin / name).chmod(0o755)
+    cgroot = tmp_path / "cgroup2"
+    cgroot.mkdir()
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"35 24 0:30 / {cgroot} rw,nosuid - cgroup2 cgroup2 rw\n")
+    lock = tmp_path / "netpolicy.lock"
+    monkeypatch.setattr(netpolicy, "SBIN", str(sbin))
+    monkeypatch.setattr(netpolicy, "MOUNTINFO", str(mountinfo))
+    monkeypatch.setattr(netpolicy, "LOCK", str(lock))
+    monkeypatch.setattr(netpolicy, "SETTLE", 0.0)
+    monkeypatch.setenv("PATH", "/bin:/usr/bin")  # pbs_mom's, where iptables is not
+    monkeypatch.setenv("VMWN_TEST_DIR", str(tmp_path))
+    monkeypatch.setenv("VMWN_TEST_LOCK", str(lock))
+
+    def calls():
+        p = tmp_path / "calls"
+        return [ln.split(" ", 3) for ln in p.read_text().splitlines()] if p.exists() else []
+
+    def table(name):
+        p = tmp_path / f"{name}.rules"
+        return p.read_text().splitlines() if p.exists() else []
+
+    def forget_calls():
+        (tmp_path / "calls").unlink(missing_ok=True)
+
+    return types.SimpleNamespace(sbin=str(sbin), group=str(cgroot / netpolicy.CGROUP),
+                                 calls=calls, table=table, forget_calls=forget_calls,
+                                 dir=tmp_path)
+
+
+def _no_loopback(site):
+    return dataclasses.replace(site.env("tiny"), network="no-loopback")
+
+
+def _rule_lines(cmd):
+    return [" ".join(rule) for c, rule in netpolicy.rules() if c == cmd]
+
+
+def test_no_loopback_rules_are_checked_then_added_under_the_lock_with_pbs_moms_path(
+        site, fake_firewall):
+    """pbs_mom runs the prologue with PATH=/bin:/usr/bin; iptables lives in sbin."""
+    f = fake_firewall
+    netpolicy.confine(_no_loopback(site), "67.identity.test", [4321])
+    with open(os.path.join(f.group, "cgroup.procs")) as procs:
+        assert procs.read() == "4321"
+    added = [c for c in f.calls() if c[1] == "-I"]
+    assert [(c[0], c[3]) for c in added] == [
+        (os.path.join(f.sbin, cmd), " ".join(rule)) for cmd, rule in netpolicy.rules()]
+    for cmd, rule in netpolicy.rules():  # each -I right after its own -C
+        line = " ".join(rule)
+        ops = [c[1] for c in f.calls() if c[0].endswith("/" + cmd) and c[3] == line]
+        assert ops[-2:] == ["-C", "-I"], ops
+    assert {c[2] for c in f.calls()} == {"locked"}
+    assert f.table("iptables") == _rule_lines("iptables")
+    assert f.table("ip6tables") == _rule_lines("ip6tables")
+
+    f.forget_calls()  # a second job finds the rules there and adds none
+    netpolicy.confine(_no_loopback(site), "68.identity.test", [4322])
+    assert [c[1] for c in f.calls()] == ["-C"] * 4
+    assert f.table("iptables") == _rule_lines("iptables")
+
+
+def test_no_loopback_rules_are_added_once_by_concurrent_jobs(site, fake_firewall):
+    """-C and -I are two commands: two wardens between them would add a rule twice
+    (the fake -I takes 0.2 s, so without the lock they would)."""
+    f = fake_firewall
+    children = []
+    for i in range(2):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                netpolicy.confine(_no_loopback(site), f"69{i}.identity.test", [5000 + i])
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    assert [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in children] == [0, 0]
+    assert f.table("iptables") == _rule_lines("iptables")
+    assert f.table("ip6tables") == _rule_lines("ip6tables")
+
+
+def test_no_loopback_rules_and_cgroup_go_with_the_last_job(site, fake_firewall):
+    f = fake_firewall
+    netpolicy.confine(_no_loopback(site), "70.identity.test", [4321])
+    with open(f.dir / "iptables.rules", "a") as db:  # a copy an older vmwn's race added
+        db.write(_rule_lines("iptables")[0] + "\n")
+    assert netpolicy.release("70.identity.test") is False  # a QEMU is still in the cgroup
+    assert len(f.table("iptables")) == 3 and os.path.isdir(f.group)
+
+    # The fake cgroup file system: an empty cgroup is an empty directory.
+    os.unlink(os.path.join(f.group, "cgroup.procs"))
+    f.forget_calls()
+    assert netpolicy.release("70.identity.test") is True
+    assert f.table("iptables") == [] and f.table("ip6tables") == []
+    assert not os.path.exists(f.group)
+    deleted = [c for c in f.calls() if c[1] == "-D"]
+    assert len(deleted) == 5 and {c[2] for c in f.calls()} == {"locked"}
+    assert netpolicy.release("70.identity.test") is False  # nothing left to remove
+
+
+def test_a_fresh_cgroup_replaces_rules_left_for_a_removed_one(site, fake_firewall):
+    """A rule holds the cgroup it was added for: one left from a cgroup removed since
+    would match nothing in the new one, though -C finds it."""
+    f = fake_firewall
+    for cmd in ("iptables", "ip6tables"):
+        (f.dir / f"{cmd}.rules").write_text("\n".join(_rule_lines(cmd)) + "\n")
+    netpolicy.confine(_no_loopback(site), "71.identity.test", [4321])
+    ops = [c[1] for c in f.calls()]
+    assert ops.count("-D") == 4 and ops.count("-I") == 4
+    assert f.table("iptables") == _rule_lines("iptables")
+
+
+def test_the_last_jobs_teardown_removes_the_rules(site, fake_firewall):
+    import vmwn_testlib
+    cfg = dataclasses.replace(site, site={**site.site, "libvirt_uri": "test:///default"})
+    f = fake_firewall
+    netpolicy.confine(_no_loopback(site), "72.identity.test", [4321])
+    os.unlink(os.path.join(f.group, "cgroup.procs"))  # its QEMU ended with the domain
+    removed = lifecycle.destroy(cfg, "72.identity.test")
+    assert f"cgroup {netpolicy.CGROUP} and its firewall rules" in removed
+    assert f.table("iptables") == [] and not os.path.exists(f.group)
+    assert vmwn_testlib.leftovers(cfg, "72.identity.test") == []
+
+
+def test_an_iptables_failure_is_the_sites_problem_with_the_fix(site, fake_firewall):
+    f = fake_firewall
+    (f.dir / "fail-I").touch()
+    with pytest.raises(SiteError) as e:
+        netpolicy.confine(_no_loopback(site), "73.identity.test", [4321])
+    assert "RULE_INSERT failed" in e.value.problem
+    assert e.value.fix == ("network = no-loopback needs cgroup v2 and iptables with the "
+                           "cgroup match; use 'none' or 'open' on this node")
+    import fcntl
+    with open(netpolicy.LOCK) as lock:  # not left held
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _netns_iptables(ns, cmd, *args):
+    ip = shutil.which("ip", path=netpolicy.SBIN)
+    return subprocess.run([ip, "netns", "exec", ns, shutil.which(cmd, path=netpolicy.SBIN),
+                           "-w", *args], capture_output=True, text=True, timeout=30)
+
+
+def _host_rules(cmd):
+    return subprocess.run([shutil.which(cmd, path=netpolicy.SBIN), "-w", "-S", "OUTPUT"],
+                          capture_output=True, text=True, timeout=30).stdout
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip", path=netpolicy.SBIN)
+                    or not shutil.which("iptables", path=netpolicy.SBIN),
+                    reason="needs root, ip and iptables")
+def test_no_loopback_is_enforced_or_refused_in_a_throwaway_network_namespace(
+        site, tmp_path, monkeypatch):
+    """The node's own answer, probed where the host's firewall is never touched: the
+    rules go into a network namespace made for the test, the cgroup is the test's."""
+    tag = f"vmwn-test-{os.getpid()}"
+    ip = shutil.which("ip", path=netpolicy.SBIN)
+    subprocess.run([ip, "netns", "add", tag], check=True, timeout=30)
+    monkeypatch.setattr(netpolicy, "PREFIX", (ip, "netns", "exec", tag))
+    monkeypatch.setattr(netpolicy, "CGROUP", tag)
+    monkeypatch.setattr(netpolicy, "LOCK", str(tmp_path / "netpolicy.lock"))
+    root = netpolicy.cgroup2_root()
+    group = os.path.join(root, tag) if root else None
+    host_before = {cmd: _host_rules(cmd) for cmd in ("iptables", "ip6tables")}
+    qemu = subprocess.Popen(["sleep", "300"])  # stands for the job's QEMU
+    try:
+        try:
+            netpolicy.confine(_no_loopback(site), "74.identity.test", [qemu.pid])
+        except SiteError as e:  # this node cannot enforce it: jobs asking are refused
+            assert "needs cgroup v2 and iptables with the cgroup match" in e.value.fix
+            assert root is None or "iptables" in e.value.problem, e.value.line()
+            return
+        with open(f"/proc/{qemu.pid}/cgroup") as f:
+            assert f"0::/{tag}\n" in f.read()
+        for cmd in ("iptables", "ip6tables"):
+            listed = _netns_iptables(tag, cmd, "-S", "OUTPUT").stdout
+            assert listed.count(f"--path {tag} ") == 2, listed
+        assert netpolicy.release("74.identity.test") is False  # its QEMU still runs
+        qemu.kill()
+        qemu.wait()
+        assert netpolicy.release("74.identity.test") is True
+        for cmd in ("iptables", "ip6tables"):
+            assert tag not in _netns_iptables(tag, cmd, "-S", "OUTPUT").stdout
+        assert not os.path.exists(group)
+    finally:
+        qemu.kill()
+        qemu.wait()
+        if group and os.path.isdir(group):
+            os.rmdir(group)
+        subprocess.run([ip, "netns", "delete", tag], check=True, timeout=30)
+        assert {cmd: _host_rules(cmd) for cmd in ("iptables", "ip6tables")} == host_before
 
 
 def test_no_loopback_without_iptables_is_the_sites_problem(monkeypatch, tmp_path):

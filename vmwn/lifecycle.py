@@ -2,7 +2,9 @@
 
 ``create`` records what it is about to make in the job's state record before
 making it, so that a prologue killed at any instant leaves enough behind for
-``destroy`` (run from any later process) to remove everything.
+``destroy`` (run from any later process) to remove everything.  A stop request
+(vmwn.interrupt) is acted on only at the waiting points here, each reached with
+everything started so far in the record.
 """
 
 import contextlib
@@ -10,10 +12,10 @@ import dataclasses
 import os
 import time
 
-from . import (disk, guestfiles, keys, netpolicy, ports, seed, share, state as statemod,
-               usage, warm)
+from . import (disk, guestfiles, interrupt, keys, netpolicy, ports, seed, share,
+               state as statemod, usage, warm)
 from .domain import domain_name, guest_hostname, render as render_domain
-from .errors import GuestLost, SiteError, TransientError, VmwnError
+from .errors import SiteError, TransientError, VmwnError
 from .logsetup import job_logger
 
 PORT_ATTEMPTS = 4
@@ -73,14 +75,26 @@ def _made(cfg, spec, deadline, on_phase, boot_too):
         return st
     except BaseException as e:
         log.warning("create failed (%s); removing what was made", _short(e))
-        try:
-            destroy(cfg, spec.job_id)
-        except Exception as e2:  # noqa: BLE001 - the original error must propagate
-            if progress:
-                log.error("cleanup after failed create also failed: %s", e2)
-            else:  # libvirt never got the domain: the files alone are the job's remains
-                _remove_files(cfg, spec.job_id, None, log)
+        _clean_up(cfg, spec.job_id, progress, log)
         raise
+
+
+def _clean_up(cfg, job_id, progress, log):
+    """Remove what a failed create made.  Never raises: the caller's error is the
+    one the user must see, and a failure here is logged (with the job id) instead."""
+    try:
+        destroy(cfg, job_id)
+        return
+    except Exception as e:  # noqa: BLE001 - the original error must propagate
+        if progress:
+            log.error("cleanup after failed create also failed: %s", _short(e))
+            return
+        first = e
+    try:  # libvirt never got the domain: the files alone are the job's remains
+        _remove_files(cfg, job_id, None, log)
+    except Exception as e:  # noqa: BLE001 - the original error must propagate
+        log.error("cleanup after failed create also failed: %s; then removing its files: %s",
+                  _short(first), _short(e))
 
 
 def _prepare(cfg, spec, timer, log, deadline):
@@ -217,6 +231,7 @@ def _go_cold(cfg, st, env, deadline):
 
 def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
     from . import virt
+    interrupt.check()
     paused = netpolicy.needs_paused_start(env)  # confined before it runs
     shares = _shares(st)
     if shares:  # before the domain: QEMU connects to each socket as it starts
@@ -224,6 +239,7 @@ def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
         st.shares = [dataclasses.asdict(s) for s in shares]
         statemod.save(cfg, st)
         timer.mark("virtiofsd")
+        interrupt.check()  # their pids are in the record: destroy finds them
     virt.open_domain_dirs()
     conn = virt.connect(cfg.site["libvirt_uri"])
     if progress is not None:
@@ -322,7 +338,7 @@ def _wait_ready(st, env, dom, end, virt, log):
             # settling).  A restored guest announces only a listening sshd: a
             # banner would cost it an sshd start before the job's own login.
             return
-        if said:
+        if said and said != "ready":  # announced ready, sshd not answering yet: wait on
             raise SiteError(f"the guest could not prepare the job ({said})", fix)
         now = time.monotonic()
         if now >= probe_at:
@@ -342,7 +358,7 @@ def _wait_ready(st, env, dom, end, virt, log):
         if now >= end:
             raise TransientError(f"the guest did not answer SSH within {env.boot_timeout:.0f} s "
                                  f"({console_tail(st.console_log)})", fix)
-        time.sleep(CONSOLE_POLL)
+        interrupt.sleep(CONSOLE_POLL)
 
 
 def console_tail(path, limit=160):
@@ -380,6 +396,7 @@ def destroy(cfg, job_id, grace=0.0):
         from . import warden
         if warden.stop(st):  # no boot may race the teardown
             removed.append(f"warden {st.warden_pid}")
+        st = _reload(cfg, job_id, st)  # with all the warden recorded, up to its end
     conn = virt.connect(cfg.site["libvirt_uri"])
     try:
         if virt.destroy(conn, name, grace=grace):
@@ -392,11 +409,29 @@ def destroy(cfg, job_id, grace=0.0):
         conn.close()
     if st and st.shares:
         share.stop(st, _shares(st))
+    removed += _release_network(job_id, log)
     if virt.remove_domain_log(cfg.site["libvirt_uri"], name):
         removed.append(f"libvirt log of {name}")
     for what in removed:
         log.info("removed %s", what)
     return removed + _remove_files(cfg, job_id, st, log)
+
+
+def _release_network(job_id, log):
+    """The no-loopback cgroup and rules, if this job's QEMU was the last one in it."""
+    try:
+        if netpolicy.release(job_id):
+            return [f"cgroup {netpolicy.CGROUP} and its firewall rules"]
+    except SiteError as e:  # they match an empty cgroup: the next teardown retries
+        log.warning("%s", e.line())
+    return []
+
+
+def _reload(cfg, job_id, st):
+    try:
+        return statemod.load(cfg, job_id)
+    except SiteError:  # NoSuchJob, or a corrupt record: keep what was read before
+        return st
 
 
 def _remove_files(cfg, job_id, st, log):
@@ -413,7 +448,9 @@ def _remove_files(cfg, job_id, st, log):
 
 
 def _left(deadline, cap=60.0):
-    """Seconds a helper program may take: what is left before the deadline, at most cap."""
+    """Seconds a helper program may take: what is left before the deadline, at most cap.
+    A waiting point: raises Interrupted when a stop was requested."""
+    interrupt.check()
     left = deadline - time.monotonic()
     if left <= 0:
         raise TransientError("the prologue's deadline passed while preparing the VM",
@@ -436,4 +473,4 @@ def _short(e):
     return e.line() if isinstance(e, VmwnError) else (type(e).__name__ + (f": {e}" if str(e) else ""))
 
 
-__all__ = ["JobSpec", "create", "destroy", "validate", "GuestLost"]
+__all__ = ["create", "prepare", "boot", "undo_boot", "destroy", "Console", "console_tail"]

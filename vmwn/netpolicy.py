@@ -15,15 +15,22 @@ reaches every service listening on 127.0.0.1, as the job's user could.
   switch for that, so the host's firewall does it: the job's QEMU is moved
   into the cgroup (v2) ``vmwn-no-loopback`` before its guest runs, and OUTPUT
   rules (iptables and ip6tables) reject new connections (TCP SYN, UDP) from
-  that cgroup to the loopback interface.  The rules match that cgroup only and
-  are added once.  Unix sockets are not network: a QEMU the job took over can
+  that cgroup to the loopback interface.  The rules match that cgroup only.
+  The first such job makes the cgroup and adds the rules; the teardown of a
+  job that leaves the cgroup without processes removes both.  All of it
+  (check, insert, move, removal) happens under one node-wide lock, so
+  concurrent wardens and epilogues never add a rule twice or remove one a job
+  still needs.  Unix sockets are not network: a QEMU the job took over can
   reach those the job's user can.
   Connections into the guest through vmwn's forward are answers, not new
   connections, and pass.
 """
 
+import contextlib
+import fcntl
 import os
 import shutil
+import time
 
 from . import subp
 from .errors import SiteError
@@ -31,16 +38,29 @@ from .logsetup import job_logger
 
 CGROUP = "vmwn-no-loopback"
 MOUNTINFO = "/proc/self/mountinfo"
-# (command, rule) pairs; each rule is checked with -C and added with -I.
-# IPv6 too: the guest's user network has no IPv6, but a QEMU the job took over could
-# try ::1 itself.
-RULES = [(cmd, rule) for cmd in ("iptables", "ip6tables") for rule in (
-    ["OUTPUT", "-o", "lo", "-p", "tcp", "--syn", "-m", "cgroup", "--path", CGROUP,
-     "-j", "REJECT", "--reject-with", "tcp-reset"],
-    ["OUTPUT", "-o", "lo", "-p", "udp", "-m", "cgroup", "--path", CGROUP, "-j", "REJECT"],
-)]
+# Serialises every change to the cgroup and the rules on the node (root's /run).
+LOCK = "/run/vmwn-no-loopback.lock"
+# argv the iptables commands run under: none on a node; the tests' network
+# namespace (ip netns exec NS) so that they never touch the host's firewall.
+PREFIX = ()
 _FIX = ("network = no-loopback needs cgroup v2 and iptables with the cgroup match; "
         "use 'none' or 'open' on this node")
+# Seconds a teardown waits for the destroyed domain's last processes to leave the cgroup
+# (spent only while another job's QEMU is in it).
+SETTLE = 0.5
+# Copies of a rule deleted at most (the check-then-insert race of older vmwn added a few).
+_MAX_COPIES = 16
+
+
+def rules():
+    """(command, rule) pairs; each rule is checked with -C, added with -I, removed with -D.
+    IPv6 too: the guest's user network has no IPv6, but a QEMU the job took over could
+    try ::1 itself."""
+    return [(cmd, rule) for cmd in ("iptables", "ip6tables") for rule in (
+        ["OUTPUT", "-o", "lo", "-p", "tcp", "--syn", "-m", "cgroup", "--path", CGROUP,
+         "-j", "REJECT", "--reject-with", "tcp-reset"],
+        ["OUTPUT", "-o", "lo", "-p", "udp", "-m", "cgroup", "--path", CGROUP, "-j", "REJECT"],
+    )]
 
 
 def needs_paused_start(env):
@@ -78,31 +98,107 @@ def confine(env, job_id, pids):
         raise SiteError("this node has no cgroup v2 hierarchy for network = no-loopback",
                         _FIX)
     group = os.path.join(root, CGROUP)
-    try:
-        os.makedirs(group, exist_ok=True)
-    except OSError as e:
-        raise SiteError(f"cannot create cgroup {group}: {e.strerror}", _FIX) from None
-    _ensure_rules()
-    for pid in pids:
+    with _locked():
+        fresh = not os.path.isdir(group)
         try:
-            with open(os.path.join(group, "cgroup.procs"), "w", encoding="ascii") as f:
-                f.write(str(pid))
+            os.makedirs(group, exist_ok=True)
         except OSError as e:
-            raise SiteError(f"cannot move QEMU process {pid} into {group}: {e.strerror}",
-                            _FIX) from None
+            raise SiteError(f"cannot create cgroup {group}: {e.strerror}", _FIX) from None
+        if fresh:
+            # A rule holds the cgroup it was added for: rules left from a cgroup
+            # removed since would match nothing in the new one, yet -C finds them.
+            _remove_rules()
+        _ensure_rules()
+        for pid in pids:  # under the lock: a teardown never sees the cgroup between
+            try:
+                with open(os.path.join(group, "cgroup.procs"), "w", encoding="ascii") as f:
+                    f.write(str(pid))
+            except OSError as e:
+                raise SiteError(f"cannot move QEMU process {pid} into {group}: {e.strerror}",
+                                _FIX) from None
     log.info("guest traffic to the host's loopback is refused (cgroup %s)", CGROUP)
+
+
+def release(job_id, settle=None):
+    """At a job's teardown: remove the rules and the cgroup once no process is left in
+    it (the job's QEMU was the last).  True if they were removed; SiteError if they
+    could not be (they then stay for the next teardown)."""
+    root = cgroup2_root()
+    group = os.path.join(root, CGROUP) if root else None
+    if group is None or not os.path.isdir(group):
+        return False  # the common case: no job of the node used no-loopback
+    end = time.monotonic() + (SETTLE if settle is None else settle)
+    while _procs(group) and time.monotonic() < end:
+        time.sleep(0.05)  # the launcher's guard ends just after QEMU
+    with _locked():
+        if not os.path.isdir(group) or _procs(group):
+            return False  # removed meanwhile, or another job's QEMU is confined there
+        _remove_rules()
+        try:
+            os.rmdir(group)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise SiteError(f"cannot remove cgroup {group}: {e.strerror}",
+                            "remove it by hand once it has no processes") from None
+    job_logger(__name__, job_id).info("no job uses cgroup %s any more", CGROUP)
+    return True
+
+
+def _procs(group):
+    try:
+        with open(os.path.join(group, "cgroup.procs"), encoding="ascii") as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+
+@contextlib.contextmanager
+def _locked():
+    """Hold the node-wide lock of the cgroup and its rules (blocking; held for the
+    few iptables commands, each bounded by its timeout)."""
+    try:
+        fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise SiteError(f"cannot open the lock {LOCK}: {e.strerror}",
+                        "vmwn runs as root; check /run") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # pbs_mom runs its prologue with PATH=/bin:/usr/bin: look where iptables lives.
 SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
 
 
+def _iptables(cmd):
+    path = shutil.which(cmd, path=SBIN)
+    if path is None:
+        raise SiteError(f"{cmd} is not installed, which network = no-loopback needs",
+                        "install Debian package iptables, or use 'none' or 'open'")
+    return [*PREFIX, path, "-w"]
+
+
+def _present(argv, rule):
+    return subp.run([*argv, "-C", *rule], check=False, timeout=30).returncode == 0
+
+
 def _ensure_rules():
-    for cmd, rule in RULES:
-        path = shutil.which(cmd, path=SBIN)
-        if path is None:
-            raise SiteError(f"{cmd} is not installed, which network = no-loopback needs",
-                            "install Debian package iptables, or use 'none' or 'open'")
-        if subp.run([path, "-w", "-C", *rule], check=False, timeout=30).returncode == 0:
-            continue
-        subp.run([path, "-w", "-I", *rule], timeout=30, fix=_FIX)
+    """Add each rule that is not there.  Call with the lock held: -C and -I are two
+    commands, and two wardens between them would add a rule twice."""
+    for cmd, rule in rules():
+        argv = _iptables(cmd)
+        if not _present(argv, rule):
+            subp.run([*argv, "-I", *rule], timeout=30, fix=_FIX)
+
+
+def _remove_rules():
+    """Delete every copy of each rule.  Call with the lock held."""
+    for cmd, rule in rules():
+        argv = _iptables(cmd)
+        for _ in range(_MAX_COPIES):
+            if not _present(argv, rule):
+                break
+            subp.run([*argv, "-D", *rule], timeout=30, fix=_FIX)

@@ -27,6 +27,7 @@ import signal
 import socket
 import time
 
+from . import interrupt
 from .errors import SiteError, UserError
 from .logsetup import job_logger
 
@@ -223,14 +224,32 @@ def _launch(st, sh, virtiofsd):
         raise SiteError(f"virtiofsd for {sh.path} did not start: {text}",
                         "see the node's log; user namespaces must be enabled "
                         "(user.max_user_namespaces > 0)")
-    _await_accept(pid, sh, log_path)
+    try:
+        _await_accept(pid, sh, log_path)
+    except BaseException:  # not started, or a stop request: no record will name this pid
+        _kill(pid)
+        raise
     return pid
 
 
+def _kill(pid):
+    """SIGKILL and reap the child ``pid``, unless it has been reaped (its pid may be
+    another process's by now)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return
+    except ChildProcessError:
+        return
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
 def _await_accept(pid, sh, log_path, timeout=10.0):
-    """Return once virtiofsd waits for QEMU on its socket; SiteError if it exits first."""
+    """Return once virtiofsd waits for QEMU on its socket; SiteError if it exits first.
+    A waiting point of the boot (vmwn.interrupt)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
+        interrupt.check()
         try:
             with open(f"/proc/{pid}/syscall", "rb") as f:
                 call = f.read().split()

@@ -12,9 +12,15 @@ The warden
   times with a doubling back-off, so a busy node delays jobs instead of failing them;
 - answers the starter with one JSON line: the guest's connection record, or the
   one-line reason the guest could not be started (the starter shows it to the user);
-- pauses and resumes the domain when the starter relays ``qsig -s suspend/resume``;
+- pauses and resumes the domain when the starter relays a suspend or resume;
+- opens connections to the guest's forward for a starter outside libvirt's network
+  namespace (``connect``: the socket is passed back over the Unix socket, vmwn.netns);
 - ends when the job starter's connection closes (the job ended), when SIGTERM
   arrives (the epilogue), or when no starter came for ``IDLE_LIMIT`` seconds.
+
+SIGTERM is only noted (vmwn.interrupt): the boot stops at its next waiting
+point, with every process it started in the job's record, where the
+epilogue's teardown finds it.
 
 The socket belongs to the job's user (0600 in the job's 0711 directory); the
 warden also checks the peer's uid, so only the job's own starter is answered.
@@ -30,13 +36,14 @@ import socket
 import struct
 import time
 
-from . import lifecycle, state as statemod
+from . import interrupt, lifecycle, netns, state as statemod
 from .errors import GuestLost, SiteError, TransientError, VmwnError
 from .logsetup import job_logger
 
 IDLE_LIMIT = 300.0       # seconds without any starter after the answer is known
 SLOT_WAIT_LIMIT = 900.0  # seconds a boot may wait for a free slot
 BACKOFF_FIRST = 2.0      # seconds before the second attempt; doubles after that
+CONNECT_TIMEOUT = 10.0   # seconds the warden tries to connect to the forward for a starter
 # Fields of the job record the starter needs; the record itself stays root's.
 STARTER_FIELDS = ("job_id", "domain", "env", "user", "uid", "gid", "bind_address", "port",
                   "host_key_public", "key_path", "workdir", "host_workdir", "vcpus",
@@ -93,6 +100,7 @@ def spawn(cfg, st, listener):
     pid = os.fork()
     if pid == 0:  # child: fork again so the warden is nobody's child in pbs_mom's tree
         try:
+            interrupt.forget()  # the prologue's SIGTERM handling is not the warden's
             os.close(r)
             os.close(go_w)
             os.setsid()
@@ -154,10 +162,6 @@ def _detach(keep):
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
-class Stop(Exception):
-    """SIGTERM: the epilogue (or reap) is taking over the job."""
-
-
 class Warden:
     def __init__(self, cfg, job_id, listener):
         self.cfg, self.job_id, self.listener = cfg, job_id, listener
@@ -169,17 +173,15 @@ class Warden:
         self.owner = None           # the job user's uid, the only one answered (and root)
 
     def run(self):
-        signal.signal(signal.SIGTERM, self._on_term)
-        st = statemod.load(self.cfg, self.job_id)  # with this warden's pid (see spawn)
-        self.dom_name = st.domain
-        try:
-            self.answer = self._boot(st)
-            self._serve()
-        except Stop:
-            self.log.info("warden stopped by SIGTERM")
-
-    def _on_term(self, signo, frame):
-        raise Stop()
+        # SIGTERM: the epilogue (or reap) is taking over the job.
+        with interrupt.noted(signal.SIGTERM):
+            st = statemod.load(self.cfg, self.job_id)  # with this warden's pid (see spawn)
+            self.dom_name = st.domain
+            try:
+                self.answer = self._boot(st)
+                self._serve(stoppable=True)
+            except interrupt.Interrupted as e:
+                self.log.info("warden %s", e)
 
     # ---------------------------------------------------------------- boot
 
@@ -211,7 +213,7 @@ class Warden:
                 except VmwnError as e2:
                     return _failure(e2)
                 if attempt < attempts:
-                    time.sleep(BACKOFF_FIRST * 2 ** (attempt - 1))
+                    interrupt.sleep(BACKOFF_FIRST * 2 ** (attempt - 1))
             except VmwnError as e:
                 self.log.error("boot failed: %s", e.line())
                 return _failure(e)
@@ -222,13 +224,20 @@ class Warden:
 
     # ---------------------------------------------------------------- serve
 
-    def _serve(self):
+    def _serve(self, stoppable=False):
+        """``stoppable``: the warden's own loop, which SIGTERM ends (not a thread's:
+        serve_booted)."""
         idle_since = time.monotonic()
+        wake = interrupt.fd() if stoppable else -1
         while True:
-            rlist = [self.listener] + list(self.conns)
+            if stoppable:
+                interrupt.check()
+            rlist = [self.listener] + list(self.conns) + ([wake] if wake >= 0 else [])
             ready, _, _ = select.select(rlist, [], [], 1.0)
             for s in ready:
-                if s is self.listener:
+                if s is wake:
+                    interrupt.drain()
+                elif s is self.listener:
                     self._accept()
                 elif not self._read(s):
                     if s is self.primary:
@@ -277,10 +286,13 @@ class Warden:
         *lines, rest = buf.split(b"\n")
         self.conns[conn] = rest[-256:]
         for line in lines:
-            self._command(line.strip().decode("ascii", "replace"))
+            self._command(line.strip().decode("ascii", "replace"), conn)
         return True
 
-    def _command(self, word):
+    def _command(self, word, conn=None):
+        if word == "connect" and conn is not None:
+            self._connect(conn)
+            return
         if word not in ("suspend", "resume"):
             return
         from . import virt
@@ -295,6 +307,52 @@ class Warden:
             conn.close()
 
 
+    def _connect(self, conn):
+        """Answer ``connect``: one byte, with a socket connected to the guest's forward
+        (made in this process's network namespace, libvirt's) or, on failure, none."""
+        st = statemod.load(self.cfg, self.job_id)
+        try:
+            s = socket.create_connection((st.bind_address, st.port), timeout=CONNECT_TIMEOUT)
+        except OSError as e:
+            self.log.warning("cannot connect to the guest's forward %s:%d for the starter: %s",
+                             st.bind_address, st.port, e.strerror or e)
+            _send_quietly(conn, b"0")
+            return
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            socket.send_fds(conn, [b"1"], [s.fileno()])
+        except OSError as e:
+            self.log.warning("cannot pass the guest connection to the starter: %s", e)
+        finally:
+            s.close()
+
+
+def _send_quietly(conn, data):
+    try:
+        conn.sendall(data)
+    except OSError:
+        pass
+
+
+def open_connection(wsock, timeout=30.0):
+    """The starter's side of ``connect``: a socket connected to the guest's forward,
+    opened by the job's warden in libvirt's network namespace.  Raises
+    ConnectionRefusedError when the warden could not connect."""
+    wsock.settimeout(timeout)
+    try:
+        wsock.sendall(b"connect\n")
+        data, fds, _, _ = socket.recv_fds(wsock, 1, 1)
+    finally:
+        wsock.settimeout(None)
+    if data != b"1" or not fds:
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionRefusedError("the job's warden could not connect to the guest")
+    s = socket.socket(fileno=fds[0])
+    s.settimeout(timeout)
+    return s
+
+
 def serve_booted(cfg, st):
     """Answer one job starter for a guest this process booted itself (lifecycle.create),
     from a thread; returns the thread.  For tools that boot in-process (make bench)."""
@@ -307,7 +365,9 @@ def serve_booted(cfg, st):
 
 
 def starter_record(st):
-    return {k: getattr(st, k) for k in STARTER_FIELDS}
+    """What the starter is told: the record's fields, and the network namespace the
+    guest's forward is in (this process's: it started the domain)."""
+    return {**{k: getattr(st, k) for k in STARTER_FIELDS}, "netns": netns.current()}
 
 
 def _failure(e):
@@ -334,7 +394,7 @@ def proc_start_time(pid):
 def stop(st, timeout=5.0):
     """SIGTERM the job's warden if it still runs (then SIGKILL); idempotent."""
     pid = getattr(st, "warden_pid", 0)
-    if not pid or proc_start_time(pid) != st.warden_start:
+    if not pid or not _running(pid, st.warden_start):
         return False
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
         try:
@@ -343,10 +403,18 @@ def stop(st, timeout=5.0):
             return True
         end = time.monotonic() + wait
         while time.monotonic() < end:
-            if proc_start_time(pid) != st.warden_start:
+            if not _running(pid, st.warden_start):
                 return True
             time.sleep(0.05)
     return True
+
+
+def _running(pid, start):
+    """``pid`` is the process that started at ``start``, and has not exited (a zombie
+    has: nobody reaped it yet)."""
+    from .usage import stat_fields
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] != "Z" and proc_start_time(pid) == start
 
 
 class boot_slot:
@@ -383,7 +451,7 @@ class boot_slot:
             if time.monotonic() > end:
                 raise TransientError(f"no boot slot came free in {SLOT_WAIT_LIMIT:.0f} s",
                                      "the node is overloaded; lower the jobs per node")
-            time.sleep(0.2)
+            interrupt.sleep(0.2)
 
     def __exit__(self, *exc):
         os.close(self.fd)
@@ -430,4 +498,4 @@ def answer_error(answer):
 
 
 __all__ = ["listen", "spawn", "stop", "serve_booted", "wait_answer", "answer_error",
-           "Warden"]
+           "open_connection", "Warden"]
