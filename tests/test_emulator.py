@@ -13,6 +13,7 @@ import time
 import pytest
 
 from vmwn import emulator, usage
+from vmwn_testlib import pidfd_wait, wait_until
 
 FAKE = """#!/bin/sh
 log=$(dirname "$0")/log
@@ -23,7 +24,7 @@ case "$1" in
   deaf) trap 'echo TERM >> "$log"' TERM ;;
 esac
 echo started >> "$log"
-while :; do sleep 0.1; done
+while :; do sleep 0.1; printf . >> "$(dirname "$0")/beat"; done
 """
 
 
@@ -63,9 +64,43 @@ def _parts(launcher):
 
 
 def _started(d):
-    end = time.monotonic() + 5
-    while "started" not in _log(d) and time.monotonic() < end:
-        time.sleep(0.02)
+    wait_until(lambda: "started" in _log(d), 5, "the stand-in QEMU to start", interval=0.02)
+
+
+def _beats(d):
+    try:
+        return (d / "beat").stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _waiting(pid):
+    """``pid`` sleeps in wait(2) (the launcher's loop, between two children's ends)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read() == "do_wait"
+    except FileNotFoundError:
+        return False
+
+
+def _end_anchor(p, anchor, qemu, d):
+    """What pbs_mom does when the job ends (SIGTERM to the adopted session), and
+    every consequence awaited: the anchor dead, the launcher done handling it
+    (reaped and waiting again, or exited), and QEMU through one more turn of its
+    loop (a SIGTERM that reached it would have run its trap by then)."""
+    fd = os.pidfd_open(anchor)
+    try:
+        beats = _beats(d)
+        os.killpg(anchor, signal.SIGTERM)
+        pidfd_wait(fd, 5, "the anchor to die of SIGTERM")
+    finally:
+        os.close(fd)
+    wait_until(lambda: p.poll() is not None
+               or (anchor not in usage.children(p.pid) and _waiting(p.pid)),
+               5, "the launcher to reap the anchor and wait again (or exit)")
+    wait_until(lambda: _beats(d) >= beats + 2 or not usage.stat_fields(qemu)
+               or usage.stat_fields(qemu)[0] == "Z",
+               5, "the stand-in QEMU to go round its loop after the anchor's end")
 
 
 def _log(d):
@@ -89,8 +124,7 @@ def test_ending_the_anchor_leaves_qemu_running_under_the_launcher(launch):
     p = start("run")
     anchor, qemu = _parts(p.pid)
     _started(d)
-    os.killpg(anchor, signal.SIGTERM)
-    time.sleep(0.5)
+    _end_anchor(p, anchor, qemu, d)
     assert p.poll() is None and usage.stat_fields(qemu)[1] == str(p.pid)
     assert "TERM" not in _log(d)
     p.send_signal(signal.SIGTERM)  # what libvirt does at destroy
@@ -105,14 +139,17 @@ def test_qemu_dies_with_a_killed_launcher(launch, anchor_first):
     p = start("run")
     anchor, qemu = _parts(p.pid)
     if anchor_first:
-        os.killpg(anchor, signal.SIGTERM)
-        time.sleep(0.3)
-    p.kill()
-    p.wait(timeout=5)
-    end = time.monotonic() + 5
-    while usage.stat_fields(qemu) and usage.stat_fields(qemu)[0] != "Z" and \
-            time.monotonic() < end:
-        time.sleep(0.05)
+        _started(d)
+        _end_anchor(p, anchor, qemu, d)
+        fields = usage.stat_fields(qemu)
+        assert fields and fields[1] == str(p.pid), "QEMU is not the launcher's child now"
+    fd = os.pidfd_open(qemu)
+    try:
+        p.kill()
+        p.wait(timeout=5)
+        pidfd_wait(fd, 5, "QEMU to die with its SIGKILLed launcher")
+    finally:
+        os.close(fd)
     fields = usage.stat_fields(qemu)
     assert fields is None or fields[0] == "Z"
 
@@ -168,5 +205,8 @@ def test_guard_keeps_none_of_libvirts_descriptors(launch, tmp_path):
     finally:
         extra.close()
         for pid in usage.tree(p.pid):
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # a QEMU the guard killed first, a loop's sleep
+                pass
         p.wait()

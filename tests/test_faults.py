@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import REPO, user_python_path
-from vmwn_testlib import IMAGE_DIR, leftovers, write_launcher
+from vmwn_testlib import IMAGE_DIR, leftovers, pidfd_wait, write_launcher
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not all(os.path.exists(os.path.join(IMAGE_DIR, "tiny", f))
@@ -333,6 +333,27 @@ def test_warden_killed_mid_boot(node):
     run.assert_clean()
 
 
+def _wait_warden_ended(node, job_id, timeout):
+    """Wait for the job's warden process to exit (through a pidfd on it)."""
+    from vmwn import state, warden
+    try:
+        st = state.load(node.cfg, job_id)
+    except state.NoSuchJob:
+        return
+    if not st.warden_pid:
+        return
+    try:
+        fd = os.pidfd_open(st.warden_pid)
+    except ProcessLookupError:
+        return
+    try:
+        # Checked after the pidfd is held: the pid is still the warden's, not reused.
+        if warden.proc_start_time(st.warden_pid) == st.warden_start:
+            pidfd_wait(fd, timeout, f"the warden of job {job_id} to end")
+    finally:
+        os.close(fd)
+
+
 def _warden_started(node, job_id):
     from vmwn import state
     try:
@@ -469,7 +490,9 @@ def test_libvirtd_stopped_during_the_boot(node):
         wait_for(lambda: not _libvirtd_pids(), 30, "libvirtd to stop")
         _, status, _ = run.join()
         assert status == 2  # the site must act; told once, never requeued in a loop
-        time.sleep(1)
+        # The warden ends once its starter has gone: libvirtd comes back only after
+        # it, so the epilogue (not the warden) removes what was left.
+        _wait_warden_ended(node, run.id, 30)
     # libvirtd is back: the epilogue removes what the warden could not.
     run.epilogue(status, sid=run.result[0])
     run.finish()

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -107,20 +106,43 @@ def test_server_variable_lists_undo_pbs_servers_escapes():
         {"A": "1", "B": "a,b", "Q": "it's", "BS": "a\\b", "E": ""}
 
 
+class _SlotLog:
+    """The log boot_slot writes to; sets ``busy`` when it says it waits for a slot."""
+
+    def __init__(self):
+        self.busy = threading.Event()
+
+    def info(self, msg, *args):
+        if "boot slots busy" in msg % args:
+            self.busy.set()
+
+
 def test_boot_slots_make_boots_wait_their_turn(site):
     cfg = site[0]
     order = []
+    a_in, a_release = threading.Event(), threading.Event()
+    b_log = _SlotLog()
 
-    def boot(name, hold):
-        with warden.boot_slot(cfg, __import__("logging").getLogger("t")):
-            order.append(("in", name))
-            time.sleep(hold)
-            order.append(("out", name))
-    a = threading.Thread(target=boot, args=("a", 0.5))
+    def hold_a():
+        with warden.boot_slot(cfg, _SlotLog()):
+            order.append(("in", "a"))
+            a_in.set()
+            a_release.wait(10)  # a keeps its slot until b waits for one (or b is done)
+            order.append(("out", "a"))
+    a = threading.Thread(target=hold_a)
     a.start()
-    time.sleep(0.1)
-    boot("b", 0)
-    a.join()
+    assert a_in.wait(10), "the first boot never got its slot"
+    threading.Thread(target=lambda: b_log.busy.wait(10) and a_release.set(),
+                     daemon=True).start()
+    try:
+        with warden.boot_slot(cfg, b_log):
+            order.append(("in", "b"))
+            order.append(("out", "b"))
+    finally:
+        a_release.set()
+        a.join(10)
+    assert not a.is_alive()
+    assert b_log.busy.is_set(), "the second boot did not wait for the slot"
     assert order == [("in", "a"), ("out", "a"), ("in", "b"), ("out", "b")]
 
 

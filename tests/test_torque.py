@@ -7,6 +7,7 @@ The mom runs with its default umask (077 for the job and so for the prologue).
 
 import os
 import re
+import signal
 import stat
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import time
 import pytest
 
 import torquelib
-from vmwn_testlib import needs_image
+from vmwn_testlib import holds_for, needs_image, wait_until
 
 pytestmark = [pytest.mark.torque, pytest.mark.integration, needs_image("tiny")]
 
@@ -58,6 +59,14 @@ def _running_in_guest(cluster, job_id, workdir, marker="started", timeout=90):
             pass
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} never printed {marker!r}")
+
+
+def _printed(path, marker, timeout=20):
+    """Wait until the job's live .o file (-k oe) holds ``marker``."""
+    def seen():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return marker in f.read()
+    wait_until(seen, timeout, f"the job to print {marker!r}", interval=0.3)
 
 
 JOB = """#!/bin/sh
@@ -164,6 +173,7 @@ def test_missing_image_is_retried_a_bounded_number_of_times(cluster, workdir):
 TRAPS = """#!/bin/sh
 trap 'echo got-TERM; exit 0' TERM
 trap 'echo got-USR1' USR1
+trap 'echo got-USR2' USR2
 echo started
 i=0
 while [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done
@@ -185,10 +195,12 @@ def test_qsig_usr1_runs_the_trap_once(cluster, workdir):
     job = cluster.submit(workdir, TRAPS, "-l other=vmwn=tiny -k oe")
     path = _running_in_guest(cluster, job, workdir)
     torquelib.run(["qsig", "-s", "SIGUSR1", job])
-    end = time.monotonic() + 20
-    while time.monotonic() < end and "got-USR1" not in open(path).read():
-        time.sleep(0.3)
-    time.sleep(2)  # later repeats of the same delivery would land by now
+    _printed(path, "got-USR1")
+    # A barrier: pbs_mom repeats a signal within milliseconds and the starter
+    # forwards in arrival order, so any repeat of that USR1 reaches the job
+    # before a USR2 sent now, and its shell runs pending traps in signal order.
+    torquelib.run(["qsig", "-s", "SIGUSR2", job])
+    _printed(path, "got-USR2")
     torquelib.run(["qdel", job])
     cluster.wait(job)
     out, _ = cluster.wait_output(cluster.user.pw_dir, job)
@@ -219,8 +231,10 @@ def test_suspend_pauses_the_guest_and_resume_continues_it(cluster, workdir):
         assert "paused" in _domain_state(job)
         ticks = open(path).read().count("tick")
         cluster.wait(job, states=("S",), timeout=30)  # pbs_mom's SIGSTOP follows 5 s later
-        time.sleep(2)
-        assert open(path).read().count("tick") == ticks  # its clock-driven output stopped
+        # Its clock-driven output stopped: nothing can signal that nothing happens,
+        # so it is watched over 20 of its ticks (0.1 s each), failing at the first.
+        holds_for(lambda: open(path).read().count("tick") == ticks, 2,
+                  "the suspended job's clock-driven output went on")
         torquelib.run(["qsig", "-s", "resume", job], timeout=60)
         end = time.monotonic() + 15
         while time.monotonic() < end and open(path).read().count("tick") == ticks:
@@ -245,11 +259,16 @@ def test_mom_restart_mid_job_leaves_the_real_exit_status_in_the_output(cluster, 
     job = cluster.submit(workdir, "#!/bin/sh\necho started\nsleep 8\nexit 7\n",
                          "-l other=vmwn=tiny -k oe")
     _running_in_guest(cluster, job, workdir)
-    mom = torquelib.run(["pgrep", "-x", "pbs_mom"]).stdout.split()
+    mom = [str(p) for p in torquelib.daemon_pids("pbs_mom")]
+    assert mom
     torquelib.run(["kill", "-KILL", *mom])
     torquelib.run(["pbs_mom", "-p", "-d", torquelib.PBS_HOME])
+    # The job's own processes (its starter) end when the guest job does; a mom that
+    # works notices at its next poll ($check_poll_time 10), so 40 s is ample.
+    wait_until(lambda: not _job_processes(job, cluster.user.pw_uid), 120,
+               f"the job starter of {job} to end with its guest job")
     try:
-        st = cluster.wait(job, timeout=90)
+        st = cluster.wait(job, timeout=40)
     except AssertionError:
         torquelib.run(["qdel", job], check=False)
         cluster.wait(job, timeout=120)
@@ -351,10 +370,51 @@ def test_debian12_runs_a_job_submitted_below_home(cluster, workdir):
     assert torquelib.wait_clean(job, timeout=60) == []
 
 
+def _job_processes(job_id, uid):
+    """The job's processes on this node: those of ``uid`` with the job's PBS_JOBID."""
+    want = f"PBS_JOBID={job_id}".encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if want in f.read().split(b"\0"):
+                    pids.append(int(name))
+        except OSError:
+            continue
+    return pids
+
+
+def _starter_waits_for_its_guest(job_id, uid):
+    """The job starter (the job's process, as its user) has its SIGTERM handler for the
+    boot wait in place: Python catches no SIGTERM before the starter's _await_guest
+    sets it, and the guest of 'stuck' never answers, so the starter stays there."""
+    want = f"PBS_JOBID={job_id}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if want not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{name}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if int(status["Uid"].split()[0]) == uid and \
+                int(status["SigCgt"], 16) & (1 << (signal.SIGTERM - 1)):
+            return True
+    return False
+
+
 def test_qdel_while_the_guest_boots_says_so(cluster, workdir):
     job = cluster.submit(workdir, JOB, "-l other=vmwn=stuck")
     cluster.wait(job, states=("R",), timeout=60)
-    time.sleep(2)
+    wait_until(lambda: _starter_waits_for_its_guest(job, cluster.user.pw_uid), 60,
+               f"the job starter of {job} to wait for its guest", interval=0.1)
     torquelib.run(["qdel", job])
     cluster.wait(job, timeout=120)
     out, err = cluster.wait_output(workdir, job)
@@ -449,24 +509,28 @@ def test_debian12_runs_a_job_submitted_from_home(cluster, test_user):
 MANY_FILES_JOB = r"""#!/bin/sh
 cd "$PBS_O_WORKDIR" || exit 9
 mkdir many && cd many || exit 9
-awk 'BEGIN { for (i = 0; i < 100000; i++) { f = "f" i; print i > f; close(f) } }'
+awk 'BEGIN { for (i = 0; i < {n}; i++) { f = "f" i; print i > f; close(f) } }'
 echo made
 """
 
 
+# 100k files once, where vmwn itself brings each back (the copy mode's harvest);
+# the mounted mode's files are written through virtio-fs as they are made, and 10k
+# of them show that as well in a tenth of the time.
 @pytest.mark.slow
-@pytest.mark.parametrize("env", ["tiny", "tinycopy"])
-def test_100k_files_all_come_back_in_both_data_modes(cluster, workdir, env):
-    job = cluster.submit(workdir, MANY_FILES_JOB, f"-l other=vmwn={env}")
+@pytest.mark.parametrize("env, n", [("tiny", 10000), ("tinycopy", 100000)])
+def test_many_files_all_come_back_in_both_data_modes(cluster, workdir, env, n):
+    job = cluster.submit(workdir, MANY_FILES_JOB.replace("{n}", str(n)),
+                         f"-l other=vmwn={env}")
     st = cluster.wait(job, timeout=900)
     out, err = cluster.wait_output(workdir, job)
     assert st["exit_status"] == "0", (st, out, err)
     names = os.listdir(os.path.join(workdir, "many"))
-    assert len(names) == 100000, (len(names), err)
-    with open(os.path.join(workdir, "many", "f99999")) as f:
-        assert f.read() == "99999\n"
+    assert len(names) == n, (len(names), err)
+    with open(os.path.join(workdir, "many", f"f{n - 1}")) as f:
+        assert f.read() == f"{n - 1}\n"
     if env == "tinycopy":
-        assert "copied back 100000 files" in out, out
+        assert f"copied back {n} files" in out, out
     assert torquelib.wait_clean(job, timeout=60) == []
 
 

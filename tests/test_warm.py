@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import struct
 import time
 
@@ -19,7 +20,7 @@ from vmwn.errors import SiteError
 from vmwn.ssh import Guest
 
 import vmwn_testlib
-from vmwn_testlib import leftovers, needs_image
+from vmwn_testlib import leftovers, needs_image, wait_until
 
 RUN = os.getpid()
 WARM_ENVS = vmwn_testlib.ENVS if vmwn_testlib.WARM else vmwn_testlib.ENVS.replace(
@@ -76,10 +77,13 @@ def test_two_restored_jobs_are_unique_and_leave_nothing(warm_site):
     cfg, cost = warm_site
     assert cost["state_bytes"] > 0 and cost["prepare_seconds"] > 0
     before = _generation_files(cfg)
-    # The saved guest's clock stopped when it was saved: let it fall well behind.
+    # The saved guest's clock stopped when it was saved: it must be well behind when
+    # the jobs restore it, or the clock check below could not tell a clock set at
+    # restore from one left as saved.  What is awaited is the host's clock itself.
     with open(os.path.join(warm.current(cfg, cfg.env("tiny")).path, "meta.json")) as f:
         saved_at = json.load(f)["created"]
-    time.sleep(max(0.0, saved_at + 8 - time.time()))
+    wait_until(lambda: time.time() >= saved_at + 8, 20,
+               "the host clock to be 8 s past the saved guest's", interval=0.1)
     jobs = [f"501.{RUN}.warm.test", f"502.{RUN}.warm.test"]
     seen = []
     try:
@@ -228,12 +232,24 @@ def test_a_restored_guest_is_confined_before_it_runs(warm_site):
         with Guest.connect(st) as g:
             status, out, err = g.run(f"echo x | nc -w 3 10.0.2.2 {svc.port}", timeout=30)
         assert status != 0 and b"hello from the host" not in out + err
-        time.sleep(0.5)
-        assert svc.seen == []
+        _barrier(svc)  # every connection that reached the service before is recorded
+        assert svc.seen == [], svc.seen
     finally:
         svc.close()
         lifecycle.destroy(cfg, job)
     assert leftovers(cfg, job) == []
+
+
+def _barrier(svc):
+    """Connect to ``svc`` from the test and wait until it has recorded that connection:
+    it serves connections one at a time in the order they came, so any earlier one is
+    in ``svc.seen`` by then.  The barrier's own record is taken out again."""
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=10) as c:
+        c.sendall(b"vmwn-test-barrier\n")
+        c.recv(100)
+    wait_until(lambda: any(s[1] == b"vmwn-test-barrier" for s in svc.seen), 10,
+               "the host service to record the test's own connection")
+    svc.seen[:] = [s for s in svc.seen if s[1] != b"vmwn-test-barrier"]
 
 
 # ------------------------------------------------------------------ unit tests

@@ -10,12 +10,13 @@ the files in the working directory, and that nothing is left on the node.
 import os
 import re
 import shlex
+import signal
 import subprocess
 import time
 
 import pytest
 
-from vmwn_testlib import TINY, WARM
+from vmwn_testlib import TINY, WARM, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = os.environ.get("TORQUE_PREFIX", "/opt/vmwn-torque")
@@ -129,9 +130,17 @@ class Cluster:
         return tuple(out)
 
     def mom_log(self):
-        d = os.path.join(PBS_HOME, "mom_logs")
-        return "".join(open(os.path.join(d, n), errors="replace").read()
-                       for n in sorted(os.listdir(d)))
+        return mom_log()
+
+
+def mom_log():
+    """pbs_mom's log files, oldest first, as one text."""
+    d = os.path.join(PBS_HOME, "mom_logs")
+    out = []
+    for n in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        with open(os.path.join(d, n), errors="replace") as f:
+            out.append(f.read())
+    return "".join(out)
 
 
 def leftovers(job_id=None):
@@ -184,9 +193,30 @@ def bring_up():
     if WARM:  # VMWN_TEST_WARM=1: the copy-mode jobs are restored, not booted
         cp = run([VMWN, "warm", "prepare", "tinycopy"], check=False, timeout=300)
         assert cp.returncode == 0, f"vmwn warm prepare tinycopy failed: {cp.stderr.strip()}"
-    # pbs_mom reads $job_starter at start and on SIGHUP.
-    run(["pkill", "-HUP", "-x", "pbs_mom"], check=False)
-    time.sleep(1)
+    # pbs_mom reads $job_starter at start and on SIGHUP; its main loop then rereads
+    # mom_priv/config (process_hup), logging the starter as it reads it
+    # ("...;Svr;jobstarter;PATH", Torque 6.1 src/resmom/parse_config.c).
+    seen = len(mom_log())
+    for pid in daemon_pids("pbs_mom"):
+        os.kill(pid, signal.SIGHUP)
+    wait_until(lambda: ";jobstarter;" in mom_log()[seen:], 30,
+               "pbs_mom to reread $job_starter after SIGHUP (a 'jobstarter' line in "
+               f"{PBS_HOME}/mom_logs)", interval=0.1)
+
+
+def daemon_pids(name):
+    """PIDs of this Torque's daemon ``name`` (by executable: OpenPBS's have the same
+    names)."""
+    exe = os.path.join(PREFIX, "sbin", name)
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.readlink(f"/proc/{pid}/exe") == exe:
+                    pids.append(int(pid))
+            except OSError:
+                pass
+    return pids
 
 
 def take_down():

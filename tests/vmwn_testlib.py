@@ -128,3 +128,47 @@ def serve_warden(cfg, st):
     """The job's warden for a guest lifecycle.create booted: answers one job starter."""
     from vmwn import warden
     return warden.serve_booted(cfg, st)
+
+
+def wait_until(predicate, timeout, what, interval=0.05):
+    """Poll ``predicate`` until it returns a true value, which is returned.
+
+    For an event that has no notification to wait on: the condition is
+    re-checked until ``timeout`` seconds have passed, then the test fails
+    saying that ``what`` did not happen ("the warden to end", ...).
+    """
+    import time
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        left = end - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(min(interval, left))
+
+
+def holds_for(predicate, duration, what, interval=0.05):
+    """Check that ``predicate`` stays true for ``duration`` seconds, failing at the
+    first check where it is not (``what`` names what must not happen).
+
+    Not a synchronisation: for asserting that something does *not* happen
+    (a paused guest's output stays still), which no event can tell.
+    """
+    import time
+    end = time.monotonic() + duration
+    while True:
+        assert predicate(), f"{what} (watched for {duration:g} s)"
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(interval, left))
+
+
+def pidfd_wait(fd, timeout, what):
+    """Wait for the process behind pidfd ``fd`` to exit (the fd becomes readable);
+    fail naming ``what`` after ``timeout`` seconds."""
+    import select
+    ready, _, _ = select.select([fd], [], [], timeout)
+    assert ready, f"timed out after {timeout:g} s waiting for {what}"
