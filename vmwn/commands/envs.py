@@ -3,9 +3,9 @@
 import json
 import os
 import sys
-import time
 
 from .. import config as configmod
+from . import bootcheck
 from ..errors import SiteError, UserError, VmwnError
 
 
@@ -25,7 +25,16 @@ def register(sub):
 
     p = sub.add_parser("check", help="validate configuration, templates, images and libvirt")
     p.add_argument("--boot", metavar="ENV",
-                   help="also boot ENV once, run id and uname -a in it, tear it down")
+                   help="also boot ENV once as a job's VM is booted (its configured data "
+                        "mode, a real working directory), check what a job needs of it "
+                        "and tear it down")
+    p.add_argument("--user", metavar="NAME",
+                   help="with --boot: the unprivileged account the check's job runs as "
+                        f"(default: {bootcheck.CHECK_USER}, with ids no account has unless "
+                        "the node has that account)")
+    p.add_argument("--dir", metavar="DIR",
+                   help="with --boot: where the check makes its private working directory "
+                        f"(default: {bootcheck.DEFAULT_PARENT})")
     p.set_defaults(func=cmd_check)
 
 
@@ -76,6 +85,8 @@ def cmd_render(args):
 
 
 def cmd_check(args):
+    if (args.user or args.dir) and not args.boot:
+        raise UserError("--user and --dir apply to the boot check", "add --boot ENV")
     cfg = configmod.load(args.config)
     problems = []
     print(f"configuration: {', '.join(cfg.files)}: ok ({len(cfg.environments)} environments)")
@@ -116,58 +127,16 @@ def cmd_check(args):
     except SiteError as e:
         problems.append(e.line())
     if args.boot and not problems:
-        problems += boot_check(cfg, cfg.env(args.boot))
+        try:
+            who = bootcheck.identity(args.user)
+        except SiteError as e:
+            problems.append(f"boot {args.boot}: {e.line()}")
+        else:
+            problems += bootcheck.run(cfg, cfg.env(args.boot), who,
+                                      parent=args.dir or bootcheck.DEFAULT_PARENT)
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     if problems:
         raise SiteError(f"{len(problems)} problem(s) found", "fix the lines above")
     print("all checks passed")
     return 0
-
-
-def boot_check(cfg, env):
-    """Boot ``env`` once as an unprivileged guest user; returns a list of problems."""
-    from .. import lifecycle, state, virt
-    from ..spec import JobSpec
-    from ..ssh import Guest
-    job_id = f"check-{os.getpid()}-{int(time.time())}.vmwn"
-    phases = []
-    spec = JobSpec(job_id=job_id, user="vmwncheck", uid=60999, gid=60999,
-                   group="vmwncheck", job_name="vmwn-check", env=env,
-                   vcpus=env.vcpus, memory_mib=env.memory_mib,
-                   workdir="/tmp/vmwn-check", host_workdir="/nonexistent")
-    problems = []
-    t0 = time.monotonic()
-    try:
-        st = lifecycle.create(cfg, spec, time.monotonic() + env.boot_timeout + 30,
-                              on_phase=lambda n, s: phases.append((n, s)))
-        t = time.monotonic()
-        with Guest.connect(st) as g:
-            status, out, err = g.run("id; uname -a")
-        phases.append(("run id and uname -a", time.monotonic() - t))
-        sys.stdout.write(out.decode("utf-8", "replace"))
-        if status != 0 or b"uid=60999(vmwncheck)" not in out:
-            problems.append(f"guest command failed (status {status}): "
-                            f"{err.decode('utf-8', 'replace').strip()[:200]}")
-    except VmwnError as e:
-        problems.append(f"boot {env.name}: {e.line()}")
-    finally:
-        t = time.monotonic()
-        lifecycle.destroy(cfg, job_id)
-        phases.append(("destroy and cleanup", time.monotonic() - t))
-    for name, secs in phases:
-        print(f"phase {name:<22} {secs:7.3f} s")
-    print(f"phase {'total':<22} {time.monotonic() - t0:7.3f} s")
-    if state.exists(cfg, job_id) or os.path.exists(state.job_dir(cfg, job_id)):
-        problems.append(f"state left behind in {state.job_dir(cfg, job_id)}")
-    from .. import disk
-    if os.path.exists(disk.overlay_path(cfg, job_id)):
-        problems.append("overlay left behind")
-    conn = virt.connect(cfg.site["libvirt_uri"])
-    try:
-        if virt.find_job(conn, job_id):
-            problems.append("domain left behind")
-    finally:
-        conn.close()
-    return problems
-
