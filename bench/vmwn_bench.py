@@ -544,7 +544,7 @@ def measure_warm(b):
 def measure_phases(b, throughput):
     """In-process lifecycle.create: the prologue's phases, the starter's steps, destroy."""
     from vmwn import ssh, transfer
-    from vmwn.torque.hooks.starter import build_command, guest_env, job_argv
+    from vmwn.jobrun import build_command, guest_env, job_argv
     runs = []
     for i in range(b.reps + 1):
         warm = i == 0
@@ -559,7 +559,7 @@ def measure_phases(b, throughput):
                 r["rss"] = _vm_rss_mib(int(f.read().strip()))
         except (OSError, ValueError):
             r["rss"] = None
-        # The job starter's steps, as vmwn/torque/hooks/starter.py takes them.
+        # The job starter's steps, as vmwn/jobrun.py takes them.
         t0 = time.monotonic()
         guest = ssh.Guest.connect(st)
         t1 = time.monotonic()

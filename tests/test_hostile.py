@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from vmwn.spec import JobSpec
-from vmwn import domain, lifecycle, state
+from vmwn import domain, jobrun, lifecycle, state
 from vmwn.torque import pbs, request
 from vmwn.errors import SiteError, UserError
 from vmwn.warden import answer_error
@@ -224,14 +224,14 @@ def test_variable_values_pass_the_guest_shell_as_data(world_tmp, test_user):
     values = {f"V{i}": v for i, v in enumerate(HOSTILE)}
     values["NUL"] = "a\0b"
     values["BAD"] = "\udcff"
-    items = starter.guest_env(values)
+    items = jobrun.guest_env(values)
     names = [k for k, _ in items]
     # What the guest cannot be given (NUL, non-UTF-8) is dropped, never mangled.
     assert "NUL" not in names and "BAD" not in names
     assert f"V{HOSTILE.index(next(v for v in HOSTILE if 'not-utf8' in v))}" not in names
     assert len(names) == len(HOSTILE) - 1
     os.chmod(world_tmp, 0o777)
-    cmd = starter.build_command(os.path.join(world_tmp, "pid"), world_tmp, items, ["/usr/bin/env", "-0"])
+    cmd = jobrun.build_command(os.path.join(world_tmp, "pid"), world_tmp, items, ["/usr/bin/env", "-0"])
     marker = "/tmp/vmwn-pwned"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(marker)

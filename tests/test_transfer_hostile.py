@@ -185,7 +185,7 @@ def test_a_harvest_cut_by_its_budget_says_so_and_leaves_no_temporary_files(
     assert res.out_of_time
     assert res.files < 20000
     text = " ".join(res.problems)
-    assert "time budget of 0 s" in text and "$prologalarm" in text and "hung" not in text
+    assert "time budget of 0 s" in text and "hook alarm" in text and "hung" not in text
     assert not [n for n in os.listdir(host) if n.endswith(".tmp")]
     assert all(os.path.getsize(os.path.join(host, n)) == 100 for n in os.listdir(host))
 

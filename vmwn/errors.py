@@ -1,8 +1,9 @@
-"""Errors classed by who must act, and the one table that maps them to exit codes.
+"""Errors classed by who must act, and the tables that map them to exit codes.
 
 Every failure vmwn anticipates is raised as one of these classes; its text is a
 single line naming the problem and what to do.  Entry points never choose exit
-codes themselves: they call :func:`exit_code` with the hook they implement.
+codes themselves: they call :func:`exit_code` with their table (a job starter's
+and the commands' are here; a batch system's hooks bring theirs).
 """
 
 
@@ -43,19 +44,11 @@ class GuestLost(VmwnError):
 # docs/user-guide.md): the job's exit status is unknown, and 0 would be a lie.
 GUEST_LOST_STATUS = 253
 
-# The one table: hook -> error class -> exit code.  Unanticipated exceptions get
-# the "other" entry, which is never 1 for the prologue: an accidental abort would
-# throw the user's job away where a requeue retries it.
+# The core's tables: outcome class -> exit code.  A batch system's hooks add their
+# own (vmwn.torque.hooks.EXIT_CODES: what pbs_mom makes of a hook's exit code) and
+# pass them to exit_code; unanticipated exceptions get the "other" entry.
 _TABLE = {
-    # pbs_mom: 0 run, 1 abort the job, 2..255 requeue it.
-    # vmwn's prologue refuses the submitter's mistakes through the job starter
-    # (the job's .e file); exit 1 is left for a node that cannot even do that.
-    "prologue": {UserError: 1, NodeBroken: 1, SiteError: 2, TransientError: 2, GuestLost: 2,
-                 "other": 2},
-    # Epilogue exit codes are only logged on the mother superior; any non-zero is
-    # noise in the mom's log, so the epilogue reports through its stderr and exits 0.
-    "epilogue": {UserError: 0, SiteError: 0, TransientError: 0, GuestLost: 0, "other": 0},
-    # The starter's status becomes the job's exit status.
+    # A job starter's status becomes the job's exit status.
     "starter": {UserError: 1, SiteError: 2, TransientError: 2, GuestLost: GUEST_LOST_STATUS,
                 "other": 2},
     # Operator commands (sysexits-like): 2 usage/user, 3 site, 4 transient.
@@ -63,11 +56,12 @@ _TABLE = {
 }
 
 
-def exit_code(hook, exc=None):
-    """Exit status for ``hook`` after ``exc`` (None means success)."""
+def exit_code(table, exc=None):
+    """Exit status after ``exc`` (None means success) by ``table``: a name of the
+    core's (``"starter"``, ``"cli"``) or a batch system's own table (a dict)."""
     if exc is None:
         return 0
-    table = _TABLE[hook]
+    table = _TABLE[table] if isinstance(table, str) else table
     for cls in type(exc).__mro__:
         if cls in table:
             return table[cls]

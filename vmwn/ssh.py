@@ -78,8 +78,12 @@ class Guest:
         self.client, self.st = client, st
 
     @classmethod
-    def connect(cls, st, timeout=30.0, pkey=None):
+    def connect(cls, st, timeout=30.0, pkey=None, opener=None):
         """Log in as the job's user; the guest must present the job's host key.
+
+        ``opener(timeout)`` returns a socket already connected to the guest's
+        forward (vmwn.warden.open_connection, for a process outside libvirt's
+        network namespace); by default one is opened to bind_address:port here.
 
         A connection the guest drops before the key exchange (its sshd settling
         or restarting while it boots) is retried until ``timeout``; a wrong host
@@ -100,7 +104,8 @@ class Guest:
                 client.connect(st.bind_address, port=st.port, username=st.user, pkey=pkey,
                                look_for_keys=False, allow_agent=False, timeout=left,
                                banner_timeout=left, auth_timeout=left,
-                               sock=_nodelay_socket(st.bind_address, st.port, left))
+                               sock=(opener(left) if opener else
+                                     _nodelay_socket(st.bind_address, st.port, left)))
                 break
             except pm.BadHostKeyException:
                 client.close()

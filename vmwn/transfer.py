@@ -439,7 +439,7 @@ def harvest(cfg, st, timeout=180.0):
             raise
         raise TransientError(  # the backstop: the copy did not stop itself in time
             f"copying the output back did not finish within its {timeout:.0f} s budget (what "
-            "pbs_mom's $prologalarm leaves the epilogue); files copied until then are in "
+            "the batch system's hook alarm leaves the cleanup); files copied until then are in "
             "place, the rest stayed in the virtual machine",
             "write fewer, larger files, or ask for the mounted mode") from None
     res = HarvestResult(**out)
@@ -683,8 +683,8 @@ def pull(guest, sftp, guest_dir, host_dir, cap, deadline=None, budget=0.0, contr
             # fifos and devices stay in the guest
     except OutOfTime:
         res.out_of_time = True
-        problem(".", f"the copy stopped at its time budget of {budget:.0f} s (what pbs_mom's "
-                     "$prologalarm leaves the epilogue) after "
+        problem(".", f"the copy stopped at its time budget of {budget:.0f} s (what the batch "
+                     "system's hook alarm leaves the cleanup) after "
                      f"{res.files} files; the rest stayed in the virtual machine: write "
                      "fewer, larger files, or ask for the mounted mode")
     except (tarfile.TarError, EOFError, OSError) as e:

@@ -1,13 +1,29 @@
-"""What vmwn's prologue and epilogue steps share: a safe start and the sister test.
+"""What vmwn's prologue and epilogue steps share: a safe start, the sister test, exit codes.
 
 pbs_mom starts hook scripts with stdin on /dev/null and, for epilogues, often
 with fds 1 and 2 closed; a Python script that opens a file before repairing
 that writes its data to whatever landed on fd 1 or 2.  Nothing here imports
-more than the standard library.
+more than the standard library and vmwn.errors.
 """
 
 import os
 import sys
+
+from ...errors import GuestLost, NodeBroken, SiteError, TransientError, UserError
+
+# What pbs_mom makes of a hook's exit code, per hook (vmwn.errors.exit_code).
+EXIT_CODES = {
+    # pbs_mom: 0 run, 1 abort the job, 2..255 requeue it.
+    # vmwn's prologue refuses the submitter's mistakes through the job starter
+    # (the job's .e file); exit 1 is left for a node that cannot even do that.
+    # Unanticipated exceptions ("other") are never 1 for the prologue: an accidental
+    # abort would throw the user's job away where a requeue retries it.
+    "prologue": {UserError: 1, NodeBroken: 1, SiteError: 2, TransientError: 2, GuestLost: 2,
+                 "other": 2},
+    # Epilogue exit codes are only logged on the mother superior; any non-zero is
+    # noise in the mom's log, so the epilogue reports through its stderr and exits 0.
+    "epilogue": {UserError: 0, SiteError: 0, TransientError: 0, GuestLost: 0, "other": 0},
+}
 
 # Set by vmwn's dispatcher to the name pbs_mom ran (prologue, prologue.parallel,
 # epilogue, epilogue.parallel), so a step can tell a sister from the mother superior.

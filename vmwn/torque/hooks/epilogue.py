@@ -13,7 +13,7 @@ import time
 
 from ... import config, errors, logsetup
 from .. import pbs
-from . import alarm_spent, ensure_std_fds, is_sister, say, setup_logging
+from . import EXIT_CODES, alarm_spent, ensure_std_fds, is_sister, say, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -209,4 +209,4 @@ def main(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
         line = e.line() if isinstance(e, errors.VmwnError) else f"{type(e).__name__}: {e}"
         jlog.error("epilogue failed: %s", line, exc_info=not isinstance(e, errors.VmwnError))
         say(f"epilogue: {line}")
-        return errors.exit_code("epilogue", e)
+        return errors.exit_code(EXIT_CODES["epilogue"], e)

@@ -7,7 +7,9 @@ while pbs_mom goes on.  A job that asks for no environment costs a config read
 and nothing else (no libvirt, paramiko or Jinja2).  Exit codes come from
 vmwn.errors alone: 0 run (or refused: the starter tells the user why), 2 a
 failure that may pass (requeued, at most [site] start_attempts times), always
-after removing whatever was half-built.
+after removing whatever was half-built.  SIGTERM is only noted (vmwn.interrupt)
+and acted on at the next waiting point, or once the warden is in the job's
+record: the half-built job is then torn down and requeued like any failure.
 """
 
 import logging
@@ -17,21 +19,13 @@ import time
 
 from ... import config, errors, logsetup
 from .. import pbs, request
-from . import alarm_spent, ensure_std_fds, is_sister, say, setup_logging
+from . import EXIT_CODES, alarm_spent, ensure_std_fds, is_sister, say, setup_logging
 
 log = logging.getLogger(__name__)
 
 # Seconds kept back from pbs_mom's alarm so that a failed boot can still be
 # torn down before the mom SIGKILLs the session.
 CLEANUP_RESERVE = 20.0
-
-
-class Interrupted(errors.TransientError):
-    """The prologue received SIGTERM while it worked."""
-
-
-def _on_sigterm(signo, frame):
-    raise Interrupted("the prologue was interrupted by SIGTERM", "the job is requeued")
 
 
 def deadline(cfg, pbs_home, now=None, used=None):
@@ -99,30 +93,43 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     except errors.UserError as e:
         return _refuse(cfg, args.job_id, e, jlog)
     until = deadline(cfg, home)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    from ... import lifecycle, reap, warden
-    try:
-        st = lifecycle.prepare(cfg, req, until)
+    from ... import interrupt, lifecycle, reap, warden
+    with interrupt.noted(signal.SIGTERM):
         try:
-            pid = warden.spawn(cfg, st, warden.listen(cfg, st))
-        except BaseException:
-            _teardown(cfg, args.job_id)
-            raise
-        jlog.info("VM %s prepared (%d vCPUs, %d MiB); warden %d boots it",
-                  st.domain, req.vcpus, req.memory_mib, pid)
-    except errors.UserError as e:
-        return _refuse(cfg, args.job_id, e, jlog)
-    except errors.VmwnError as e:
-        n = _counted(cfg, args.job_id, e, cfg.site["start_attempts"], jlog)
-        return _refuse(cfg, args.job_id, type(e)(
-            f"the job's virtual machine could not be prepared in {n} starts; "
-            f"last: {e.problem}", e.fix), jlog)
-    finally:
-        # Heal the node: remains of jobs that ended without their epilogue (their
-        # ports, disk, memory).  Once the warden is on its way, so that the job's
-        # boot does not wait for it; a failed start heals before its retry.
-        reap.bounded_reap(cfg, pbs.MomJobs(home).present)
+            st = lifecycle.prepare(cfg, req, until)
+            try:
+                pid = warden.spawn(cfg, st, warden.listen(cfg, st))
+                interrupt.check()  # the warden is in the record: the teardown stops it
+            except BaseException:
+                _teardown(cfg, args.job_id)
+                raise
+            jlog.info("VM %s prepared (%d vCPUs, %d MiB); warden %d boots it",
+                      st.domain, req.vcpus, req.memory_mib, pid)
+        except errors.UserError as e:
+            return _refuse(cfg, args.job_id, e, jlog)
+        except errors.VmwnError as e:
+            return _failed(cfg, args.job_id, e, jlog)
+        except interrupt.Interrupted as e:
+            return _failed(cfg, args.job_id, errors.TransientError(
+                f"the prologue was interrupted by {signal.Signals(e.signum).name}",
+                "the job is requeued"), jlog)
+        finally:
+            # Heal the node: remains of jobs that ended without their epilogue (their
+            # ports, disk, memory).  Once the warden is on its way, so that the job's
+            # boot does not wait for it; a failed start heals before its retry.  Not
+            # when pbs_mom asked the prologue to stop.
+            if not interrupt.requested():
+                reap.bounded_reap(cfg, pbs.MomJobs(home).present)
     return 0
+
+
+def _failed(cfg, job_id, error, jlog):
+    """A start that failed: requeued (``error`` raised) while it may still pass, else
+    refused; returns 0."""
+    n = _counted(cfg, job_id, error, cfg.site["start_attempts"], jlog)
+    return _refuse(cfg, job_id, type(error)(
+        f"the job's virtual machine could not be prepared in {n} starts; "
+        f"last: {error.problem}", error.fix), jlog)
 
 
 def _unconfigured(state_dir, job_id, error):
@@ -207,4 +214,4 @@ def main(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
             jlog.error("prologue failed unexpectedly", exc_info=True)
             say(f"internal error in the prologue ({type(e).__name__}: {e}); "
                 "see the node's syslog")
-        return errors.exit_code("prologue", e)
+        return errors.exit_code(EXIT_CODES["prologue"], e)

@@ -1,0 +1,285 @@
+"""vmwn under a real OpenPBS: jobs submitted with qsub by an unprivileged user.
+
+The complex comes from scripts/build-openpbs and scripts/openpbs-up (all its
+daemons in network namespace vmwn-pbs), vmwn goes in with ``make install`` and
+``vmwn-openpbs-install``, exactly as a site installs it.  Each test checks what
+the job's owner sees (qsub's answer, ``qstat -x -f``, the .o/.e files the mom
+delivers, files in the working directory) and that nothing is left: no domain,
+no state or overlay, nothing of the job in the mom's spool.
+"""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from vmwn_testlib import needs_image, wait_until
+
+pytestmark = [pytest.mark.openpbs, pytest.mark.integration, needs_image("tiny")]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFIX = "/opt/vmwn-openpbs"
+PBS_HOME = "/var/spool/vmwn-pbs"
+NETNS = "vmwn-pbs"
+RUNTIME = "/usr/local/lib/vmwn"
+STATE_DIR = "/var/lib/vmwn/jobs"
+OVERLAY_DIR = "/var/lib/vmwn/overlays"
+
+
+def run(argv, timeout=120, check=False, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check,
+                          stdin=subprocess.DEVNULL, **kw)
+
+
+def in_ns(*argv):
+    return ["ip", "netns", "exec", NETNS] + list(argv)
+
+
+def pbs(cmd, *args, timeout=60):
+    """An OpenPBS client command as root, inside the complex's namespace."""
+    return run(in_ns(os.path.join(PREFIX, "bin", cmd), *args), timeout=timeout)
+
+
+class Complex:
+    def __init__(self, user):
+        self.user = user
+
+    def as_user(self, command, cwd, timeout=60):
+        line = f"cd {shlex.quote(cwd)} && {command}"
+        return run(in_ns("su", "-s", "/bin/sh", self.user.pw_name, "-c", line),
+                   timeout=timeout)
+
+    def qsub(self, workdir, script, options="", name="job.sh"):
+        """(qsub's CompletedProcess, job id or "") for ``script`` written into ``workdir``."""
+        path = os.path.join(workdir, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(script)
+        os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        os.chmod(path, 0o755)
+        cp = self.as_user(f"{PREFIX}/bin/qsub {options} {shlex.quote(name)}", workdir)
+        return cp, cp.stdout.strip() if cp.returncode == 0 else ""
+
+    def submit(self, workdir, script, options="", name="job.sh"):
+        cp, job_id = self.qsub(workdir, script, options, name)
+        assert cp.returncode == 0 and job_id, f"qsub failed: {cp.stderr.strip()}"
+        return job_id
+
+    def stat(self, job_id):
+        """The job's attributes (``qstat -x -f -F json``), {} when unknown."""
+        cp = pbs("qstat", "-x", "-f", "-F", "json", job_id)
+        if cp.returncode != 0:
+            return {}
+        try:
+            return json.loads(cp.stdout).get("Jobs", {}).get(job_id, {})
+        except ValueError:
+            return {}
+
+    def wait(self, job_id, states=("F",), timeout=240):
+        return wait_until(lambda: (lambda s: s if s.get("job_state") in states else None)(
+            self.stat(job_id)), timeout, f"job {job_id} to reach state {'/'.join(states)}",
+            interval=0.3)
+
+    def output(self, workdir, job_id, name="job.sh", timeout=30):
+        seq = job_id.split(".")[0]
+        paths = [os.path.join(workdir, f"{name}.{k}{seq}") for k in "oe"]
+        wait_until(lambda: all(os.path.exists(p) for p in paths), timeout,
+                   f"the mom to deliver {' and '.join(paths)}", interval=0.2)
+        out = []
+        for p in paths:
+            with open(p, "rb") as f:
+                out.append(f.read().decode("utf-8", "replace"))
+        return tuple(out)
+
+
+def leftovers(job_id):
+    """The job's domain, vmwn state and overlays, and its files in the mom's spool."""
+    found = []
+    cp = run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"])
+    found += [f"domain {n}" for n in cp.stdout.split() if n.startswith("vmwn-")]
+    for d in (STATE_DIR, OVERLAY_DIR):
+        if os.path.isdir(d):
+            found += [os.path.join(d, n) for n in os.listdir(d) if not n.startswith(".")]
+    for d in (os.path.join(PBS_HOME, "spool"), os.path.join(PBS_HOME, "mom_priv", "jobs")):
+        if os.path.isdir(d):
+            found += [os.path.join(d, n) for n in os.listdir(d) if n.startswith(job_id + ".")]
+    return found
+
+
+def assert_clean(job_id, timeout=30):
+    left = []
+
+    def clean():
+        left[:] = leftovers(job_id)
+        return not left
+    try:
+        wait_until(clean, timeout, f"job {job_id}'s remains to go", interval=0.3)
+    except AssertionError:
+        raise AssertionError(f"left after job {job_id}: {left}") from None
+
+
+@pytest.fixture(scope="session")
+def openpbs(test_user):
+    if os.geteuid() != 0:
+        pytest.skip("the OpenPBS tests need root (they run pbs_server and pbs_mom)")
+    if not os.path.exists(os.path.join(PREFIX, "sbin", "pbs_server.bin")):
+        cp = run([os.path.join(REPO, "scripts", "build-openpbs")], timeout=1800)
+        if cp.returncode != 0:
+            pytest.skip(f"no OpenPBS in {PREFIX} and scripts/build-openpbs failed: "
+                        f"{(cp.stderr.strip().splitlines() or ['?'])[-1]}")
+    cp = run([os.path.join(REPO, "scripts", "openpbs-up")], timeout=300)
+    assert cp.returncode == 0, f"openpbs-up failed: {cp.stderr.strip()}"
+    try:
+        cp = run(["make", "-C", REPO, "--no-print-directory", "install"], timeout=600)
+        assert cp.returncode == 0, f"make install failed:\n{cp.stderr[-2000:]}"
+        cp = run(in_ns(os.path.join(RUNTIME, "bin", "vmwn-openpbs-install"), "install",
+                       "--pbs-exec", PREFIX, "--pbs-home", PBS_HOME), timeout=120)
+        assert cp.returncode == 0, f"vmwn-openpbs-install failed: {cp.stderr.strip()}"
+        yield Complex(test_user)
+    finally:
+        run(in_ns(os.path.join(RUNTIME, "bin", "vmwn-openpbs-install"), "uninstall",
+                  "--pbs-exec", PREFIX, "--pbs-home", PBS_HOME), timeout=120)
+        run([os.path.join(REPO, "scripts", "openpbs-down")], timeout=300)
+
+
+@pytest.fixture
+def workdir(test_user):
+    d = tempfile.mkdtemp(prefix="vmwn-openpbs-", dir=test_user.pw_dir)
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _guest_name(job_id):
+    from vmwn.domain import guest_hostname
+    return guest_hostname(job_id)
+
+
+def test_a_vm_job_runs_in_its_guest_with_its_exit_status_files_and_output(openpbs, workdir):
+    t0 = time.monotonic()
+    job_id = openpbs.submit(workdir, "#!/bin/sh\n"
+                            'echo "ran on $(hostname)"\n'
+                            'cd "$PBS_O_WORKDIR" && echo made > made-in-guest\n'
+                            "echo to-stderr >&2\n"
+                            "exit 3\n", "-l vmwn=tiny")
+    st = openpbs.wait(job_id)
+    seconds = time.monotonic() - t0
+    out, err = openpbs.output(workdir, job_id)
+    assert st.get("Exit_status") == 3, (st, out, err)
+    assert f"ran on {_guest_name(job_id)}" in out, (out, err)
+    assert "to-stderr" in err, err
+    made = os.path.join(workdir, "made-in-guest")
+    assert os.path.exists(made), (out, err)
+    assert os.stat(made).st_uid == openpbs.user.pw_uid
+    with open(made, encoding="utf-8") as f:
+        assert f.read() == "made\n"
+    assert_clean(job_id)
+    print(f"vm job: qsub to finished in {seconds:.1f} s")
+
+
+def test_an_unknown_environment_is_refused_at_submission(openpbs, workdir):
+    for option in ("-l vmwn=nosuch", "-v VMWN_ENV=nosuch"):
+        cp, job_id = openpbs.qsub(workdir, "#!/bin/sh\necho never\n", option)
+        assert cp.returncode != 0 and not job_id, (option, cp.stdout, cp.stderr)
+        lines = cp.stderr.strip().splitlines()
+        assert len(lines) == 1, cp.stderr
+        assert lines[0].startswith("qsub: vmwn: unknown vmwn environment 'nosuch'"), lines
+        assert "request one of: " in lines[0] and "tiny" in lines[0], lines
+
+
+def test_a_request_over_a_limit_fails_the_job_with_the_reason_in_its_error_file(
+        openpbs, workdir):
+    job_id = openpbs.submit(workdir, "#!/bin/sh\necho never-ran\n", "-l vmwn=tiny -l mem=3gb")
+    st = openpbs.wait(job_id, timeout=60)
+    out, err = openpbs.output(workdir, job_id)
+    assert st.get("Exit_status") == 1, (st, out, err)
+    assert "never-ran" not in out
+    assert err.strip().splitlines() == [
+        "vmwn: the job asks for 3072 MiB of memory but max_memory of environment tiny is "
+        "2048 MiB: ask for at most 2048mb"], err
+    assert_clean(job_id)
+
+
+def test_a_job_without_vmwn_runs_natively(openpbs, workdir):
+    job_id = openpbs.submit(workdir, "#!/bin/sh\necho \"native on $(hostname)\"\nexit 0\n")
+    st = openpbs.wait(job_id)
+    out, err = openpbs.output(workdir, job_id)
+    assert st.get("Exit_status") == 0, (st, out, err)
+    assert f"native on {os.uname().nodename}" in out, (out, err)
+    assert "vmwn" not in err, err
+    assert_clean(job_id)
+
+
+def test_qsub_v_vmwn_env_asks_for_a_vm_too(openpbs, workdir):
+    job_id = openpbs.submit(workdir, "#!/bin/sh\necho \"on $(hostname)\"\n",
+                            "-v VMWN_ENV=tiny")
+    st = openpbs.wait(job_id)
+    out, err = openpbs.output(workdir, job_id)
+    assert st.get("Exit_status") == 0, (st, out, err)
+    assert f"on {_guest_name(job_id)}" in out, (out, err)
+    assert_clean(job_id)
+
+
+def _wait_file(path, text, timeout, what):
+    def has():
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return text in f.read()
+        except FileNotFoundError:
+            return False
+    wait_until(has, timeout, what, interval=0.2)
+
+
+def test_qdel_of_a_running_vm_job_gives_the_guest_job_one_term(openpbs, workdir):
+    sigs = os.path.join(workdir, "sigs")
+    job_id = openpbs.submit(workdir, "#!/bin/sh\n"
+                            'cd "$PBS_O_WORKDIR"\n'
+                            "trap 'echo TERM >> sigs' TERM\n"
+                            "echo started > started\n"
+                            "while [ ! -s sigs ]; do sleep 0.2; done\n"
+                            "sleep 2\n"  # a second TERM would arrive here
+                            "echo done >> sigs\n"
+                            "exit 0\n", "-l vmwn=tiny")
+    _wait_file(os.path.join(workdir, "started"), "started", 180,
+               "the guest job to start (it writes 'started')")
+    cp = pbs("qdel", job_id)
+    assert cp.returncode == 0, cp.stderr
+    st = openpbs.wait(job_id)
+    with open(sigs, encoding="utf-8") as f:
+        assert f.read() == "TERM\ndone\n"
+    assert st.get("job_state") == "F", st
+    assert_clean(job_id)
+
+
+def _domstate(job_id):
+    from vmwn.domain import domain_name
+    cp = run(["virsh", "-c", "qemu:///system", "domstate", domain_name(job_id)])
+    return cp.stdout.strip()
+
+
+def test_suspend_pauses_the_guest_and_resume_continues_it(openpbs, workdir):
+    job_id = openpbs.submit(workdir, "#!/bin/sh\n"
+                            'cd "$PBS_O_WORKDIR"\n'
+                            "echo started > started\n"
+                            "while [ ! -e go ]; do sleep 0.2; done\n"
+                            "echo finished > finished\n", "-l vmwn=tiny")
+    _wait_file(os.path.join(workdir, "started"), "started", 180,
+               "the guest job to start (it writes 'started')")
+    cp = pbs("qsig", "-s", "suspend", job_id)
+    assert cp.returncode == 0, cp.stderr
+    wait_until(lambda: _domstate(job_id) == "paused", 30, "the guest to be paused")
+    cp = pbs("qsig", "-s", "resume", job_id)
+    assert cp.returncode == 0, cp.stderr
+    wait_until(lambda: _domstate(job_id) == "running", 30, "the guest to run again")
+    with open(os.path.join(workdir, "go"), "w") as f:
+        f.write("go\n")
+    _wait_file(os.path.join(workdir, "finished"), "finished", 60,
+               "the resumed guest job to finish")
+    st = openpbs.wait(job_id)
+    assert st.get("Exit_status") == 0, st
+    assert_clean(job_id)

@@ -1,0 +1,112 @@
+"""Network namespaces: where the guest's forwarded SSH port can be reached.
+
+QEMU's user networking forwards the guest's port 22 on ``bind_address`` in the
+network namespace of the process that runs QEMU, which is libvirt's (libvirt's
+daemon starts it).  A batch daemon confined to a namespace of its own (the test
+cluster's OpenPBS, in ``vmwn-pbs``, whose 127.0.0.1 is another loopback) runs
+its hooks and jobs there.  So vmwn's root processes of a job (the batch system's
+hooks, the warden) enter libvirt's namespace first (:func:`enter_libvirts`);
+the job starter, which runs as the job's user and may not enter it, gets a
+socket connected there from the warden (vmwn.warden.open_connection).  Where
+both are the same namespace, as on any ordinary node, nothing changes.
+
+A namespace is named by its ``readlink /proc/PID/ns/net`` text (``net:[INODE]``).
+"""
+
+import ctypes
+import os
+import socket
+import struct
+from urllib.parse import parse_qs, urlsplit
+
+from .errors import SiteError
+
+CLONE_NEWNET = 0x40000000
+# The local daemons' sockets for qemu:///system: modular (virtqemud), monolithic (libvirtd).
+_SYSTEM_SOCKETS = ("/run/libvirt/virtqemud-sock", "/run/libvirt/libvirt-sock")
+
+
+def of(pid="self"):
+    """The network namespace of ``pid`` ("net:[N]"), or "" when it cannot be read."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return ""
+
+
+def current():
+    return of("self")
+
+
+def is_other(name):
+    """True when ``name`` (a namespace, or "" for unknown) is not this process's."""
+    return bool(name) and name != current()
+
+
+def libvirt_sockets(uri):
+    """The Unix sockets of a local libvirt URI's daemon, most likely first; () for a
+    remote one (its QEMU's namespace is not this host's to enter)."""
+    parts = urlsplit(uri)
+    if parts.netloc or "+" in parts.scheme:
+        return ()
+    given = parse_qs(parts.query).get("socket")
+    if given:
+        return tuple(given)
+    if parts.scheme == "qemu" and parts.path == "/system":
+        return _SYSTEM_SOCKETS
+    return ()
+
+
+def libvirt_pid(uri):
+    """The pid of the daemon serving ``uri`` (its socket's peer), or 0 when unknown."""
+    for path in libvirt_sockets(uri):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(5)
+            s.connect(path)
+            pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET,
+                                                         socket.SO_PEERCRED,
+                                                         struct.calcsize("3i")))
+            if pid > 0:
+                return pid
+        except OSError:
+            continue
+        finally:
+            s.close()
+    return 0
+
+
+def enter(pid):
+    """Move this process (all of it: call before any thread starts) into ``pid``'s
+    network namespace."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SiteError(f"cannot open the network namespace of libvirt's daemon (pid {pid}): "
+                        f"{e.strerror}", "run vmwn's hooks as root") from None
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise SiteError(f"cannot enter the network namespace of libvirt's daemon (pid "
+                            f"{pid}): {os.strerror(err)}",
+                            "run vmwn's hooks as root (setns needs CAP_SYS_ADMIN)")
+    finally:
+        os.close(fd)
+
+
+def enter_libvirts(uri):
+    """Enter the network namespace of the libvirt daemon serving ``uri`` when it is
+    not this process's; returns True if this process moved.  A daemon that cannot be
+    found leaves the process where it is (libvirt's own error comes later)."""
+    pid = libvirt_pid(uri)
+    if not pid:
+        return False
+    theirs = of(pid)
+    if not theirs or theirs == current():
+        return False
+    enter(pid)
+    return True
+
+
+__all__ = ["current", "is_other", "of", "libvirt_pid", "enter", "enter_libvirts"]
