@@ -212,7 +212,8 @@ def daemon_pids(name):
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                if os.readlink(f"/proc/{pid}/exe") == exe:
+                # A daemon whose binary a rebuild replaced reads "... (deleted)".
+                if os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)") == exe:
                     pids.append(int(pid))
             except OSError:
                 pass
