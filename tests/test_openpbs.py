@@ -100,10 +100,11 @@ def leftovers(job_id):
     """The job's domain, vmwn state and overlays, and its files in the mom's spool."""
     found = []
     cp = run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"])
-    found += [f"domain {n}" for n in cp.stdout.split() if n.startswith("vmwn-")]
+    # This job's only: what an earlier run or the other batch system left is not its.
+    found += [f"domain {n}" for n in cp.stdout.split() if n.startswith(f"vmwn-{job_id}-")]
     for d in (STATE_DIR, OVERLAY_DIR):
         if os.path.isdir(d):
-            found += [os.path.join(d, n) for n in os.listdir(d) if not n.startswith(".")]
+            found += [os.path.join(d, n) for n in os.listdir(d) if n.startswith(job_id + "-")]
     for d in (os.path.join(PBS_HOME, "spool"), os.path.join(PBS_HOME, "mom_priv", "jobs")):
         if os.path.isdir(d):
             found += [os.path.join(d, n) for n in os.listdir(d) if n.startswith(job_id + ".")]
