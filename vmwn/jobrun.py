@@ -83,6 +83,21 @@ def fail(exc, cfg, job_id, setup_logging):
     return exit_code("starter", exc)
 
 
+def is_spool_file(directory, suffix, path):
+    """True for an existing regular file ``<directory>/NAME<suffix>``, named by an
+    absolute, normalised path: a script file a batch daemon's spool holds.  Each
+    batch system's package says which directory and suffix (the core names none)."""
+    import stat
+    if not (path.startswith("/") and path.endswith(suffix)
+            and os.path.normpath(path) == path
+            and os.path.dirname(path) == os.path.normpath(directory)):
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def read_script(data, is_job_script, fix="check the batch system's job starter setting",
                 args_name="script arguments", args_fix="fix the quoting of the script's arguments"):
     """Interpret what the job's shell would have read on stdin.  Returns (script

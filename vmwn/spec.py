@@ -8,8 +8,10 @@ that no JobSpec exists that was not checked.
 """
 
 import dataclasses
+import grp
 import logging
 import os
+import pwd
 import re
 
 from .errors import SiteError, UserError
@@ -93,3 +95,27 @@ def size(cfg, env, job_id, cores=None, given=None, memory_mib=None):
                             f"{limit} MiB", f"ask for at most "
                             f"{min(x for x, _ in mem_limits)}mb")
     return vcpus, mem
+
+
+def account(user, group):
+    """The job's account on this node: (passwd entry, gid, group name), the group
+    being ``group``, or the user's primary group when ``group`` is empty (named by
+    its number when the node has no name for it).  The batch server knows the
+    job's user and group; a node that does not is the site's to fix."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise SiteError(f"job user {user!r} is unknown on this node",
+                        "make the node's passwd agree with the server's") from None
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise SiteError(f"job group {group!r} is unknown on this node",
+                            "make the node's group file agree with the server's") from None
+        return pw, gid, group
+    try:
+        return pw, gid, grp.getgrgid(gid).gr_name
+    except KeyError:
+        return pw, gid, str(gid)

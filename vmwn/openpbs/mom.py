@@ -10,6 +10,7 @@ job counts as held while any record shares its sequence number.
 
 import os
 
+from .. import jobrun
 from ..errors import SiteError
 
 RECORD = ".JB"
@@ -28,16 +29,7 @@ def unescape_script_line(data):
 def is_job_script(pbs_home, path):
     """True for an existing regular file ``<jobs_dir>/NAME.SC``: what the mom names on
     the job shell's stdin."""
-    import stat
-    d = jobs_dir(os.path.normpath(pbs_home))
-    if not (path.startswith("/") and path.endswith(SCRIPT)
-            and os.path.dirname(os.path.normpath(path)) == d
-            and os.path.normpath(path) == path):
-        return False
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
+    return jobrun.is_spool_file(jobs_dir(pbs_home), SCRIPT, path)
 
 
 class MomJobs:

@@ -6,13 +6,11 @@ is OpenPBS's own way to give a default).  vCPUs are the job's ``ncpus`` (what th
 scheduler gave it on this host), memory its ``mem`` when it asks for one.
 """
 
-import grp
 import os
-import pwd
 import re
 
 from .. import spec
-from ..errors import SiteError, UserError
+from ..errors import UserError
 
 RESOURCE = "vmwn"
 ENV_VARIABLE = "VMWN_ENV"
@@ -49,23 +47,7 @@ def build(cfg, job):
     vcpus, memory = spec.size(cfg, env, job_id, cores=ncpus, given=ncpus,
                               memory_mib=memory_mib)
     user = job.get("user") or ""
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise SiteError(f"job user {user!r} is unknown on this node",
-                        "make the node's passwd agree with the server's") from None
-    group, gid = job.get("group") or "", pw.pw_gid
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise SiteError(f"job group {group!r} is unknown on this node",
-                            "make the node's group file agree with the server's") from None
-    else:
-        try:
-            group = grp.getgrgid(gid).gr_name
-        except KeyError:
-            group = str(gid)
+    pw, gid, group = spec.account(user, job.get("group") or "")
     workdir = job.get("workdir") or pw.pw_dir
     if not os.path.isabs(workdir):
         raise UserError(f"PBS_O_WORKDIR {workdir!r} is not an absolute path",

@@ -15,6 +15,7 @@ import re
 import socket
 import xml.etree.ElementTree as ET
 
+from .. import jobrun
 from ..errors import SiteError, UserError
 
 log = logging.getLogger(__name__)
@@ -252,16 +253,7 @@ def job_record_path(pbs_home, job_id, script=""):
 def is_job_script(pbs_home, path):
     """True for an existing regular file ``<jobs_dir>/NAME.SC``: what pbs_mom names on
     its job starter's stdin."""
-    import stat
-    d = jobs_dir(os.path.normpath(pbs_home))
-    if not (path.startswith("/") and path.endswith(SCRIPT)
-            and os.path.dirname(os.path.normpath(path)) == d
-            and os.path.normpath(path) == path):
-        return False
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
+    return jobrun.is_spool_file(jobs_dir(pbs_home), SCRIPT, path)
 
 
 class MomJobs:

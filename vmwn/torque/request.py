@@ -8,13 +8,11 @@ asking for more than the environment or the node allows is the user's mistake.
 """
 
 import dataclasses
-import grp
 import os
-import pwd
 
 from .. import spec
 from . import pbs
-from ..errors import SiteError, UserError
+from ..errors import UserError
 
 ENV_VARIABLE = "VMWN_ENV"
 OTHER_PREFIX = "vmwn="
@@ -119,29 +117,6 @@ def memory_mib(resources, ncores):
     return max(1, -(-b // MIB))
 
 
-def _user(name, group):
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        raise SiteError(f"job user {name!r} is unknown on this node",
-                        "make the node's passwd agree with the server's") from None
-    gid = pw.pw_gid
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise SiteError(f"job group {group!r} is unknown on this node",
-                            "make the node's group file agree with the server's") from None
-    return pw, gid
-
-
-def _group_name(gid):
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
 def workdir_cut_at_comma(path):
     """True when ``path`` is missing because Torque cut PBS_O_WORKDIR at a comma
     (it splits Variable_List at commas): a sibling is named ``<base>,...``."""
@@ -167,7 +142,7 @@ def build(cfg, choice, args, environ, variables):
     n = cores(res, environ)
     vcpus, mem = spec.size(cfg, env, args.job_id, cores=n, given=allocated_cores(environ),
                            memory_mib=memory_mib(res, n or 1))
-    pw, gid = _user(args.user, args.group)
+    pw, gid, group = spec.account(args.user, args.group)
     workdir = environ.get("PBS_O_WORKDIR") or variables().get("PBS_O_WORKDIR") or pw.pw_dir
     if not os.path.isabs(workdir):
         raise UserError(f"PBS_O_WORKDIR {workdir!r} is not an absolute path",
@@ -178,6 +153,6 @@ def build(cfg, choice, args, environ, variables):
                         "PBS_O_WORKDIR at a comma",
                         "submit from a directory whose path has no comma")
     return spec.JobSpec(job_id=args.job_id, user=args.user, uid=pw.pw_uid, gid=gid,
-                        group=args.group or _group_name(gid), job_name=args.job_name,
+                        group=group, job_name=args.job_name,
                         env=env, vcpus=vcpus, memory_mib=mem, workdir=workdir,
                         host_workdir=workdir, queue=args.queue)
