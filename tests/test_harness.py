@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import sys
 import subprocess
 import time
@@ -220,3 +221,22 @@ def test_vmwn_run_refuses_a_pbs_home_whose_pbs_mom_runs(node):
         holder.wait()
     r = vmwn_run(node, "job")  # the lock is gone: it runs
     assert r.returncode == 0, r.stderr
+
+
+def test_leftover_spool_files_of_an_earlier_run_are_skipped_not_clobbered(node):
+    """A counter younger than the spool (a fresh mom_priv beside an old spool)
+    must not hand out a job id whose .OU/.ER an earlier run left behind."""
+    spool = os.path.join(node.pbs_home, "spool")
+    if not os.path.isdir(spool):
+        os.makedirs(spool)
+        os.chmod(spool, 0o1777)  # as pbs_mom (and vmwn run) make it
+    host = socket.gethostname()
+    left = os.path.join(spool, f"1.{host}.OU")
+    with open(left, "w") as f:
+        f.write("an earlier run's output\n")
+    write_script(node, "job", "echo fresh")
+    r = vmwn_run(node, "job")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == f"2.{host}"
+    assert read(os.path.join(node.submit, "job.o2")) == "fresh\n"
+    assert read(left) == "an earlier run's output\n"

@@ -289,15 +289,22 @@ class Job:
                 os.chmod(d, mode)
 
     def _allocate(self):
-        """The next sequence number (a counter in mom_priv, under flock)."""
+        """The next sequence number (a counter in mom_priv, under flock) whose
+        job files and spool files are all free: the counter may be younger
+        than what an earlier run left in the spool."""
         path = os.path.join(self.mom_priv, "vmwn-run.seq")
+        spool = os.path.join(self.pbs_home, "spool")
+
+        def taken(seq):
+            jid = f"{seq}.{self.host}"
+            return (os.path.exists(pbs.job_file(self.pbs_home, jid, pbs.SCRIPT))
+                    or any(os.path.lexists(os.path.join(spool, jid + s)) for s in (".OU", ".ER")))
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         with os.fdopen(fd, "r+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             text = f.read().strip()
             seq = int(text) + 1 if text.isdigit() else 1
-            while os.path.exists(pbs.job_file(self.pbs_home, f"{seq}.{self.host}",
-                                              pbs.SCRIPT)):
+            while taken(seq):
                 seq += 1
             f.seek(0)
             f.truncate()
