@@ -86,6 +86,9 @@ def test_sigterm_is_forwarded_like_qdel(node):
         if os.path.exists(spool) and "started" in read(spool):
             break
         time.sleep(0.05)
+    else:
+        p.kill()
+        pytest.fail(f"the job never printed 'started' into {spool}")
     p.send_signal(signal.SIGTERM)
     rest, _ = p.communicate(timeout=30)
     # 271 = 256 + SIGTERM: the job died of the forwarded signal, not after its sleep

@@ -197,7 +197,8 @@ def test_sigterm_during_the_boot_wait_stops_the_warden_and_teardown_finds_everyt
     shares = [share.Share(**d) for d in state.load(cfg, job).shares]
     started += [s.pid for s in shares]
     assert all(share._is_ours(s) for s in shares)
-    time.sleep(0.5)  # the warden now waits for the guest's SSH (which never comes)
+    _poll(lambda: "for the guest's sshd" in _debug_log(base), 30,
+          "the warden to wait for the guest's SSH (which never comes)")
 
     t = time.monotonic()
     removed = lifecycle.destroy(cfg, job)

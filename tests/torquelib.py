@@ -121,7 +121,9 @@ class Cluster:
         seq = job_id.split(".")[0]
         paths = [os.path.join(workdir, f"{name}.{k}{seq}") for k in "oe"]
         end = time.monotonic() + timeout
-        while not all(os.path.exists(p) for p in paths) and time.monotonic() < end:
+        while not all(os.path.exists(p) for p in paths):
+            missing = [p for p in paths if not os.path.exists(p)]
+            assert time.monotonic() < end, f"pbs_mom delivered no {missing} in {timeout} s"
             time.sleep(0.2)
         out = []
         for p in paths:

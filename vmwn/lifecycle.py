@@ -328,6 +328,7 @@ def _wait_ready(st, env, dom, end, virt, log):
     from .ssh import Guest, banner_ready
     console = Console(st.console_log)
     start = time.monotonic()
+    log.debug("waiting up to %.0f s for the guest's sshd on port %d", end - start, st.port)
     probe_at, probe_timeout, alive_at = start + PROBE_AFTER, 0.5, 0.0
     fix = (f"the job is requeued; the site should check "
            f"'vmwn check --boot {env.name}'")
