@@ -10,6 +10,7 @@ proxy that can drop (guest lost) or freeze (guest hung) the connection.
 The tests at the bottom check the server itself through vmwn.ssh.Guest.
 """
 
+import ctypes
 import io
 import os
 import pty
@@ -170,6 +171,22 @@ class _SFTP(SFTPServerInterface):
             return self._err(e)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+# What OpenSSH's sshd sets to SIG_DFL in a session's child (sshd.c, session.c):
+# whatever the test process had ignored (pytest started from a shell's '&' list
+# has SIGINT and SIGQUIT ignored, and a non-interactive shell cannot trap a
+# signal ignored at its entry) is not the guest job's.
+_SSHD_DEFAULTS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
+                  signal.SIGCHLD, signal.SIGPIPE, signal.SIGALRM)
+
+
+def sshd_signals():
+    """In the forked child (preexec_fn): the signal dispositions sshd gives a session.
+    libc's signal(), not Python's, which works in the main thread only."""
+    for s in _SSHD_DEFAULTS:
+        _LIBC.signal(int(s), 0)  # SIG_DFL
+
+
 def send_exit_signal(chan, name):
     """RFC 4254 6.10 (paramiko's server side has no helper for it)."""
     m = Message()
@@ -207,6 +224,7 @@ class _Session:
                         struct.pack("HHHH", self.pty_req[2], self.pty_req[1], 0, 0))
 
             def setctty():
+                sshd_signals()
                 os.setsid()
                 import fcntl as f2
                 import termios as t2
@@ -222,7 +240,8 @@ class _Session:
         else:
             proc = subprocess.Popen(["sh", "-c", self.command], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    cwd=srv.guest_home, env=env, start_new_session=True)
+                                    cwd=srv.guest_home, env=env, start_new_session=True,
+                                    preexec_fn=sshd_signals)
             srv.procs.append(proc)
             pumps = [threading.Thread(target=self._pump_fd,
                                       args=(proc.stdout.fileno(), chan.sendall), daemon=True),
@@ -495,6 +514,25 @@ def test_server_runs_commands_and_reports_status(guestd, tmp_path):
     finally:
         g.close()
     assert (status, out, err) == (5, b"out\n", b"err\n")
+
+
+def test_server_commands_get_sshds_signal_defaults_whatever_the_test_ignores(guestd, tmp_path):
+    """As sshd's session child: a signal this process ignores (pytest started from a
+    shell's '&' list ignores SIGINT and SIGQUIT) is not ignored in the guest job,
+    which could not trap it otherwise."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
+    try:
+        g = connect(guestd, tmp_path)
+        try:
+            status, out, _ = g.run("sed -n 's/^SigIgn:[[:space:]]*//p' /proc/self/status")
+        finally:
+            g.close()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    ignored = int(out.decode().strip(), 16)
+    for s in _SSHD_DEFAULTS:
+        assert not ignored & (1 << (int(s) - 1)), (s.name, hex(ignored))
 
 
 def test_server_host_key_is_pinned(guestd, tmp_path):
