@@ -10,6 +10,7 @@ no state or overlay, nothing of the job in the mom's spool.
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -283,4 +284,45 @@ def test_suspend_pauses_the_guest_and_resume_continues_it(openpbs, workdir):
                "the resumed guest job to finish")
     st = openpbs.wait(job_id)
     assert st.get("Exit_status") == 0, st
+    assert_clean(job_id)
+
+
+# The guest's loop is bounded by CPU time ('ulimit -t'), not by the clock.
+CPU_LOOP = ("#!/bin/sh\nsh -c 'ulimit -t {secs}; while :; do :; done'\necho done\n")
+USED = re.compile(r"the virtual machine used ([0-9.]+) s of CPU and ([0-9]+) MiB")
+JOB_EXEC_KILL_CPUT = -28  # OpenPBS's Exit_status for a job over its cput (job.h)
+
+
+def _seconds(hms):
+    h, m, s = (int(x) for x in hms.split(":"))
+    return h * 3600 + m * 60 + s
+
+
+def test_a_vm_job_is_charged_what_its_vm_used(openpbs, workdir):
+    """OpenPBS's mom counts sessions and QEMU is in none of the job's: vmwn's hook
+    sets resources_used from the VM (exechost_periodic, and execjob_epilogue last)."""
+    job_id = openpbs.submit(workdir, CPU_LOOP.format(secs=30), "-l vmwn=tiny")
+    st = openpbs.wait(job_id, timeout=300)
+    out, err = openpbs.output(workdir, job_id)
+    assert st.get("Exit_status") == 0 and out == "done\n", (st, out, err)
+    m = USED.search(err)
+    assert m, err
+    used, peak_mib = float(m.group(1)), int(m.group(2))
+    assert used >= 30, err  # the guest's 30 s of CPU ran in QEMU
+    charged = _seconds(st["resources_used"]["cput"])
+    # charged at the epilogue, a moment after the starter's own count: the idle guest
+    assert used - 1 <= charged <= used + max(3, used * 0.1), (st["resources_used"], err)
+    mem = st["resources_used"]["mem"]
+    assert mem.endswith("kb") and int(mem[:-2]) >= peak_mib * 1024 > 100 * 1024, (mem, err)
+    print(f"vm job: guest loop 30 s, VM {used:.1f} s, charged {charged} s, mem {mem}")
+    assert_clean(job_id)
+
+
+def test_a_vm_job_over_its_cput_limit_is_killed_by_the_mom(openpbs, workdir):
+    job_id = openpbs.submit(workdir, CPU_LOOP.format(secs=600), "-l vmwn=tiny -l cput=10")
+    st = openpbs.wait(job_id, timeout=300)
+    out, err = openpbs.output(workdir, job_id)
+    assert st.get("Exit_status") == JOB_EXEC_KILL_CPUT, (st, out, err)
+    assert "done" not in out
+    assert _seconds(st["resources_used"]["cput"]) > 10, st["resources_used"]
     assert_clean(job_id)

@@ -205,3 +205,83 @@ def test_the_runtimes_check_answers_in_one_line(world_tmp, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("{}"))
     assert runtime.main(["bogus", path]) == 1
     assert "reinstall vmwn's OpenPBS hooks" in capsys.readouterr().out
+
+
+class FakePbs:
+    LOG_ERROR = 3
+
+    def __init__(self):
+        self.logged = []
+
+    @staticmethod
+    def duration(n):
+        return ("duration", n)
+
+    @staticmethod
+    def size(s):
+        return ("size", s)
+
+    def logmsg(self, level, msg):
+        self.logged.append(msg)
+
+
+class _Resources(dict):
+    """As pbs's resource lists: an unset resource reads as None."""
+
+    def __getitem__(self, key):
+        return self.get(key)
+
+
+def _job(resources, used=None, session_id=4242):
+    return types.SimpleNamespace(Resource_List=_Resources(resources), session_id=session_id,
+                                 resources_used=_Resources(used or {}))
+
+
+def test_charge_sets_the_vms_usage_on_vmwn_jobs_only_and_never_lowers_it(monkeypatch):
+    calls = []
+
+    def runtime(action, payload):
+        calls.append((action, payload))
+        return 0, '{"1.vm": {"cput": 31, "mem_kb": 300000}, "2.vm": {"cput": 5, "mem_kb": 9}}'
+    monkeypatch.setattr(hook, "runtime", runtime)
+    vm, native = _job({"vmwn": "tiny"}), _job({}, {"cput": 12})
+    later = _job({"vmwn": "tiny"}, {"cput": 40}, session_id=None)
+    hook.charge(FakePbs(), {"1.vm": vm, "3.vm": native, "2.vm": later})
+    assert calls == [("usage", {"jobs": {"1.vm": 4242, "2.vm": 0}})]
+    assert vm.resources_used == {"cput": ("duration", 31), "mem": ("size", "300000kb")}
+    assert native.resources_used == {"cput": 12}  # the mom's own count stays
+    assert later.resources_used["cput"] == ("duration", 40)  # a count never goes back
+
+
+def test_charge_without_vmwn_jobs_runs_nothing_and_a_bad_answer_is_logged(monkeypatch):
+    monkeypatch.setattr(hook, "runtime", lambda *a: pytest.fail("runtime ran"))
+    hook.charge(FakePbs(), {"3.vm": _job({})})
+    monkeypatch.setattr(hook, "runtime", lambda *a: (1, "vmwn: config broken"))
+    p, vm = FakePbs(), _job({"vmwn": "tiny"})
+    hook.charge(p, {"1.vm": vm})
+    assert vm.resources_used == {} and p.logged == ["vmwn: usage not read: vmwn: config broken"]
+
+
+def test_usage_counts_the_vm_and_the_jobs_own_session(monkeypatch, capsys):
+    """The VM's launcher tree and the job's session on the host, from /proc."""
+    import json
+    from vmwn import state, usage
+    from vmwn.openpbs import runtime
+    burner = subprocess.Popen([sys.executable, "-c",
+                               "import time\nt = time.process_time()\n"
+                               "while time.process_time() - t < 0.5: pass\n"
+                               "print('burnt', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert burner.stdout.readline() == "burnt\n"
+        rec = types.SimpleNamespace(vm_pid=burner.pid, vm_start=usage.start_time(burner.pid))
+        monkeypatch.setattr(state, "exists", lambda cfg, job_id: job_id == "1.vm")
+        monkeypatch.setattr(state, "load", lambda cfg, job_id: rec)
+        assert runtime.usage_of(None, {"jobs": {"1.vm": os.getsid(0), "9.vm": 0}}) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert list(out) == ["1.vm"]  # a job without a VM is left out
+        # the burner counts twice (it is the 'VM' and in this session): 2 x 0.5 s
+        assert out["1.vm"]["cput"] >= 1 and out["1.vm"]["mem_kb"] > 1000, out
+    finally:
+        burner.kill()
+        burner.wait()

@@ -1,9 +1,11 @@
 """What a job's VM used, read from /proc: CPU seconds, peak memory, bytes written.
 
 The job's QEMU runs as the job's user, so the job starter can read these for
-the summary it gives the job and the node's log; pbs_mom reads the same
-counters for ``resources_used`` once the starter has had it adopt the
-session QEMU hangs from (see vmwn.emulator).
+the summary it gives the job and the node's log.  Torque's pbs_mom reads the
+same counters for ``resources_used`` once the starter has had it adopt the
+session QEMU hangs from (see vmwn.emulator); OpenPBS's counts only sessions, so
+vmwn's hook there sets ``resources_used`` from :func:`of_vm` and
+:func:`of_session` (vmwn.openpbs.runtime).
 """
 
 import dataclasses
@@ -101,3 +103,23 @@ def _status_kib(pid, key):
 
 def _io(pid, key):
     return _field(f"/proc/{pid}/io", key)
+
+
+def of_session(sid):
+    """(CPU seconds, resident KiB) of the live processes of session ``sid``: a job's
+    own processes on the host, as a batch system that counts by session sees them."""
+    cpu = rss = 0
+    if sid <= 1:
+        return 0.0, 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        f = stat_fields(name)
+        try:
+            if not f or int(f[3]) != sid:
+                continue
+            cpu += int(f[11]) + int(f[12])
+        except (ValueError, IndexError):
+            continue
+        rss += _status_kib(name, "VmRSS")
+    return cpu / TICK, rss

@@ -18,6 +18,12 @@ vmwn.openpbs.runtime``), so that no hook can hang a daemon.
   (idempotent; ``end`` catches jobs whose epilogue never ran).
 - ``execjob_postsuspend``, ``execjob_preresume``: pause and resume the VM (the
   mom stops the job's processes with SIGSTOP, which the starter cannot relay).
+- ``exechost_periodic`` (every ``freq`` seconds) and ``execjob_epilogue`` (before
+  the VM goes): ``resources_used.cput`` and ``mem`` of each vmwn job become what
+  its VM and its own processes used.  The mom counts a job's processes by
+  session, and QEMU (libvirt's child) is in none of the job's sessions; once a
+  hook has set them the mom keeps the hook's values, charges them and kills the
+  job at its ``cput``/``mem`` limits as it does a native job.
 
 Jobs without the ``vmwn`` resource are accepted untouched.  The values below
 the marker are written by the installer.
@@ -34,7 +40,8 @@ STARTER = "/usr/local/libexec/vmwn/openpbs-starter"
 RESOURCE = "vmwn"
 ENV_VARIABLE = "VMWN_ENV"
 # Seconds a runtime call may take, per event: below the hooks' alarms (install.py).
-TIMEOUTS = {"check": 20, "begin": 50, "end": 110, "suspend": 20, "resume": 20}
+TIMEOUTS = {"check": 20, "begin": 50, "end": 110, "suspend": 20, "resume": 20,
+            "usage": 20}
 
 
 def runtime(action, payload, timeout=None):
@@ -102,6 +109,39 @@ def describe(job, pbs_home):
             "pbs_home": pbs_home}
 
 
+def _seconds(value):
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def charge(pbs, jobs):
+    """Set ``resources_used`` of the vmwn jobs among ``jobs`` ({id: job}) from the
+    runtime's ``usage``: never lower than what is there already."""
+    wanted = {}
+    for jid, job in jobs.items():
+        if requested(job):
+            wanted[_text(jid)] = _seconds(getattr(job, "session_id", None))
+    if not wanted:
+        return
+    rc, line = runtime("usage", {"jobs": wanted})
+    try:
+        used = json.loads(line) if rc == 0 else None
+    except ValueError:
+        used = None
+    if not isinstance(used, dict):
+        pbs.logmsg(pbs.LOG_ERROR, f"vmwn: usage not read: {line}")
+        return
+    for jid, u in used.items():
+        job = jobs.get(jid)
+        if job is None:
+            continue
+        ru = job.resources_used
+        ru["cput"] = pbs.duration(max(_seconds(u.get("cput")), _seconds(ru["cput"])))
+        ru["mem"] = pbs.size(f"{_seconds(u.get('mem_kb'))}kb")
+
+
 def on_queuejob(pbs, e):
     job = e.job
     name = requested(job)
@@ -140,6 +180,10 @@ def run(pbs):
         return on_queuejob(pbs, e)
     if kind == pbs.EXECJOB_LAUNCH:
         return on_launch(pbs, e)
+    if kind == pbs.EXECHOST_PERIODIC:
+        charge(pbs, {_text(k): v for k, v in dict(e.job_list).items()})
+        e.accept()
+        return
     job = e.job
     if not requested(job):
         e.accept()
@@ -151,6 +195,8 @@ def run(pbs):
             pbs.logmsg(pbs.LOG_ERROR, f"vmwn: {line}")
             e.reject(line)
     elif kind in (pbs.EXECJOB_EPILOGUE, pbs.EXECJOB_END):
+        if kind == pbs.EXECJOB_EPILOGUE:  # the last count, while the VM is still there
+            charge(pbs, {_text(job.id): job})
         rc, line = runtime("end", {"job_id": _text(job.id), "pbs_home": pbs_home})
         if rc != 0:
             pbs.logmsg(pbs.LOG_ERROR, f"vmwn: {line}")

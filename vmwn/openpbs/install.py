@@ -29,7 +29,10 @@ from . import hook as hook_module
 SUBMIT_HOOK = "vmwn_submit"
 MOM_HOOK = "vmwn"
 MOM_EVENTS = ("execjob_begin", "execjob_launch", "execjob_epilogue", "execjob_end",
-              "execjob_postsuspend", "execjob_preresume")
+              "execjob_postsuspend", "execjob_preresume", "exechost_periodic")
+# Seconds between two counts of a VM job's CPU and memory (exechost_periodic): how
+# late a cput or mem limit may be seen, at one short runtime call per count.
+USAGE_FREQ = 15
 # Hook alarms (seconds): each above the longest runtime call of its events (hook.TIMEOUTS).
 SUBMIT_ALARM = 30
 MOM_ALARM = 120
@@ -136,6 +139,8 @@ def install(opts):
             qmgr(f"create hook {name}")
         qmgr(f"set hook {name} event = '{','.join(events)}'")
         qmgr(f"set hook {name} alarm = {alarm}")
+        if "exechost_periodic" in events:
+            qmgr(f"set hook {name} freq = {USAGE_FREQ}")
         qmgr(f"set hook {name} fail_action = none")
         qmgr(f"import hook {name} application/x-python default {hook_file}")
         qmgr(f"set hook {name} enabled = true")

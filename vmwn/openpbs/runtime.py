@@ -12,6 +12,11 @@ the hook should accept (0).
   refusal record.  Exit 1 only when even that cannot be recorded.
 - ``end``: stop the warden, copy the output back (copy mode), destroy the VM.
 - ``suspend``/``resume``: pause or resume the job's domain.
+- ``usage``: what each of the given jobs used so far, its VM and its own
+  processes on the host, as one JSON line: the hook sets ``resources_used`` from
+  it (``exechost_periodic`` and ``execjob_epilogue``), so the mom charges the VM
+  to the job and enforces ``cput``/``mem`` on it.  OpenPBS's mom counts a job's
+  processes by session only, and QEMU (libvirt's child) is in none of the job's.
 
 The VM's side runs in libvirt's network namespace (vmwn.netns): ``begin`` and
 ``end`` enter it first, so the forwarded ports, the firewall rules and the
@@ -126,9 +131,31 @@ def pause(cfg, job, paused):
     return 0
 
 
+def usage_of(cfg, job):
+    """``{"jobs": {JOB_ID: SESSION_ID}}`` -> ``{JOB_ID: {"cput": s, "mem_kb": KiB}}``
+    for each job whose VM is still there (a job without one is left out)."""
+    from .. import jobrun, usage
+    out = {}
+    for job_id, sid in (job.get("jobs") or {}).items():
+        try:
+            if not state.exists(cfg, job_id):
+                continue
+            launcher = jobrun.launcher_of(state.load(cfg, job_id))
+        except (errors.VmwnError, OSError, ValueError):
+            continue
+        vm = usage.of_vm(launcher) if launcher else None
+        if vm is None:
+            continue
+        cpu, rss = usage.of_session(int(sid or 0))
+        out[job_id] = {"cput": int(vm.cpu_seconds + cpu),
+                       "mem_kb": vm.peak_bytes // 1024 + rss}
+    print(json.dumps(out, sort_keys=True), flush=True)
+    return 0
+
+
 ACTIONS = {"check": check, "begin": begin, "end": end,
            "suspend": lambda cfg, job: pause(cfg, job, True),
-           "resume": lambda cfg, job: pause(cfg, job, False)}
+           "resume": lambda cfg, job: pause(cfg, job, False), "usage": usage_of}
 
 
 def _line(e):
