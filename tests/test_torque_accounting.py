@@ -140,9 +140,11 @@ def test_cput_limit_stops_a_vm_job_as_it_stops_a_native_one(cluster, workdir):
 def test_vmem_limit_sees_the_vm(cluster, workdir):
     """vmem is the VM's address space (guest memory and QEMU's): a limit below it stops
     the VM job at the first poll, while the same script runs natively within it."""
-    script = BUSY.format(secs=60)
-    native = cluster.submit(workdir, script, "-l vmem=700mb", name="native.sh")
-    vm = cluster.submit(workdir, script, "-l vmem=700mb,other=vmwn=tiny", name="vm.sh")
+    # The native job lives through two polls ($check_poll_time 10); the VM job would
+    # run longer, but is stopped at the first poll after its start.
+    native = cluster.submit(workdir, BUSY.format(secs=25), "-l vmem=700mb", name="native.sh")
+    vm = cluster.submit(workdir, BUSY.format(secs=60), "-l vmem=700mb,other=vmwn=tiny",
+                        name="vm.sh")
     st = cluster.wait(vm, timeout=150)
     assert int(st["exit_status"]) == JOB_EXEC_OVERLIMIT_MEM, st
     _, err = cluster.wait_output(workdir, vm, name="vm.sh")
