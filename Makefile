@@ -125,10 +125,11 @@ demo: deps
 	@$(MAKE) --no-print-directory install
 	$(PY) examples/demo.py --pbs-home $(PBS_HOME) --config $(DESTDIR)$(SYSCONFDIR)/vmwn/vmwn.conf
 
-bench: deps torque
+bench: deps torque openpbs
 	@$(MAKE) --no-print-directory guest GUESTS=tiny
 	$(PY) bench/vmwn_bench.py --config $(CONFIG)
 	$(PY) bench/torque_bench.py
+	$(PY) bench/openpbs_bench.py
 
 # A node is installed from the wheel, exactly as a site installs one without a
 # source tree: pip install dist/vmwn-*.whl into the runtime, then its vmwn-install.

@@ -124,6 +124,24 @@ def assert_clean(job_id, timeout=30):
         raise AssertionError(f"left after job {job_id}: {left}") from None
 
 
+INSTALLED_HOOK = "/usr/local/share/vmwn/openpbs/vmwn_hook.py"
+
+
+def wait_for_mom_hook(timeout=60):
+    """The server sends a hook to the mom on its own time: wait until the mom has
+    the one just imported (mom_priv/hooks/vmwn.PY), so the first job meets it."""
+    with open(INSTALLED_HOOK, "rb") as f:
+        want = f.read()
+
+    def arrived():
+        try:
+            with open(os.path.join(PBS_HOME, "mom_priv", "hooks", "vmwn.PY"), "rb") as f:
+                return f.read() == want
+        except FileNotFoundError:
+            return False
+    wait_until(arrived, timeout, "the mom to receive vmwn's hook", interval=0.2)
+
+
 @pytest.fixture(scope="session")
 def openpbs(test_user):
     if os.geteuid() != 0:
@@ -141,6 +159,7 @@ def openpbs(test_user):
         cp = run(in_ns(os.path.join(RUNTIME, "bin", "vmwn-openpbs-install"), "install",
                        "--pbs-exec", PREFIX, "--pbs-home", PBS_HOME), timeout=120)
         assert cp.returncode == 0, f"vmwn-openpbs-install failed: {cp.stderr.strip()}"
+        wait_for_mom_hook()
         yield Complex(test_user)
     finally:
         run(in_ns(os.path.join(RUNTIME, "bin", "vmwn-openpbs-install"), "uninstall",

@@ -30,6 +30,10 @@ SUBMIT_HOOK = "vmwn_submit"
 MOM_HOOK = "vmwn"
 MOM_EVENTS = ("execjob_begin", "execjob_launch", "execjob_epilogue", "execjob_end",
               "execjob_postsuspend", "execjob_preresume", "exechost_periodic")
+# The mom hook's place among a node's hooks: after OpenPBS's cgroups hook (order
+# 100), whose execjob_begin makes the job's cgroup and whose periodic count of
+# resources_used (without the VM) vmwn's count must follow to be the one kept.
+MOM_ORDER = 200
 # Seconds between two counts of a VM job's CPU and memory (exechost_periodic): how
 # late a cput or mem limit may be seen, at one short runtime call per count.
 USAGE_FREQ = 15
@@ -141,6 +145,7 @@ def install(opts):
         qmgr(f"set hook {name} alarm = {alarm}")
         if "exechost_periodic" in events:
             qmgr(f"set hook {name} freq = {USAGE_FREQ}")
+            qmgr(f"set hook {name} order = {MOM_ORDER}")
         qmgr(f"set hook {name} fail_action = none")
         qmgr(f"import hook {name} application/x-python default {hook_file}")
         qmgr(f"set hook {name} enabled = true")
