@@ -17,7 +17,6 @@ Prints one table and a summary line.  Usage: ``python bench/openpbs_bench.py [--
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(HERE), "tests"), os.path.dirname(HERE)]
 
 import test_openpbs as opbs  # noqa: E402
+
+import batchtable  # noqa: E402
 
 STAMPS = "/var/tmp/vmwn-bench-openpbs"
 TIMERS = {"vmwnbench_a": ("start", 1), "vmwnbench_z": ("end", 1000)}
@@ -146,21 +147,15 @@ def main(argv=None):
         take_down()
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(STAMPS, ignore_errors=True)
-    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
-    ratio = lambda a, b: a / b if a and b else float("nan")  # noqa: E731
-    print(f"{'measure (real OpenPBS)':<58} {'VM job':>10} {'native':>10} {'ratio':>7}")
-    print("-" * 88)
+    print(batchtable.header("measure (real OpenPBS)"))
+    med = batchtable.median
     for n, native, vm in rows:
-        h_vm, h_nat = med(vm["held"]), med(native["held"])
-        print(f"{f'pbs_mom held by execjob_begin, {n} job(s), median':<58} "
-              f"{h_vm:>9.3f}s {h_nat:>9.3f}s {ratio(h_vm, h_nat):>7.1f}")
-        q_vm, q_nat = med(vm["qsub"]), med(native["qsub"])
-        print(f"{f'qsub (queuejob hooks), {n} job(s), median':<58} "
-              f"{q_vm:>9.3f}s {q_nat:>9.3f}s {ratio(q_vm, q_nat):>7.1f}")
-        a_vm, a_nat = vm["all_running"], native["all_running"]
-        print(f"{f'{n} job(s) submitted together: all at first instruction':<58} "
-              f"{a_vm or float('nan'):>9.2f}s {a_nat or float('nan'):>9.2f}s "
-              f"{ratio(a_vm, a_nat):>7.1f}")
+        print(batchtable.row(f"pbs_mom held by execjob_begin, {n} job(s), median",
+                             med(vm["held"]), med(native["held"])))
+        print(batchtable.row(f"qsub (queuejob hooks), {n} job(s), median",
+                             med(vm["qsub"]), med(native["qsub"])))
+        print(batchtable.row(f"{n} job(s) submitted together: all at first instruction",
+                             vm["all_running"], native["all_running"] or batchtable.NAN, 2))
     worst = max(max(vm["held"] or [float("nan")]) for _, _, vm in rows)
     print(f"openpbs-bench: mom-held-max={worst:.3f}s goal<=1s "
           f"{'met' if worst <= 1.0 else 'NOT met'}")

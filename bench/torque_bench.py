@@ -17,7 +17,6 @@ Prints one table and a summary line.  Usage: ``python bench/torque_bench.py [--j
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -25,6 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(HERE), "tests"), os.path.dirname(HERE)]
 
 import torquelib  # noqa: E402
+
+import batchtable  # noqa: E402
 
 STEPS = os.path.join(torquelib.PBS_HOME, "mom_priv", "prologue.d")
 STAMPS = "/var/tmp/vmwn-bench-prologue"
@@ -130,19 +131,15 @@ def main(argv=None):
         import shutil
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(STAMPS, ignore_errors=True)
-    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
-    print(f"{'measure (real Torque 6.1)':<58} {'VM job':>10} {'native':>10} {'ratio':>7}")
-    print("-" * 88)
+    print(batchtable.header("measure (real Torque 6.1)"))
+    med = batchtable.median
     for n, native, vm in rows:
-        b_vm, b_nat = med(vm["blocked"]), med(native["blocked"])
-        print(f"{f'pbs_mom blocked by the prologue, {n} job(s), median':<58} "
-              f"{b_vm:>9.3f}s {b_nat:>9.3f}s {b_vm / b_nat if b_nat else float('nan'):>7.1f}")
-        a_vm, a_nat = vm["all_running"], native["all_running"]
-        print(f"{f'{n} job(s) submitted together: all at first instruction':<58} "
-              f"{a_vm or float('nan'):>9.2f}s {a_nat or float('nan'):>9.2f}s "
-              f"{(a_vm / a_nat) if a_vm and a_nat else float('nan'):>7.1f}")
-        print(f"{f'guest ready -> first instruction, {n} job(s), median':<58} "
-              f"{med(vm['ready_to_first']):>9.3f}s {'-':>10} {'-':>7}")
+        print(batchtable.row(f"pbs_mom blocked by the prologue, {n} job(s), median",
+                             med(vm["blocked"]), med(native["blocked"])))
+        print(batchtable.row(f"{n} job(s) submitted together: all at first instruction",
+                             vm["all_running"], native["all_running"] or batchtable.NAN, 2))
+        print(batchtable.row(f"guest ready -> first instruction, {n} job(s), median",
+                             med(vm["ready_to_first"])))
     worst = max(max(vm["blocked"] or [float("nan")]) for _, _, vm in rows)
     print(f"torque-bench: mom-blocked-max={worst:.3f}s goal<=1s "
           f"{'met' if worst <= 1.0 else 'NOT met'}")

@@ -118,3 +118,15 @@ def test_summary_marks_what_was_not_measured():
 def test_parser_defaults():
     a = bench.build_parser().parse_args(["--config", "x.conf", "--quick"])
     assert a.quick and a.jobs is None and a.config == "x.conf" and a.skip == []
+
+
+def test_the_batch_benchmarks_table_rows():
+    import batchtable
+    assert batchtable.header("m").splitlines()[1] == "-" * 88
+    line = batchtable.row("held", 0.3, 0.1)
+    assert line.split()[-3:] == ["0.300s", "0.100s", "3.0"]
+    assert batchtable.row("first", 5.0, None).split()[-3:] == ["5.000s", "-", "-"]
+    assert batchtable.row("x", None, 0.1).split()[-3:] == ["nans", "0.100s", "nan"]
+    assert batchtable.row("x", 1.0, 0.0).split()[-1] == "nan"
+    assert batchtable.median([]) != batchtable.median([])  # nan
+    assert batchtable.median([3.0, 1.0, 2.0]) == 2.0

@@ -10,14 +10,13 @@ import re
 import signal
 import stat
 import shutil
-import subprocess
 import tempfile
 import time
 
 import pytest
 
 import torquelib
-from vmwn_testlib import holds_for, needs_image, wait_until
+from vmwn_testlib import needs_image, wait_until
 
 pytestmark = [pytest.mark.torque, pytest.mark.integration, needs_image("tiny")]
 
@@ -61,14 +60,6 @@ def _running_in_guest(cluster, job_id, workdir, marker="started", timeout=90):
     raise AssertionError(f"job {job_id} never printed {marker!r}")
 
 
-def _printed(path, marker, timeout=20):
-    """Wait until the job's live .o file (-k oe) holds ``marker``."""
-    def seen():
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return marker in f.read()
-    wait_until(seen, timeout, f"the job to print {marker!r}", interval=0.3)
-
-
 JOB = """#!/bin/sh
 echo "host=$(hostname) np=$(nproc) pwd=$(pwd)"
 echo "array=${PBS_ARRAYID:-none}"
@@ -104,16 +95,6 @@ def test_qsub_d_directory_is_where_the_guest_job_starts(cluster, workdir):
     assert torquelib.wait_clean(job) == []
 
 
-def test_vmwn_env_variable_runs_in_the_guest(cluster, workdir):
-    # The prologue sees qsub -v only on the server (qstat, then pbs_python).
-    job = cluster.submit(workdir, JOB, "-v VMWN_ENV=tiny")
-    st = cluster.wait(job)
-    out, err = cluster.wait_output(workdir, job)
-    assert "host=vmwn-" in out, (out, err)
-    assert st["exit_status"] == "3"
-    assert torquelib.wait_clean(job) == []
-
-
 def test_vmwn_env_variable_the_prologue_cannot_see_is_refused_never_run_on_the_host(
         cluster, workdir):
     # A node whose prologue cannot ask the server (no qstat, no pbs_python).
@@ -137,18 +118,6 @@ def test_vmwn_env_variable_the_prologue_cannot_see_is_refused_never_run_on_the_h
     assert torquelib.wait_clean(job) == []
 
 
-def test_unknown_environment_is_refused_and_the_owner_reads_why(cluster, workdir):
-    job = cluster.submit(workdir, JOB, "-l other=vmwn=nosuch")
-    st = cluster.wait(job)
-    out, err = cluster.wait_output(workdir, job)
-    assert st["start_count"] == "1"
-    assert st["exit_status"] not in ("0", "3"), st
-    assert "host=" not in out  # the script never ran, on the host or anywhere
-    assert "nosuch" in err, err
-    assert len([ln for ln in err.splitlines() if ln.startswith("vmwn:")]) == 1, err
-    assert torquelib.wait_clean(job) == []
-
-
 def test_guest_that_never_boots_is_started_once_and_reported(cluster, workdir):
     job = cluster.submit(workdir, JOB, "-l other=vmwn=stuck")
     st = cluster.wait(job, timeout=180)
@@ -167,83 +136,6 @@ def test_missing_image_is_retried_a_bounded_number_of_times(cluster, workdir):
     assert int(st["start_count"]) == 2, st  # [site] start_attempts = 2
     assert "host=" not in out
     assert "could not be prepared in 2 starts" in err, err
-    assert torquelib.wait_clean(job) == []
-
-
-TRAPS = """#!/bin/sh
-trap 'echo got-TERM; exit 0' TERM
-trap 'echo got-USR1' USR1
-trap 'echo got-USR2' USR2
-echo started
-i=0
-while [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done
-"""
-
-
-def test_qdel_delivers_one_term(cluster, workdir):
-    job = cluster.submit(workdir, TRAPS, "-l other=vmwn=tiny -k oe")
-    _running_in_guest(cluster, job, workdir)
-    torquelib.run(["qdel", job])
-    cluster.wait(job)
-    home = cluster.user.pw_dir
-    out, _ = cluster.wait_output(home, job)
-    assert out.count("got-TERM") == 1, out
-    assert torquelib.wait_clean(job) == []
-
-
-def test_qsig_usr1_runs_the_trap_once(cluster, workdir):
-    job = cluster.submit(workdir, TRAPS, "-l other=vmwn=tiny -k oe")
-    path = _running_in_guest(cluster, job, workdir)
-    torquelib.run(["qsig", "-s", "SIGUSR1", job])
-    _printed(path, "got-USR1")
-    # A barrier: pbs_mom repeats a signal within milliseconds and the starter
-    # forwards in arrival order, so any repeat of that USR1 reaches the job
-    # before a USR2 sent now, and its shell runs pending traps in signal order.
-    torquelib.run(["qsig", "-s", "SIGUSR2", job])
-    _printed(path, "got-USR2")
-    torquelib.run(["qdel", job])
-    cluster.wait(job)
-    out, _ = cluster.wait_output(cluster.user.pw_dir, job)
-    assert out.count("got-USR1") == 1, out
-    assert torquelib.wait_clean(job) == []
-
-
-CLOCK = """#!/bin/sh
-echo started
-i=0
-while [ $i -lt 3000 ]; do echo tick; sleep 0.1; i=$((i+1)); done
-"""
-
-
-def _domain_state(job_id):
-    cp = torquelib.run(["virsh", "-c", "qemu:///system", "list", "--all"], check=False)
-    return cp.stdout
-
-
-def test_suspend_pauses_the_guest_and_resume_continues_it(cluster, workdir):
-    job = cluster.submit(workdir, CLOCK, "-l other=vmwn=tiny -k oe")
-    try:
-        path = _running_in_guest(cluster, job, workdir)
-        torquelib.run(["qsig", "-s", "suspend", job], timeout=60)
-        end = time.monotonic() + 15
-        while time.monotonic() < end and "paused" not in _domain_state(job):
-            time.sleep(0.3)
-        assert "paused" in _domain_state(job)
-        ticks = open(path).read().count("tick")
-        cluster.wait(job, states=("S",), timeout=30)  # pbs_mom's SIGSTOP follows 5 s later
-        # Its clock-driven output stopped: nothing can signal that nothing happens,
-        # so it is watched over 20 of its ticks (0.1 s each), failing at the first.
-        holds_for(lambda: open(path).read().count("tick") == ticks, 2,
-                  "the suspended job's clock-driven output went on")
-        torquelib.run(["qsig", "-s", "resume", job], timeout=60)
-        end = time.monotonic() + 15
-        while time.monotonic() < end and open(path).read().count("tick") == ticks:
-            time.sleep(0.3)
-        assert open(path).read().count("tick") > ticks
-        assert "running" in _domain_state(job)
-    finally:
-        torquelib.run(["qdel", job], check=False)
-    cluster.wait(job, timeout=120)
     assert torquelib.wait_clean(job) == []
 
 
@@ -311,16 +203,6 @@ def test_native_jobs_run_when_vmwn_conf_is_missing(cluster, workdir):
     assert st["exit_status"] == "3", (st, err)
     assert "host=vmwn-" not in out and "host=" in out
     assert "vmwn" not in err
-
-
-def test_native_job_pays_no_vmwn_output(cluster, workdir):
-    job = cluster.submit(workdir, JOB)
-    st = cluster.wait(job)
-    out, err = cluster.wait_output(workdir, job)
-    assert st["exit_status"] == "3"
-    assert err == "to-stderr\n", err
-    assert subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip() in out
-
 
 
 def test_a_job_from_home_keeps_the_users_ssh_keys_and_its_output(cluster, test_user):

@@ -1,0 +1,253 @@
+"""The scenarios every batch system vmwn supports must pass, written once and run
+under each real one with its own commands: a real Torque 6.1 (tests/torquelib.py)
+and a real OpenPBS (tests/test_openpbs.py).  What differs between them (how a
+job asks for an environment, how its state and exit status are read, where a
+refusal reaches its owner) is in one small adapter per batch system below;
+what a batch system alone does stays in its own test module.
+"""
+
+import os
+
+import pytest
+
+import torquelib
+import test_openpbs as opbs
+from test_openpbs import openpbs, workdir  # noqa: F401  (fixtures)
+from vmwn.domain import domain_name, guest_hostname
+from vmwn_testlib import holds_for, needs_image, wait_until
+
+pytestmark = [pytest.mark.integration, needs_image("tiny")]
+
+
+def _domstate(job_id):
+    cp = torquelib.run(["virsh", "-c", "qemu:///system", "domstate", domain_name(job_id)],
+                       check=False)
+    return cp.stdout.strip()
+
+
+class Torque:
+    name = "torque"
+
+    def __init__(self, cluster):
+        self.c, self.user = cluster, cluster.user
+
+    @staticmethod
+    def vm(env):
+        return f"-l other=vmwn={env}"
+
+    def submit(self, workdir, script, options="", name="job.sh"):
+        return self.c.submit(workdir, script, options, name)
+
+    def finish(self, job, timeout=240):
+        """The job's exit status once it has ended."""
+        return int(self.c.wait(job, timeout=timeout)["exit_status"])
+
+    def output(self, workdir, job, name="job.sh"):
+        return self.c.wait_output(workdir, job, name)
+
+    def command(self, *argv):
+        torquelib.run(list(argv))
+
+    def qsig(self, job, sig):
+        self.command("qsig", "-s", sig, job)
+
+    def qdel(self, job):
+        self.command("qdel", job)
+
+    def refusal(self, workdir, env):
+        """(what the owner reads, and where): Torque's server knows no environments,
+        so the job starts and the starter refuses it in its .e file."""
+        job = self.submit(workdir, "#!/bin/sh\necho never\n", self.vm(env))
+        st = self.c.wait(job)
+        out, err = self.output(workdir, job)
+        assert st["exit_status"] != "0" and "never" not in out, (st, out, err)
+        assert st["start_count"] == "1", st  # the owner's mistake: not requeued
+        self.clean(job)
+        return err
+
+    def clean(self, job):
+        assert torquelib.wait_clean(job) == []
+
+
+class OpenPBS:
+    name = "openpbs"
+
+    def __init__(self, cx):
+        self.c, self.user = cx, cx.user
+
+    @staticmethod
+    def vm(env):
+        return f"-l vmwn={env}"
+
+    def submit(self, workdir, script, options="", name="job.sh"):
+        return self.c.submit(workdir, script, options, name)
+
+    def finish(self, job, timeout=240):
+        return int(self.c.wait(job, timeout=timeout)["Exit_status"])
+
+    def output(self, workdir, job, name="job.sh"):
+        return self.c.output(workdir, job, name)
+
+    def command(self, *argv):
+        cp = opbs.pbs(*argv)
+        assert cp.returncode == 0, (argv, cp.stderr)
+
+    def qsig(self, job, sig):
+        self.command("qsig", "-s", sig, job)
+
+    def qdel(self, job):
+        self.command("qdel", job)
+
+    def refusal(self, workdir, env):
+        """OpenPBS's queuejob hook refuses at qsub: the reason is on the terminal."""
+        cp, job = self.c.qsub(workdir, "#!/bin/sh\necho never\n", self.vm(env))
+        assert cp.returncode != 0 and not job, (cp.stdout, cp.stderr)
+        return cp.stderr
+
+    def clean(self, job):
+        opbs.assert_clean(job)
+
+
+@pytest.fixture(params=[pytest.param("torque", marks=pytest.mark.torque),
+                        pytest.param("openpbs", marks=pytest.mark.openpbs)])
+def batch(request):
+    if request.param == "torque":
+        return Torque(request.getfixturevalue("torque_cluster"))
+    return OpenPBS(request.getfixturevalue("openpbs"))
+
+
+def _has(path, text, timeout, what):
+    def seen():
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return text in f.read()
+        except FileNotFoundError:
+            return False
+    wait_until(seen, timeout, what, interval=0.2)
+
+
+def _read(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def _release(batch, workdir, name):
+    """A file the job waits for, made as its owner."""
+    path = os.path.join(workdir, name)
+    with open(path, "w", encoding="ascii"):
+        pass
+    os.chown(path, batch.user.pw_uid, batch.user.pw_gid)
+
+
+JOB = """#!/bin/sh
+echo "on $(hostname)"
+cd "$PBS_O_WORKDIR" && echo made > made-in-guest
+echo to-stderr >&2
+exit 3
+"""
+
+
+def test_a_vm_job_keeps_its_exit_status_output_and_files(batch, workdir):
+    job = batch.submit(workdir, JOB, batch.vm("tiny"))
+    status = batch.finish(job)
+    out, err = batch.output(workdir, job)
+    assert status == 3, (status, out, err)
+    assert f"on {guest_hostname(job)}" in out, (out, err)
+    assert "to-stderr" in err, err
+    made = os.path.join(workdir, "made-in-guest")
+    assert _read(made) == "made\n"
+    assert os.stat(made).st_uid == batch.user.pw_uid  # written with the owner's rights
+    batch.clean(job)
+
+
+def test_the_vmwn_env_variable_asks_for_a_vm_too(batch, workdir):
+    job = batch.submit(workdir, JOB, "-v VMWN_ENV=tiny")
+    status = batch.finish(job)
+    out, err = batch.output(workdir, job)
+    assert status == 3 and f"on {guest_hostname(job)}" in out, (status, out, err)
+    batch.clean(job)
+
+
+def test_a_job_without_vmwn_runs_natively_and_hears_nothing_of_it(batch, workdir):
+    job = batch.submit(workdir, JOB)
+    status = batch.finish(job)
+    out, err = batch.output(workdir, job)
+    assert status == 3, (status, out, err)
+    assert f"on {os.uname().nodename}" in out, out
+    assert err == "to-stderr\n", err  # not one line of vmwn's
+    batch.clean(job)
+
+
+def test_an_unknown_environment_is_refused_in_one_line_its_owner_reads(batch, workdir):
+    said = [ln for ln in batch.refusal(workdir, "nosuch").splitlines() if "vmwn:" in ln]
+    assert len(said) == 1, said
+    assert "unknown vmwn environment 'nosuch'" in said[0], said
+    assert "request one of: " in said[0] and "tiny" in said[0], said
+
+
+SIGNALS = """#!/bin/sh
+cd "$PBS_O_WORKDIR"
+trap 'echo TERM >> sigs' TERM
+trap 'echo USR1 >> sigs' USR1
+trap 'echo USR2 >> sigs' USR2
+echo started > started
+i=0
+while [ ! -e stop ] && ! grep -q TERM sigs 2>/dev/null && [ $i -lt 1500 ]; do
+    sleep 0.2; i=$((i+1))
+done
+sleep 1  # a repeated signal would arrive here
+exit 0
+"""
+
+
+def test_a_signal_runs_the_jobs_trap_once(batch, workdir):
+    job = batch.submit(workdir, SIGNALS, batch.vm("tiny"))
+    _has(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
+    sigs = os.path.join(workdir, "sigs")
+    batch.qsig(job, "SIGUSR1")
+    _has(sigs, "USR1", 60, "the job's USR1 trap")
+    # A barrier: a repeat of that USR1 (a batch daemon may send one within
+    # milliseconds) would reach the job before this USR2, which the relay keeps in order.
+    batch.qsig(job, "SIGUSR2")
+    _has(sigs, "USR2", 60, "the job's USR2 trap")
+    _release(batch, workdir, "stop")
+    assert batch.finish(job) == 0
+    assert _read(sigs) == "USR1\nUSR2\n"
+    batch.clean(job)
+
+
+def test_a_delete_gives_the_guest_job_one_term(batch, workdir):
+    job = batch.submit(workdir, SIGNALS, batch.vm("tiny"))
+    _has(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
+    batch.qdel(job)
+    batch.finish(job)
+    assert _read(os.path.join(workdir, "sigs")) == "TERM\n"
+    batch.clean(job)
+
+
+CLOCK = """#!/bin/sh
+cd "$PBS_O_WORKDIR"
+echo started > started
+i=0
+while [ ! -e stop ] && [ $i -lt 3000 ]; do echo tick >> ticks; sleep 0.1; i=$((i+1)); done
+"""
+
+
+def test_suspend_pauses_the_guest_and_resume_continues_it(batch, workdir):
+    job = batch.submit(workdir, CLOCK, batch.vm("tiny"))
+    ticks = os.path.join(workdir, "ticks")
+    _has(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
+    _has(ticks, "tick", 30, "the job's first tick")
+    batch.qsig(job, "suspend")
+    wait_until(lambda: _domstate(job) == "paused", 30, "the guest to be paused")
+    n = _read(ticks).count("tick")
+    # Its clock-driven output stopped: nothing can signal that nothing happens, so
+    # it is watched over 20 of its ticks (0.1 s each), failing at the first.
+    holds_for(lambda: _read(ticks).count("tick") == n, 2,
+              "the suspended job's clock-driven output went on")
+    batch.qsig(job, "resume")
+    wait_until(lambda: _read(ticks).count("tick") > n, 30, "the resumed job to tick again")
+    assert _domstate(job) == "running"
+    _release(batch, workdir, "stop")
+    assert batch.finish(job) == 0
+    batch.clean(job)
