@@ -7,6 +7,10 @@ what a batch system alone does stays in its own test module.
 """
 
 import os
+import re
+import select
+import shlex
+import time
 
 import pytest
 
@@ -54,6 +58,11 @@ class Torque:
     def qdel(self, job):
         self.command("qdel", job)
 
+    def interactive_argv(self, workdir, options):
+        return ["su", "-s", "/bin/sh", self.user.pw_name, "-c",
+                f"cd {shlex.quote(workdir)} && PATH={shlex.quote(torquelib.PATH)} "
+                f"qsub -I {options}"]
+
     def refusal(self, workdir, env):
         """(what the owner reads, and where): Torque's server knows no environments,
         so the job starts and the starter refuses it in its .e file."""
@@ -97,6 +106,10 @@ class OpenPBS:
 
     def qdel(self, job):
         self.command("qdel", job)
+
+    def interactive_argv(self, workdir, options):
+        return opbs.in_ns("su", "-s", "/bin/sh", self.user.pw_name, "-c",
+                          f"cd {shlex.quote(workdir)} && {opbs.PREFIX}/bin/qsub -I {options}")
 
     def refusal(self, workdir, env):
         """OpenPBS's queuejob hook refuses at qsub: the reason is on the terminal."""
@@ -250,4 +263,53 @@ def test_suspend_pauses_the_guest_and_resume_continues_it(batch, workdir):
     assert _domstate(job) == "running"
     _release(batch, workdir, "stop")
     assert batch.finish(job) == 0
+    batch.clean(job)
+
+
+def _on_a_terminal(argv, typed, timeout=180):
+    """Run ``argv`` (qsub -I) on a pseudo-terminal; type ``typed`` once qsub says the
+    job is ready (before the guest is, as a user would); everything it printed."""
+    import pty
+    pid, fd = pty.fork()
+    if pid == 0:
+        try:
+            os.execvp(argv[0], argv)
+        finally:
+            os._exit(127)
+    buf, sent, end = b"", False, time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            r, _, _ = select.select([fd], [], [], end - time.monotonic())
+            if not r:
+                continue
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: the terminal's other side has gone
+                break
+            if not data:
+                break
+            buf += data
+            if not sent and re.search(rb"qsub: job \S+ ready", buf):
+                os.write(fd, typed)
+                sent = True
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        os.close(fd)
+    return buf.decode("utf-8", "replace")
+
+
+def test_an_interactive_job_gets_a_terminal_in_its_guest(batch, workdir):
+    """qsub -I: the user's terminal is the guest's, what was typed before the guest
+    was up is kept, and the job leaves nothing."""
+    out = _on_a_terminal(batch.interactive_argv(workdir, batch.vm("tiny")),
+                         b"echo MARK-$(hostname)-$(tty); exit\n")
+    m = re.search(r"qsub: job (\S+) ready", out)
+    assert m, out
+    job = m.group(1)
+    assert f"MARK-{guest_hostname(job)}-/dev/pts/" in out, out
+    batch.finish(job)
     batch.clean(job)
