@@ -29,18 +29,26 @@ def _domstate(job_id):
     return cp.stdout.strip()
 
 
-class Torque:
-    name = "torque"
+class _Batch:
+    """What both adapters do the same way over their cluster object ``c``."""
 
     def __init__(self, cluster):
         self.c, self.user = cluster, cluster.user
 
+    def submit(self, workdir, script, options="", name="job.sh"):
+        return self.c.submit(workdir, script, options, name)
+
+    def qsig(self, job, sig):
+        self.command("qsig", "-s", sig, job)
+
+    def qdel(self, job):
+        self.command("qdel", job)
+
+
+class Torque(_Batch):
     @staticmethod
     def vm(env):
         return f"-l other=vmwn={env}"
-
-    def submit(self, workdir, script, options="", name="job.sh"):
-        return self.c.submit(workdir, script, options, name)
 
     def finish(self, job, timeout=240):
         """The job's exit status once it has ended."""
@@ -51,12 +59,6 @@ class Torque:
 
     def command(self, *argv):
         torquelib.run(list(argv))
-
-    def qsig(self, job, sig):
-        self.command("qsig", "-s", sig, job)
-
-    def qdel(self, job):
-        self.command("qdel", job)
 
     def interactive_argv(self, workdir, options):
         return ["su", "-s", "/bin/sh", self.user.pw_name, "-c",
@@ -78,18 +80,10 @@ class Torque:
         assert torquelib.wait_clean(job) == []
 
 
-class OpenPBS:
-    name = "openpbs"
-
-    def __init__(self, cx):
-        self.c, self.user = cx, cx.user
-
+class OpenPBS(_Batch):
     @staticmethod
     def vm(env):
         return f"-l vmwn={env}"
-
-    def submit(self, workdir, script, options="", name="job.sh"):
-        return self.c.submit(workdir, script, options, name)
 
     def finish(self, job, timeout=240):
         return int(self.c.wait(job, timeout=timeout)["Exit_status"])
@@ -100,12 +94,6 @@ class OpenPBS:
     def command(self, *argv):
         cp = opbs.pbs(*argv)
         assert cp.returncode == 0, (argv, cp.stderr)
-
-    def qsig(self, job, sig):
-        self.command("qsig", "-s", sig, job)
-
-    def qdel(self, job):
-        self.command("qdel", job)
 
     def interactive_argv(self, workdir, options):
         return opbs.in_ns("su", "-s", "/bin/sh", self.user.pw_name, "-c",
