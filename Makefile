@@ -97,7 +97,7 @@ test:
 	for step in $(TEST_STEPS); do s=$$(date +%s); \
 		$(MAKE) --no-print-directory $$step || exit $$?; \
 		times="$$times$$step $$(( $$(date +%s) - s )) s; "; done; \
-	s=$$(date +%s); $(VENV)/bin/pytest $(PYTEST_ARGS) tests; rc=$$?; \
+	s=$$(date +%s); $(VENV)/bin/pytest --durations=20 $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; \
 	echo "make test times: $${times}pytest $$(( $$(date +%s) - s )) s; all $$(( $$(date +%s) - t0 )) s"; \
 	exit $$rc

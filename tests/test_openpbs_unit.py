@@ -271,13 +271,15 @@ def test_usage_counts_the_vm_and_the_jobs_own_session(monkeypatch, capsys):
                                "import time\nt = time.process_time()\n"
                                "while time.process_time() - t < 0.5: pass\n"
                                "print('burnt', flush=True)\ntime.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert burner.stdout.readline() == "burnt\n"
+        # The burner leads a session of its own, as a job's top process does (pytest's
+        # may be session 0 where a service started it, which counts for nothing).
         rec = types.SimpleNamespace(vm_pid=burner.pid, vm_start=usage.start_time(burner.pid))
         monkeypatch.setattr(state, "exists", lambda cfg, job_id: job_id == "1.vm")
         monkeypatch.setattr(state, "load", lambda cfg, job_id: rec)
-        assert runtime.usage_of(None, {"jobs": {"1.vm": os.getsid(0), "9.vm": 0}}) == 0
+        assert runtime.usage_of(None, {"jobs": {"1.vm": burner.pid, "9.vm": 0}}) == 0
         out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert list(out) == ["1.vm"]  # a job without a VM is left out
         # the burner counts twice (it is the 'VM' and in this session): 2 x 0.5 s
