@@ -222,7 +222,18 @@ def node(world_tmp, test_user):
 
 
 @pytest.fixture(scope="session")
-def torque_cluster(test_user):
+def test_environments():
+    """The environments the batch systems' tests use, in vmwn.conf.d for the session."""
+    import torquelib
+    if not _is_root():
+        pytest.skip("the batch systems' tests need root")
+    torquelib.write_test_envs()
+    yield
+    torquelib.remove_test_envs()
+
+
+@pytest.fixture(scope="session")
+def torque_cluster(test_user, test_environments):
     """The one-host Torque cluster with vmwn installed by 'make install' (tests/torquelib)."""
     import torquelib
     torquelib.bring_up()

@@ -18,6 +18,8 @@ import tempfile
 
 import pytest
 
+from vmwn.domain import domain_name
+from vmwn.state import safe_name
 from vmwn_testlib import needs_image, wait_until
 
 pytestmark = [pytest.mark.openpbs, pytest.mark.integration, needs_image("tiny")]
@@ -85,7 +87,8 @@ class Complex:
             interval=0.3)
 
     def output(self, workdir, job_id, name="job.sh", timeout=30):
-        seq = job_id.split(".")[0]
+        # An array subjob 12[3].srv writes NAME.o12.3
+        seq = re.sub(r"\[([0-9]+)\]$", r".\1", job_id.split(".")[0])
         paths = [os.path.join(workdir, f"{name}.{k}{seq}") for k in "oe"]
         wait_until(lambda: all(os.path.exists(p) for p in paths), timeout,
                    f"the mom to deliver {' and '.join(paths)}", interval=0.2)
@@ -101,10 +104,13 @@ def leftovers(job_id):
     found = []
     cp = run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"])
     # This job's only: what an earlier run or the other batch system left is not its.
-    found += [f"domain {n}" for n in cp.stdout.split() if n.startswith(f"vmwn-{job_id}-")]
+    # vmwn names them by the job id made safe (an array subjob's has brackets).
+    found += [f"domain {n}" for n in cp.stdout.split() if n == domain_name(job_id)]
+    mine = safe_name(job_id)
     for d in (STATE_DIR, OVERLAY_DIR):
         if os.path.isdir(d):
-            found += [os.path.join(d, n) for n in os.listdir(d) if n.startswith(job_id + "-")]
+            found += [os.path.join(d, n) for n in os.listdir(d)
+                      if n == mine or n.startswith(mine + ".")]
     for d in (os.path.join(PBS_HOME, "spool"), os.path.join(PBS_HOME, "mom_priv", "jobs")):
         if os.path.isdir(d):
             found += [os.path.join(d, n) for n in os.listdir(d) if n.startswith(job_id + ".")]
@@ -142,7 +148,7 @@ def wait_for_mom_hook(timeout=60):
 
 
 @pytest.fixture(scope="session")
-def openpbs(test_user):
+def openpbs(test_user, test_environments):
     if os.geteuid() != 0:
         pytest.skip("the OpenPBS tests need root (they run pbs_server and pbs_mom)")
     if not os.path.exists(os.path.join(PREFIX, "sbin", "pbs_server.bin")):

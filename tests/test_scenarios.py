@@ -10,6 +10,7 @@ import os
 import re
 import select
 import shlex
+import shutil
 import time
 
 import pytest
@@ -79,6 +80,21 @@ class Torque(_Batch):
     def clean(self, job):
         assert torquelib.wait_clean(job) == []
 
+    def starts(self, job):
+        return int(self.c.stat(job)["start_count"])
+
+    @staticmethod
+    def array(n):
+        return f"-t 1-{n}"
+
+    @staticmethod
+    def subjob(job, i):
+        """12[].srv (Torque 6.1 prints the array's id so) -> 12[i].srv"""
+        head, _, tail = job.partition("[]")
+        return f"{head}[{i}]{tail}"
+
+    ARRAY_INDEX = "PBS_ARRAYID"
+
 
 class OpenPBS(_Batch):
     @staticmethod
@@ -107,6 +123,20 @@ class OpenPBS(_Batch):
 
     def clean(self, job):
         opbs.assert_clean(job)
+
+    def starts(self, job):
+        return int(self.c.stat(job)["run_count"])
+
+    @staticmethod
+    def array(n):
+        return f"-J 1-{n}"
+
+    @staticmethod
+    def subjob(job, i):
+        head, _, tail = job.partition("[]")
+        return f"{head}[{i}]{tail}"
+
+    ARRAY_INDEX = "PBS_ARRAY_INDEX"
 
 
 @pytest.fixture(params=[pytest.param("torque", marks=pytest.mark.torque),
@@ -176,6 +206,101 @@ def test_a_job_without_vmwn_runs_natively_and_hears_nothing_of_it(batch, workdir
     assert status == 3, (status, out, err)
     assert f"on {os.uname().nodename}" in out, out
     assert err == "to-stderr\n", err  # not one line of vmwn's
+    batch.clean(job)
+
+
+WHERE = """#!/bin/sh
+echo "pwd=$(pwd) umask=$(umask)"
+"""
+
+
+def test_a_vm_job_starts_where_a_native_one_does_with_its_umask(batch, workdir):
+    """The directory a job starts in and its umask are the batch system's: the guest
+    job gets what the same job gets natively."""
+    native = batch.submit(workdir, WHERE, name="native.sh")
+    vm = batch.submit(workdir, WHERE, batch.vm("tiny"), name="vm.sh")
+    assert batch.finish(native) == 0 and batch.finish(vm) == 0
+    want, _ = batch.output(workdir, native, "native.sh")
+    got, err = batch.output(workdir, vm, "vm.sh")
+    assert want.startswith("pwd=/") and got == want, (want, got, err)
+    batch.clean(vm)
+
+
+def test_a_job_from_home_keeps_the_users_keys_and_its_files_private(batch, test_user):
+    """Most users submit from $HOME, and most have ~/.ssh/authorized_keys: the job's
+    file is written with the job's umask (both moms give 077), the keys are untouched
+    and vmwn leaves nothing in the home."""
+    home = test_user.pw_dir
+    before = set(os.listdir(home))
+    ssh = os.path.join(home, ".ssh")
+    keys = os.path.join(ssh, "authorized_keys")
+    mine = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMine me@laptop\n"
+    os.makedirs(ssh, exist_ok=True)
+    with open(keys, "w", encoding="ascii") as f:
+        f.write(mine)
+    for p in (ssh, keys):
+        os.chown(p, test_user.pw_uid, test_user.pw_gid)
+    os.chmod(ssh, 0o700)
+    os.chmod(keys, 0o600)
+    made = os.path.join(home, "from-home.txt")
+    try:
+        job = batch.submit(home, '#!/bin/sh\ncd "$PBS_O_WORKDIR"\necho kept > from-home.txt\n',
+                           batch.vm("tiny"), name="home.sh")
+        status = batch.finish(job)
+        out, err = batch.output(home, job, "home.sh")
+        assert status == 0, (status, out, err)
+        assert _read(made) == "kept\n"
+        assert os.stat(made).st_mode & 0o777 == 0o600
+        assert _read(keys) == mine
+        new = set(os.listdir(home)) - before - {".ssh", "from-home.txt", "home.sh"}
+        assert all(n.startswith("home.sh.") for n in new), new  # the job's .o and .e only
+        batch.clean(job)
+    finally:
+        for n in set(os.listdir(home)) - before:
+            p = os.path.join(home, n)
+            if os.path.isfile(p):
+                os.unlink(p)
+        if ".ssh" not in before:
+            shutil.rmtree(ssh, ignore_errors=True)
+
+
+def test_array_subjobs_each_run_in_a_guest_of_their_own(batch, workdir):
+    script = f"#!/bin/sh\necho \"on $(hostname) index=${{{batch.ARRAY_INDEX}}}\"\n"
+    job = batch.submit(workdir, script, f"{batch.vm('tiny')} {batch.array(2)}")
+    for i in (1, 2):
+        sub = batch.subjob(job, i)
+        status = batch.finish(sub)
+        out, err = batch.output(workdir, sub)
+        assert status == 0, (sub, status, out, err)
+        assert out == f"on {guest_hostname(sub)} index={i}\n", (sub, out, err)
+        batch.clean(sub)
+
+
+def test_a_guest_that_never_boots_fails_its_job_once_with_the_reason(batch, workdir):
+    """The guest is booted [site] boot_attempts (2) times within the one start; then the
+    job fails with the reason in its error file, and is not started again."""
+    job = batch.submit(workdir, JOB, batch.vm("stuck"))
+    status = batch.finish(job, timeout=180)
+    out, err = batch.output(workdir, job)
+    assert status not in (0, 3) and "on " not in out, (status, out, err)
+    said = [ln for ln in err.splitlines() if "vmwn:" in ln]
+    assert len(said) == 1 and "did not start in 2 attempts" in said[0], err
+    assert "vmwn check --boot stuck" in said[0] and "requeue" not in said[0], said
+    assert batch.starts(job) == 1
+    batch.clean(job)
+
+
+def test_a_native_job_runs_when_vmwn_conf_is_missing(batch, workdir):
+    conf = "/etc/vmwn/vmwn.conf"
+    os.rename(conf, conf + ".away")
+    try:
+        job = batch.submit(workdir, JOB)
+        status = batch.finish(job)
+    finally:
+        os.rename(conf + ".away", conf)
+    out, err = batch.output(workdir, job)
+    assert status == 3 and f"on {os.uname().nodename}" in out, (status, out, err)
+    assert err == "to-stderr\n", err
     batch.clean(job)
 
 

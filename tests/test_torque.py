@@ -118,15 +118,6 @@ def test_vmwn_env_variable_the_prologue_cannot_see_is_refused_never_run_on_the_h
     assert torquelib.wait_clean(job) == []
 
 
-def test_guest_that_never_boots_is_started_once_and_reported(cluster, workdir):
-    job = cluster.submit(workdir, JOB, "-l other=vmwn=stuck")
-    st = cluster.wait(job, timeout=180)
-    out, err = cluster.wait_output(workdir, job)
-    assert st["start_count"] == "1", st
-    assert "host=" not in out
-    assert "did not start in 2 attempts" in err, err
-    assert st["exit_status"] not in ("0", "3")
-    assert torquelib.wait_clean(job) == []
 
 
 def test_missing_image_is_retried_a_bounded_number_of_times(cluster, workdir):
@@ -175,68 +166,10 @@ def test_mom_restart_mid_job_leaves_the_real_exit_status_in_the_output(cluster, 
     assert torquelib.wait_clean(job, timeout=60) == []
 
 
-def test_array_subjobs_run_in_guests_with_their_array_id(cluster, workdir):
-    job = cluster.submit(workdir, JOB, "-l other=vmwn=tiny -t 1-2")
-    base = job.split("[")[0]
-    outs = []
-    for i in (1, 2):
-        sub = f"{base}[{i}]" + job.split("]", 1)[1]
-        st = cluster.wait(sub)
-        assert st["exit_status"] == "3", st
-        assert st["start_count"] == "1"
-        with open(os.path.join(workdir, f"job.sh.o{base}-{i}")) as f:
-            outs.append(f.read())
-    for i, out in zip((1, 2), outs):
-        assert "host=vmwn-" in out and f"array={i}" in out, out
-    assert torquelib.wait_clean() == []
 
 
-def test_native_jobs_run_when_vmwn_conf_is_missing(cluster, workdir):
-    conf = "/etc/vmwn/vmwn.conf"
-    os.rename(conf, conf + ".away")
-    try:
-        job = cluster.submit(workdir, JOB)
-        st = cluster.wait(job)
-    finally:
-        os.rename(conf + ".away", conf)
-    out, err = cluster.wait_output(workdir, job)
-    assert st["exit_status"] == "3", (st, err)
-    assert "host=vmwn-" not in out and "host=" in out
-    assert "vmwn" not in err
 
 
-def test_a_job_from_home_keeps_the_users_ssh_keys_and_its_output(cluster, test_user):
-    # Most users submit from $HOME, and most have ~/.ssh/authorized_keys.
-    home = test_user.pw_dir
-    ssh = os.path.join(home, ".ssh")
-    os.makedirs(ssh, exist_ok=True)
-    keys = os.path.join(ssh, "authorized_keys")
-    mine = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMine me@laptop\n"
-    with open(keys, "w") as f:
-        f.write(mine)
-    for p in (ssh, keys):
-        os.chown(p, test_user.pw_uid, test_user.pw_gid)
-    os.chmod(ssh, 0o700)
-    os.chmod(keys, 0o600)
-    out_file = os.path.join(home, "from-home.txt")
-    try:
-        job = cluster.submit(home, '#!/bin/sh\ncd "$PBS_O_WORKDIR"\necho kept > from-home.txt\n',
-                             "-l other=vmwn=tiny", name="home.sh")
-        st = cluster.wait(job)
-        out, err = cluster.wait_output(home, job, name="home.sh")
-        assert st["exit_status"] == "0", (st, err)
-        with open(out_file) as f:
-            assert f.read() == "kept\n"
-        # The job's umask (077 from pbs_mom) held in the guest: private, as natively.
-        assert os.stat(out_file).st_mode & 0o777 == 0o600
-        with open(keys) as f:
-            assert f.read() == mine
-        assert not os.path.exists(os.path.join(home, ".vmwn"))
-        assert torquelib.wait_clean(job) == []
-    finally:
-        for p in (out_file, os.path.join(home, "home.sh")):
-            if os.path.exists(p):
-                os.unlink(p)
 
 
 def _job_processes(job_id, uid):

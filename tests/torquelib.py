@@ -22,13 +22,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = os.environ.get("TORQUE_PREFIX", "/opt/vmwn-torque")
 PBS_HOME = "/var/spool/torque"
 CONF_D = "/etc/vmwn/vmwn.conf.d"
-TEST_CONF = os.path.join(CONF_D, "50-torque-tests.conf")
+TEST_CONF = os.path.join(CONF_D, "50-batch-tests.conf")
 PATH = f"{PREFIX}/bin:{PREFIX}/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
 VMWN = "/usr/local/bin/vmwn"  # make install's
 STATE_DIR = "/var/lib/vmwn/jobs"
 OVERLAY_DIR = "/var/lib/vmwn/overlays"
 
-# Environments only the Torque tests use: 'stuck' boots a kernel whose init
+# Environments only the batch systems' tests use (tests/conftest.py's
+# test_environments writes them for the session): 'stuck' boots a kernel whose init
 # never starts (the guest never answers), 'ghost' names a missing image,
 # 'tinycopy' is tiny with the copy data path.
 TEST_ENVS = """
@@ -117,8 +118,9 @@ class Cluster:
         raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {st}")
 
     def wait_output(self, workdir, job_id, name="job.sh", timeout=30):
-        """(stdout, stderr) of a finished job as pbs_mom delivered them to ``workdir``."""
-        seq = job_id.split(".")[0]
+        """(stdout, stderr) of a finished job as pbs_mom delivered them to ``workdir``
+        (an array subjob 12[3].srv writes NAME.o12-3)."""
+        seq = re.sub(r"\[([0-9]+)\]$", r"-\1", job_id.split(".")[0])
         paths = [os.path.join(workdir, f"{name}.{k}{seq}") for k in "oe"]
         end = time.monotonic() + timeout
         while not all(os.path.exists(p) for p in paths):
@@ -179,17 +181,13 @@ def wait_clean(job_id=None, timeout=20):
 
 
 def bring_up():
-    """make install into the cluster's pbs_mom, the tests' environments, cluster up."""
+    """make install into the cluster's pbs_mom, cluster up."""
     if os.geteuid() != 0:
         pytest.skip("the Torque tests need root (they run pbs_server and pbs_mom)")
     if not os.path.exists(os.path.join(PREFIX, "sbin", "pbs_mom")):
         pytest.fail(f"no Torque in {PREFIX}: run 'make torque' (make test does)")
     cp = run(["make", "-C", REPO, "--no-print-directory", "install"], check=False, timeout=600)
     assert cp.returncode == 0, f"make install failed:\n{cp.stdout[-2000:]}\n{cp.stderr[-2000:]}"
-    os.makedirs(CONF_D, mode=0o755, exist_ok=True)
-    with open(TEST_CONF, "w", encoding="utf-8") as f:
-        f.write(TEST_ENVS)
-    os.chmod(TEST_CONF, 0o644)
     cp = run([os.path.join(REPO, "scripts", "torque-up")], check=False, timeout=120)
     assert cp.returncode == 0, f"torque-up failed: {cp.stderr.strip()}"
     if WARM:  # VMWN_TEST_WARM=1: the copy-mode jobs are restored, not booted
@@ -222,11 +220,21 @@ def daemon_pids(name):
     return pids
 
 
-def take_down():
-    if WARM:
-        run([VMWN, "warm", "drop", "tinycopy"], check=False, timeout=120)
+def write_test_envs():
+    os.makedirs(CONF_D, mode=0o755, exist_ok=True)
+    with open(TEST_CONF, "w", encoding="utf-8") as f:
+        f.write(TEST_ENVS)
+    os.chmod(TEST_CONF, 0o644)
+
+
+def remove_test_envs():
     try:
         os.unlink(TEST_CONF)
     except FileNotFoundError:
         pass
+
+
+def take_down():
+    if WARM:
+        run([VMWN, "warm", "drop", "tinycopy"], check=False, timeout=120)
     run([os.path.join(REPO, "scripts", "torque-down")], check=False, timeout=120)

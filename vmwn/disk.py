@@ -135,7 +135,7 @@ def check_room(cfg, base, job_id):
         raise TransientError(
             f"this node has no room for another guest disk: {free >> 20} MiB free in {d}, "
             f"{owed >> 20} MiB promised to running guests, {need >> 20} MiB needed",
-            "the job is requeued; the site should free space in [site] overlay_dir")
+            "the site should free space in [site] overlay_dir")
 
 
 def unsealed_base(env):

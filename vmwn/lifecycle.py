@@ -330,8 +330,7 @@ def _wait_ready(st, env, dom, end, virt, log):
     start = time.monotonic()
     log.debug("waiting up to %.0f s for the guest's sshd on port %d", end - start, st.port)
     probe_at, probe_timeout, alive_at = start + PROBE_AFTER, 0.5, 0.0
-    fix = (f"the job is requeued; the site should check "
-           f"'vmwn check --boot {env.name}'")
+    fix = f"the site should check 'vmwn check --boot {env.name}'"
     while True:
         said = console.poll()
         if said == "ready" and (st.warm or banner_ready(st.bind_address, st.port, timeout=1.0)):
@@ -455,7 +454,7 @@ def _left(deadline, cap=60.0):
     left = deadline - time.monotonic()
     if left <= 0:
         raise TransientError("the prologue's deadline passed while preparing the VM",
-                             "the job is requeued; the node may be overloaded")
+                             "the node may be overloaded")
     return min(cap, left)
 
 

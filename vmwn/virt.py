@@ -92,7 +92,7 @@ def resume(dom):
         dom.resume()
     except lv.libvirtError as e:
         raise TransientError(f"libvirt cannot resume the guest: {_msg(e)}",
-                             "check libvirtd; the job is requeued") from None
+                             "the site should check libvirtd") from None
 
 
 def lookup(conn, name):
@@ -114,7 +114,7 @@ def is_active(dom):
         if _code(e) == lv.VIR_ERR_NO_DOMAIN:
             return False
         raise TransientError(f"lost contact with libvirt: {_msg(e)}",
-                             "check libvirtd; the job is requeued") from None
+                             "the site should check libvirtd") from None
 
 
 def paused_on_io_error(dom):
