@@ -287,3 +287,44 @@ def test_usage_counts_the_vm_and_the_jobs_own_session(monkeypatch, capsys):
     finally:
         burner.kill()
         burner.wait()
+
+
+def test_begin_requeues_a_start_that_may_pass_a_bounded_number_of_times(world_tmp,
+                                                                         monkeypatch):
+    """The site's failure: the hook rejects (the server requeues) until [site]
+    start_attempts, then the job is refused with the count and the last reason; the
+    owner's mistake is refused at once; a job that got through begin counts afresh."""
+    from vmwn import errors, state
+    from vmwn.openpbs import runtime
+    path = os.path.join(world_tmp, "vmwn.conf")
+    write_site_config(path, world_tmp, "start_attempts = 2\nlibvirt_uri = test:///default\n")
+    cfg = config.load(path)
+    where = cfg.site["state_dir"]
+    monkeypatch.setattr(netns, "enter_libvirts", lambda uri: None)
+    failure = [errors.SiteError("libvirt is down", "the site should check libvirtd")]
+
+    def build(cfg, job):
+        raise failure[0]
+    monkeypatch.setattr(request, "build", build)
+    job = {"job_id": "5.vm"}
+    with pytest.raises(errors.SiteError):
+        runtime.begin(cfg, job)  # start 1: rejected, requeued
+    assert runtime.end(cfg, job) == 0  # the mom may end the rejected start: count kept
+    assert state.read_refusal(where, "5.vm") is None
+    assert runtime.begin(cfg, job) == 0  # start 2: refused, told why
+    said = state.read_refusal(where, "5.vm")
+    assert said["problem"] == ("the job's virtual machine could not be prepared in 2 starts; "
+                               "last: libvirt is down"), said
+    assert runtime.end(cfg, job) == 0
+    assert not os.listdir(os.path.join(where, ".starts"))
+    # A start that failed once, then got through begin and ended: a rerun counts afresh.
+    job = {"job_id": "7.vm"}
+    with pytest.raises(errors.SiteError):
+        runtime.begin(cfg, job)
+    state.make_job_dir(cfg, "7.vm")  # what a begin that got through leaves
+    assert runtime.end(cfg, job) == 0
+    with pytest.raises(errors.SiteError):
+        runtime.begin(cfg, job)
+    failure[0] = UserError("unknown vmwn environment 'x'", "request one of: tiny")
+    assert runtime.begin(cfg, {"job_id": "6.vm"}) == 0  # the owner's: at once
+    assert "unknown vmwn environment" in state.read_refusal(where, "6.vm")["problem"]

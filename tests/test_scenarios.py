@@ -290,6 +290,20 @@ def test_a_guest_that_never_boots_fails_its_job_once_with_the_reason(batch, work
     batch.clean(job)
 
 
+def test_a_start_that_may_pass_is_retried_a_bounded_number_of_times(batch, workdir):
+    """A missing image is the site's, and another start may find it: the job is started
+    again up to [site] start_attempts (2), then fails with the count and the reason."""
+    job = batch.submit(workdir, JOB, batch.vm("ghost"))
+    status = batch.finish(job, timeout=120)
+    out, err = batch.output(workdir, job)
+    assert status not in (0, 3) and "on " not in out, (status, out, err)
+    said = [ln for ln in err.splitlines() if "vmwn:" in ln]
+    assert len(said) == 1 and "could not be prepared in 2 starts" in said[0], err
+    assert "vmwn image build ghost" in said[0], said
+    assert batch.starts(job) == 2
+    batch.clean(job)
+
+
 def test_a_native_job_runs_when_vmwn_conf_is_missing(batch, workdir):
     conf = "/etc/vmwn/vmwn.conf"
     os.rename(conf, conf + ".away")

@@ -118,18 +118,6 @@ def test_vmwn_env_variable_the_prologue_cannot_see_is_refused_never_run_on_the_h
     assert torquelib.wait_clean(job) == []
 
 
-
-
-def test_missing_image_is_retried_a_bounded_number_of_times(cluster, workdir):
-    job = cluster.submit(workdir, JOB, "-l other=vmwn=ghost")
-    st = cluster.wait(job, timeout=120)
-    out, err = cluster.wait_output(workdir, job)
-    assert int(st["start_count"]) == 2, st  # [site] start_attempts = 2
-    assert "host=" not in out
-    assert "could not be prepared in 2 starts" in err, err
-    assert torquelib.wait_clean(job) == []
-
-
 class MainTaskLost(Exception):
     """The restarted pbs_mom never ended the finished job (the Torque bug below)."""
 
@@ -164,12 +152,6 @@ def test_mom_restart_mid_job_leaves_the_real_exit_status_in_the_output(cluster, 
     # Torque records what the re-started mom saw (0); the job's own status is in its .e.
     assert "the job ended with exit status 7; pbs_mom restarted" in err, (st, err)
     assert torquelib.wait_clean(job, timeout=60) == []
-
-
-
-
-
-
 
 
 def _job_processes(job_id, uid):

@@ -180,7 +180,8 @@ SITE_KEYS = {k.name: k for k in [
     _k("max_parallel_boots", 0, _int_range(0, 1024),
        "Guests booting at once on this node; more wait their turn (0: number of host CPUs)."),
     _k("start_attempts", 3, _int_range(1, 10),
-       "Job starts per job that end in a requeue (exit 2) before the job is refused instead."),
+       "Starts of a job that failed in a way that may pass (the batch system starts it again) "
+       "before the job is refused instead."),
     _k("prologue_deadline", 240.0, _seconds,
        "Seconds the prologue may take in all; keep it below $prologalarm - 10."),
     _k("max_vcpus", 0, _int_range(0, 4096),

@@ -15,7 +15,7 @@ import shutil
 import stat
 import time
 
-from .errors import SiteError
+from .errors import NodeBroken, SiteError, VmwnError
 
 
 class NoSuchJob(SiteError):
@@ -274,9 +274,28 @@ def read_refusal(state_dir, job_id):
 
 
 # ---------------------------------------------------------------- start counts
-# pbs_server restarts a job whose prologue exited 2 at once and without limit;
-# vmwn counts the starts of each job and refuses it after [site] start_attempts.
+# A batch system restarts a job whose start failed at once (Torque's pbs_server
+# without limit, OpenPBS's up to 20 times); vmwn counts the starts of each job
+# and refuses it after [site] start_attempts.
 STARTS_DIR = ".starts"
+
+
+def failed_start(where, job_id, error, limit, log):
+    """Count one more failed start of the job in ``where`` (a configuration, or the
+    state directory itself): re-raise ``error`` (the batch system starts the job
+    again) while there were fewer than ``limit``, else return the count.  A start
+    that cannot be counted raises NodeBroken: without a count there is no bound on
+    the restarts."""
+    try:
+        n = count_start(where, job_id)
+    except (OSError, VmwnError) as e:
+        why = e.problem if isinstance(e, VmwnError) else (e.strerror or str(e))
+        raise NodeBroken(f"{error.problem}; and the job's starts cannot be counted ({why})",
+                         error.fix) from None
+    if n < limit:
+        log.warning("start %d of %d failed: %s", n, limit, error.line())
+        raise error
+    return n
 
 
 def _starts_path(cfg, job_id):

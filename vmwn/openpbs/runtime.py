@@ -7,9 +7,11 @@ the hook should accept (0).
 - ``check``: is ``env`` configured here?  (queuejob, on the server's host)
 - ``begin``: prepare the job's VM and start its warden, like Torque's prologue step:
   the mom waits only for the preparation (well under a second), the guest boots
-  in the warden.  A job vmwn will not run (the user's mistake, or the site's) is
-  still started and fails in the job starter with the reason on its stderr: a
-  refusal record.  Exit 1 only when even that cannot be recorded.
+  in the warden.  A failure that may pass (the site's, or a passing one) exits 1:
+  the hook rejects the job and the server requeues it; after [site]
+  start_attempts starts, or at once for the owner's mistake, the job is still
+  started and fails in the job starter with the reason on its stderr (a refusal
+  record).
 - ``end``: stop the warden, copy the output back (copy mode), destroy the VM.
 - ``suspend``/``resume``: pause or resume the job's domain.
 - ``usage``: what each of the given jobs used so far, its VM and its own
@@ -59,18 +61,31 @@ def begin(cfg, job):
             raise
         jlog.info("VM %s prepared (%d vCPUs, %d MiB); warden %d boots it", st.domain,
                   spec.vcpus, spec.memory_mib, pid)
+    except errors.UserError as e:
+        _refuse(cfg, job_id, e, jlog)
     except errors.VmwnError as e:
-        jlog.warning("job refused: %s", e.line())
-        try:
-            state.write_refusal(cfg, job_id, e)
-        except OSError as e2:
-            raise errors.NodeBroken(f"{e.problem}; and the refusal cannot be recorded "
-                                    f"({e2.strerror})", e.fix) from None
+        # A failure that may pass (the site's, or a passing one): raised again, the
+        # hook rejects the job and the server requeues it, until [site]
+        # start_attempts; then it is refused like the owner's mistake.
+        n = state.failed_start(cfg, job_id, e, cfg.site["start_attempts"], jlog)
+        _refuse(cfg, job_id, type(e)(f"the job's virtual machine could not be prepared in "
+                                     f"{n} starts; last: {e.problem}", e.fix), jlog)
     finally:
         pbs_home = job.get("pbs_home") or ""
         if pbs_home:
             reap.bounded_reap(cfg, mom.MomJobs(pbs_home).present)
     return 0
+
+
+def _refuse(cfg, job_id, error, jlog):
+    """Let the job start only to fail in the starter with ``error`` on its stderr."""
+    jlog.warning("job refused: %s", error.line())
+    try:
+        state.write_refusal(cfg, job_id, error)
+    except OSError as e2:
+        raise errors.NodeBroken(f"{error.problem}; and the refusal cannot be recorded "
+                                f"({e2.strerror})", error.fix) from None
+    state.clear_starts(cfg, job_id)
 
 
 def end(cfg, job):
@@ -80,7 +95,8 @@ def end(cfg, job):
     if state.remove_lone_refusal(where, job_id):
         return 0  # refused before anything was made (the starter told its owner why)
     if not os.path.lexists(state.job_dir(cfg, job_id)):
-        return 0
+        return 0  # nothing made: a start begin failed keeps its count for the next
+    state.clear_starts(cfg, job_id)  # it got through begin: a rerun counts afresh
     netns.enter_libvirts(cfg.site["libvirt_uri"])
     jlog = logsetup.job_logger(__name__, job_id)
     if state.exists(cfg, job_id):

@@ -150,20 +150,10 @@ def _unconfigured(state_dir, job_id, error):
 
 
 def _counted(where, job_id, error, limit, jlog):
-    """Count one more failed start of the job in ``where`` (a configuration, or the
-    state directory itself): re-raise ``error`` (a requeue) while there were fewer
-    than ``limit``, else return the count.  A start that cannot be counted aborts
-    the job: without a count there is no bound on its requeues."""
+    """Count one more failed start (vmwn.state.failed_start): re-raises ``error`` (a
+    requeue) while there were fewer than ``limit``, else returns the count."""
     from ... import state
-    try:
-        n = state.count_start(where, job_id)
-    except (OSError, errors.VmwnError) as e:
-        raise errors.NodeBroken(f"{error.problem}; and the job's starts cannot be counted "
-                                f"({_why(e)})", error.fix) from None
-    if n < limit:
-        jlog.warning("start %d of %d failed: %s", n, limit, error.line())
-        raise error
-    return n
+    return state.failed_start(where, job_id, error, limit, jlog)
 
 
 def _refuse(cfg, job_id, error, jlog):
