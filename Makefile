@@ -25,7 +25,8 @@ QSTAT      ?= $(firstword $(shell command -v qstat 2>/dev/null) $(wildcard $(TOR
 # Debian packages vmwn, its image builds and its tests use.
 APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev \
 	pkg-config gcc libc6-dev python3-dev python3-venv cpio busybox-static openssh-server openssh-client \
-	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini iptables
+	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini iptables \
+	slurmctld slurmd slurm-client munge libslurm-dev
 
 .PHONY: all deps apt venv daemons guest test test-unit demo bench install uninstall \
 	install-gip uninstall-gip check clean wheel torque torque-up torque-down pbs-python \
@@ -147,7 +148,7 @@ install: deps
 		if [ -e $(TORQUE_PREFIX)/include/pbs_ifl.h ]; then \
 			scripts/build-pbs-python $(RUNTIME) || exit 1; fi; \
 		install -d -m 0755 $(PREFIX)/bin; \
-		for c in vmwn vmwn-submit-filter vmwn-openpbs-install; do ln -sfn $(RUNTIME)/bin/$$c $(PREFIX)/bin/$$c; done; \
+		for c in vmwn vmwn-submit-filter vmwn-openpbs-install vmwn-slurm-install; do ln -sfn $(RUNTIME)/bin/$$c $(PREFIX)/bin/$$c; done; \
 		cd / && $(RUNTIME)/bin/vmwn-install install --pbs-home $(PBS_HOME) \
 			--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX) --qstat '$(QSTAT)'; \
 	else \
@@ -160,7 +161,7 @@ uninstall:
 	$(PY) -m vmwn.torque.install uninstall --pbs-home $(PBS_HOME) --destdir '$(DESTDIR)' \
 		--sysconfdir $(SYSCONFDIR) --prefix $(PREFIX)
 	rm -rf $(if $(DESTDIR),,$(RUNTIME))
-	@for c in vmwn vmwn-submit-filter vmwn-openpbs-install; do \
+	@for c in vmwn vmwn-submit-filter vmwn-openpbs-install vmwn-slurm-install; do \
 		[ "$$(readlink $(DESTDIR)$(PREFIX)/bin/$$c)" = '$(RUNTIME)/bin/'$$c ] \
 			&& rm -f $(DESTDIR)$(PREFIX)/bin/$$c; done; true
 

@@ -45,6 +45,12 @@ class _Batch:
     def qdel(self, job):
         self.command("qdel", job)
 
+    @staticmethod
+    def subjob(job, i):
+        """12[].srv (as both print an array's id) -> 12[i].srv"""
+        head, _, tail = job.partition("[]")
+        return f"{head}[{i}]{tail}"
+
 
 class Torque(_Batch):
     @staticmethod
@@ -87,12 +93,6 @@ class Torque(_Batch):
     def array(n):
         return f"-t 1-{n}"
 
-    @staticmethod
-    def subjob(job, i):
-        """12[].srv (Torque 6.1 prints the array's id so) -> 12[i].srv"""
-        head, _, tail = job.partition("[]")
-        return f"{head}[{i}]{tail}"
-
     ARRAY_INDEX = "PBS_ARRAYID"
 
 
@@ -130,11 +130,6 @@ class OpenPBS(_Batch):
     @staticmethod
     def array(n):
         return f"-J 1-{n}"
-
-    @staticmethod
-    def subjob(job, i):
-        head, _, tail = job.partition("[]")
-        return f"{head}[{i}]{tail}"
 
     ARRAY_INDEX = "PBS_ARRAY_INDEX"
 

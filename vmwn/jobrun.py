@@ -83,6 +83,36 @@ def fail(exc, cfg, job_id, setup_logging):
     return exit_code("starter", exc)
 
 
+def starter_logging(cfg=None):
+    """A job starter's logging: syslog only (its stderr is the job's)."""
+    import logging
+    from . import logsetup
+    if cfg is None:
+        logsetup.setup(stderr=False)
+    else:
+        logsetup.setup(syslog=cfg.syslog, debug_log=cfg.debug_log, stderr=False)
+    if not logging.getLogger().handlers:
+        logging.getLogger().addHandler(logging.NullHandler())
+
+
+def vm_socket(state_dir, job_id, fix):
+    """For a starter that runs only VM jobs: the job's warden socket.  The job's
+    refusal record is raised as the error it records; a job with neither was not
+    given a VM by this node (``fix`` names the batch system's hook to check), and
+    never runs on the host."""
+    from . import state
+    from .errors import SiteError
+    from .warden import answer_error
+    refusal = state.read_refusal(state_dir, job_id)
+    if refusal is not None:
+        raise answer_error(refusal)
+    sock = state.warden_socket(state_dir, job_id)
+    if not os.path.exists(sock):
+        raise SiteError("the job asks for a vmwn environment, but this node prepared no "
+                        "virtual machine for it, so the job was not run", fix)
+    return sock
+
+
 def is_spool_file(directory, suffix, path):
     """True for an existing regular file ``<directory>/NAME<suffix>``, named by an
     absolute, normalised path: a script file a batch daemon's spool holds.  Each
@@ -150,7 +180,8 @@ def read_script(data, is_job_script, fix="check the batch system's job starter s
 
 
 def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args=(),
-        nodefile_var=None, task_num=None, host_workdir=None, adopt=None, log=None):
+        nodefile_var=None, task_num=None, host_workdir=None, adopt=None, log=None,
+        interpreter=False):
     """Run the job in its guest; returns (kind, value, st): ("exit", status) or
     ("signal", signum), and the guest's connection record.
 
@@ -163,6 +194,9 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
     into the guest and pointed there).  ``adopt(st)``: the batch system's way of
     charging the VM to the job, called once the guest is up (not for tasks).
     ``host_workdir``: the directory staged in (copy mode; default: the record's).
+    ``interpreter``: ``rest[0]`` is the script's own ``#!`` interpreter (a batch
+    system that execs the script), which the guest must have: the job is refused
+    with one line otherwise, where a login shell it lacks is replaced.
     """
     import posixpath
     import paramiko
@@ -218,6 +252,11 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
         for item in (prep.staged.skipped if prep.staged else [])[:20]:
             say(f"not copied into the virtual machine: {item}")
         shell = rest[0]
+        if interpreter and not prep.has_shell:
+            from .errors import UserError
+            raise UserError(f"the job script's interpreter {shell} does not exist in "
+                            f"environment {st.env}", "begin the script with one it has "
+                            "(#!/bin/sh) or ask for another environment")
         if mode not in ("task", "exec") and not prep.has_shell:
             fallback = cfg.environments[st.env].ssh_user_shell if st.env in \
                 cfg.environments else "/bin/sh"
@@ -249,6 +288,17 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
     kind, value = outcome
     log.info("guest job ended: %s %s", kind, value)
     return kind, value, st
+
+
+def ended(outcome, log):
+    """A starter's end: the VM's usage on the job's stderr, then the guest job's exit
+    status returned, or its signal died of (``outcome`` as :func:`run` returns it)."""
+    kind, value, st = outcome
+    report_usage(st, log)
+    if kind == "signal":
+        sys.stdout.flush()
+        die_of(value)
+    return value
 
 
 def connect_guest(st, wsock):

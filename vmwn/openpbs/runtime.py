@@ -28,15 +28,9 @@ warden's connections are where QEMU's are, whichever namespace the mom runs in.
 import json
 import os
 import sys
-import time
 
 from .. import config, errors, logsetup, state
 from . import mom, request
-
-# Seconds ``begin`` may take before it gives up (the hook kills it at 50 s and its
-# alarm is 60 s): room for the teardown of a failed preparation.
-BEGIN_BUDGET = 35.0
-HARVEST_MAX_SECONDS = 90.0
 
 
 def check(cfg, job):
@@ -45,93 +39,19 @@ def check(cfg, job):
 
 
 def begin(cfg, job):
-    from .. import lifecycle, netns, reap, warden
-    job_id = job["job_id"]
-    jlog = logsetup.job_logger(__name__, job_id)
-    netns.enter_libvirts(cfg.site["libvirt_uri"])
-    try:
-        spec = request.build(cfg, job)
-        jlog.info("environment %s requested", spec.env.name)
-        until = time.monotonic() + min(cfg.site["prologue_deadline"], BEGIN_BUDGET)
-        st = lifecycle.prepare(cfg, spec, until)
-        try:
-            pid = warden.spawn(cfg, st, warden.listen(cfg, st))
-        except BaseException:
-            _destroy(cfg, job_id, jlog)
-            raise
-        jlog.info("VM %s prepared (%d vCPUs, %d MiB); warden %d boots it", st.domain,
-                  spec.vcpus, spec.memory_mib, pid)
-    except errors.UserError as e:
-        _refuse(cfg, job_id, e, jlog)
-    except errors.VmwnError as e:
-        # A failure that may pass (the site's, or a passing one): raised again, the
-        # hook rejects the job and the server requeues it, until [site]
-        # start_attempts; then it is refused like the owner's mistake.
-        n = state.failed_start(cfg, job_id, e, cfg.site["start_attempts"], jlog)
-        _refuse(cfg, job_id, type(e)(f"the job's virtual machine could not be prepared in "
-                                     f"{n} starts; last: {e.problem}", e.fix), jlog)
-    finally:
-        pbs_home = job.get("pbs_home") or ""
-        if pbs_home:
-            reap.bounded_reap(cfg, mom.MomJobs(pbs_home).present)
+    """vmwn.vmjob.begin: a failure that may pass is raised (exit 1): the hook rejects
+    the job and the server requeues it."""
+    from .. import vmjob  # here, not above: 'check' runs at every qsub and stays light
+    pbs_home = job.get("pbs_home") or ""
+    vmjob.begin(cfg, job["job_id"], lambda: request.build(cfg, job),
+                held=mom.MomJobs(pbs_home).present if pbs_home else None)
     return 0
-
-
-def _refuse(cfg, job_id, error, jlog):
-    """Let the job start only to fail in the starter with ``error`` on its stderr."""
-    jlog.warning("job refused: %s", error.line())
-    try:
-        state.write_refusal(cfg, job_id, error)
-    except OSError as e2:
-        raise errors.NodeBroken(f"{error.problem}; and the refusal cannot be recorded "
-                                f"({e2.strerror})", error.fix) from None
-    state.clear_starts(cfg, job_id)
 
 
 def end(cfg, job):
-    from .. import netns, warden
-    job_id = job["job_id"]
-    where = cfg.site["state_dir"]
-    if state.remove_lone_refusal(where, job_id):
-        return 0  # refused before anything was made (the starter told its owner why)
-    if not os.path.lexists(state.job_dir(cfg, job_id)):
-        return 0  # nothing made: a start begin failed keeps its count for the next
-    state.clear_starts(cfg, job_id)  # it got through begin: a rerun counts afresh
-    netns.enter_libvirts(cfg.site["libvirt_uri"])
-    jlog = logsetup.job_logger(__name__, job_id)
-    if state.exists(cfg, job_id):
-        try:
-            st = state.load(cfg, job_id)
-            if warden.stop(st):  # the job has ended: no boot, pause or resume from here on
-                st = state.load(cfg, job_id)
-            if st.phase == "running" and st.data == "copy":
-                _copy_back(cfg, st, jlog)
-        except Exception as e:  # noqa: BLE001 - the VM is destroyed whatever happened
-            jlog.error("output not copied back: %s", _line(e),
-                       exc_info=not isinstance(e, errors.VmwnError))
-    _destroy(cfg, job_id, jlog)
+    from .. import vmjob
+    vmjob.end(cfg, job["job_id"])
     return 0
-
-
-def _copy_back(cfg, st, jlog):
-    from .. import offline, transfer
-    try:
-        res = transfer.harvest(cfg, st, timeout=HARVEST_MAX_SECONDS)
-    except (errors.GuestLost, errors.TransientError) as e:
-        if not offline.guest_gone(cfg, st):
-            raise
-        jlog.info("guest gone (%s); reading its disk", e.line())
-        res = offline.recover(cfg, st)
-    jlog.info("copied back %d files, %d bytes in %.1f s", res.files, res.bytes, res.seconds)
-
-
-def _destroy(cfg, job_id, jlog):
-    from .. import lifecycle
-    try:
-        lifecycle.destroy(cfg, job_id)
-    except Exception as e:  # noqa: BLE001 - reported; 'vmwn reap' finishes it
-        jlog.error("VM not destroyed: %s", _line(e), exc_info=not isinstance(e, errors.VmwnError))
-        raise
 
 
 def pause(cfg, job, paused):

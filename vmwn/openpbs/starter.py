@@ -14,6 +14,8 @@ it fails with the reason on its stderr.
 import os
 import sys
 
+from .. import jobrun
+
 MODES = ("batch", "exec")
 
 
@@ -24,7 +26,7 @@ def main(argv=None, config_path=None, state_dir=None, pbs_home=None):
     cfg = None
     job_id = os.environ.get("PBS_JOBID") or ""
     try:
-        from .. import config, state
+        from .. import config
         from ..errors import SiteError
         if len(argv) < 3 or argv[1] not in MODES:
             raise SiteError("vmwn's OpenPBS job starter was called without a mode and the "
@@ -34,38 +36,18 @@ def main(argv=None, config_path=None, state_dir=None, pbs_home=None):
             raise SiteError("the job starter has no PBS_JOBID", "run it only from the mom")
         cfg = config.load(config_path or config.DEFAULT_PATH)
         state_dir = state_dir or cfg.site["state_dir"]
-        refusal = state.read_refusal(state_dir, job_id)
-        if refusal is not None:
-            from ..warden import answer_error
-            raise answer_error(refusal)
-        sock = state.warden_socket(state_dir, job_id)
-        if not os.path.exists(sock):
-            raise SiteError("the job asks for a vmwn environment, but this node prepared "
-                            "no virtual machine for it, so the job was not run",
-                            "the site should check vmwn's execjob_begin hook "
-                            "(qmgr -c 'list hook vmwn') and the node's syslog")
+        sock = jobrun.vm_socket(state_dir, job_id, "the site should check vmwn's "
+                                "execjob_begin hook (qmgr -c 'list hook vmwn') and the "
+                                "node's syslog")
         return _run_vm(cfg, job_id, argv[1], argv[2:], sock, pbs_home)
     except BaseException as exc:  # noqa: BLE001 - nothing may reach the user's .e file raw
-        from .. import jobrun
-        return jobrun.fail(exc, cfg, job_id, _setup_logging)
-
-
-def _setup_logging(cfg=None):
-    """Syslog only: the starter's stderr is the job's .e file."""
-    import logging
-    from .. import logsetup
-    if cfg is None:
-        logsetup.setup(stderr=False)
-    else:
-        logsetup.setup(syslog=cfg.syslog, debug_log=cfg.debug_log, stderr=False)
-    if not logging.getLogger().handlers:
-        logging.getLogger().addHandler(logging.NullHandler())
+        return jobrun.fail(exc, cfg, job_id, jobrun.starter_logging)
 
 
 def _run_vm(cfg, job_id, how_started, rest, sock_path, pbs_home):
-    from .. import jobrun, logsetup
+    from .. import logsetup
     from . import mom
-    _setup_logging(cfg)
+    jobrun.starter_logging(cfg)
     log = logsetup.job_logger(__name__, job_id)
     environ = dict(os.environ)
     script = args = how = None
@@ -80,14 +62,10 @@ def _run_vm(cfg, job_id, how_started, rest, sock_path, pbs_home):
             mom.unescape_script_line(jobrun.read_stdin()),
             lambda path: mom.is_job_script(home, path),
             "reinstall vmwn's OpenPBS hooks (vmwn-openpbs-install)")
-    kind, value, st = jobrun.run(cfg, job_id, sock_path, mode, rest, environ, script=script,
-                                 how=how, args=args, nodefile_var="PBS_NODEFILE",
-                                 host_workdir=environ.get("PBS_O_WORKDIR"), log=log)
-    jobrun.report_usage(st, log)
-    if kind == "signal":
-        sys.stdout.flush()
-        jobrun.die_of(value)
-    return value
+    return jobrun.ended(jobrun.run(cfg, job_id, sock_path, mode, rest, environ,
+                                   script=script, how=how, args=args,
+                                   nodefile_var="PBS_NODEFILE",
+                                   host_workdir=environ.get("PBS_O_WORKDIR"), log=log), log)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,266 @@
+"""vmwn under a real Slurm (Debian's slurmctld and slurmd, one host on loopback,
+scripts/slurm-up): sbatch --vmwn=ENV runs the batch script in its own guest
+through vmwn's SPANK plugin; an unknown environment, or --vmwn on srun, is
+refused at submission with the reason on the user's terminal and no node is
+drained; a job without --vmwn runs as if vmwn were not installed."""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from vmwn.domain import domain_name, guest_hostname
+from vmwn.state import safe_name
+from vmwn_testlib import needs_image, wait_until
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration, needs_image("tiny")]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLURM_VAR = "/var/lib/vmwn-slurm"
+SLURM_ETC = os.path.join(SLURM_VAR, "etc")
+SLURM_CONF = os.path.join(SLURM_ETC, "slurm.conf")
+PLUGSTACK_DIR = os.path.join(SLURM_ETC, "plugstack.conf.d")
+RUNTIME = "/usr/local/lib/vmwn"
+STATE_DIR = "/var/lib/vmwn/jobs"
+OVERLAY_DIR = "/var/lib/vmwn/overlays"
+HOST = os.uname().nodename.split(".")[0]
+
+
+def run(argv, timeout=120, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, check=False,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+                               "SLURM_CONF": SLURM_CONF}, **kw)
+
+
+class Cluster:
+    def __init__(self, user):
+        self.user = user
+
+    def as_user(self, command, cwd, timeout=60):
+        line = f"cd {shlex.quote(cwd)} && SLURM_CONF={shlex.quote(SLURM_CONF)} {command}"
+        return run(["su", "-s", "/bin/sh", self.user.pw_name, "-c", line], timeout=timeout)
+
+    def sbatch(self, workdir, script, options="", name="job.sh"):
+        """(sbatch's CompletedProcess, job id or "")."""
+        path = os.path.join(workdir, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(script)
+        os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        os.chmod(path, 0o755)
+        cp = self.as_user(f"sbatch --parsable {options} {shlex.quote(name)}", workdir)
+        return cp, cp.stdout.strip().split(";")[0] if cp.returncode == 0 else ""
+
+    def submit(self, workdir, script, options="", name="job.sh"):
+        cp, job = self.sbatch(workdir, script, options, name)
+        assert cp.returncode == 0 and job, f"sbatch failed: {cp.stderr.strip()}"
+        return job
+
+    def show(self, job):
+        cp = run(["scontrol", "-o", "show", "job", job])
+        return dict(re.findall(r"(\w+)=(\S*)", cp.stdout)) if cp.returncode == 0 else {}
+
+    def finish(self, job, timeout=240):
+        """The job's exit status once it has ended (ExitCode=STATUS:SIGNAL)."""
+        def done():
+            st = self.show(job)
+            return st if st.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
+                                                 "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") \
+                else None
+        st = wait_until(done, timeout, f"job {job} to end", interval=0.3)
+        code, _, sig = st["ExitCode"].partition(":")
+        return int(code) if sig in ("", "0") else 256 + int(sig)
+
+    def output(self, workdir, job):
+        path = os.path.join(workdir, f"slurm-{job}.out")
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def node_state(self):
+        cp = run(["sinfo", "-h", "-n", HOST, "-o", "%T"])
+        return cp.stdout.strip()
+
+
+def leftovers(job):
+    found = []
+    cp = run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"])
+    found += [f"domain {n}" for n in cp.stdout.split() if n == domain_name(job)]
+    mine = safe_name(job)
+    for d in (STATE_DIR, OVERLAY_DIR, os.path.join(STATE_DIR, ".starts")):
+        if os.path.isdir(d):
+            found += [os.path.join(d, n) for n in os.listdir(d)
+                      if n == mine or n.startswith(mine + ".")]
+    return found
+
+
+def assert_clean(job, timeout=30):
+    left = []
+
+    def clean():
+        left[:] = leftovers(job)
+        return not left
+    try:
+        wait_until(clean, timeout, f"job {job}'s remains to go", interval=0.3)
+    except AssertionError:
+        raise AssertionError(f"left after job {job}: {left}") from None
+
+
+@pytest.fixture(scope="session")
+def slurm(test_user, test_environments):
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm tests need root (they run slurmctld and slurmd)")
+    if not all(shutil.which(p, path="/usr/sbin:/usr/bin") for p in ("slurmctld", "slurmd",
+                                                                   "sbatch", "munged")):
+        pytest.fail("Slurm is not installed: run 'make deps' (make test does)")
+    cp = run([os.path.join(REPO, "scripts", "slurm-up")], timeout=180)
+    assert cp.returncode == 0, f"slurm-up failed: {cp.stderr.strip()}"
+    try:
+        cp = run(["make", "-C", REPO, "--no-print-directory", "install"], timeout=600)
+        assert cp.returncode == 0, f"make install failed:\n{cp.stderr[-2000:]}"
+        cp = run([os.path.join(RUNTIME, "bin", "vmwn-slurm-install"), "install",
+                  "--plugstack-dir", PLUGSTACK_DIR], timeout=180)
+        assert cp.returncode == 0, f"vmwn-slurm-install failed: {cp.stderr.strip()}"
+        yield Cluster(test_user)
+    finally:
+        run([os.path.join(RUNTIME, "bin", "vmwn-slurm-install"), "uninstall",
+             "--plugstack-dir", PLUGSTACK_DIR], timeout=120)
+        run([os.path.join(REPO, "scripts", "slurm-down")], timeout=300)
+
+
+@pytest.fixture
+def workdir(test_user):
+    d = tempfile.mkdtemp(prefix="vmwn-slurm-", dir=test_user.pw_dir)
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+JOB = """#!/bin/sh
+echo "on $(hostname)"
+echo made > made-in-guest
+echo to-stderr >&2
+exit 3
+"""
+
+
+def test_a_vm_job_keeps_its_exit_status_output_and_files(slurm, workdir):
+    job = slurm.submit(workdir, JOB, "--vmwn=tiny")
+    status = slurm.finish(job)
+    out = slurm.output(workdir, job)
+    assert status == 3, (status, out)
+    assert f"on {guest_hostname(job)}" in out and "to-stderr" in out, out
+    made = os.path.join(workdir, "made-in-guest")
+    with open(made, encoding="ascii") as f:
+        assert f.read() == "made\n"
+    assert os.stat(made).st_uid == slurm.user.pw_uid  # written with the owner's rights
+    assert_clean(job)
+
+
+def test_a_job_without_vmwn_runs_natively_and_hears_nothing_of_it(slurm, workdir):
+    job = slurm.submit(workdir, JOB)
+    status = slurm.finish(job)
+    out = slurm.output(workdir, job)
+    assert status == 3, (status, out)
+    assert out == f"on {os.uname().nodename}\nto-stderr\n", out
+
+
+def test_an_unknown_environment_is_refused_at_sbatch_in_one_line(slurm, workdir):
+    cp, job = slurm.sbatch(workdir, JOB, "--vmwn=nosuch")
+    assert cp.returncode != 0 and not job, (cp.stdout, cp.stderr)
+    said = [ln for ln in cp.stderr.splitlines() if "vmwn:" in ln]
+    assert len(said) == 1, cp.stderr
+    assert "unknown vmwn environment 'nosuch'" in said[0] and "tiny" in said[0], said
+    assert slurm.node_state() == "idle"  # nothing reached a node, nothing was drained
+
+
+def test_an_sbatch_directive_asks_as_the_option_does(slurm, workdir):
+    cp, job = slurm.sbatch(workdir, "#!/bin/sh\n#SBATCH --vmwn=nosuch\nhostname\n")
+    assert cp.returncode != 0 and not job, (cp.stdout, cp.stderr)
+    assert "vmwn: unknown vmwn environment 'nosuch'" in cp.stderr, cp.stderr
+    job = slurm.submit(workdir, "#!/bin/sh\n#SBATCH --vmwn=tiny\nhostname\n")
+    assert slurm.finish(job) == 0
+    out = slurm.output(workdir, job)
+    assert guest_hostname(job) in out.splitlines(), out
+    assert_clean(job)
+
+
+def test_a_script_whose_interpreter_the_guest_lacks_is_refused_in_one_line(slurm, workdir):
+    job = slurm.submit(workdir, "#!/nonexistent/bash\necho ran\n", "--vmwn=tiny")
+    assert slurm.finish(job) == 1
+    said = [ln for ln in slurm.output(workdir, job).splitlines() if "ran" in ln or
+            "interpreter" in ln]
+    assert said == ["vmwn: the job script's interpreter /nonexistent/bash does not exist in "
+                    "environment tiny: begin the script with one it has (#!/bin/sh) or ask "
+                    "for another environment"], said
+    assert_clean(job)
+
+
+def test_an_environment_name_that_is_not_one_is_refused_at_sbatch(slurm, workdir):
+    cp, job = slurm.sbatch(workdir, JOB, "'--vmwn=$(id)'")
+    assert cp.returncode != 0 and not job, (cp.stdout, cp.stderr)
+    assert "vmwn: --vmwn needs an environment name" in cp.stderr, cp.stderr
+
+
+def test_srun_with_vmwn_is_refused_at_submission(slurm, workdir):
+    cp = slurm.as_user("srun --vmwn=tiny hostname", workdir)
+    assert cp.returncode != 0, (cp.stdout, cp.stderr)
+    assert "vmwn: --vmwn runs batch jobs only" in cp.stderr, cp.stderr
+    assert HOST not in cp.stdout  # never ran
+    assert slurm.node_state() == "idle"
+
+
+SIGNALS = """#!/bin/sh
+trap 'echo TERM >> sigs' TERM
+trap 'echo USR1 >> sigs' USR1
+echo started > started
+i=0
+while [ ! -e stop ] && ! grep -q TERM sigs 2>/dev/null && [ $i -lt 1500 ]; do
+    sleep 0.2; i=$((i+1))
+done
+sleep 1  # a repeated signal would arrive here
+exit 0
+"""
+
+
+def _has(path, text, timeout, what):
+    def seen():
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return text in f.read()
+        except FileNotFoundError:
+            return False
+    wait_until(seen, timeout, what, interval=0.2)
+
+
+def test_a_signal_to_the_batch_script_runs_its_trap_once(slurm, workdir):
+    job = slurm.submit(workdir, SIGNALS, "--vmwn=tiny")
+    _has(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
+    cp = slurm.as_user(f"scancel --batch --signal=USR1 {job}", workdir)
+    assert cp.returncode == 0, cp.stderr
+    sigs = os.path.join(workdir, "sigs")
+    _has(sigs, "USR1", 60, "the job's USR1 trap")
+    stop = os.path.join(workdir, "stop")
+    with open(stop, "w", encoding="ascii"):
+        pass
+    assert slurm.finish(job) == 0
+    with open(sigs, encoding="ascii") as f:
+        assert f.read() == "USR1\n"
+    assert_clean(job)
+
+
+def test_scancel_gives_the_guest_job_one_term_and_leaves_nothing(slurm, workdir):
+    job = slurm.submit(workdir, SIGNALS, "--vmwn=tiny")
+    _has(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
+    cp = slurm.as_user(f"scancel {job}", workdir)
+    assert cp.returncode == 0, cp.stderr
+    slurm.finish(job)
+    _has(os.path.join(workdir, "sigs"), "TERM", 30, "the job's TERM trap")
+    with open(os.path.join(workdir, "sigs"), encoding="ascii") as f:
+        assert f.read() == "TERM\n"
+    assert_clean(job)
+    assert slurm.node_state() == "idle"

@@ -1,0 +1,136 @@
+"""Install vmwn's SPANK plugin on a Slurm node (``vmwn-slurm-install``), and take it out.
+
+Run as root on every node (login nodes too: sbatch loads the plugin to check
+``--vmwn`` at submission), after vmwn itself is installed (``make install``).
+It
+
+- writes the job starter ``PREFIX/libexec/vmwn/slurm-starter`` (the interpreter,
+  vmwn.conf and the state directory baked in);
+- compiles ``vmwn_spank.c`` against this node's ``slurm/spank.h`` (Debian:
+  libslurm-dev) into ``PREFIX/lib/vmwn/slurm/vmwn_spank.so``;
+- writes ``PLUGSTACK_DIR/vmwn.conf``, the plugin's line for plugstack.conf
+  (``include PLUGSTACK_DIR/*`` there, or copy the line in).
+
+Re-running it is harmless; ``uninstall`` removes the three.  slurmd and
+slurmctld read plugstack.conf when a job starts and sbatch when it runs: no
+daemon restart is needed.
+"""
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+
+from ..errors import SiteError, VmwnError
+
+STARTER_NAME = "slurm-starter"
+PLUGIN_NAME = "vmwn_spank.so"
+PLUGSTACK_NAME = "vmwn.conf"
+SPANK_H = "/usr/include/slurm/spank.h"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vmwn_spank.c")
+_STARTER = """#!/bin/sh
+# vmwn job starter for Slurm: vmwn's SPANK plugin execs it in place of a batch
+# script that asks for a vmwn environment.  Installed by vmwn-slurm-install; do
+# not edit.
+exec {python} -I -c '
+import sys
+config, state_dir = sys.argv[1:3]
+del sys.argv[1:3]
+from vmwn.slurm.starter import main
+sys.exit(main(config_path=config, state_dir=state_dir))
+' {config} {state_dir} "$@"
+"""
+
+
+def render_starter(python, config_path, state_dir):
+    q = shlex.quote
+    return _STARTER.format(python=q(python), config=q(config_path), state_dir=q(state_dir))
+
+
+def plugstack_line(plugin, python, config_path, starter):
+    for what, value in (("plugin", plugin), ("python", python), ("config", config_path),
+                        ("starter", starter)):
+        if not value or any(c.isspace() for c in value):
+            raise SiteError(f"the {what} path {value!r} has white space, which plugstack.conf "
+                            "cannot hold", "install vmwn under a path without spaces")
+    return f"required {plugin} python={python} config={config_path} starter={starter}\n"
+
+
+def _write(path, text, mode):
+    tmp = path + ".vmwn-new"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.rename(tmp, path)
+
+
+def compile_plugin(out, cc="cc"):
+    from .. import subp
+    if not os.path.exists(SPANK_H):
+        raise SiteError(f"{SPANK_H} is missing, so vmwn's SPANK plugin cannot be built",
+                        "install Slurm's headers (Debian: apt install libslurm-dev)")
+    if shutil.which(cc) is None:
+        raise SiteError(f"no C compiler ({cc}) to build vmwn's SPANK plugin",
+                        "install one (Debian: apt install gcc libc6-dev)")
+    tmp = out + ".vmwn-new"
+    cp = subp.run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-o", tmp, SOURCE], timeout=120,
+                  check=False)
+    if cp.returncode != 0:
+        raise SiteError(f"building vmwn's SPANK plugin failed: "
+                        f"{' '.join((cp.stderr or cp.stdout).split())[:300]}",
+                        "check that libslurm-dev matches the installed Slurm")
+    os.chmod(tmp, 0o755)
+    os.rename(tmp, out)
+
+
+def install(opts):
+    from .. import config
+    cfg = config.load(opts.config)  # a node without vmwn.conf is not ready
+    python = os.path.abspath(opts.python or sys.executable)
+    libexec = os.path.join(opts.prefix, "libexec", "vmwn")
+    libdir = os.path.join(opts.prefix, "lib", "vmwn", "slurm")
+    for d in (libexec, libdir, opts.plugstack_dir):
+        os.makedirs(d, 0o755, exist_ok=True)
+    starter = os.path.join(libexec, STARTER_NAME)
+    _write(starter, render_starter(python, opts.config, cfg.site["state_dir"]), 0o755)
+    plugin = os.path.join(libdir, PLUGIN_NAME)
+    compile_plugin(plugin)
+    conf = os.path.join(opts.plugstack_dir, PLUGSTACK_NAME)
+    _write(conf, plugstack_line(plugin, python, opts.config, starter), 0o644)
+    return [starter, plugin, conf]
+
+
+def uninstall(opts):
+    done = []
+    for path in (os.path.join(opts.plugstack_dir, PLUGSTACK_NAME),
+                 os.path.join(opts.prefix, "lib", "vmwn", "slurm", PLUGIN_NAME),
+                 os.path.join(opts.prefix, "libexec", "vmwn", STARTER_NAME)):
+        if os.path.exists(path):
+            os.unlink(path)
+            done.append(path)
+    return done
+
+
+def main(argv=None):
+    from .. import errors
+    p = argparse.ArgumentParser(prog="vmwn-slurm-install",
+                                description="Install vmwn's SPANK plugin on a Slurm node.")
+    p.add_argument("action", choices=("install", "uninstall"))
+    p.add_argument("--plugstack-dir", default="/etc/slurm/plugstack.conf.d",
+                   help="a directory plugstack.conf includes (its vmwn.conf is the plugin's line)")
+    p.add_argument("--config", default="/etc/vmwn/vmwn.conf")
+    p.add_argument("--prefix", default="/usr/local")
+    p.add_argument("--python", help="the runtime's interpreter (default: this one)")
+    opts = p.parse_args(argv)
+    try:
+        for what in (install if opts.action == "install" else uninstall)(opts):
+            print(f"vmwn-slurm-install: {opts.action}ed {what}")
+        return 0
+    except VmwnError as e:
+        print(f"vmwn-slurm-install: {e.line()}", file=sys.stderr)
+        return errors.exit_code("cli", e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""What vmwn's SPANK plugin runs (as the submitting user at sbatch, as root in
+slurmstepd), in vmwn's installed runtime: ``python -I -m vmwn.slurm.runtime
+ACTION CONFIG KEY=VALUE...``.  The plugin passes the job's values as arguments,
+never through a shell; the last line on stdout is what it shows (the refusal at
+sbatch), the exit status whether the action succeeded.
+
+- ``check env=ENV``: is ENV configured here?  (sbatch, on the submit host: an
+  unknown environment is refused before a job exists, so no node is drained.)
+- ``begin job_id=... env=... uid=... gid=... ncpus=... mem_mb=... workdir=...
+  job_name=...``: vmwn.vmjob.begin, in the batch step's slurmstepd.  Every
+  failure becomes a refusal record, which the job starter shows on the job's
+  stderr: a failing SPANK call there would fail the step in Slurm's terms, and
+  a node must never be drained for a job.
+- ``end job_id=...``: vmwn.vmjob.end, when the batch step ends.
+"""
+
+import os
+import sys
+
+from .. import config, errors, logsetup
+from . import request
+
+
+def check(cfg, job):
+    cfg.env((job.get("env") or "").strip())  # UserError names the configured ones
+    return 0
+
+
+def begin(cfg, job):
+    from .. import vmjob  # here, not above: 'check' runs at every sbatch and stays light
+    job_id = job.get("job_id") or ""
+    if not job_id.isdigit():
+        raise errors.SiteError(f"job id {job_id!r} from the SPANK plugin is not a number",
+                               "reinstall vmwn's SPANK plugin (vmwn-slurm-install)")
+    try:
+        vmjob.begin(cfg, job_id, lambda: request.build(cfg, job))
+    except errors.VmwnError as e:  # no requeue under Slurm (yet): the job is told why
+        vmjob.refuse(cfg, job_id, e, logsetup.job_logger(__name__, job_id))
+    return 0
+
+
+def end(cfg, job):
+    from .. import vmjob
+    vmjob.end(cfg, job.get("job_id") or "")
+    return 0
+
+
+ACTIONS = {"check": check, "begin": begin, "end": end}
+
+
+def parse(args):
+    """``KEY=VALUE`` arguments as a dict (a value may hold '=' and any byte)."""
+    job = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key.isidentifier():
+            raise errors.SiteError(f"the SPANK plugin passed {arg!r}, not KEY=VALUE",
+                                   "reinstall vmwn's SPANK plugin (vmwn-slurm-install)")
+        job[key] = value
+    return job
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    os.umask(0o022)
+    try:
+        if len(argv) < 2 or argv[0] not in ACTIONS:
+            raise errors.SiteError(f"usage: runtime {{{','.join(ACTIONS)}}} CONFIG KEY=VALUE... "
+                                   f"(got {' '.join(argv)!r})",
+                                   "reinstall vmwn's SPANK plugin (vmwn-slurm-install)")
+        job = parse(argv[2:])
+        cfg = config.load(argv[1])
+        logsetup.setup(syslog=cfg.syslog, debug_log=cfg.debug_log, stderr=False)
+        return ACTIONS[argv[0]](cfg, job)
+    except BaseException as e:  # noqa: BLE001 - one line for the plugin, never a trace
+        if isinstance(e, SystemExit):
+            raise
+        logsetup.setup(stderr=False)
+        if not isinstance(e, errors.VmwnError):
+            logsetup.logging.getLogger(__name__).error("runtime failed", exc_info=True)
+        line = e.line() if isinstance(e, errors.VmwnError) else f"{type(e).__name__}: {e}"
+        print(f"vmwn: {line}", flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
