@@ -264,3 +264,37 @@ def test_scancel_gives_the_guest_job_one_term_and_leaves_nothing(slurm, workdir)
         assert f.read() == "TERM\n"
     assert_clean(job)
     assert slurm.node_state() == "idle"
+
+
+def slurm_seconds(text):
+    """Slurm's [DD-][HH:]MM:SS[.mmm] in seconds."""
+    days, _, rest = text.rpartition("-")
+    parts = [float(p) for p in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def test_the_vms_cpu_is_the_jobs_in_slurms_accounting(slurm, workdir):
+    """jobacct_gather/cgroup counts what the batch task's accounting cgroup used: the
+    VM joined it (the starter itself uses well under a second)."""
+    script = ("#!/bin/sh\nsh -c 'ulimit -t 12; while :; do :; done'\necho burnt > burnt\n"
+              "while [ ! -e stop ]; do sleep 0.2; done\n")
+    job = slurm.submit(workdir, script, "--vmwn=tiny")
+    _has(os.path.join(workdir, "burnt"), "burnt", 240, "the guest's 12 s CPU loop")
+
+    def counted():
+        cp = slurm.as_user(f"sstat -a -j {job} -n -P -o JobID,TRESUsageInTot", workdir)
+        for line in cp.stdout.splitlines():
+            step, _, tres = line.partition("|")
+            m = re.search(r"(?:^|,)cpu=([^,]+)", tres)
+            if step.endswith(".batch") and m and slurm_seconds(m.group(1)) >= 12:
+                return slurm_seconds(m.group(1))
+        return None
+    cpu = wait_until(counted, 60, "sstat to count the VM's 12 s of CPU in the batch step",
+                     interval=1.0)
+    with open(os.path.join(workdir, "stop"), "w", encoding="ascii"):
+        pass
+    assert slurm.finish(job) == 0
+    print(f"batch step charged {cpu:.0f} s for the guest's 12 s loop")
+    assert_clean(job)

@@ -191,8 +191,9 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
     "interactive" (a shell on a pty) or "task" (``rest`` run as a further task of
     a running job, ``task_num`` naming it).  ``environ``: the job's environment
     (``nodefile_var`` names the variable holding the host's node file, copied
-    into the guest and pointed there).  ``adopt(st)``: the batch system's way of
-    charging the VM to the job, called once the guest is up (not for tasks).
+    into the guest and pointed there).  ``adopt(st, wsock)``: the batch system's way
+    of charging the VM to the job, called once the guest is up (not for tasks), with
+    the warden's socket.
     ``host_workdir``: the directory staged in (copy mode; default: the record's).
     ``interpreter``: ``rest[0]`` is the script's own ``#!`` interpreter (a batch
     system that execs the script), which the guest must have: the job is refused
@@ -205,7 +206,7 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
     log = log or logsetup.job_logger(__name__, job_id)
     st, wsock = await_guest(sock_path, mode)
     if mode != "task" and adopt is not None:
-        adopt(st)
+        adopt(st, wsock)
     log.info("starting %s in guest %s as %s", mode, st.domain, st.user)
     guest = connect_guest(st, wsock)
     try:
@@ -485,6 +486,19 @@ def await_guest(sock_path, mode):
         say(f"the job waited {waited:.1f} s for its virtual machine "
              f"({answer['record']['env']}); walltime counts from before that wait")
     return types.SimpleNamespace(**answer["record"]), wsock
+
+
+def join_cgroups(wsock, timeout=30.0):
+    """Ask the job's warden to move the VM into this process's accounting cgroup
+    (vmwn.cgroups); True when it did."""
+    wsock.settimeout(timeout)
+    try:
+        wsock.sendall(b"cgroups\n")
+        return wsock.recv(1) == b"1"
+    except OSError:
+        return False
+    finally:
+        wsock.settimeout(None)
 
 
 def launcher_of(st):

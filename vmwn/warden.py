@@ -168,6 +168,7 @@ class Warden:
         self.log = job_logger(__name__, job_id)
         self.answer = None          # bytes: the JSON line every starter gets
         self.conns = {}             # socket -> bytes received, not yet a whole line
+        self.peers = {}             # socket -> the pid at its other end (SO_PEERCRED)
         self.primary = None         # the first starter's socket (the job's own)
         self.dom_name = None
         self.owner = None           # the job user's uid, the only one answered (and root)
@@ -269,6 +270,7 @@ class Warden:
             conn.close()
             return
         self.conns[conn] = b""
+        self.peers[conn] = pid
         if self.primary is None:
             self.primary = conn
 
@@ -280,6 +282,7 @@ class Warden:
             data = b""
         if not data:
             del self.conns[conn]
+            self.peers.pop(conn, None)
             conn.close()
             return False
         buf = self.conns[conn] + data
@@ -292,6 +295,9 @@ class Warden:
     def _command(self, word, conn=None):
         if word == "connect" and conn is not None:
             self._connect(conn)
+            return
+        if word == "cgroups" and conn is not None:
+            self._join_cgroups(conn)
             return
         if word not in ("suspend", "resume"):
             return
@@ -306,6 +312,24 @@ class Warden:
         finally:
             conn.close()
 
+
+    def _join_cgroups(self, conn):
+        """Answer ``cgroups``: the VM's processes (launcher, anchor, QEMU) join the
+        accounting cgroup of the asking starter, a process of the job's own (its uid
+        was checked at accept); one byte, 1 when they did."""
+        from . import cgroups, usage
+        st = statemod.load(self.cfg, self.job_id)
+        launcher = st.vm_pid if st.vm_pid and \
+            usage.start_time(st.vm_pid) == st.vm_start else 0
+        try:
+            if not launcher:
+                raise OSError("the VM's launcher is gone")
+            done = cgroups.join(usage.tree(launcher), self.peers[conn])
+            self.log.info("the VM joined the job's cgroups: %s", ", ".join(done) or "none")
+            _send_quietly(conn, b"1" if done else b"0")
+        except OSError as e:
+            self.log.warning("the VM cannot join the job's cgroups: %s", e.strerror or e)
+            _send_quietly(conn, b"0")
 
     def _connect(self, conn):
         """Answer ``connect``: one byte, with a socket connected to the guest's forward

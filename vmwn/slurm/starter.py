@@ -73,7 +73,18 @@ def _run_vm(cfg, job_id, script_path, args, sock_path):
     return jobrun.ended(jobrun.run(cfg, job_id, sock_path, "batch", [interpreter(script)],
                                    environ, script=script, how="exec", args=args,
                                    host_workdir=environ.get("SLURM_SUBMIT_DIR"), log=log,
-                                   interpreter=True), log)
+                                   interpreter=True,
+                                   adopt=lambda st, wsock: _charge(wsock, log)), log)
+
+
+def _charge(wsock, log):
+    """Slurm counts a job by its cgroups (jobacct_gather/cgroup): the warden moves the
+    VM into this task's accounting cgroup, so the VM's CPU is the job's."""
+    if jobrun.join_cgroups(wsock):
+        log.info("the VM joined the task's accounting cgroup")
+    else:
+        log.warning("the VM could not join the task's accounting cgroup (the node's "
+                    "syslog says why): Slurm does not count its CPU")
 
 
 def interpreter(script):

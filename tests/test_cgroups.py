@@ -1,0 +1,63 @@
+"""vmwn.cgroups on stand-in /proc files and a stand-in cgroup tree (nothing of the
+host's is read or moved)."""
+
+import os
+
+import pytest
+
+from vmwn import cgroups
+
+MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / {root}/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / {root}/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+35 31 0:32 / {root}/memory rw,relatime - cgroup cgroup rw,memory
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "cg"
+    for c in ("cpu", "cpuacct", "memory"):
+        (root / c / "slurm_vm" / "uid_1" / "job_7" / "step_batch" / "task_0").mkdir(parents=True)
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO.format(root=root))
+    proc = tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    (proc / "4242" / "cgroup").write_text(
+        "4:memory:/slurm_vm/uid_1/job_7/step_batch/task_0\n"
+        "2:cpuacct:/slurm_vm/uid_1/job_7/step_batch/task_0\n"
+        "1:cpu:/\n0::/\n")
+    return root, str(info), str(proc)
+
+
+def test_the_vm_joins_the_tasks_accounting_group_and_no_other(tree):
+    root, info, proc = tree
+    assert cgroups.mounts(info) == {"cpu": str(root / "cpu"),
+                                    "cpuacct": str(root / "cpuacct"),
+                                    "memory": str(root / "memory")}
+    done = cgroups.join([11, 12], 4242, proc=proc, mountinfo=info)
+    procs = root / "cpuacct" / "slurm_vm/uid_1/job_7/step_batch/task_0/cgroup.procs"
+    assert done == [str(procs)]
+    # each pid is written on its own (the kernel takes one per write); the last stays
+    assert procs.read_text() == "12"
+    assert not (root / "memory" / "slurm_vm/uid_1/job_7/step_batch/task_0"
+                / "cgroup.procs").exists()  # no limit of the job's reaches QEMU
+
+
+def test_nothing_moves_for_a_process_outside_any_accounting_group(tree):
+    root, info, proc = tree
+    assert cgroups.join([11], 9999, proc=proc, mountinfo=info) == []  # gone: no groups
+    os.makedirs(os.path.join(proc, "5"))
+    with open(os.path.join(proc, "5", "cgroup"), "w", encoding="ascii") as f:
+        f.write("0::/user.slice\n")
+    assert cgroups.join([11], 5, proc=proc, mountinfo=info) == []  # cgroup v2 only
+
+
+def test_a_group_path_that_leaves_the_hierarchy_is_refused(tree):
+    root, info, proc = tree
+    with open(os.path.join(proc, "4242", "cgroup"), "w", encoding="ascii") as f:
+        f.write("2:cpuacct:/../../etc\n")
+    with pytest.raises(OSError, match="leaves"):
+        cgroups.join([11], 4242, proc=proc, mountinfo=info)
