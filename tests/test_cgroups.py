@@ -61,3 +61,35 @@ def test_a_group_path_that_leaves_the_hierarchy_is_refused(tree):
         f.write("2:cpuacct:/../../etc\n")
     with pytest.raises(OSError, match="leaves"):
         cgroups.join([11], 4242, proc=proc, mountinfo=info)
+
+
+def test_the_warden_moves_the_vm_once_and_only_for_the_jobs_own_starter(world_tmp,
+                                                                       monkeypatch):
+    """Another process of the user's (a second connection) could otherwise move the VM
+    into a group nobody counts; the host's cgroups are not touched (join is a stand-in)."""
+    import socket
+    import threading
+    from vmwn import state, usage, warden
+    from test_starter import Job
+    import pathlib
+    job = Job(pathlib.Path(world_tmp))  # a short path: a Unix socket's is bounded
+    job.st.vm_pid, job.st.vm_start = os.getpid(), usage.start_time(os.getpid())
+    state.save(job.cfg, job.st)
+    moved = []
+    monkeypatch.setattr(cgroups, "join", lambda pids, of_pid: moved.append(of_pid) or ["g"])
+    w = warden.Warden(job.cfg, job.job_id, warden.listen(job.cfg, job.st))
+    w.answer = b'{"ready": true}\n'
+    threading.Thread(target=w._serve, daemon=True).start()
+    path = state.warden_socket(job.cfg.site["state_dir"], job.job_id)
+    first, second = (socket.socket(socket.AF_UNIX) for _ in range(2))
+    for s in (first, second):
+        s.connect(path)
+        assert s.recv(64) == b'{"ready": true}\n'
+    second.sendall(b"cgroups\n")
+    assert second.recv(1) == b"0" and moved == []
+    first.sendall(b"cgroups\n")
+    assert first.recv(1) == b"1" and moved == [os.getpid()]
+    first.sendall(b"cgroups\n")
+    assert first.recv(1) == b"0" and moved == [os.getpid()]
+    for s in (first, second):
+        s.close()

@@ -169,6 +169,7 @@ class Warden:
         self.answer = None          # bytes: the JSON line every starter gets
         self.conns = {}             # socket -> bytes received, not yet a whole line
         self.peers = {}             # socket -> the pid at its other end (SO_PEERCRED)
+        self.joined = False         # the VM has been moved into the job's cgroups
         self.primary = None         # the first starter's socket (the job's own)
         self.dom_name = None
         self.owner = None           # the job user's uid, the only one answered (and root)
@@ -297,7 +298,16 @@ class Warden:
             self._connect(conn)
             return
         if word == "cgroups" and conn is not None:
-            self._join_cgroups(conn)
+            # The job's own starter only (the first to connect, at the job's start),
+            # and once: another process of the user's could otherwise move the VM
+            # into a group no one counts.
+            if conn is self.primary and not self.joined:
+                self.joined = True
+                self._join_cgroups(conn)
+            else:
+                self.log.warning("refused to move the VM's cgroups for pid %d",
+                                 self.peers.get(conn, 0))
+                _send_quietly(conn, b"0")
             return
         if word not in ("suspend", "resume"):
             return
