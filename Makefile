@@ -131,6 +131,7 @@ bench: deps torque openpbs
 	$(PY) bench/vmwn_bench.py --config $(CONFIG)
 	$(PY) bench/torque_bench.py
 	$(PY) bench/openpbs_bench.py
+	$(PY) bench/slurm_bench.py
 
 # A node is installed from the wheel, exactly as a site installs one without a
 # source tree: pip install dist/vmwn-*.whl into the runtime, then its vmwn-install.
