@@ -1,8 +1,9 @@
 """vmwn under a real Slurm (Debian's slurmctld and slurmd, one host on loopback,
-scripts/slurm-up): sbatch --vmwn=ENV runs the batch script in its own guest
-through vmwn's SPANK plugin; an unknown environment, or --vmwn on srun, is
-refused at submission with the reason on the user's terminal and no node is
-drained; a job without --vmwn runs as if vmwn were not installed."""
+scripts/slurm-up): sbatch --vmwn=ENV runs the batch script, and srun --vmwn=ENV
+its program, in the job's own guest through vmwn's SPANK plugin; an unknown
+environment, salloc, or srun inside an allocation is refused at submission with
+the reason on the user's terminal and no node is drained; a job without --vmwn
+runs as if vmwn were not installed."""
 
 import os
 import re
@@ -83,6 +84,14 @@ class Cluster:
     def node_state(self):
         cp = run(["sinfo", "-h", "-n", HOST, "-o", "%T"])
         return cp.stdout.strip()
+
+    def assert_idle(self, timeout=60):
+        """The node ends idle (a job may still be completing), never drained."""
+        def settled():
+            st = self.node_state()
+            assert "drain" not in st, f"node {HOST} is {st}"
+            return st == "idle"
+        wait_until(settled, timeout, f"node {HOST} to be idle", interval=0.2)
 
 
 def leftovers(job):
@@ -175,7 +184,7 @@ def test_an_unknown_environment_is_refused_at_sbatch_in_one_line(slurm, workdir)
     said = [ln for ln in cp.stderr.splitlines() if "vmwn:" in ln]
     assert len(said) == 1, cp.stderr
     assert "unknown vmwn environment 'nosuch'" in said[0] and "tiny" in said[0], said
-    assert slurm.node_state() == "idle"  # nothing reached a node, nothing was drained
+    slurm.assert_idle()  # nothing reached a node, nothing was drained
 
 
 def test_an_sbatch_directive_asks_as_the_option_does(slurm, workdir):
@@ -206,12 +215,28 @@ def test_an_environment_name_that_is_not_one_is_refused_at_sbatch(slurm, workdir
     assert "vmwn: --vmwn needs an environment name" in cp.stderr, cp.stderr
 
 
-def test_srun_with_vmwn_is_refused_at_submission(slurm, workdir):
-    cp = slurm.as_user("srun --vmwn=tiny hostname", workdir)
+def test_srun_runs_its_program_in_a_guest_as_a_job_of_its_own(slurm, workdir):
+    cp = slurm.as_user("srun --vmwn=tiny sh -c 'hostname; exit 4'", workdir, timeout=240)
+    assert cp.returncode == 4, (cp.stdout, cp.stderr)
+    name = cp.stdout.strip()
+    assert re.fullmatch(r"vmwn-[0-9]+-[0-9a-f]+", name) and name != HOST, cp.stdout
+    job = name.split("-")[1]
+    assert name == guest_hostname(job)
+    assert_clean(job)
+    slurm.assert_idle()
+
+
+def test_salloc_srun_in_an_allocation_and_several_tasks_are_refused(slurm, workdir):
+    cp = slurm.as_user("salloc --vmwn=tiny true", workdir)
+    assert cp.returncode != 0 and "vmwn: --vmwn runs a job of its own" in cp.stderr, cp.stderr
+    cp = slurm.as_user("salloc sh -c 'srun --vmwn=tiny hostname'", workdir, timeout=120)
     assert cp.returncode != 0, (cp.stdout, cp.stderr)
-    assert "vmwn: --vmwn runs batch jobs only" in cp.stderr, cp.stderr
+    assert "vmwn: srun --vmwn runs a job of its own, not a step of job" in cp.stderr
     assert HOST not in cp.stdout  # never ran
-    assert slurm.node_state() == "idle"
+    cp = slurm.as_user("srun --vmwn=tiny -n 2 hostname", workdir, timeout=120)
+    assert cp.returncode != 0 and HOST not in cp.stdout, (cp.stdout, cp.stderr)
+    assert "vmwn: a VM job runs one task per node" in cp.stderr, cp.stderr
+    slurm.assert_idle()
 
 
 SIGNALS = """#!/bin/sh
@@ -263,7 +288,7 @@ def test_scancel_gives_the_guest_job_one_term_and_leaves_nothing(slurm, workdir)
     with open(os.path.join(workdir, "sigs"), encoding="ascii") as f:
         assert f.read() == "TERM\n"
     assert_clean(job)
-    assert slurm.node_state() == "idle"
+    slurm.assert_idle()
 
 
 def slurm_seconds(text):

@@ -94,13 +94,17 @@ def test_the_slurm_starter_never_runs_a_vm_job_on_the_host(tmp_path):
     script.parent.mkdir()
     script.write_text("#!/bin/sh\necho ran-on-host\n")
     script.chmod(0o755)
-    p = _starter(tmp_path, str(script), env={"SLURM_JOB_ID": "9"})
+    p = _starter(tmp_path, "batch", str(script), env={"SLURM_JOB_ID": "9"})
     assert p.returncode == 2, p.stderr
     assert b"ran-on-host" not in p.stdout
     lines = p.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vmwn: the job asks for a vmwn "
                                                    "environment, but this node prepared no"), lines
-    p = _starter(tmp_path, str(script))  # not from slurmstepd
+    p = _starter(tmp_path, "exec", "/bin/echo", "ran-on-host", env={"SLURM_JOB_ID": "9"})
+    assert p.returncode == 2 and b"ran-on-host" not in p.stdout, p.stderr
+    p = _starter(tmp_path, str(script))  # no mode: an old plugin
+    assert p.returncode == 2 and b"without a mode" in p.stderr, p.stderr
+    p = _starter(tmp_path, "batch", str(script))  # not from slurmstepd
     assert p.returncode == 2 and b"SLURM_JOB_ID" in p.stderr, p.stderr
 
 

@@ -1,13 +1,15 @@
-"""The batch job's program under Slurm when it asks for vmwn: vmwn's SPANK plugin
-execs this (as the job's user, in the batch task) in the script's place.
+"""The job's program under Slurm when it asks for vmwn: vmwn's SPANK plugin execs
+this (as the job's user, in the job's task) in the program's place.
 
-argv is ``[starter, SCRIPT, ARGS...]``: what slurmstepd would have executed, the
-job script it wrote (``SlurmdSpoolDir/jobNNNNN/slurm_script``) and the script's
-arguments.  The script is read here and runs in the guest as it would have on
-the host (its ``#!`` line decides), through vmwn.jobrun; the starter ends as the
-guest job ended, so Slurm records the same ExitCode (and the signal of a job
-killed by one).  A job sent here never runs on the host: without a VM prepared
-for it, it fails with the reason on its stderr.
+argv is ``[starter, "batch", SCRIPT, ARGS...]`` for a batch job: what slurmstepd
+would have executed, the job script it wrote (``SlurmdSpoolDir/jobNNNNN/
+slurm_script``) and its arguments; the script is read here and runs in the guest
+as it would have on the host (its ``#!`` line decides).  ``[starter, "exec",
+PROGRAM, ARGS...]`` is a job srun made itself: the program runs in the guest.
+Either runs through vmwn.jobrun; the starter ends as the guest job ended, so
+Slurm records the same ExitCode (and the signal of a job killed by one).  A job
+sent here never runs on the host: without a VM prepared for it, it fails with
+the reason on its stderr.
 """
 
 import os
@@ -17,6 +19,7 @@ import sys
 from .. import jobrun
 
 SCRIPT_NAME = "slurm_script"
+MODES = ("batch", "exec")
 
 
 def main(argv=None, config_path=None, state_dir=None):
@@ -28,16 +31,17 @@ def main(argv=None, config_path=None, state_dir=None):
     try:
         from .. import config
         from ..errors import SiteError
-        if len(argv) < 2:
-            raise SiteError("vmwn's Slurm job starter was called without the job's script",
-                            "reinstall vmwn's SPANK plugin (vmwn-slurm-install)")
+        if len(argv) < 3 or argv[1] not in MODES:
+            raise SiteError("vmwn's Slurm job starter was called without a mode and the "
+                            "job's program", "reinstall vmwn's SPANK plugin "
+                            "(vmwn-slurm-install)")
         if not job_id.isdigit():
             raise SiteError("the job starter has no SLURM_JOB_ID", "run it only from slurmstepd")
         cfg = config.load(config_path or config.DEFAULT_PATH)
         state_dir = state_dir or cfg.site["state_dir"]
         sock = jobrun.vm_socket(state_dir, job_id, "the site should check vmwn's SPANK "
                                 "plugin (plugstack.conf) and the node's syslog")
-        return _run_vm(cfg, job_id, argv[1], argv[2:], sock)
+        return _run_vm(cfg, job_id, argv[1], argv[2], argv[3:], sock)
     except BaseException as exc:  # noqa: BLE001 - nothing may reach the user's output raw
         return jobrun.fail(exc, cfg, job_id, jobrun.starter_logging)
 
@@ -64,17 +68,20 @@ def read_script(path):
     return script
 
 
-def _run_vm(cfg, job_id, script_path, args, sock_path):
+def _run_vm(cfg, job_id, mode, program, args, sock_path):
     from .. import logsetup
     jobrun.starter_logging(cfg)
     log = logsetup.job_logger(__name__, job_id)
     environ = dict(os.environ)
-    script = read_script(script_path)
+    common = dict(host_workdir=environ.get("SLURM_SUBMIT_DIR"), log=log,
+                  adopt=lambda st, wsock: _charge(wsock, log))
+    if mode == "exec":
+        return jobrun.ended(jobrun.run(cfg, job_id, sock_path, "exec", [program, *args],
+                                       environ, **common), log)
+    script = read_script(program)
     return jobrun.ended(jobrun.run(cfg, job_id, sock_path, "batch", [interpreter(script)],
                                    environ, script=script, how="exec", args=args,
-                                   host_workdir=environ.get("SLURM_SUBMIT_DIR"), log=log,
-                                   interpreter=True,
-                                   adopt=lambda st, wsock: _charge(wsock, log)), log)
+                                   interpreter=True, **common), log)
 
 
 def _charge(wsock, log):

@@ -6,17 +6,18 @@
  * subprocess (`PYTHON -I -m vmwn.slurm.runtime ACTION CONFIG KEY=VALUE...`, no
  * shell, a timeout, its last line of output kept):
  *
- *   sbatch (allocator context)   `check env=ENV`: an unknown environment is
+ *   sbatch, srun (submission)    `check env=ENV`: an unknown environment is
  *                                refused at submission, with vmwn's line on the
  *                                user's terminal; no job is made, no node drained.
- *   srun, salloc                 refused at submission: a VM job is a batch job.
- *   slurmstepd, batch step       `begin` (root, after the options): prepare the
- *                                VM and fork its warden; it never fails the step
+ *                                salloc, and srun inside an allocation, refused.
+ *   slurmstepd, the job's step   `begin` (root, after the options): prepare the
+ *   (batch, or srun's own)       VM and fork its warden; it never fails the step
  *                                (a failure becomes a refusal the starter shows).
- *   the batch task (job user)    exec vmwn's Slurm job starter in the script's
- *                                place: `STARTER SCRIPT ARGS...`; the job never
- *                                runs on the host.
- *   slurmstepd exit, batch step  `end` (root): stop the warden, copy back, destroy.
+ *   the task (job user)          exec vmwn's Slurm job starter in the program's
+ *                                place: `STARTER batch SCRIPT ARGS...` or
+ *                                `STARTER exec PROGRAM ARGS...`; the job never
+ *                                runs on the host.  One task per node.
+ *   slurmstepd exit, that step   `end` (root): stop the warden, copy back, destroy.
  *
  * plugstack.conf: required PATH/vmwn_spank.so python=... config=... starter=...
  * (written by vmwn-slurm-install).
@@ -206,12 +207,25 @@ static int runtime(const char *action, char *const *args, int nargs, int timeout
 	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
-static int batch_step(spank_t sp)
-{
-	uint32_t step = 0;
+#ifndef SLURM_EXTERN_CONT
+#define SLURM_EXTERN_CONT (0xfffffffc)
+#endif
 
-	return spank_get_item(sp, S_JOB_STEPID, &step) == ESPANK_SUCCESS
-		&& step == SLURM_BATCH_SCRIPT;
+static uint32_t step_id(spank_t sp)
+{
+	uint32_t step = SLURM_EXTERN_CONT;
+
+	if (spank_get_item(sp, S_JOB_STEPID, &step) != ESPANK_SUCCESS)
+		return SLURM_EXTERN_CONT;
+	return step;
+}
+
+/* The step that carries a VM job: the batch step, or the step of a job srun
+ * made itself (salloc and srun inside an allocation are refused at submission,
+ * so no other step of such a job asks).  The extern step runs no job. */
+static int job_step(spank_t sp)
+{
+	return step_id(sp) != SLURM_EXTERN_CONT;
 }
 
 static const char *job_env(spank_t sp, const char *name, char *buf, int size)
@@ -228,10 +242,16 @@ static int check_submission(void)
 	char *args[] = { arg };
 	const char *prog = program_invocation_short_name;
 
-	if (strcmp(prog, "sbatch") != 0) {
-		slurm_error("vmwn: --vmwn runs batch jobs only, and %s does not make one: submit "
-			    "a script with sbatch --vmwn=%s (or #SBATCH --vmwn=%s)", prog,
-			    env_name, env_name);
+	if (strcmp(prog, "sbatch") != 0 && strcmp(prog, "srun") != 0) {
+		slurm_error("vmwn: --vmwn runs a job of its own, which %s does not make: submit "
+			    "a script with sbatch --vmwn=%s (or #SBATCH --vmwn=%s), or run srun "
+			    "--vmwn=%s PROGRAM", prog, env_name, env_name, env_name);
+		return -1;
+	}
+	if (strcmp(prog, "srun") == 0 && getenv("SLURM_JOB_ID") != NULL) {
+		slurm_error("vmwn: srun --vmwn runs a job of its own, not a step of job %s: "
+			    "run it outside the allocation, or give the allocation's sbatch "
+			    "--vmwn=%s", getenv("SLURM_JOB_ID"), env_name);
 		return -1;
 	}
 	snprintf(arg, sizeof(arg), "env=%s", env_name);
@@ -279,6 +299,13 @@ static void begin(spank_t sp)
 	began = 1;
 }
 
+static int one_task(spank_t sp)
+{
+	uint32_t n = 0;
+
+	return spank_get_item(sp, S_JOB_LOCAL_TASK_COUNT, &n) == ESPANK_SUCCESS && n == 1;
+}
+
 int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 {
 	(void) ac;
@@ -290,7 +317,7 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	case S_CTX_ALLOCATOR:
 		return check_submission();
 	case S_CTX_REMOTE:
-		if (batch_step(sp))
+		if (job_step(sp) && one_task(sp))
 			begin(sp);
 		return 0;
 	default:
@@ -306,28 +333,32 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 
 	(void) ac;
 	(void) av;
-	/* Only the batch step carries the job: srun and salloc were refused at
-	 * submission, and the extern step (PrologFlags=Contain) runs no job. */
-	if (!asked || !batch_step(sp))
+	if (!asked || !job_step(sp))
 		return 0;
+	if (!began) {  /* the step has more than one task here: no VM was made */
+		dprintf(2, "vmwn: a VM job runs one task per node: ask for --ntasks-per-node=1 "
+			"(the VM gets the CPUs with --cpus-per-task)\n");
+		_exit(1);
+	}
 	if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1) {
-		dprintf(2, "vmwn: the batch job has no script to run in its virtual machine: "
+		dprintf(2, "vmwn: the job has no program to run in its virtual machine: "
 			"the site should check vmwn's SPANK plugin\n");
 		_exit(2);
 	}
 	/* The job's environment is slurmstepd's array for its execve, not yet this
 	 * process's own. */
 	if (spank_get_item(sp, S_JOB_ENV, &envp) != ESPANK_SUCCESS || envp == NULL) {
-		dprintf(2, "vmwn: the batch job has no environment to run in its virtual "
+		dprintf(2, "vmwn: the job has no environment to run in its virtual "
 			"machine: the site should check vmwn's SPANK plugin\n");
 		_exit(2);
 	}
-	nargv = calloc((size_t) argc + 2, sizeof(char *));
+	nargv = calloc((size_t) argc + 3, sizeof(char *));
 	if (nargv == NULL)
 		_exit(2);
 	nargv[0] = starter;
+	nargv[1] = step_id(sp) == SLURM_BATCH_SCRIPT ? "batch" : "exec";
 	for (i = 0; i < argc; i++)
-		nargv[i + 1] = argv[i];
+		nargv[i + 2] = argv[i];
 	execve(starter, nargv, envp);
 	dprintf(2, "vmwn: cannot run vmwn's Slurm job starter %s: %s: the site should "
 		"reinstall vmwn (vmwn-slurm-install)\n", starter, strerror(errno));
