@@ -2,7 +2,9 @@
 the native job's, and their ratio (nan where a value is missing)."""
 
 import math
+import os
 import statistics
+import time
 
 NAN = float("nan")
 
@@ -22,3 +24,25 @@ def row(label, vm, native=None, digits=3):
         return f"{label:<58} {vm:>9.{digits}f}s {'-':>10} {'-':>7}"
     ratio = vm / native if native and not math.isnan(native) else NAN
     return f"{label:<58} {vm:>9.{digits}f}s {native:>9.{digits}f}s {ratio:>7.1f}"
+
+
+def together(submit, finish, workdir, n):
+    """Submit ``n`` jobs at once (``submit()`` returns a job id, each job writes
+    ``first.JOBID`` in ``workdir`` as its first instruction), wait for each
+    (``finish(job)``): (jobs, seconds each submission took, seconds from the first
+    submission until every job had run its first instruction, or None)."""
+    t0 = time.time()
+    jobs, took = [], []
+    for _ in range(n):
+        t = time.monotonic()
+        jobs.append(submit())
+        took.append(time.monotonic() - t)
+    for job in jobs:
+        finish(job)
+    first = []
+    for job in jobs:
+        try:
+            first.append(os.stat(os.path.join(workdir, f"first.{job}")).st_mtime)
+        except FileNotFoundError:
+            pass
+    return jobs, took, (max(first) - t0 if len(first) == n else None)

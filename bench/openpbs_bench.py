@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(HERE), "tests"), os.path.dirname(HERE)]
@@ -83,24 +82,12 @@ def stamp(job, which):
 
 def run_batch(cx, workdir, n, options):
     """n jobs submitted together: qsub times, the mom's begin times, all running."""
-    t0 = time.time()
-    jobs, qsub = [], []
-    for _ in range(n):
-        t = time.monotonic()
-        jobs.append(cx.submit(workdir, JOB, options))
-        qsub.append(time.monotonic() - t)
-    for job in jobs:
-        cx.wait(job, timeout=300)
-    first = {}
-    for job in jobs:
-        try:
-            first[job] = os.stat(os.path.join(workdir, f"first.{job}")).st_mtime
-        except FileNotFoundError:
-            pass
+    jobs, qsub, all_running = batchtable.together(
+        lambda: cx.submit(workdir, JOB, options), lambda job: cx.wait(job, timeout=300),
+        workdir, n)
     held = [stamp(j, "end") - stamp(j, "start") for j in jobs
             if stamp(j, "end") is not None and stamp(j, "start") is not None]
-    return {"held": held, "qsub": qsub,
-            "all_running": max(first.values()) - t0 if len(first) == n else None}
+    return {"held": held, "qsub": qsub, "all_running": all_running}
 
 
 def bring_up(user):

@@ -20,7 +20,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(HERE), "tests"), os.path.dirname(HERE)]
@@ -47,22 +46,10 @@ def begin_times(jobs):
 
 
 def run_batch(cl, workdir, n, options):
-    t0 = time.time()
-    jobs, sbatch = [], []
-    for _ in range(n):
-        t = time.monotonic()
-        jobs.append(cl.submit(workdir, JOB, options))
-        sbatch.append(time.monotonic() - t)
-    for job in jobs:
-        cl.finish(job, timeout=300)
-    first = {}
-    for job in jobs:
-        try:
-            first[job] = os.stat(os.path.join(workdir, f"first.{job}")).st_mtime
-        except FileNotFoundError:
-            pass
-    return {"held": begin_times(jobs), "sbatch": sbatch,
-            "all_running": max(first.values()) - t0 if len(first) == n else None}
+    jobs, sbatch, all_running = batchtable.together(
+        lambda: cl.submit(workdir, JOB, options), lambda job: cl.finish(job, timeout=300),
+        workdir, n)
+    return {"held": begin_times(jobs), "sbatch": sbatch, "all_running": all_running}
 
 
 def main(argv=None):
@@ -72,10 +59,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     import pwd
     user = pwd.getpwnam("vmwntest")
-    ts.run([os.path.join(ts.REPO, "scripts", "slurm-up")], timeout=180)
-    ts.run(["make", "-C", ts.REPO, "--no-print-directory", "install"], timeout=600)
-    ts.run([os.path.join(ts.RUNTIME, "bin", "vmwn-slurm-install"), "install",
-            "--plugstack-dir", ts.PLUGSTACK_DIR], timeout=180)
+    for argv, timeout in (([os.path.join(ts.REPO, "scripts", "slurm-up")], 180),
+                          (["make", "-C", ts.REPO, "--no-print-directory", "install"], 600),
+                          ([os.path.join(ts.RUNTIME, "bin", "vmwn-slurm-install"), "install",
+                            "--plugstack-dir", ts.PLUGSTACK_DIR], 180)):
+        cp = ts.run(argv, timeout=timeout)
+        if cp.returncode != 0:
+            raise SystemExit(f"slurm-bench: {' '.join(argv)} failed: "
+                             f"{(cp.stderr or cp.stdout).strip()[-500:]}")
     cl = ts.Cluster(user)
     workdir = tempfile.mkdtemp(prefix="vmwn-bench-", dir=user.pw_dir)
     os.chown(workdir, user.pw_uid, user.pw_gid)

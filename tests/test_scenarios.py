@@ -231,6 +231,11 @@ def test_a_job_from_home_keeps_the_users_keys_and_its_files_private(batch, test_
     keys = os.path.join(ssh, "authorized_keys")
     mine = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMine me@laptop\n"
     os.makedirs(ssh, exist_ok=True)
+    try:
+        with open(keys, "rb") as f:
+            kept = f.read()  # the account's own, put back after
+    except FileNotFoundError:
+        kept = None
     with open(keys, "w", encoding="ascii") as f:
         f.write(mine)
     for p in (ssh, keys):
@@ -257,6 +262,11 @@ def test_a_job_from_home_keeps_the_users_keys_and_its_files_private(batch, test_
                 os.unlink(p)
         if ".ssh" not in before:
             shutil.rmtree(ssh, ignore_errors=True)
+        elif kept is None:
+            os.unlink(keys)
+        else:
+            with open(keys, "wb") as f:
+                f.write(kept)
 
 
 def test_array_subjobs_each_run_in_a_guest_of_their_own(batch, workdir):

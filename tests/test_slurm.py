@@ -5,6 +5,7 @@ environment, salloc, or srun inside an allocation is refused at submission with
 the reason on the user's terminal and no node is drained; a job without --vmwn
 runs as if vmwn were not installed."""
 
+import glob
 import os
 import re
 import shlex
@@ -103,6 +104,8 @@ def leftovers(job):
         if os.path.isdir(d):
             found += [os.path.join(d, n) for n in os.listdir(d)
                       if n == mine or n.startswith(mine + ".")]
+    # the job's cgroups, which slurmstepd removes unless the VM is still in one
+    found += glob.glob(f"/sys/fs/cgroup/*/slurm*/uid_*/job_{job}")
     return found
 
 
@@ -133,6 +136,11 @@ def slurm(test_user, test_environments):
         cp = run([os.path.join(RUNTIME, "bin", "vmwn-slurm-install"), "install",
                   "--plugstack-dir", PLUGSTACK_DIR], timeout=180)
         assert cp.returncode == 0, f"vmwn-slurm-install failed: {cp.stderr.strip()}"
+        # slurmd learns which plugins have a job prolog when it starts (the admin
+        # guide's installation step): restart it.
+        for script in ("slurm-down", "slurm-up"):
+            cp = run([os.path.join(REPO, "scripts", script)], timeout=180)
+            assert cp.returncode == 0, f"{script} failed: {cp.stderr.strip()}"
         yield Cluster(test_user)
     finally:
         run([os.path.join(RUNTIME, "bin", "vmwn-slurm-install"), "uninstall",
@@ -198,6 +206,15 @@ def test_an_sbatch_directive_asks_as_the_option_does(slurm, workdir):
     assert_clean(job)
 
 
+def test_a_script_that_is_not_a_shell_script_runs_by_its_own_interpreter(slurm, workdir):
+    """As slurmstepd's execve would: the guest's kernel reads the #! line."""
+    job = slurm.submit(workdir, '#!/usr/bin/awk -f\nBEGIN { print "awk-ran"; exit 6 }\n',
+                       "--vmwn=tiny")
+    assert slurm.finish(job) == 6
+    assert "awk-ran" in slurm.output(workdir, job).splitlines()
+    assert_clean(job)
+
+
 def test_a_script_whose_interpreter_the_guest_lacks_is_refused_in_one_line(slurm, workdir):
     job = slurm.submit(workdir, "#!/nonexistent/bash\necho ran\n", "--vmwn=tiny")
     assert slurm.finish(job) == 1
@@ -207,6 +224,18 @@ def test_a_script_whose_interpreter_the_guest_lacks_is_refused_in_one_line(slurm
                     "environment tiny: begin the script with one it has (#!/bin/sh) or ask "
                     "for another environment"], said
     assert_clean(job)
+
+
+def test_a_job_that_exports_nothing_still_runs_in_its_guest(slurm, workdir):
+    """sbatch hands its options to the batch step in the job's environment, which
+    --export=NONE leaves out: the job prolog's note must still keep it off the host."""
+    for export in ("NONE", "FOO=1"):
+        job = slurm.submit(workdir, "#!/bin/sh\nhostname\n",
+                           f"--vmwn=tiny --export={export}")
+        assert slurm.finish(job) == 0
+        assert guest_hostname(job) in slurm.output(workdir, job).splitlines(), export
+        assert_clean(job)
+    assert not os.listdir("/run/vmwn-slurm-jobs")  # each note gone with its job
 
 
 def test_an_environment_name_that_is_not_one_is_refused_at_sbatch(slurm, workdir):

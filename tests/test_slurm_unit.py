@@ -53,6 +53,8 @@ def test_a_job_description_becomes_a_checked_jobspec(cfg, test_user, world_tmp):
     # No --mem: the environment's default, never the node's memory.
     assert spec.memory_mib == cfg.env("tiny").memory_mib
     assert request.build(cfg, dict(job, mem_mb="512")).memory_mib == 512
+    # SLURM_MEM_PER_NODE is the job's own variable: never above what Slurm allocated
+    assert request.build(cfg, dict(job, mem_mb="1500", alloc_mb="600")).memory_mib == 600
     with pytest.raises(UserError, match="max_memory"):
         request.build(cfg, dict(job, mem_mb="999999"))
     with pytest.raises(UserError, match="not an absolute path"):
@@ -77,6 +79,13 @@ def test_begin_turns_every_failure_into_the_jobs_refusal(cfg, monkeypatch):
     assert not os.path.exists(state.job_dir(cfg, "5"))
     with pytest.raises(SiteError, match="not a number"):
         runtime.begin(cfg, {"job_id": "5; rm -rf /"})
+
+
+def test_a_further_step_of_a_job_with_a_vm_gets_none_and_ends_none(cfg, capsys):
+    state.make_job_dir(cfg, "8")  # the job's VM, made by its first step
+    assert runtime.begin(cfg, {"job_id": "8"}) == runtime.NOT_THIS_STEP
+    assert "has its virtual machine already" in capsys.readouterr().out
+    assert os.path.isdir(state.job_dir(cfg, "8"))  # untouched
 
 
 def _starter(tmp_path, *argv, env=None):
@@ -153,7 +162,8 @@ def test_the_spank_plugin_compiles_without_warnings_and_exports_its_entry_points
     syms = subprocess.run(["nm", "-D", "--defined-only", out], capture_output=True,
                           text=True, check=True).stdout
     for name in ("slurm_spank_init", "slurm_spank_init_post_opt", "slurm_spank_task_init",
-                 "slurm_spank_exit", "plugin_name", "plugin_type", "plugin_version"):
+                 "slurm_spank_task_exit", "slurm_spank_exit", "plugin_name", "plugin_type",
+                 "plugin_version"):
         assert f" {name}\n" in syms, name
     install.compile_plugin(out)  # the installer's own build
     assert os.access(out, os.X_OK)

@@ -181,7 +181,7 @@ def read_script(data, is_job_script, fix="check the batch system's job starter s
 
 def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args=(),
         nodefile_var=None, task_num=None, host_workdir=None, adopt=None, log=None,
-        interpreter=False):
+        interpreter=None):
     """Run the job in its guest; returns (kind, value, st): ("exit", status) or
     ("signal", signum), and the guest's connection record.
 
@@ -195,8 +195,8 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
     of charging the VM to the job, called once the guest is up (not for tasks), with
     the warden's socket.
     ``host_workdir``: the directory staged in (copy mode; default: the record's).
-    ``interpreter``: ``rest[0]`` is the script's own ``#!`` interpreter (a batch
-    system that execs the script), which the guest must have: the job is refused
+    ``interpreter``: the script's own ``#!`` program (a batch system that execs
+    the script, ``how`` "exec"), which the guest must have: the job is refused
     with one line otherwise, where a login shell it lacks is replaced.
     """
     import posixpath
@@ -241,7 +241,7 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
                 host_dir=(host_workdir or st.host_workdir) if copy else None,
                 max_bytes=parse_bytes(cfg.site["stage_in_max"]),
                 # copy mode: the control directory is the guest home's .vmwn
-                home=posixpath.dirname(ctl), shell=rest[0], tmpdir=tmpdir,
+                home=posixpath.dirname(ctl), shell=interpreter or rest[0], tmpdir=tmpdir,
                 mounts=bool(shares), umask=current_umask())
         except (EOFError, paramiko.SSHException) as e:
             from .errors import GuestLost
@@ -255,10 +255,10 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
         shell = rest[0]
         if interpreter and not prep.has_shell:
             from .errors import UserError
-            raise UserError(f"the job script's interpreter {shell} does not exist in "
+            raise UserError(f"the job script's interpreter {interpreter} does not exist in "
                             f"environment {st.env}", "begin the script with one it has "
                             "(#!/bin/sh) or ask for another environment")
-        if mode not in ("task", "exec") and not prep.has_shell:
+        if mode not in ("task", "exec") and not interpreter and not prep.has_shell:
             fallback = cfg.environments[st.env].ssh_user_shell if st.env in \
                 cfg.environments else "/bin/sh"
             if mode != "batch" or not script.startswith(b"#!"):  # else its #! decides

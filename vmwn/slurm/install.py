@@ -11,9 +11,9 @@ It
 - writes ``PLUGSTACK_DIR/vmwn.conf``, the plugin's line for plugstack.conf
   (``include PLUGSTACK_DIR/*`` there, or copy the line in).
 
-Re-running it is harmless; ``uninstall`` removes the three.  slurmd and
-slurmctld read plugstack.conf when a job starts and sbatch when it runs: no
-daemon restart is needed.
+Re-running it is harmless; ``uninstall`` removes the three.  sbatch, srun and
+slurmstepd read plugstack.conf each time they start; slurmd must be restarted
+once, to run the plugin's job prolog and epilog.
 """
 
 import argparse
@@ -98,6 +98,8 @@ def install(opts):
     compile_plugin(plugin)
     conf = os.path.join(opts.plugstack_dir, PLUGSTACK_NAME)
     _write(conf, plugstack_line(plugin, python, opts.config, starter), 0o644)
+    print("vmwn-slurm-install: restart slurmd on this node, so that it runs the plugin's "
+          "job prolog (which keeps a job with --export=NONE in its VM)", file=sys.stderr)
     return [starter, plugin, conf]
 
 

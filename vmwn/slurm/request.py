@@ -2,10 +2,13 @@
 
 The environment is the job's ``--vmwn`` option.  vCPUs are the CPUs Slurm gave
 the job on this node (``S_JOB_NCPUS``); memory is ``--mem`` when the job asked
-for it (``SLURM_MEM_PER_NODE``, in MiB), else the environment's default: a job
-that asked for nothing must not get the whole node's memory as its VM's.
+for it (``SLURM_MEM_PER_NODE``, in MiB, never above what Slurm allocated:
+the variable is the job's own), else the environment's default: a job that
+asked for nothing must not get the whole node's memory as its VM's.  The group
+is the job's (``S_JOB_GID``).
 """
 
+import grp
 import os
 import pwd
 
@@ -29,6 +32,9 @@ def build(cfg, job):
     env = cfg.env((job.get("env") or "").strip())
     ncpus = _number(job.get("ncpus"), "the job's CPUs", "ask for --cpus-per-task=N")
     memory_mib = _number(job.get("mem_mb"), "--mem", "ask for --mem=N[M|G]")
+    alloc = _number(job.get("alloc_mb"), "the job's allocated memory", "ask for --mem=N[M|G]")
+    if memory_mib and alloc and memory_mib > alloc:  # the variable is the job's own
+        memory_mib = alloc
     vcpus, memory = spec.size(cfg, env, job_id, cores=ncpus, given=ncpus,
                               memory_mib=memory_mib)
     try:
@@ -36,7 +42,11 @@ def build(cfg, job):
     except (KeyError, ValueError, OverflowError):
         raise SiteError(f"the job's uid {job.get('uid')!r} is unknown on this node",
                         "make the node's passwd agree with slurmctld's") from None
-    pw, gid, group = spec.account(user, "")
+    try:
+        group = grp.getgrgid(int(job.get("gid") or -1)).gr_name
+    except (KeyError, ValueError, OverflowError):
+        group = ""  # the user's primary group
+    pw, gid, group = spec.account(user, group)
     workdir = job.get("workdir") or pw.pw_dir
     if not os.path.isabs(workdir):
         raise UserError(f"SLURM_SUBMIT_DIR {workdir!r} is not an absolute path",

@@ -6,12 +6,16 @@ sbatch), the exit status whether the action succeeded.
 
 - ``check env=ENV``: is ENV configured here?  (sbatch, on the submit host: an
   unknown environment is refused before a job exists, so no node is drained.)
-- ``begin job_id=... env=... uid=... gid=... ncpus=... mem_mb=... workdir=...
-  job_name=...``: vmwn.vmjob.begin, in the batch step's slurmstepd.  Every
-  failure becomes a refusal record, which the job starter shows on the job's
-  stderr: a failing SPANK call there would fail the step in Slurm's terms, and
-  a node must never be drained for a job.
-- ``end job_id=...``: vmwn.vmjob.end, when the batch step ends.
+- ``begin job_id=... env=... uid=... gid=... ncpus=... mem_mb=... alloc_mb=...
+  workdir=... job_name=...``: vmwn.vmjob.begin, in the slurmstepd of the job's
+  step.  Every failure becomes a refusal record, which the job starter shows on
+  the job's stderr: a failing SPANK call there would fail the step in Slurm's
+  terms, and a node must never be drained for a job.  A job that has its VM
+  already (a further step, ``srun --jobid``) gets exit 3 and a line: that step
+  neither makes nor ends one.
+- ``release job_id=...``: when the task has ended, the VM leaves the task's
+  accounting cgroup (vmwn.cgroups), which slurmstepd then removes.
+- ``end job_id=...``: vmwn.vmjob.end, when the step ends.
 """
 
 import os
@@ -26,16 +30,38 @@ def check(cfg, job):
     return 0
 
 
+# begin's exit status when the job already has its VM: the step asking is another
+# step of that job (srun --jobid), which gets none and must not end it.
+NOT_THIS_STEP = 3
+
+
 def begin(cfg, job):
-    from .. import vmjob  # here, not above: 'check' runs at every sbatch and stays light
+    from .. import state, vmjob  # here, not above: 'check' runs at every sbatch
     job_id = job.get("job_id") or ""
     if not job_id.isdigit():
         raise errors.SiteError(f"job id {job_id!r} from the SPANK plugin is not a number",
                                "reinstall vmwn's SPANK plugin (vmwn-slurm-install)")
+    if os.path.lexists(state.job_dir(cfg, job_id)):
+        print(f"vmwn: job {job_id} has its virtual machine already, and a further step of "
+              "it gets none: run the program in the job's script", flush=True)
+        return NOT_THIS_STEP
     try:
         vmjob.begin(cfg, job_id, lambda: request.build(cfg, job))
     except errors.VmwnError as e:  # no requeue under Slurm (yet): the job is told why
         vmjob.refuse(cfg, job_id, e, logsetup.job_logger(__name__, job_id))
+    return 0
+
+
+def release(cfg, job):
+    """The task has ended: the VM leaves its accounting cgroup (back to the root's, as
+    pid 1's), so that slurmstepd can remove the job's groups."""
+    from .. import cgroups, jobrun, state, usage
+    job_id = job.get("job_id") or ""
+    if not state.exists(cfg, job_id):
+        return 0
+    launcher = jobrun.launcher_of(state.load(cfg, job_id))
+    if launcher:
+        cgroups.join(usage.tree(launcher), 1)
     return 0
 
 
@@ -45,7 +71,7 @@ def end(cfg, job):
     return 0
 
 
-ACTIONS = {"check": check, "begin": begin, "end": end}
+ACTIONS = {"check": check, "begin": begin, "release": release, "end": end}
 
 
 def parse(args):

@@ -79,9 +79,11 @@ def _run_vm(cfg, job_id, mode, program, args, sock_path):
         return jobrun.ended(jobrun.run(cfg, job_id, sock_path, "exec", [program, *args],
                                        environ, **common), log)
     script = read_script(program)
-    return jobrun.ended(jobrun.run(cfg, job_id, sock_path, "batch", [interpreter(script)],
+    # The script is exec'd in the guest (/bin/sh -c 'exec "$0" "$@"' SCRIPT ARGS), so
+    # its kernel reads the #! line as slurmstepd's execve would have.
+    return jobrun.ended(jobrun.run(cfg, job_id, sock_path, "batch", ["/bin/sh"],
                                    environ, script=script, how="exec", args=args,
-                                   interpreter=True, **common), log)
+                                   interpreter=interpreter(script), **common), log)
 
 
 def _charge(wsock, log):

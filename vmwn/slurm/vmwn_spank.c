@@ -17,6 +17,7 @@
  *                                place: `STARTER batch SCRIPT ARGS...` or
  *                                `STARTER exec PROGRAM ARGS...`; the job never
  *                                runs on the host.  One task per node.
+ *   task exit (root)             `release`: the VM leaves the task's cgroup.
  *   slurmstepd exit, that step   `end` (root): stop the warden, copy back, destroy.
  *
  * plugstack.conf: required PATH/vmwn_spank.so python=... config=... starter=...
@@ -33,6 +34,8 @@
 #include <string.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -50,6 +53,8 @@ SPANK_PLUGIN(vmwn, 1);
 static char python[4096] = "/usr/local/lib/vmwn/bin/python";
 static char config[4096] = "/etc/vmwn/vmwn.conf";
 static char starter[4096] = "/usr/local/libexec/vmwn/slurm-starter";
+/* Where the job prolog notes that a job asked for a VM (see job_prolog). */
+static char marks[4096] = "/run/vmwn-slurm-jobs";
 static char env_name[NAME_MAX_LEN + 1];
 static int asked;
 static int began;
@@ -102,6 +107,7 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 		set_arg(python, sizeof(python), av[i], "python");
 		set_arg(config, sizeof(config), av[i], "config");
 		set_arg(starter, sizeof(starter), av[i], "starter");
+		set_arg(marks, sizeof(marks), av[i], "marks");
 	}
 	if (spank_option_register(sp, &vmwn_option) != ESPANK_SUCCESS) {
 		slurm_error("vmwn: cannot register --vmwn");
@@ -122,8 +128,15 @@ static int runtime(const char *action, char *const *args, int nargs, int timeout
 	size_t used = 0;
 	int fds[2], status, i, n = 0;
 	pid_t pid;
-	time_t end = time(NULL) + timeout;
+	struct timespec now;
+	double end;
+	char nox[4200];
 
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	end = now.tv_sec + now.tv_nsec / 1e9 + timeout;
+	/* Built before fork: the child of a threaded slurmstepd calls only
+	 * async-signal-safe functions. */
+	snprintf(nox, sizeof(nox), "vmwn: cannot run %s: reinstall vmwn on this node\n", python);
 	line[0] = '\0';
 	if (nargs > 24)
 		return -1;
@@ -146,27 +159,46 @@ static int runtime(const char *action, char *const *args, int nargs, int timeout
 	}
 	if (pid == 0) {
 		char *envp[] = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", NULL };
-		int devnull = open("/dev/null", O_RDWR);
+		int devnull = open("/dev/null", O_RDWR), sig;
+		sigset_t none;
+		long fd;
 
+		/* slurmstepd (22.05) blocks TERM, INT, HUP, USR1, USR2, ALRM, PIPE...: what
+		 * the runtime starts (the warden, virtiofsd) must be stoppable as usual,
+		 * and hold none of slurmstepd's descriptors. */
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		for (sig = 1; sig < NSIG; sig++)
+			if (sig != SIGKILL && sig != SIGSTOP)
+				signal(sig, SIG_DFL);
 		setsid();
 		if (devnull >= 0)
 			dup2(devnull, 0);
 		dup2(fds[1], 1);
 		dup2(fds[1], 2);
+		for (fd = 3; fd < 65536; fd++)
+			if (fd != fds[1])
+				close((int) fd);
 		if (chdir("/") < 0)
 			_exit(126);
 		execve(python, argv, envp);
-		dprintf(1, "vmwn: cannot run %s: %s: reinstall vmwn on this node\n", python,
-			strerror(errno));
+		if (write(1, nox, strlen(nox)) < 0)
+			_exit(127);
 		_exit(127);
 	}
 	close(fds[1]);
 	for (;;) {
 		struct pollfd p = { fds[0], POLLIN, 0 };
-		int left = (int) (end - time(NULL));
+		double left;
 		ssize_t r;
+		int ready;
 
-		if (left <= 0 || poll(&p, 1, left * 1000) == 0) {
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		left = end - (now.tv_sec + now.tv_nsec / 1e9);
+		ready = left > 0 ? poll(&p, 1, (int) (left * 1000) + 1) : 0;
+		if (ready < 0 && errno == EINTR)
+			continue;
+		if (ready <= 0) {
 			kill(-pid, SIGKILL);
 			kill(pid, SIGKILL);
 			snprintf(line, size, "vmwn: %s did not finish within %d s: the site should "
@@ -176,8 +208,13 @@ static int runtime(const char *action, char *const *args, int nargs, int timeout
 			close(fds[0]);
 			return -1;
 		}
-		if (used == sizeof(buf) - 1)  /* keep the tail: the last line counts */
-			used = 0;
+		if (used == sizeof(buf) - 1) {  /* keep the last line's start */
+			char *nl = memrchr(buf, '\n', used);
+			size_t keep = nl ? used - (size_t) (nl + 1 - buf) : 0;
+
+			memmove(buf, buf + used - keep, keep);
+			used = keep == sizeof(buf) - 1 ? 0 : keep;
+		}
 		r = read(fds[0], buf + used, sizeof(buf) - 1 - used);
 		if (r < 0 && errno == EINTR)
 			continue;
@@ -228,9 +265,15 @@ static int job_step(spank_t sp)
 	return step_id(sp) != SLURM_EXTERN_CONT;
 }
 
+/* A job variable's value, "" when unset; one too long to hold is "?" (not a
+ * path, not a number), which the runtime refuses rather than use a cut one. */
 static const char *job_env(spank_t sp, const char *name, char *buf, int size)
 {
-	if (spank_getenv(sp, name, buf, size) != ESPANK_SUCCESS)
+	spank_err_t rc = spank_getenv(sp, name, buf, size);
+
+	if (rc == ESPANK_NOSPACE)
+		return "?";
+	if (rc != ESPANK_SUCCESS)
 		buf[0] = '\0';
 	return buf;
 }
@@ -263,36 +306,78 @@ static int check_submission(void)
 	return 0;
 }
 
+#define ARG_MAX_LEN 4200  /* KEY=VALUE, VALUE a path of up to PATH_MAX */
+
+/* Why this step has no VM, when it should have said so in its task ("" if none). */
+static char no_vm[LINE_MAX_LEN];
+
+static int add_arg(char a[][ARG_MAX_LEN], int n, const char *key, const char *value)
+{
+	int w = snprintf(a[n], ARG_MAX_LEN, "%s=%s", key, value);
+
+	return w < 0 || w >= ARG_MAX_LEN ? -1 : 0;
+}
+
+/* The runtime's exit status when the job already has its VM (another step's):
+ * this step makes none and ends none. */
+#define NOT_THIS_STEP 3
+
 static void begin(spank_t sp)
 {
-	char a[8][LINE_MAX_LEN], line[LINE_MAX_LEN], v[LINE_MAX_LEN];
-	char *args[8];
+	static char a[9][ARG_MAX_LEN];
+	char line[LINE_MAX_LEN], v[ARG_MAX_LEN], num[64];
+	char *args[9];
 	uint32_t job = 0;
-	uid_t uid = 0;
-	gid_t gid = 0;
+	uint64_t alloc_mb = 0;
+	uid_t uid = (uid_t) -1;
+	gid_t gid = (gid_t) -1;
 	uint16_t ncpus = 0;
-	int i;
-
-	spank_get_item(sp, S_JOB_ID, &job);
-	spank_get_item(sp, S_JOB_UID, &uid);
-	spank_get_item(sp, S_JOB_GID, &gid);
-	spank_get_item(sp, S_JOB_NCPUS, &ncpus);
-	snprintf(a[0], sizeof(a[0]), "job_id=%u", (unsigned) job);
-	snprintf(a[1], sizeof(a[1]), "env=%s", env_name);
-	snprintf(a[2], sizeof(a[2]), "uid=%u", (unsigned) uid);
-	snprintf(a[3], sizeof(a[3]), "gid=%u", (unsigned) gid);
-	snprintf(a[4], sizeof(a[4]), "ncpus=%u", (unsigned) ncpus);
-	snprintf(a[5], sizeof(a[5]), "mem_mb=%s", job_env(sp, "SLURM_MEM_PER_NODE", v, sizeof(v)));
-	snprintf(a[6], sizeof(a[6]), "workdir=%s", job_env(sp, "SLURM_SUBMIT_DIR", v, sizeof(v)));
-	snprintf(a[7], sizeof(a[7]), "job_name=%s", job_env(sp, "SLURM_JOB_NAME", v, sizeof(v)));
+	int i, rc, bad = 0;
 	struct timespec t0, t1;
 
-	for (i = 0; i < 8; i++)
+	if (spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS
+	    || spank_get_item(sp, S_JOB_UID, &uid) != ESPANK_SUCCESS
+	    || spank_get_item(sp, S_JOB_GID, &gid) != ESPANK_SUCCESS
+	    || spank_get_item(sp, S_JOB_NCPUS, &ncpus) != ESPANK_SUCCESS) {
+		snprintf(no_vm, sizeof(no_vm), "vmwn: Slurm did not tell vmwn's plugin the job's "
+			 "id, user or CPUs, so no virtual machine was made: the site should "
+			 "check the plugin against this Slurm's version (vmwn-slurm-install)");
+		return;
+	}
+	if (spank_get_item(sp, S_JOB_ALLOC_MEM, &alloc_mb) != ESPANK_SUCCESS)
+		alloc_mb = 0;
+	snprintf(num, sizeof(num), "%u", (unsigned) job);
+	bad |= add_arg(a, 0, "job_id", num);
+	bad |= add_arg(a, 1, "env", env_name);
+	snprintf(num, sizeof(num), "%u", (unsigned) uid);
+	bad |= add_arg(a, 2, "uid", num);
+	snprintf(num, sizeof(num), "%u", (unsigned) gid);
+	bad |= add_arg(a, 3, "gid", num);
+	snprintf(num, sizeof(num), "%u", (unsigned) ncpus);
+	bad |= add_arg(a, 4, "ncpus", num);
+	/* --mem as asked (a job's own variable), bounded by what Slurm allocated */
+	bad |= add_arg(a, 5, "mem_mb", job_env(sp, "SLURM_MEM_PER_NODE", v, sizeof(v)));
+	snprintf(num, sizeof(num), "%llu", (unsigned long long) alloc_mb);
+	bad |= add_arg(a, 6, "alloc_mb", num);
+	bad |= add_arg(a, 7, "workdir", job_env(sp, "SLURM_SUBMIT_DIR", v, sizeof(v)));
+	bad |= add_arg(a, 8, "job_name", job_env(sp, "SLURM_JOB_NAME", v, sizeof(v)));
+	if (bad) {
+		snprintf(no_vm, sizeof(no_vm), "vmwn: the job's submit directory or name is too "
+			 "long for vmwn's plugin, so no virtual machine was made: submit from a "
+			 "shorter path");
+		return;
+	}
+	for (i = 0; i < 9; i++)
 		args[i] = a[i];
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	if (runtime("begin", args, 8, 60, line, sizeof(line)) != 0)
-		slurm_error("vmwn: job %u: %s", (unsigned) job, line);
+	rc = runtime("begin", args, 9, 60, line, sizeof(line));
 	clock_gettime(CLOCK_MONOTONIC, &t1);
+	if (rc == NOT_THIS_STEP) {
+		snprintf(no_vm, sizeof(no_vm), "%s", line);
+		return;
+	}
+	if (rc != 0)
+		slurm_error("vmwn: job %u: %s", (unsigned) job, line);
 	/* What the VM's preparation held the step for (make bench reads it). */
 	slurm_info("vmwn: job %u: begin took %.3f s", (unsigned) job,
 		   (double) (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9);
@@ -306,10 +391,87 @@ static int one_task(spank_t sp)
 	return spank_get_item(sp, S_JOB_LOCAL_TASK_COUNT, &n) == ESPANK_SUCCESS && n == 1;
 }
 
+static void mark_path(char *buf, size_t size, uint32_t job)
+{
+	snprintf(buf, size, "%s/%u", marks, (unsigned) job);
+}
+
+/*
+ * slurmd's job prolog (root): a job that asked for a VM is noted in `marks`.
+ * sbatch hands its options to the batch step through the job's environment,
+ * which --export=NONE (or a list without ALL) leaves out; the job prolog gets
+ * them from the job's own SPANK environment, so the step finds the note and
+ * the job never runs on the host.  Never fails: a failing prolog drains the node.
+ */
+int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
+{
+	char *value = NULL, path[4200];
+	uint32_t job = 0;
+	int fd;
+
+	(void) ac;
+	(void) av;
+	if (spank_option_getopt(sp, &vmwn_option, &value) != ESPANK_SUCCESS || value == NULL
+	    || opt_vmwn(0, value, 1) != 0
+	    || spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS)
+		return 0;
+	if (mkdir(marks, 0700) < 0 && errno != EEXIST) {
+		slurm_error("vmwn: job %u: cannot make %s: %s", (unsigned) job, marks,
+			    strerror(errno));
+		return 0;
+	}
+	mark_path(path, sizeof(path), job);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (fd < 0 || write(fd, env_name, strlen(env_name)) < 0)
+		slurm_error("vmwn: job %u: cannot note its VM in %s: %s", (unsigned) job, path,
+			    strerror(errno));
+	if (fd >= 0)
+		close(fd);
+	return 0;
+}
+
+int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
+{
+	char path[4200];
+	uint32_t job = 0;
+
+	(void) ac;
+	(void) av;
+	if (spank_get_item(sp, S_JOB_ID, &job) == ESPANK_SUCCESS) {
+		mark_path(path, sizeof(path), job);
+		unlink(path);
+	}
+	return 0;
+}
+
+/* The job prolog's note, when the job's environment did not carry the option. */
+static void noted(spank_t sp)
+{
+	char path[4200], name[NAME_MAX_LEN + 2];
+	uint32_t job = 0;
+	ssize_t n;
+	int fd;
+
+	if (spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS)
+		return;
+	mark_path(path, sizeof(path), job);
+	fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	n = read(fd, name, sizeof(name) - 1);
+	close(fd);
+	if (n <= 0)
+		return;
+	name[n] = '\0';
+	opt_vmwn(0, name, 1);  /* sets env_name and asked when it is a name */
+}
+
 int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 {
 	(void) ac;
 	(void) av;
+	if (!asked && spank_context() == S_CTX_REMOTE)
+		noted(sp);
 	if (!asked)
 		return 0;
 	switch (spank_context()) {
@@ -335,9 +497,9 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	(void) av;
 	if (!asked || !job_step(sp))
 		return 0;
-	if (!began) {  /* the step has more than one task here: no VM was made */
-		dprintf(2, "vmwn: a VM job runs one task per node: ask for --ntasks-per-node=1 "
-			"(the VM gets the CPUs with --cpus-per-task)\n");
+	if (!began) {  /* no VM was made for this step: never run the job on the host */
+		dprintf(2, "%s\n", no_vm[0] ? no_vm : "vmwn: a VM job runs one task per node: "
+			"ask for --ntasks-per-node=1 (the VM gets the CPUs with --cpus-per-task)");
 		_exit(1);
 	}
 	if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1) {
@@ -363,6 +525,25 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	dprintf(2, "vmwn: cannot run vmwn's Slurm job starter %s: %s: the site should "
 		"reinstall vmwn (vmwn-slurm-install)\n", starter, strerror(errno));
 	_exit(2);
+}
+
+/* The task has ended (root, in slurmstepd): the VM leaves the task's accounting
+ * cgroup before slurmstepd removes it. */
+int slurm_spank_task_exit(spank_t sp, int ac, char **av)
+{
+	char arg[64], line[LINE_MAX_LEN];
+	char *args[] = { arg };
+	uint32_t job = 0;
+
+	(void) ac;
+	(void) av;
+	if (!asked || !began || spank_context() != S_CTX_REMOTE
+	    || spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS)
+		return 0;
+	snprintf(arg, sizeof(arg), "job_id=%u", (unsigned) job);
+	if (runtime("release", args, 1, 30, line, sizeof(line)) != 0)
+		slurm_error("vmwn: job %u: %s", (unsigned) job, line);
+	return 0;
 }
 
 int slurm_spank_exit(spank_t sp, int ac, char **av)
