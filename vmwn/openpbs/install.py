@@ -23,6 +23,7 @@ import os
 import shlex
 import sys
 
+from .. import sysfiles
 from ..errors import SiteError, VmwnError
 from . import hook as hook_module
 
@@ -88,14 +89,6 @@ class Qmgr:
         return cp
 
 
-def _write(path, text, mode):
-    tmp = path + ".vmwn-new"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.rename(tmp, path)
-
-
 def _others_can_execute(path):
     """True when a user other than root can run ``path`` (every directory searchable)."""
     real = os.path.realpath(path)
@@ -124,10 +117,11 @@ def install(opts):
     os.makedirs(libexec, 0o755, exist_ok=True)
     os.makedirs(share, 0o755, exist_ok=True)
     starter = os.path.join(libexec, STARTER_NAME)
-    _write(starter, render_starter(python, opts.config, cfg.site["state_dir"], opts.pbs_home),
-           0o755)
+    sysfiles.write(starter,
+                   render_starter(python, opts.config, cfg.site["state_dir"], opts.pbs_home),
+                   0o755)
     hook_file = os.path.join(share, "vmwn_hook.py")
-    _write(hook_file, render_hook(python, opts.config, starter), 0o644)
+    sysfiles.write(hook_file, render_hook(python, opts.config, starter), 0o644)
     if not _others_can_execute(python):
         print(f"vmwn-openpbs-install: warning: the job starter runs as the job's user, but "
               f"{python} is not executable by other users: pass --python with a runtime "

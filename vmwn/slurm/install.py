@@ -22,6 +22,7 @@ import shlex
 import shutil
 import sys
 
+from .. import sysfiles
 from ..errors import SiteError, VmwnError
 
 STARTER_NAME = "slurm-starter"
@@ -57,14 +58,6 @@ def plugstack_line(plugin, python, config_path, starter):
     return f"required {plugin} python={python} config={config_path} starter={starter}\n"
 
 
-def _write(path, text, mode):
-    tmp = path + ".vmwn-new"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.rename(tmp, path)
-
-
 def compile_plugin(out, cc="cc"):
     from .. import subp
     if not os.path.exists(SPANK_H):
@@ -93,11 +86,11 @@ def install(opts):
     for d in (libexec, libdir, opts.plugstack_dir):
         os.makedirs(d, 0o755, exist_ok=True)
     starter = os.path.join(libexec, STARTER_NAME)
-    _write(starter, render_starter(python, opts.config, cfg.site["state_dir"]), 0o755)
+    sysfiles.write(starter, render_starter(python, opts.config, cfg.site["state_dir"]), 0o755)
     plugin = os.path.join(libdir, PLUGIN_NAME)
     compile_plugin(plugin)
     conf = os.path.join(opts.plugstack_dir, PLUGSTACK_NAME)
-    _write(conf, plugstack_line(plugin, python, opts.config, starter), 0o644)
+    sysfiles.write(conf, plugstack_line(plugin, python, opts.config, starter), 0o644)
     print("vmwn-slurm-install: restart slurmd on this node, so that it runs the plugin's "
           "job prolog (which keeps a job with --export=NONE in its VM)", file=sys.stderr)
     return [starter, plugin, conf]

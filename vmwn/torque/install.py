@@ -18,6 +18,7 @@ import os
 import shlex
 import sys
 
+from .. import sysfiles
 from ..errors import SiteError, VmwnError
 from .hooks import dispatch
 
@@ -131,34 +132,11 @@ def layout(opts):
                   prefix=_check_path("prefix", opts.prefix))
 
 
-def _own_root(path):
-    if os.geteuid() == 0:
-        os.chown(path, 0, 0, follow_symlinks=False)
-
-
 def _makedirs(path, mode):
     if not os.path.isdir(path):
         os.makedirs(path, mode=mode)
         os.chmod(path, mode)
-        _own_root(path)
-
-
-def _write(path, text, mode):
-    """Atomically replace ``path`` with ``text``, root-owned, ``mode``."""
-    tmp = f"{path}.vmwn-new"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _own_root(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        sysfiles.own_root(path)
 
 
 def _read(path):
@@ -308,23 +286,23 @@ def install(opts):
             raise SiteError(f"{os.path.join(srcdir, source)} is missing",
                             "run install from a vmwn source tree")
         p = os.path.join(d, STEP_NAME)
-        _write(p, render_step(text, python, lay.config, lay.pbs_home, opts.pythonpath,
-                              _qstat(opts), _state_dir(lay)), 0o755)
+        sysfiles.write(p, render_step(text, python, lay.config, lay.pbs_home, opts.pythonpath,
+                                      _qstat(opts), _state_dir(lay)), 0o755)
         written.append(p)
     for hook, (steps_dir, _) in dispatch.HOOKS.items():
         p = os.path.join(mom_priv, hook)
-        _write(p, dispatch.render(hook, os.path.join(lay.mom_priv, steps_dir)), 0o755)
+        sysfiles.write(p, dispatch.render(hook, os.path.join(lay.mom_priv, steps_dir)), 0o755)
         written.append(p)
     starter = lay.dest(lay.starter)
     starter_python = os.path.abspath(opts.starter_python or python)
     _makedirs(os.path.dirname(starter), 0o755)
-    _write(starter, render_starter(starter_python, lay.config, opts.pythonpath,
-                                   _state_dir(lay), lay.pbs_home), 0o755)
+    sysfiles.write(starter, render_starter(starter_python, lay.config, opts.pythonpath,
+                                           _state_dir(lay), lay.pbs_home), 0o755)
     written.append(starter)
     from .. import emulator
     # Its default QEMU is the one libvirt probes (domains name theirs in VMWN_QEMU).
-    _write(lay.dest(lay.emulator), emulator.script(starter_python,
-                                                   _site_value(lay, "qemu")), 0o755)
+    sysfiles.write(lay.dest(lay.emulator), emulator.script(starter_python,
+                                                           _site_value(lay, "qemu")), 0o755)
     written.append(lay.dest(lay.emulator))
     written += _install_dropin(lay)
     if not lay.destdir and not others_can_execute(starter_python):
@@ -388,7 +366,7 @@ def _install_templates(lay, srcdir):
     _makedirs(dst, 0o755)
     written = []
     for n in BUNDLED_TEMPLATES:
-        _write(os.path.join(dst, n), _read(os.path.join(src, n)), 0o644)
+        sysfiles.write(os.path.join(dst, n), _read(os.path.join(src, n)), 0o644)
         written.append(os.path.join(dst, n))
     return written
 
@@ -406,7 +384,7 @@ def _install_config(lay, opts):
         lines.insert(lines.index("[site]") + 1, f"template_dir = {tdir}")
         sample = "\n".join(lines) + "\n"
     _makedirs(os.path.dirname(target), 0o755)
-    _write(target, sample, 0o644)
+    sysfiles.write(target, sample, 0o644)
     return [target]
 
 
@@ -424,7 +402,7 @@ def _install_dropin(lay):
     if lay.emulator == SITE_KEYS["emulator"].default:
         return []
     _makedirs(os.path.dirname(path), 0o755)
-    _write(path, f"# written by vmwn install, removed by vmwn uninstall\n[site]\n"
+    sysfiles.write(path, f"# written by vmwn install, removed by vmwn uninstall\n[site]\n"
                  f"emulator = {lay.emulator}\n", 0o644)
     return [path]
 
@@ -438,7 +416,7 @@ def _add_starter_line(lay):
     if new and not new.endswith("\n"):
         new += "\n"
     new += f"{CONFIG_COMMENT}\n{lay.starter_line}\n"
-    _write(path, new, 0o644 if text is None else os.stat(path).st_mode & 0o7777)
+    sysfiles.write(path, new, 0o644 if text is None else os.stat(path).st_mode & 0o7777)
     return [path]
 
 
@@ -489,7 +467,8 @@ def uninstall(opts):
     text = _read(path)
     if text is not None and lay.starter_line in text.splitlines():
         keep = [ln for ln in text.splitlines() if ln not in (lay.starter_line, CONFIG_COMMENT)]
-        _write(path, "\n".join(keep) + ("\n" if keep else ""), os.stat(path).st_mode & 0o7777)
+        sysfiles.write(path, "\n".join(keep) + ("\n" if keep else ""),
+                       os.stat(path).st_mode & 0o7777)
         removed.append(path)
     return removed
 
