@@ -19,7 +19,7 @@ import torquelib
 import test_openpbs as opbs
 from test_openpbs import openpbs, workdir  # noqa: F401  (fixtures)
 from vmwn.domain import domain_name, guest_hostname
-from vmwn_testlib import holds_for, needs_image, wait_until
+from vmwn_testlib import holds_for, needs_image, wait_for_text, wait_until
 
 pytestmark = [pytest.mark.integration, needs_image("tiny")]
 
@@ -140,16 +140,6 @@ def batch(request):
     if request.param == "torque":
         return Torque(request.getfixturevalue("torque_cluster"))
     return OpenPBS(request.getfixturevalue("openpbs"))
-
-
-def _has(path, text, timeout, what):
-    def seen():
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                return text in f.read()
-        except FileNotFoundError:
-            return False
-    wait_until(seen, timeout, what, interval=0.2)
 
 
 def _read(path):
@@ -347,14 +337,14 @@ exit 0
 
 def test_a_signal_runs_the_jobs_trap_once(batch, workdir):
     job = batch.submit(workdir, SIGNALS, batch.vm("tiny"))
-    _has(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
+    wait_for_text(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
     sigs = os.path.join(workdir, "sigs")
     batch.qsig(job, "SIGUSR1")
-    _has(sigs, "USR1", 60, "the job's USR1 trap")
+    wait_for_text(sigs, "USR1", 60, "the job's USR1 trap")
     # A barrier: a repeat of that USR1 (a batch daemon may send one within
     # milliseconds) would reach the job before this USR2, which the relay keeps in order.
     batch.qsig(job, "SIGUSR2")
-    _has(sigs, "USR2", 60, "the job's USR2 trap")
+    wait_for_text(sigs, "USR2", 60, "the job's USR2 trap")
     _release(batch, workdir, "stop")
     assert batch.finish(job) == 0
     assert _read(sigs) == "USR1\nUSR2\n"
@@ -363,7 +353,7 @@ def test_a_signal_runs_the_jobs_trap_once(batch, workdir):
 
 def test_a_delete_gives_the_guest_job_one_term(batch, workdir):
     job = batch.submit(workdir, SIGNALS, batch.vm("tiny"))
-    _has(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
+    wait_for_text(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
     batch.qdel(job)
     batch.finish(job)
     assert _read(os.path.join(workdir, "sigs")) == "TERM\n"
@@ -381,8 +371,8 @@ while [ ! -e stop ] && [ $i -lt 3000 ]; do echo tick >> ticks; sleep 0.1; i=$((i
 def test_suspend_pauses_the_guest_and_resume_continues_it(batch, workdir):
     job = batch.submit(workdir, CLOCK, batch.vm("tiny"))
     ticks = os.path.join(workdir, "ticks")
-    _has(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
-    _has(ticks, "tick", 30, "the job's first tick")
+    wait_for_text(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
+    wait_for_text(ticks, "tick", 30, "the job's first tick")
     batch.qsig(job, "suspend")
     wait_until(lambda: _domstate(job) == "paused", 30, "the guest to be paused")
     n = _read(ticks).count("tick")

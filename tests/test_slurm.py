@@ -17,7 +17,7 @@ import pytest
 
 from vmwn.domain import domain_name, guest_hostname
 from vmwn.state import safe_name
-from vmwn_testlib import needs_image, wait_until
+from vmwn_testlib import needs_image, wait_for_text, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, needs_image("tiny")]
 
@@ -281,23 +281,13 @@ exit 0
 """
 
 
-def _has(path, text, timeout, what):
-    def seen():
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                return text in f.read()
-        except FileNotFoundError:
-            return False
-    wait_until(seen, timeout, what, interval=0.2)
-
-
 def test_a_signal_to_the_batch_script_runs_its_trap_once(slurm, workdir):
     job = slurm.submit(workdir, SIGNALS, "--vmwn=tiny")
-    _has(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
+    wait_for_text(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
     cp = slurm.as_user(f"scancel --batch --signal=USR1 {job}", workdir)
     assert cp.returncode == 0, cp.stderr
     sigs = os.path.join(workdir, "sigs")
-    _has(sigs, "USR1", 60, "the job's USR1 trap")
+    wait_for_text(sigs, "USR1", 60, "the job's USR1 trap")
     stop = os.path.join(workdir, "stop")
     with open(stop, "w", encoding="ascii"):
         pass
@@ -309,11 +299,11 @@ def test_a_signal_to_the_batch_script_runs_its_trap_once(slurm, workdir):
 
 def test_scancel_gives_the_guest_job_one_term_and_leaves_nothing(slurm, workdir):
     job = slurm.submit(workdir, SIGNALS, "--vmwn=tiny")
-    _has(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
+    wait_for_text(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
     cp = slurm.as_user(f"scancel {job}", workdir)
     assert cp.returncode == 0, cp.stderr
     slurm.finish(job)
-    _has(os.path.join(workdir, "sigs"), "TERM", 30, "the job's TERM trap")
+    wait_for_text(os.path.join(workdir, "sigs"), "TERM", 30, "the job's TERM trap")
     with open(os.path.join(workdir, "sigs"), encoding="ascii") as f:
         assert f.read() == "TERM\n"
     assert_clean(job)
@@ -335,7 +325,7 @@ def test_the_vms_cpu_is_the_jobs_in_slurms_accounting(slurm, workdir):
     script = ("#!/bin/sh\nsh -c 'ulimit -t 12; while :; do :; done'\necho burnt > burnt\n"
               "while [ ! -e stop ]; do sleep 0.2; done\n")
     job = slurm.submit(workdir, script, "--vmwn=tiny")
-    _has(os.path.join(workdir, "burnt"), "burnt", 240, "the guest's 12 s CPU loop")
+    wait_for_text(os.path.join(workdir, "burnt"), "burnt", 240, "the guest's 12 s CPU loop")
 
     def counted():
         cp = slurm.as_user(f"sstat -a -j {job} -n -P -o JobID,TRESUsageInTot", workdir)

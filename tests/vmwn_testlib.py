@@ -149,6 +149,17 @@ def wait_until(predicate, timeout, what, interval=0.05):
         time.sleep(min(interval, left))
 
 
+def wait_for_text(path, text, timeout, what):
+    """Wait until the file ``path`` holds ``text`` (a job's output, a file it writes)."""
+    def seen():
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return text in f.read()
+        except FileNotFoundError:
+            return False
+    wait_until(seen, timeout, what, interval=0.2)
+
+
 def holds_for(predicate, duration, what, interval=0.05):
     """Check that ``predicate`` stays true for ``duration`` seconds, failing at the
     first check where it is not (``what`` names what must not happen).
