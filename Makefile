@@ -26,7 +26,7 @@ QSTAT      ?= $(firstword $(shell command -v qstat 2>/dev/null) $(wildcard $(TOR
 APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev \
 	pkg-config gcc libc6-dev python3-dev python3-venv cpio busybox-static openssh-server openssh-client \
 	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini iptables \
-	slurmctld slurmd slurm-client munge libslurm-dev
+	slurmctld slurmd slurm-client munge libslurm-dev slurmdbd mariadb-server-core mariadb-client-core
 
 .PHONY: all deps apt venv daemons guest test test-unit demo bench install uninstall \
 	install-gip uninstall-gip check clean wheel torque torque-up torque-down pbs-python \
