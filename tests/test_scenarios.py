@@ -366,9 +366,6 @@ def test_a_guest_that_never_boots_fails_its_job_once_with_the_reason(batch, work
 def test_a_start_that_may_pass_is_retried_a_bounded_number_of_times(batch, workdir):
     """A missing image is the site's, and another start may find it: the job is started
     again up to [site] start_attempts (2), then fails with the count and the reason."""
-    if isinstance(batch, Slurm):
-        pytest.xfail("not yet under Slurm: such a job fails at its first start, with the "
-                     "reason, and is not requeued")
     job = batch.submit(workdir, JOB, batch.vm("ghost"))
     status = batch.finish(job, timeout=120)
     out, err = batch.output(workdir, job)

@@ -269,6 +269,14 @@ def test_srun_runs_its_program_in_a_guest_as_a_job_of_its_own(slurm, workdir):
     slurm.assert_idle()
 
 
+def test_srun_gives_its_program_the_users_stdin_to_its_end(slurm, workdir):
+    """As for a native srun: task 0 reads srun's stdin, and sees its end of file."""
+    cp = slurm.as_user("printf 'one\\ntwo\\n' | srun --vmwn=tiny sh -c 'cat; echo eof-seen'",
+                       workdir, timeout=240)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert cp.stdout == "one\ntwo\neof-seen\n", (cp.stdout, cp.stderr)
+
+
 def test_salloc_srun_in_an_allocation_and_several_tasks_are_refused(slurm, workdir):
     cp = slurm.as_user("salloc --vmwn=tiny true", workdir)
     assert cp.returncode != 0 and "vmwn: --vmwn runs a job of its own" in cp.stderr, cp.stderr

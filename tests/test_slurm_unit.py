@@ -81,6 +81,63 @@ def test_begin_turns_every_failure_into_the_jobs_refusal(cfg, monkeypatch):
         runtime.begin(cfg, {"job_id": "5; rm -rf /"})
 
 
+def test_a_batch_job_whose_start_may_pass_is_requeued_a_bounded_number_of_times(
+        cfg, monkeypatch):
+    """A failure that may pass (the site's, a busy node's) requeues a batch job through
+    slurmctld, with slurmd's config, until [site] start_attempts (2) starts have failed;
+    then the job fails with the count.  The requeued start's task says why."""
+    from vmwn import subp
+    monkeypatch.setattr(netns, "enter_libvirts", lambda uri: None)
+
+    def build(cfg, job):
+        raise SiteError("the image of tiny is missing", "run vmwn image build tiny")
+    monkeypatch.setattr(request, "build", build)
+    asked = []
+
+    def scontrol(argv, env=None, timeout=None, **kw):
+        asked.append((argv, env))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+    monkeypatch.setattr(subp, "run", scontrol)
+    job = {"job_id": "6", "batch": "1", "slurm_conf": "/etc/site slurm/slurm.conf"}
+    assert runtime.begin(cfg, job) == 0
+    assert asked == [(["scontrol", "requeue", "6"],
+                      {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+                       "SLURM_CONF": "/etc/site slurm/slurm.conf"})]
+    said = state.read_refusal(cfg.site["state_dir"], "6")
+    assert said["problem"] == "the image of tiny is missing; Slurm starts the job again"
+    assert runtime.end(cfg, {"job_id": "6"}) == 0  # the requeued start's step ends
+    assert not os.path.exists(state.job_dir(cfg, "6"))
+    assert runtime.begin(cfg, job) == 0  # the job's second start
+    assert len(asked) == 1  # not requeued again
+    said = state.read_refusal(cfg.site["state_dir"], "6")
+    assert said["problem"].startswith("the job's virtual machine could not be prepared in 2 "
+                                      "starts; last: the image of tiny is missing"), said
+    assert not os.listdir(os.path.join(cfg.site["state_dir"], ".starts"))
+
+
+@pytest.mark.parametrize("job", [{"job_id": "7", "batch": "0"},  # srun's: no requeue
+                                 {"job_id": "7", "batch": "1"}])  # scontrol fails
+def test_a_start_that_may_pass_fails_the_job_when_it_cannot_be_requeued(cfg, monkeypatch,
+                                                                       job):
+    from vmwn import subp
+    monkeypatch.setattr(netns, "enter_libvirts", lambda uri: None)
+
+    def build(cfg, job):
+        raise SiteError("libvirt is down", "the site should check libvirtd")
+    monkeypatch.setattr(request, "build", build)
+    asked = []
+
+    def scontrol(argv, **kw):
+        asked.append(argv)
+        raise subp.ProcessFailed(argv, 1, "slurm_requeue error: Access/permission denied",
+                                 "see the operator log")
+    monkeypatch.setattr(subp, "run", scontrol)
+    assert runtime.begin(cfg, job) == 0
+    assert len(asked) == int(job["batch"])
+    assert state.read_refusal(cfg.site["state_dir"], "7")["problem"] == "libvirt is down"
+    assert not os.listdir(os.path.join(cfg.site["state_dir"], ".starts"))
+
+
 def test_a_further_step_of_a_job_with_a_vm_gets_none_and_ends_none(cfg, capsys):
     state.make_job_dir(cfg, "8")  # the job's VM, made by its first step
     assert runtime.begin(cfg, {"job_id": "8"}) == runtime.NOT_THIS_STEP

@@ -278,7 +278,10 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
         interactive = mode == "interactive"
         term = environ.get("TERM") or "vt100"
         size = _tty_size() if interactive else (80, 24)
-        relay = Relay(guest, None, pidfile, interactive=interactive, warden=wsock)
+        # A program run as it is gets the task's stdin (srun's), as it would natively;
+        # a script's shell reads none (it never has one from the batch daemon).
+        relay = Relay(guest, None, pidfile, interactive=interactive, warden=wsock,
+                      stdin=interactive or mode == "exec")
         with relay.catching():  # from before the job starts: no signal is lost
             relay.chan = guest.exec(command, pty=interactive, term=term, size=size)
             relay.open_signaller()
@@ -572,9 +575,12 @@ def signal_number(name):
 class Relay:
     """Moves bytes between the guest job and fds 0-2, and signals to the guest."""
 
-    def __init__(self, guest, chan, pidfile, interactive=False, warden=None):
+    def __init__(self, guest, chan, pidfile, interactive=False, warden=None, stdin=None):
         self.guest, self.chan, self.pidfile = guest, chan, pidfile
         self.interactive = interactive
+        # stdin (fd 0) goes to the guest job until its end of file: an interactive
+        # job's, and a program's run as it is; None: as ``interactive``
+        self.stdin = interactive if stdin is None else stdin
         self.warden = warden
         self.last_sent = {}
         self.pending = []
@@ -618,7 +624,7 @@ class Relay:
             with self.catching():
                 return self.run()
         restore_tty = self._raw_tty() if self.interactive else None
-        if not self.interactive:
+        if not self.stdin:
             self.chan.shutdown_write()
         stop = threading.Event()
         prober = threading.Thread(target=self._probe, args=(stop,), daemon=True)
@@ -641,7 +647,7 @@ class Relay:
         import time
         from .errors import GuestLost
         chan = self.chan
-        stdin_open = self.interactive
+        stdin_open = self.stdin
         ended = None
         while True:
             rlist = [chan, wake_r] + ([0] if stdin_open else [])

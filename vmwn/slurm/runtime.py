@@ -7,12 +7,16 @@ sbatch), the exit status whether the action succeeded.
 - ``check env=ENV``: is ENV configured here?  (sbatch, on the submit host: an
   unknown environment is refused before a job exists, so no node is drained.)
 - ``begin job_id=... env=... uid=... gid=... ncpus=... mem_mb=... alloc_mb=...
-  workdir=... job_name=...``: vmwn.vmjob.begin, in the slurmstepd of the job's
-  step.  Every failure becomes a refusal record, which the job starter shows on
-  the job's stderr: a failing SPANK call there would fail the step in Slurm's
-  terms, and a node must never be drained for a job.  A job that has its VM
-  already (a further step, ``srun --jobid``) gets exit 3 and a line: that step
-  neither makes nor ends one.
+  workdir=... job_name=... batch=0|1 slurm_conf=PATH``: vmwn.vmjob.begin, in the
+  slurmstepd of the job's step.  Every failure becomes a refusal record, which
+  the job starter shows on the job's stderr: a failing SPANK call there would
+  fail the step in Slurm's terms, and a node must never be drained for a job.
+  A failure that may pass (vmwn.vmjob raises it while fewer than ``[site]
+  start_attempts`` starts have failed) requeues a batch job (``scontrol requeue``
+  with slurmd's config): the record then says so, and Slurm starts the job again
+  once its credentials have expired (``AuthInfo=cred_expire``, 120 s by default).
+  A job that has its VM already (a further step, ``srun --jobid``) gets exit 3
+  and a line: that step neither makes nor ends one.
 - ``release job_id=...``: when the task has ended, the VM leaves the task's
   accounting cgroup (vmwn.cgroups), which slurmstepd then removes.
 - ``end job_id=...``: vmwn.vmjob.end, when the step ends.
@@ -21,7 +25,7 @@ sbatch), the exit status whether the action succeeded.
 import os
 import sys
 
-from .. import config, errors, logsetup
+from .. import config, errors, logsetup, subp
 from . import request
 
 
@@ -45,11 +49,34 @@ def begin(cfg, job):
         print(f"vmwn: job {job_id} has its virtual machine already, and a further step of "
               "it gets none: run the program in the job's script", flush=True)
         return NOT_THIS_STEP
+    log = logsetup.job_logger(__name__, job_id)
     try:
         vmjob.begin(cfg, job_id, lambda: request.build(cfg, job))
-    except errors.VmwnError as e:  # no requeue under Slurm (yet): the job is told why
-        vmjob.refuse(cfg, job_id, e, logsetup.job_logger(__name__, job_id))
+    except errors.VmwnError as e:  # may pass, and its starts are below the bound
+        if job.get("batch") == "1" and requeue(job_id, job.get("slurm_conf") or "", log):
+            # the job's task still starts (and is ended by the requeue): it says why
+            state.write_refusal(cfg, job_id, type(e)(
+                f"{e.problem}; Slurm starts the job again", e.fix))
+        else:
+            vmjob.refuse(cfg, job_id, e, log)
     return 0
+
+
+REQUEUE_SECONDS = 20
+
+
+def requeue(job_id, slurm_conf, log):
+    """Ask slurmctld to requeue batch job ``job_id``; True if it took the request."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    if slurm_conf:
+        env["SLURM_CONF"] = slurm_conf
+    try:
+        subp.run(["scontrol", "requeue", job_id], env=env, timeout=REQUEUE_SECONDS)
+    except errors.VmwnError as e:
+        log.warning("the job could not be requeued, so it fails: %s", e.line())
+        return False
+    log.info("requeued: Slurm starts the job again")
+    return True
 
 
 def release(cfg, job):

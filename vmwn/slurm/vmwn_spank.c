@@ -324,9 +324,10 @@ static int add_arg(char a[][ARG_MAX_LEN], int n, const char *key, const char *va
 
 static void begin(spank_t sp)
 {
-	static char a[9][ARG_MAX_LEN];
+	static char a[11][ARG_MAX_LEN];
 	char line[LINE_MAX_LEN], v[ARG_MAX_LEN], num[64];
-	char *args[9];
+	char *args[11];
+	const char *conf = getenv("SLURM_CONF");
 	uint32_t job = 0;
 	uint64_t alloc_mb = 0;
 	uid_t uid = (uid_t) -1;
@@ -361,16 +362,20 @@ static void begin(spank_t sp)
 	bad |= add_arg(a, 6, "alloc_mb", num);
 	bad |= add_arg(a, 7, "workdir", job_env(sp, "SLURM_SUBMIT_DIR", v, sizeof(v)));
 	bad |= add_arg(a, 8, "job_name", job_env(sp, "SLURM_JOB_NAME", v, sizeof(v)));
+	/* A batch job may be requeued (scontrol requeue, with slurmd's own config: slurmd
+	 * puts its path in SLURM_CONF) when its VM's preparation failed but may pass. */
+	bad |= add_arg(a, 9, "batch", step_id(sp) == SLURM_BATCH_SCRIPT ? "1" : "0");
+	bad |= add_arg(a, 10, "slurm_conf", conf ? conf : "");
 	if (bad) {
 		snprintf(no_vm, sizeof(no_vm), "vmwn: the job's submit directory or name is too "
 			 "long for vmwn's plugin, so no virtual machine was made: submit from a "
 			 "shorter path");
 		return;
 	}
-	for (i = 0; i < 9; i++)
+	for (i = 0; i < 11; i++)
 		args[i] = a[i];
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	rc = runtime("begin", args, 9, 60, line, sizeof(line));
+	rc = runtime("begin", args, 11, 60, line, sizeof(line));
 	clock_gettime(CLOCK_MONOTONIC, &t1);
 	if (rc == NOT_THIS_STEP) {
 		snprintf(no_vm, sizeof(no_vm), "%s", line);
