@@ -269,6 +269,23 @@ def test_srun_runs_its_program_in_a_guest_as_a_job_of_its_own(slurm, workdir):
     slurm.assert_idle()
 
 
+def test_the_vm_has_the_memory_the_job_asked_for(slurm, workdir):
+    """--mem is the VM's memory (the environment's default, 256 MiB, without it): what
+    the guest job can use is what its native twin's cgroup would allow it."""
+    script = "#!/bin/sh\nawk '/^MemTotal:/ {print $2}' /proc/meminfo\n"
+    sizes = {}
+    for mem in ("", "--mem=600"):
+        job = slurm.submit(workdir, script, f"--vmwn=tiny {mem}", name=f"mem{len(mem)}.sh")
+        assert slurm.finish(job) == 0
+        lines = slurm.output(workdir, job).splitlines()
+        kib = [int(x) for x in lines if x.isdigit()]
+        assert len(kib) == 1, lines
+        sizes[mem] = kib[0] // 1024
+        assert_clean(job)
+    # the guest's kernel keeps some for itself: MemTotal is a little under the VM's
+    assert 200 <= sizes[""] <= 256 and 520 <= sizes["--mem=600"] <= 600, sizes
+
+
 def test_srun_gives_its_program_the_users_stdin_to_its_end(slurm, workdir):
     """As for a native srun: task 0 reads srun's stdin, and sees its end of file."""
     cp = slurm.as_user("printf 'one\\ntwo\\n' | srun --vmwn=tiny sh -c 'cat; echo eof-seen'",
