@@ -18,7 +18,7 @@ import tempfile
 
 import pytest
 
-from vmwn.domain import domain_name
+from vmwn.domain import domain_name, guest_hostname
 from vmwn.state import safe_name
 from vmwn_testlib import needs_image, wait_until
 
@@ -213,6 +213,25 @@ JOB_EXEC_KILL_CPUT = -28  # OpenPBS's Exit_status for a job over its cput (job.h
 def _seconds(hms):
     h, m, s = (int(x) for x in hms.split(":"))
     return h * 3600 + m * 60 + s
+
+
+def test_a_program_job_runs_in_its_guest_with_the_stdin_a_native_one_has(openpbs, workdir):
+    """qsub -- PROGRAM: the program runs in the guest as it is, and reads the stdin the
+    mom gives a native one to its end (a hang here would be a stdin never closed)."""
+    got = {}
+    for opts in ("", "-l vmwn=tiny"):
+        cp = openpbs.as_user(f"{PREFIX}/bin/qsub -N prog {opts} -- /bin/sh -c "
+                             "'cat; echo eof-seen; hostname'", workdir)
+        assert cp.returncode == 0, cp.stderr
+        job = cp.stdout.strip()
+        st = openpbs.wait(job)
+        out, err = openpbs.output(workdir, job, "prog")
+        assert st["Exit_status"] == 0, (st.get("Exit_status"), out, err)
+        got[opts] = (job, out)
+    native, (job, vm) = got[""][1], got["-l vmwn=tiny"]
+    assert native.splitlines()[-2:] == ["eof-seen", os.uname().nodename], native
+    assert vm.splitlines()[-2:] == ["eof-seen", guest_hostname(job)], vm
+    assert_clean(job)
 
 
 def test_a_vm_job_is_charged_what_its_vm_used(openpbs, workdir):
