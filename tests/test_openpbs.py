@@ -217,7 +217,9 @@ def _seconds(hms):
 
 def test_a_program_job_runs_in_its_guest_with_the_stdin_a_native_one_has(openpbs, workdir):
     """qsub -- PROGRAM: the program runs in the guest as it is, and reads the stdin the
-    mom gives a native one to its end (a hang here would be a stdin never closed)."""
+    mom gives a native one (/dev/null) to its end: the guest's stdin is closed when the
+    task's is, or the job would hang here.  That stdin is forwarded is Slurm's test
+    (srun has one)."""
     got = {}
     for opts in ("", "-l vmwn=tiny"):
         cp = openpbs.as_user(f"{PREFIX}/bin/qsub -N prog {opts} -- /bin/sh -c "

@@ -292,6 +292,11 @@ def test_srun_gives_its_program_the_users_stdin_to_its_end(slurm, workdir):
                        workdir, timeout=240)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
     assert cp.stdout == "one\ntwo\neof-seen\n", (cp.stdout, cp.stderr)
+    # More than the channel's windows hold, through a program that writes as it
+    # reads: the relay must take the guest's output while its input waits.
+    cp = slurm.as_user("head -c 16777216 /dev/zero | srun --vmwn=tiny cat | wc -c", workdir,
+                       timeout=300)
+    assert cp.returncode == 0 and cp.stdout.split() == ["16777216"], (cp.stdout, cp.stderr)
 
 
 def test_salloc_srun_in_an_allocation_and_several_tasks_are_refused(slurm, workdir):

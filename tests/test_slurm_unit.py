@@ -138,6 +138,47 @@ def test_a_start_that_may_pass_fails_the_job_when_it_cannot_be_requeued(cfg, mon
     assert not os.listdir(os.path.join(cfg.site["state_dir"], ".starts"))
 
 
+def _failing(monkeypatch, failure):
+    from vmwn import subp
+    monkeypatch.setattr(netns, "enter_libvirts", lambda uri: None)
+
+    def build(cfg, job):
+        raise failure
+    monkeypatch.setattr(request, "build", build)
+    asked = []
+
+    def scontrol(argv, **kw):
+        asked.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+    monkeypatch.setattr(subp, "run", scontrol)
+    return asked
+
+
+def test_a_start_whose_count_cannot_be_kept_is_never_requeued(cfg, monkeypatch):
+    """NodeBroken: without a count a requeue could come back without end."""
+    from vmwn.errors import NodeBroken
+    asked = _failing(monkeypatch, NodeBroken("the state directory is read-only",
+                                             "the site should check /var/lib/vmwn"))
+    assert runtime.begin(cfg, {"job_id": "9", "batch": "1"}) == 0
+    assert asked == []
+    said = state.read_refusal(cfg.site["state_dir"], "9")
+    assert said["problem"] == "the state directory is read-only", said
+
+
+def test_a_helper_programs_failure_is_requeued_with_its_own_line(cfg, monkeypatch):
+    """A failure with a constructor of its own (subp.ProcessFailed) is restated whole."""
+    from vmwn import subp
+    failure = subp.ProcessFailed(["qemu-img", "create"], 1, "No space left on device",
+                                 "the site should free /var/lib/vmwn/overlays")
+    asked = _failing(monkeypatch, failure)
+    assert runtime.begin(cfg, {"job_id": "10", "batch": "1"}) == 0
+    assert asked == [["scontrol", "requeue", "10"]]
+    said = state.read_refusal(cfg.site["state_dir"], "10")
+    assert said == {"kind": "ProcessFailed", "problem": "qemu-img exited 1: No space left "
+                    "on device; Slurm starts the job again",
+                    "fix": "the site should free /var/lib/vmwn/overlays"}, said
+
+
 def test_a_further_step_of_a_job_with_a_vm_gets_none_and_ends_none(cfg, capsys):
     state.make_job_dir(cfg, "8")  # the job's VM, made by its first step
     assert runtime.begin(cfg, {"job_id": "8"}) == runtime.NOT_THIS_STEP

@@ -18,6 +18,15 @@ class VmwnError(Exception):
     def line(self):
         return f"{self.problem}: {self.fix}" if self.fix else self.problem
 
+    def restated(self, problem):
+        """The same error (class, fix, what else it carries) saying ``problem``; a
+        subclass whose constructor takes other arguments (ProcessFailed) is fine."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.problem = " ".join(str(problem).split())
+        new.args = (new.line(),)
+        return new
+
 
 class UserError(VmwnError):
     """The job's submitter must change the request (unknown environment, over limits)."""

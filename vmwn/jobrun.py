@@ -648,11 +648,16 @@ class Relay:
         from .errors import GuestLost
         chan = self.chan
         stdin_open = self.stdin
+        to_guest = b""  # read from stdin, not yet taken by the channel
         ended = None
         while True:
-            rlist = [chan, wake_r] + ([0] if stdin_open else [])
+            # stdin is read only when what came before is gone: the guest job's output
+            # is relayed meanwhile (a job that writes as it reads, cat, would block on
+            # its output otherwise, and stop reading), and signals too.  The channel's
+            # window has no fd to wait on: while input waits, the loop looks often.
+            rlist = [chan, wake_r] + ([0] if stdin_open and not to_guest else [])
             try:
-                ready, _, _ = select.select(rlist, [], [], 1.0)
+                ready, _, _ = select.select(rlist, [], [], 0.02 if to_guest else 1.0)
             except InterruptedError:
                 ready = []
             if wake_r in ready:
@@ -674,22 +679,25 @@ class Relay:
                 elif self._fresh(s):
                     self._forward(s)
             self._drain()
-            if stdin_open and 0 in ready:
+            if stdin_open and not to_guest and 0 in ready:
                 try:
-                    data = os.read(0, 65536)
+                    to_guest = os.read(0, 65536)
                 except OSError:
-                    data = b""
-                if data:
-                    try:
-                        chan.sendall(data)
-                    except (OSError, EOFError):
-                        stdin_open = False
-                else:
+                    to_guest = b""
+                if not to_guest:
                     stdin_open = False
                     try:
                         chan.shutdown_write()
                     except (OSError, EOFError):
                         pass
+            if to_guest and chan.send_ready():  # never blocks: the window has room
+                try:
+                    sent = chan.send(to_guest)
+                except (OSError, EOFError):
+                    sent = 0
+                # 0: the channel is closing, and the guest job reads no more
+                to_guest = to_guest[sent:] if sent else b""
+                stdin_open = stdin_open and bool(sent)
             if chan.closed or (ended is not None and chan.eof_received):
                 self._drain()
                 break

@@ -48,8 +48,8 @@ def begin(cfg, job_id, build, held=None, budget=BEGIN_BUDGET):
         refuse(cfg, job_id, e, jlog)
     except errors.VmwnError as e:
         n = state.failed_start(cfg, job_id, e, cfg.site["start_attempts"], jlog)
-        refuse(cfg, job_id, type(e)(f"the job's virtual machine could not be prepared in "
-                                    f"{n} starts; last: {e.problem}", e.fix), jlog)
+        refuse(cfg, job_id, e.restated(f"the job's virtual machine could not be prepared "
+                                       f"in {n} starts; last: {e.problem}"), jlog)
     finally:
         if held is not None:
             reap.bounded_reap(cfg, held)

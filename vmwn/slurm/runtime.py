@@ -52,11 +52,13 @@ def begin(cfg, job):
     log = logsetup.job_logger(__name__, job_id)
     try:
         vmjob.begin(cfg, job_id, lambda: request.build(cfg, job))
+    except errors.NodeBroken as e:  # its starts cannot be counted: a requeue could loop
+        vmjob.refuse(cfg, job_id, e, log)
     except errors.VmwnError as e:  # may pass, and its starts are below the bound
         if job.get("batch") == "1" and requeue(job_id, job.get("slurm_conf") or "", log):
             # the job's task still starts (and is ended by the requeue): it says why
-            state.write_refusal(cfg, job_id, type(e)(
-                f"{e.problem}; Slurm starts the job again", e.fix))
+            state.write_refusal(cfg, job_id, e.restated(
+                f"{e.problem}; Slurm starts the job again"))
         else:
             vmjob.refuse(cfg, job_id, e, log)
     return 0

@@ -127,9 +127,9 @@ def _failed(cfg, job_id, error, jlog):
     """A start that failed: requeued (``error`` raised) while it may still pass, else
     refused; returns 0."""
     n = _counted(cfg, job_id, error, cfg.site["start_attempts"], jlog)
-    return _refuse(cfg, job_id, type(error)(
+    return _refuse(cfg, job_id, error.restated(
         f"the job's virtual machine could not be prepared in {n} starts; "
-        f"last: {error.problem}", error.fix), jlog)
+        f"last: {error.problem}"), jlog)
 
 
 def _unconfigured(state_dir, job_id, error):
