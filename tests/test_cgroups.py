@@ -76,20 +76,37 @@ def test_the_warden_moves_the_vm_once_and_only_for_the_jobs_own_starter(world_tm
     job.st.vm_pid, job.st.vm_start = os.getpid(), usage.start_time(os.getpid())
     state.save(job.cfg, job.st)
     moved = []
-    monkeypatch.setattr(cgroups, "join", lambda pids, of_pid: moved.append(of_pid) or ["g"])
+    monkeypatch.setattr(cgroups, "join", lambda pids, of_pid, job_id=None:
+                        moved.append((of_pid, job_id)) or ["g"])
     w = warden.Warden(job.cfg, job.job_id, warden.listen(job.cfg, job.st))
     w.answer = b'{"ready": true}\n'
     threading.Thread(target=w._serve, daemon=True).start()
     path = state.warden_socket(job.cfg.site["state_dir"], job.job_id)
     first, second = (socket.socket(socket.AF_UNIX) for _ in range(2))
     for s in (first, second):
+        s.settimeout(30)  # a warden that died answers nothing: fail, never hang
         s.connect(path)
         assert s.recv(64) == b'{"ready": true}\n'
     second.sendall(b"cgroups\n")
     assert second.recv(1) == b"0" and moved == []
     first.sendall(b"cgroups\n")
-    assert first.recv(1) == b"1" and moved == [os.getpid()]
+    # only into a group that names the job (cgroups.join checks, told which)
+    assert first.recv(1) == b"1" and moved == [(os.getpid(), job.job_id)]
     first.sendall(b"cgroups\n")
-    assert first.recv(1) == b"0" and moved == [os.getpid()]
+    assert first.recv(1) == b"0" and moved == [(os.getpid(), job.job_id)]
     for s in (first, second):
         s.close()
+
+
+def test_the_vm_joins_only_a_group_that_names_its_job(tree):
+    """The warden's check: another group of the same user (another job's, a login's)
+    cannot take the VM away from the job's accounting."""
+    root, info, proc = tree
+    with pytest.raises(OSError, match="names no job 17"):
+        cgroups.join([11], 4242, job_id="17", proc=proc, mountinfo=info)
+    procs = root / "cpuacct" / "slurm_vm/uid_1/job_7/step_batch/task_0/cgroup.procs"
+    assert not procs.exists()
+    assert cgroups.join([11], 4242, job_id="7", proc=proc, mountinfo=info) == [str(procs)]
+    assert cgroups.names_job("/pbs_jobs.service/jobid/12.srv", "12.srv")
+    assert not cgroups.names_job("/slurm_vm/uid_1/job_17/step_0", "7")
+    assert not cgroups.names_job("/user.slice/user-1000.slice", "1000")

@@ -53,16 +53,27 @@ def membership(pid, proc="/proc"):
     return out
 
 
-def join(pids, of_pid, controllers=CONTROLLERS, proc="/proc", mountinfo="/proc/self/mountinfo"):
+def names_job(path, job_id):
+    """True when a component of the group ``path`` names job ``job_id``: the id itself,
+    or ending in ``_ID`` (Slurm's ``job_12``)."""
+    return any(p == job_id or p.endswith("_" + job_id) for p in path.split("/"))
+
+
+def join(pids, of_pid, job_id=None, controllers=CONTROLLERS, proc="/proc",
+         mountinfo="/proc/self/mountinfo"):
     """Move each of ``pids`` into ``of_pid``'s groups of ``controllers``; returns the
-    ``cgroup.procs`` files written.  A pid that has gone is skipped; any other
-    failure raises OSError."""
+    ``cgroup.procs`` files written.  With ``job_id``, only into a group that names the
+    job (:func:`names_job`): a process of the same user in another group (another
+    job's, a login's) cannot take the VM there.  A pid that has gone is skipped; any
+    other failure raises OSError."""
     where = mounts(mountinfo)
     theirs = membership(of_pid, proc)
     done = []
     for c in controllers:
         if c not in where or c not in theirs:
             continue
+        if job_id is not None and not names_job(theirs[c], job_id):
+            raise OSError(f"cgroup {theirs[c]!r} of pid {of_pid} names no job {job_id}")
         rel = theirs[c].lstrip("/")
         target = os.path.normpath(os.path.join(where[c], rel, "cgroup.procs"))
         if not target.startswith(os.path.join(where[c], "")):

@@ -326,7 +326,8 @@ class Warden:
     def _join_cgroups(self, conn):
         """Answer ``cgroups``: the VM's processes (launcher, anchor, QEMU) join the
         accounting cgroup of the asking starter, a process of the job's own (its uid
-        was checked at accept); one byte, 1 when they did."""
+        was checked at accept, its group must name the job); one byte, 1 when they
+        did."""
         from . import cgroups, usage
         st = statemod.load(self.cfg, self.job_id)
         launcher = st.vm_pid if st.vm_pid and \
@@ -334,11 +335,13 @@ class Warden:
         try:
             if not launcher:
                 raise OSError("the VM's launcher is gone")
-            done = cgroups.join(usage.tree(launcher), self.peers[conn])
+            done = cgroups.join(usage.tree(launcher), self.peers[conn], job_id=self.job_id)
             self.log.info("the VM joined the job's cgroups: %s", ", ".join(done) or "none")
             _send_quietly(conn, b"1" if done else b"0")
-        except OSError as e:
-            self.log.warning("the VM cannot join the job's cgroups: %s", e.strerror or e)
+        except Exception as e:  # noqa: BLE001 - the warden goes on serving the job
+            self.log.warning("the VM cannot join the job's cgroups: %s",
+                             getattr(e, "strerror", None) or e,
+                             exc_info=not isinstance(e, OSError))
             _send_quietly(conn, b"0")
 
     def _connect(self, conn):

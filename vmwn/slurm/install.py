@@ -91,8 +91,6 @@ def install(opts):
     compile_plugin(plugin)
     conf = os.path.join(opts.plugstack_dir, PLUGSTACK_NAME)
     sysfiles.write(conf, plugstack_line(plugin, python, opts.config, starter), 0o644)
-    print("vmwn-slurm-install: restart slurmd on this node, so that it runs the plugin's "
-          "job prolog (which keeps a job with --export=NONE in its VM)", file=sys.stderr)
     return [starter, plugin, conf]
 
 
@@ -121,6 +119,9 @@ def main(argv=None):
     try:
         for what in (install if opts.action == "install" else uninstall)(opts):
             print(f"vmwn-slurm-install: {opts.action}ed {what}")
+        if opts.action == "install":  # last, where it is read
+            print("vmwn-slurm-install: now restart slurmd on this node, so that it runs the "
+                  "plugin's job prolog (which keeps a job with --export=NONE in its VM)")
         return 0
     except VmwnError as e:
         print(f"vmwn-slurm-install: {e.line()}", file=sys.stderr)
