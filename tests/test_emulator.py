@@ -154,6 +154,46 @@ def test_qemu_dies_with_a_killed_launcher(launch, anchor_first):
     assert fields is None or fields[0] == "Z"
 
 
+# The launcher SIGKILLed after QEMU's fork but before its guard exists (the
+# window libvirt's last resort can hit): QEMU must never run unguarded.
+KILLED_BEFORE_GUARD = """
+import os, signal, sys
+from vmwn import emulator
+
+def die(fd, libc):
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        pid = [line.split()[1] for line in f if line.startswith("Pid:")][0]
+    with open(os.path.join(sys.argv[1], "qemu.pid"), "w") as f:
+        f.write(pid)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+emulator._spawn_guard = die
+sys.exit(emulator.main(["launcher", "run"]))
+"""
+
+
+def test_a_launcher_killed_before_qemus_guard_exists_leaves_no_qemu(launch):
+    _, d = launch
+    env = dict(os.environ, VMWN_QEMU=str(d / "qemu"))
+    p = subprocess.Popen([sys.executable, "-c", KILLED_BEFORE_GUARD, str(d)], env=env,
+                         start_new_session=True)
+    assert p.wait(timeout=10) == -signal.SIGKILL
+    qemu = int((d / "qemu.pid").read_text())
+    try:
+        fd = os.pidfd_open(qemu)
+    except ProcessLookupError:
+        fd = None  # already gone
+    if fd is not None:
+        try:
+            pidfd_wait(fd, 5, "the unguarded QEMU to end before it runs")
+        except AssertionError:
+            os.kill(qemu, signal.SIGKILL)
+            raise
+        finally:
+            os.close(fd)
+    assert "started" not in _log(d)
+
+
 def test_qemu_status_is_the_launchers(launch):
     start, _ = launch
     assert start("exit3").wait(timeout=5) == 3

@@ -52,15 +52,20 @@ def main(argv=None) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # QEMU comes back here if the anchor dies
     r, w = os.pipe()
+    go_r, go_w = os.pipe()  # QEMU runs only once its guard is in place
     anchor = os.fork()
     if anchor == 0:
         os.close(r)
-        _anchor(qemu, argv, w)
+        os.close(go_w)
+        _anchor(qemu, argv, w, go_r)
     os.close(w)
+    os.close(go_r)
     qemu_pid = int(os.read(r, 32) or b"0")
     os.close(r)
     qemu_fd = _pidfd(qemu_pid, anchor)
     guard = _spawn_guard(qemu_fd, libc) if qemu_fd >= 0 else 0
+    os.write(go_w, b"g")  # a launcher killed before this leaves QEMU's pipe at EOF: no QEMU
+    os.close(go_w)
     reaped = set()
     status = _launcher(anchor, qemu_pid, qemu_fd, reaped)
     if guard not in reaped:  # still our child, so its pid is still its own
@@ -157,7 +162,7 @@ def _launcher(anchor, qemu_pid, qemu_fd, reaped):
             return st
 
 
-def _anchor(qemu, argv, w):
+def _anchor(qemu, argv, w, go):
     """The session pbs_mom adopts: QEMU's parent, which only waits for it."""
     try:
         os.setsid()
@@ -167,7 +172,8 @@ def _anchor(qemu, argv, w):
         pid = os.fork()
         if pid == 0:
             os.close(w)
-            _exec(qemu, argv)
+            _exec(qemu, argv, go)
+        os.close(go)
         os.write(w, str(pid).encode())
         os.close(w)
         _, status = os.waitpid(pid, 0)
@@ -179,9 +185,12 @@ def _anchor(qemu, argv, w):
     os._exit(os.waitstatus_to_exitcode(status))
 
 
-def _exec(qemu, argv):
+def _exec(qemu, argv, go):
     try:
         os.setsid()  # out of the anchor's session: pbs_mom's kill stops at the anchor
+        if os.read(go, 1) != b"g":  # the launcher died before QEMU's guard was there
+            os._exit(127)
+        os.close(go)
         for s in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; QEMU must not
             signal.signal(s, signal.SIG_DFL)
         os.execv(qemu, [qemu] + _args(argv[1:]))
