@@ -109,7 +109,8 @@ def _fresh_logging():
 
 @pytest.fixture(scope="session", autouse=True)
 def _warm_mode():
-    """With VMWN_TEST_WARM=1, the shared tiny guest is prepared once for the session."""
+    """With VMWN_TEST_WARM=1, the shared tiny guest is prepared once for the run (the
+    first worker of a parallel run prepares it, the others wait for that)."""
     import vmwn_testlib
     if not vmwn_testlib.WARM or not _is_root():
         yield
@@ -117,16 +118,107 @@ def _warm_mode():
     from vmwn import config, warm
     base = vmwn_testlib.qemu_reachable_dir()
     try:
-        cfg = config.load(vmwn_testlib.write_config(base))
-        warm.prepare(cfg, cfg.env("tiny"), say=lambda line: None)
+        with vmwn_testlib.once_per_run("warm") as first:
+            if first:
+                cfg = config.load(vmwn_testlib.write_config(base))
+                warm.prepare(cfg, cfg.env("tiny"), say=lambda line: None)
+        _SHARED_MADE.add("warm")  # removed at the session's end (pytest_sessionfinish)
         yield
     finally:
         shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(vmwn_testlib.WARM_DIR, ignore_errors=True)  # every job has ended
 
 
 def _is_root():
     return os.geteuid() == 0
+
+
+# Parallel runs (make test: pytest-xdist, --dist loadscope).  A batch system's
+# tests share its one cluster, so they run in one worker (a lane), each system in
+# its own; any other module's tests are a lane of their own (module fixtures, port
+# ranges).  The batch systems' lanes, the longest, are handed out first.  Tests
+# marked ``exclusive`` (they stop a host daemon, move the node's configuration or
+# measure CPU time, which other lanes' guests would take) run alone, in make
+# test's second, serial pass.
+BATCH_LANES = ("torque", "openpbs", "slurm")
+LANE_MODULES = {"test_torque": "torque", "test_torque_accounting": "torque",
+                "test_pbs_python": "torque", "test_openpbs": "openpbs", "test_slurm": "slurm"}
+_PARAM_LANE = re.compile(r"\[(torque|openpbs|slurm)\b")  # the shared scenarios' batch
+
+
+def lane_of(nodeid):
+    path = nodeid.split("::", 1)[0]
+    module = os.path.splitext(os.path.basename(path))[0]
+    if module in LANE_MODULES:
+        return LANE_MODULES[module]
+    m = _PARAM_LANE.search(nodeid)
+    return m.group(1) if m else path
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling, with lanes for scopes (the controller knows nodeids only)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling  # xdist is there: it calls this hook
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return lane_of(nodeid)
+    return Lanes(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Batch-system lanes first; a test marked for a batch system must be in its lane."""
+    for item in items:
+        marked = [name for name in BATCH_LANES if item.get_closest_marker(name)]
+        lane = lane_of(item.nodeid)
+        if (marked[0] if marked else None) != (lane if lane in BATCH_LANES else None):
+            raise pytest.UsageError(f"{item.nodeid} is marked {marked or 'for no batch system'}"
+                                    f" but its lane is {lane}: update LANE_MODULES in "
+                                    "tests/conftest.py")
+    order = {name: i for i, name in enumerate(BATCH_LANES)}
+    items.sort(key=lambda item: order.get(lane_of(item.nodeid), len(order)))  # stable
+
+
+def _xdist_worker(config):
+    return hasattr(config, "workerinput")
+
+
+def _utf8(text):
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+@pytest.hookimpl(tryfirst=True)  # before an xdist worker sends the report on
+def pytest_runtest_logreport(report):
+    """Tests feed vmwn names that are not UTF-8; what they log or fail with then holds
+    lone surrogates, which a worker cannot send to the controller as UTF-8."""
+    report.sections = [(title, _utf8(text)) for title, text in report.sections]
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        if _utf8(text) != text:
+            report.longrepr = _utf8(text)
+
+
+def _xdist_controller(config):
+    return bool(getattr(config.option, "numprocesses", None)) and not _xdist_worker(config)
+
+
+_SHARED_MADE = set()  # what this session made that a parallel run's workers share
+
+
+def pytest_sessionfinish(session):
+    """What the workers of a parallel run share is removed once, by the controller,
+    when every worker is done (each worker's fixtures leave it in place); a serial
+    session removes what it made.  (A pytest a test runs inside removes nothing.)"""
+    config = session.config
+    if not _is_root() or _xdist_worker(config):
+        return
+    import torquelib
+    import vmwn_testlib
+    if _xdist_controller(config) or "envs" in _SHARED_MADE:
+        torquelib.remove_test_envs()
+    if vmwn_testlib.WARM and (_xdist_controller(config) or "warm" in _SHARED_MADE):
+        shutil.rmtree(vmwn_testlib.WARM_DIR, ignore_errors=True)
 
 
 def account_or_skip(name):
@@ -227,9 +319,9 @@ def test_environments():
     import torquelib
     if not _is_root():
         pytest.skip("the batch systems' tests need root")
-    torquelib.write_test_envs()
+    torquelib.write_test_envs()  # idempotent
+    _SHARED_MADE.add("envs")  # removed at the session's end (pytest_sessionfinish)
     yield
-    torquelib.remove_test_envs()
 
 
 @pytest.fixture(scope="session")

@@ -471,6 +471,7 @@ def libvirtd_restored():
                  "libvirtd to answer again")
 
 
+@pytest.mark.exclusive  # stops the host's libvirtd under every other lane's guests
 def test_libvirtd_stopped_during_the_boot(node):
     run = node.job()
     from vmwn import state

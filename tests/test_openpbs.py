@@ -20,7 +20,7 @@ import pytest
 
 from vmwn.domain import domain_name, guest_hostname
 from vmwn.state import safe_name
-from vmwn_testlib import needs_image, wait_until
+from vmwn_testlib import install_runtime, needs_image, wait_until
 
 pytestmark = [pytest.mark.openpbs, pytest.mark.integration, needs_image("tiny")]
 
@@ -159,8 +159,7 @@ def openpbs(test_user, test_environments):
     cp = run([os.path.join(REPO, "scripts", "openpbs-up")], timeout=300)
     assert cp.returncode == 0, f"openpbs-up failed: {cp.stderr.strip()}"
     try:
-        cp = run(["make", "-C", REPO, "--no-print-directory", "install"], timeout=600)
-        assert cp.returncode == 0, f"make install failed:\n{cp.stderr[-2000:]}"
+        install_runtime()
         cp = run(in_ns(os.path.join(RUNTIME, "bin", "vmwn-openpbs-install"), "install",
                        "--pbs-exec", PREFIX, "--pbs-home", PBS_HOME), timeout=120)
         assert cp.returncode == 0, f"vmwn-openpbs-install failed: {cp.stderr.strip()}"
@@ -236,6 +235,7 @@ def test_a_program_job_runs_in_its_guest_with_the_stdin_a_native_one_has(openpbs
     assert_clean(job)
 
 
+@pytest.mark.exclusive  # CPU time: alone, so no other lane takes the CPU it measures
 def test_a_vm_job_is_charged_what_its_vm_used(openpbs, workdir):
     """OpenPBS's mom counts sessions and QEMU is in none of the job's: vmwn's hook
     sets resources_used from the VM (exechost_periodic, and execjob_epilogue last)."""
@@ -257,6 +257,7 @@ def test_a_vm_job_is_charged_what_its_vm_used(openpbs, workdir):
     assert_clean(job_id)
 
 
+@pytest.mark.exclusive  # CPU time
 def test_a_vm_job_over_its_cput_limit_is_killed_by_the_mom(openpbs, workdir):
     job_id = openpbs.submit(workdir, CPU_LOOP.format(secs=600), "-l vmwn=tiny -l cput=10")
     st = openpbs.wait(job_id, timeout=300)

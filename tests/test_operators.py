@@ -43,7 +43,7 @@ def jobs_dir(cfg):
     return os.path.join(cfg.site["pbs_home"], "mom_priv", "jobs")
 
 
-def fake_job(cfg, job_id, created=OLD, overlay=True):
+def fake_job(cfg, job_id, created=OLD, overlay=True, batch=""):
     """State record, key-like file and overlay of a job, without a domain."""
     d = state.make_job_dir(cfg, job_id)
     ov = ""
@@ -56,7 +56,8 @@ def fake_job(cfg, job_id, created=OLD, overlay=True):
                         user="alice", uid=4242, gid=4242, group="lab", bind_address="127.0.0.1",
                         port=43555, host_key_public="", key_path=os.path.join(d, "id_ed25519"),
                         workdir="/w", host_workdir="/w", output_dir="/w", overlay=ov,
-                        seed=os.path.join(d, "seed.iso"), console_log="", created=created)
+                        seed=os.path.join(d, "seed.iso"), console_log="", created=created,
+                        batch=batch)
     state.save(cfg, st)
     open(st.key_path, "w").close()
     return st
@@ -166,6 +167,21 @@ def test_bounded_reap_stops_at_its_deadline(site):
                        deadline=time.monotonic() - 1)
     assert r.run() == []
     assert len(state.all_jobs(site)) == 5
+
+
+def test_a_batch_systems_reap_leaves_another_batch_systems_jobs_alone(site):
+    """A node moving from Torque to Slurm runs both: Torque's prologue must not
+    take a live Slurm job for one of its own that ended."""
+    fake_job(site, "80.srv", batch="torque")
+    slurms = fake_job(site, "81", batch="slurm")
+    fake_job(site, "82.srv")  # recorded before jobs named their batch system
+    lines = reapmod.bounded_reap(site, pbs.MomJobs(site.pbs_home).present, grace=0,
+                                 batch="torque")
+    assert sorted(st.job_id for st in state.all_jobs(site)) == ["81"], lines
+    assert os.path.exists(slurms.overlay) and os.path.exists(slurms.key_path)
+    # without a batch system named (vmwn reap), every job is judged
+    reapmod.Reaper(site, pbs.MomJobs(site.pbs_home).present, grace=0).run()
+    assert state.all_jobs(site) == []
 
 
 def test_bounded_reap_never_raises(site, tmp_path):

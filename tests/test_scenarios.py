@@ -287,6 +287,7 @@ def test_a_vm_job_starts_where_a_native_one_does_with_its_umask(batch, workdir):
     batch.clean(vm)
 
 
+@pytest.mark.exclusive  # the test user's home and keys, which every lane's jobs use
 def test_a_job_from_home_keeps_the_users_keys_and_its_files_private(batch, test_user):
     """Most users submit from $HOME, and most have ~/.ssh/authorized_keys: the job's
     file is written with the job's umask (both moms give 077, the Slurm adapter submits
@@ -377,6 +378,7 @@ def test_a_start_that_may_pass_is_retried_a_bounded_number_of_times(batch, workd
     batch.clean(job)
 
 
+@pytest.mark.exclusive  # moves the node's vmwn.conf away under every other lane
 def test_a_native_job_runs_when_vmwn_conf_is_missing(batch, workdir):
     conf = "/etc/vmwn/vmwn.conf"
     os.rename(conf, conf + ".away")

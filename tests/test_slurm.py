@@ -19,7 +19,7 @@ import pytest
 
 from vmwn.domain import domain_name, guest_hostname
 from vmwn.state import safe_name
-from vmwn_testlib import needs_image, wait_for_text, wait_until
+from vmwn_testlib import install_runtime, needs_image, wait_for_text, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, needs_image("tiny")]
 
@@ -151,8 +151,7 @@ def slurm(test_user, test_environments):
     cp = run([os.path.join(REPO, "scripts", "slurm-up")], timeout=180)
     assert cp.returncode == 0, f"slurm-up failed: {cp.stderr.strip()}"
     try:
-        cp = run(["make", "-C", REPO, "--no-print-directory", "install"], timeout=600)
-        assert cp.returncode == 0, f"make install failed:\n{cp.stderr[-2000:]}"
+        install_runtime()
         cp = run([os.path.join(RUNTIME, "bin", "vmwn-slurm-install"), "install",
                   "--plugstack-dir", PLUGSTACK_DIR], timeout=180)
         assert cp.returncode == 0, f"vmwn-slurm-install failed: {cp.stderr.strip()}"
@@ -324,6 +323,7 @@ def slurm_seconds(text):
 VM_CPU = 6  # host CPU seconds, at least, for the guest's 12 s loop (see below)
 
 
+@pytest.mark.exclusive  # CPU time: alone, so no other lane takes the CPU it measures
 def test_the_vms_cpu_is_the_jobs_in_slurms_accounting(slurm, workdir):
     """jobacct_gather/cgroup counts what the batch task's accounting cgroup used: the
     VM joined it (the starter itself uses well under a second: 0.15-0.2 s measured).

@@ -135,11 +135,11 @@ def test_mom_restart_mid_job_leaves_the_real_exit_status_in_the_output(cluster, 
     torquelib.run(["kill", "-KILL", *mom])
     torquelib.run(["pbs_mom", "-p", "-d", torquelib.PBS_HOME])
     # The job's own processes (its starter) end when the guest job does; a mom that
-    # works notices at its next poll ($check_poll_time 10), so 40 s is ample.
+    # works notices at its next poll ($check_poll_time 10), so 25 s is two polls.
     wait_until(lambda: not _job_processes(job, cluster.user.pw_uid), 120,
                f"the job starter of {job} to end with its guest job")
     try:
-        st = cluster.wait(job, timeout=40)
+        st = cluster.wait(job, timeout=25)
     except AssertionError:
         torquelib.run(["qdel", job], check=False)
         cluster.wait(job, timeout=120)

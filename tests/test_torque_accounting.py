@@ -87,6 +87,7 @@ def settled_cput(cluster, workdir, job, tag, timeout=180):
     os.chown(release, cluster.user.pw_uid, cluster.user.pw_gid)
 
 
+@pytest.mark.exclusive  # CPU time: alone, so no other lane takes the CPU it measures
 def test_vm_job_is_charged_its_cpu_time_and_its_state_is_its_owners(cluster, workdir):
     before = base_files()
     native = cluster.submit(workdir, SETTLED.format(secs=30, tag="native"), name="native.sh")
@@ -123,6 +124,7 @@ def test_vm_job_is_charged_its_cpu_time_and_its_state_is_its_owners(cluster, wor
     assert torquelib.wait_clean(vm) == []
 
 
+@pytest.mark.exclusive  # CPU time
 def test_cput_limit_stops_a_vm_job_as_it_stops_a_native_one(cluster, workdir):
     native = cluster.submit(workdir, BUSY.format(secs=120), "-l cput=00:00:10", name="native.sh")
     vm = cluster.submit(workdir, BUSY.format(secs=120), "-l cput=00:00:10,other=vmwn=tiny",
@@ -187,4 +189,4 @@ def test_network_policy_under_pbs_mom(cluster, workdir):
         assert len(seen) == 1, seen  # only the open guest's connection arrived
     finally:
         srv.close()
-    assert torquelib.wait_clean() == []
+    assert torquelib.wait_clean(closed) == [] and torquelib.wait_clean(opened) == []

@@ -16,7 +16,9 @@ import time
 
 import pytest
 
-from vmwn_testlib import TINY, WARM, wait_until
+from vmwn.domain import domain_name
+from vmwn.state import safe_name
+from vmwn_testlib import TINY, WARM, install_runtime, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = os.environ.get("TORQUE_PREFIX", "/opt/vmwn-torque")
@@ -147,31 +149,33 @@ def mom_log():
     return "".join(out)
 
 
-def leftovers(job_id=None):
-    """Domains, overlays, state and spool files left on the node (must be empty)."""
+def leftovers(job_id):
+    """The job's domain, overlay, state, start count and spool files left on the node
+    (must be none).  This job's only: the other batch systems' lanes of a parallel run
+    have jobs on the node meanwhile."""
     found = []
     cp = run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], check=False)
-    found += [f"domain {n}" for n in cp.stdout.split() if n.startswith("vmwn-")]
+    found += [f"domain {n}" for n in cp.stdout.split() if n == domain_name(job_id)]
     logs = "/var/log/libvirt/qemu"
-    if job_id and os.path.isdir(logs):
+    if os.path.isdir(logs):
         seq = job_id.split(".")[0].split("[")[0]
         found += [os.path.join(logs, n) for n in os.listdir(logs)
-                  if n.startswith(f"vmwn-{seq}.") or n.startswith(f"vmwn-{seq}_")]
-    for d in (STATE_DIR, OVERLAY_DIR):
+                  if n.startswith(domain_name(job_id) + ".")
+                  or ("[]" in job_id and n.startswith(f"vmwn-{seq}_"))]  # its subjobs']
+    mine = safe_name(job_id)
+    for d in (STATE_DIR, OVERLAY_DIR, os.path.join(STATE_DIR, ".starts")):
         if os.path.isdir(d):
-            found += [os.path.join(d, n) for n in os.listdir(d) if not n.startswith(".")]
-    starts = os.path.join(STATE_DIR, ".starts")
-    if os.path.isdir(starts):
-        found += [os.path.join(starts, n) for n in os.listdir(starts)]
+            found += [os.path.join(d, n) for n in os.listdir(d)
+                      if n == mine or n.startswith(mine + ".")]
     spool = os.path.join(PBS_HOME, "spool")
-    if job_id and os.path.isdir(spool):
+    if os.path.isdir(spool):
         seq = job_id.split(".")[0]
         found += [os.path.join(spool, n) for n in os.listdir(spool)
                   if re.match(rf"^{re.escape(seq)}[.\[]", n)]
     return found
 
 
-def wait_clean(job_id=None, timeout=20):
+def wait_clean(job_id, timeout=20):
     end = time.monotonic() + timeout
     left = leftovers(job_id)
     while left and time.monotonic() < end:
@@ -186,8 +190,7 @@ def bring_up():
         pytest.skip("the Torque tests need root (they run pbs_server and pbs_mom)")
     if not os.path.exists(os.path.join(PREFIX, "sbin", "pbs_mom")):
         pytest.fail(f"no Torque in {PREFIX}: run 'make torque' (make test does)")
-    cp = run(["make", "-C", REPO, "--no-print-directory", "install"], check=False, timeout=600)
-    assert cp.returncode == 0, f"make install failed:\n{cp.stdout[-2000:]}\n{cp.stderr[-2000:]}"
+    install_runtime()
     cp = run([os.path.join(REPO, "scripts", "torque-up")], check=False, timeout=120)
     assert cp.returncode == 0, f"torque-up failed: {cp.stderr.strip()}"
     if WARM:  # VMWN_TEST_WARM=1: the copy-mode jobs are restored, not booted
@@ -222,9 +225,11 @@ def daemon_pids(name):
 
 def write_test_envs():
     os.makedirs(CONF_D, mode=0o755, exist_ok=True)
-    with open(TEST_CONF, "w", encoding="utf-8") as f:
+    tmp = f"{TEST_CONF}.{os.getpid()}.tmp"  # parallel workers: a job never reads half a file
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(TEST_ENVS)
-    os.chmod(TEST_CONF, 0o644)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, TEST_CONF)
 
 
 def remove_test_envs():

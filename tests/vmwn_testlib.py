@@ -4,8 +4,11 @@ Per-test state lives under /var/tmp (not pytest's 0700 tmp_path), because
 QEMU runs as the job's user (vmwn's launcher, written here too) and must reach its seed.
 """
 
+import contextlib
+import fcntl
 import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
@@ -68,6 +71,51 @@ def write_launcher(base):
     return path
 
 
+# A parallel run (pytest-xdist) gives each worker its own slice of a test port
+# range: vmwn's port lock is per state_dir, and tests of two workers have two.
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def worker_ports(ports):
+    """This worker's slice of the range "LO-HI" (all of it outside a parallel run)."""
+    lo, hi = (int(p) for p in ports.split("-"))
+    size = (hi - lo + 1) // WORKERS
+    return f"{lo + WORKER * size}-{lo + (WORKER + 1) * size - 1}"
+
+
+# What the workers of a run share is made once per run: make test's passes share
+# VMWN_TEST_RUN, the workers of one pass their run uid; a plain pytest makes it anew.
+STAMP_DIR = "/run"
+
+
+@contextlib.contextmanager
+def once_per_run(what):
+    """Yields True to the first caller of this run (which makes ``what``), False to
+    the others, each after the first has finished: a stamp in /run under a lock."""
+    run_id = os.environ.get("VMWN_TEST_RUN") or os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    with open(os.path.join(STAMP_DIR, f"vmwn-test-{what}"), "a+", encoding="ascii") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # another worker making it: wait for it
+        f.seek(0)
+        if run_id and f.read().strip() == run_id:
+            yield False
+            return
+        yield True  # an exception here leaves the stamp unwritten: the next one tries
+        f.seek(0)
+        f.truncate()
+        f.write(run_id or "")
+
+
+def install_runtime():
+    """The runtime the batch systems' tests use ('make install'), once per run."""
+    with once_per_run("install") as first:
+        if first:
+            cp = subprocess.run(["make", "-C", ROOT, "--no-print-directory", "install"],
+                                capture_output=True, text=True, timeout=600)
+            assert cp.returncode == 0, \
+                f"make install failed:\n{cp.stdout[-2000:]}\n{cp.stderr[-2000:]}"
+
+
 def write_config(base, site_extra="", envs=ENVS, ports="41000-41999", warm_dir=WARM_DIR):
     path = os.path.join(base, "vmwn.conf")
     launcher = write_launcher(base)
@@ -78,7 +126,7 @@ state_dir = {base}/jobs
 overlay_dir = {base}/overlays
 image_dir = {IMAGE_DIR}
 template_dir = {ROOT}/templates
-port_range = {ports}
+port_range = {worker_ports(ports)}
 syslog = no
 warm_dir = {warm_dir}
 {site_extra}

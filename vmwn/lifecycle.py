@@ -140,7 +140,7 @@ def _prepare(cfg, spec, timer, log, deadline):
             vcpus=spec.vcpus, memory_mib=spec.memory_mib, job_name=spec.job_name,
             data=env.data, shares=[dataclasses.asdict(s) for s in shares],
             control_dir=guestfiles.control_dir(spec.user, mounted),
-            warm=gen.path if gen else "")
+            warm=gen.path if gen else "", batch=spec.batch)
         statemod.save(cfg, st)  # recorded before anything outside the job dir exists
     timer.mark("port")
     if env.image:

@@ -77,9 +77,11 @@ class Reaper:
     """One pass over the node; every removal is logged and returned as a line."""
 
     def __init__(self, cfg, held, grace=DEFAULT_GRACE, dry_run=False, deadline=None,
-                 say=None):
-        """``held(job_id)``: True while the batch system still holds the job here."""
-        self.cfg, self.held, self.grace = cfg, held, grace
+                 say=None, batch=None):
+        """``held(job_id)``: True while the batch system still holds the job here.
+        ``batch``: that batch system's name; a job another batch system started
+        (its state record says so) is that one's to judge.  None judges every job."""
+        self.cfg, self.held, self.grace, self.batch = cfg, held, grace, batch
         self.dry_run, self.deadline = dry_run, deadline
         self.say = say or (lambda line: None)
         self.lines = []
@@ -99,10 +101,13 @@ class Reaper:
 
     def run(self):
         from . import lifecycle, virt
-        done = set()
+        done, foreign = set(), set()
         for st in statemod.all_jobs(self.cfg):
             if self._out_of_time():
                 return self.lines
+            if self.batch and st.batch and st.batch != self.batch:
+                foreign.add(st.job_id)
+                continue
             if self.held(st.job_id) or not self._old(st.created):
                 continue
             self._job(lifecycle, st.job_id, "its job is no longer on this node")
@@ -114,7 +119,7 @@ class Reaper:
                 if self._out_of_time():
                     return self.lines
                 job_id = meta.get("id", "")
-                if not job_id or job_id in done or self.held(job_id):
+                if not job_id or job_id in done or job_id in foreign or self.held(job_id):
                     continue
                 if not self._old(as_int(meta.get("created"), 0)):
                     continue
@@ -182,7 +187,7 @@ def _try_lock(cfg):
         os.close(fd)
 
 
-def bounded_reap(cfg, held, seconds=PROLOGUE_REAP_SECONDS, grace=DEFAULT_GRACE):
+def bounded_reap(cfg, held, seconds=PROLOGUE_REAP_SECONDS, grace=DEFAULT_GRACE, batch=None):
     """The prologue's reap: at most ``seconds``, skipped while another process reaps.
 
     Returns the lines of what was removed; never raises a vmwn error (a failed
@@ -193,7 +198,7 @@ def bounded_reap(cfg, held, seconds=PROLOGUE_REAP_SECONDS, grace=DEFAULT_GRACE):
             if not mine:
                 log.info("reap skipped: another process is reaping")
                 return []
-            return Reaper(cfg, held, grace=grace,
+            return Reaper(cfg, held, grace=grace, batch=batch,
                           deadline=time.monotonic() + seconds).run()
     except (VmwnError, OSError) as e:
         log.warning("reap before boot failed: %s", e.line() if isinstance(e, VmwnError) else e)

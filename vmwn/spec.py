@@ -42,6 +42,9 @@ class JobSpec:
     workdir: str
     host_workdir: str
     queue: str = ""
+    # The batch system whose job this is: its reap judges only its own jobs
+    # (a node moving from one batch system to another runs both).
+    batch: str = ""
 
     def __post_init__(self):
         if not USER_RE.match(self.user) or not USER_RE.match(self.group):

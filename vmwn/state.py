@@ -79,6 +79,9 @@ class JobState:
     vm_start: int = 0
     # The warm generation (vmwn/warm.py) the guest was restored from; "" for a cold boot.
     warm: str = ""
+    # The batch system that started the job (spec.JobSpec.batch): another
+    # batch system's reap on the same node leaves the job alone.
+    batch: str = ""
 
     @classmethod
     def from_json(cls, data):

@@ -26,10 +26,11 @@ BEGIN_BUDGET = 35.0
 HARVEST_MAX_SECONDS = 90.0
 
 
-def begin(cfg, job_id, build, held=None, budget=BEGIN_BUDGET):
+def begin(cfg, job_id, build, held=None, budget=BEGIN_BUDGET, batch=None):
     """Prepare ``job_id``'s VM from ``build()`` (a checked JobSpec, or UserError /
     SiteError / TransientError) and spawn its warden.  ``held(job_id)``: the batch
-    daemon still holds that job (the bounded reap spares it); None skips the reap."""
+    daemon still holds that job (the bounded reap spares it); None skips the reap.
+    ``batch``: the batch system's name; its reap leaves other batch systems' jobs alone."""
     jlog = logsetup.job_logger(__name__, job_id)
     netns.enter_libvirts(cfg.site["libvirt_uri"])
     try:
@@ -52,7 +53,7 @@ def begin(cfg, job_id, build, held=None, budget=BEGIN_BUDGET):
                                        f"in {n} starts; last: {e.problem}"), jlog)
     finally:
         if held is not None:
-            reap.bounded_reap(cfg, held)
+            reap.bounded_reap(cfg, held, batch=batch)
 
 
 def refuse(cfg, job_id, error, jlog):

@@ -12,6 +12,9 @@ import re
 from .. import spec
 from ..errors import UserError
 
+# The batch system recorded with each job (its reap judges only its own).
+BATCH = "openpbs"
+
 RESOURCE = "vmwn"
 ENV_VARIABLE = "VMWN_ENV"
 MIB = 1 << 20
@@ -56,4 +59,4 @@ def build(cfg, job):
     return spec.JobSpec(job_id=job_id, user=user, uid=pw.pw_uid, gid=gid, group=group,
                         job_name=job.get("job_name") or "", env=env, vcpus=vcpus,
                         memory_mib=memory, workdir=workdir, host_workdir=workdir,
-                        queue=job.get("queue") or "")
+                        queue=job.get("queue") or "", batch=BATCH)

@@ -43,7 +43,7 @@ def begin(cfg, job):
     the job and the server requeues it."""
     from .. import vmjob  # here, not above: 'check' runs at every qsub and stays light
     pbs_home = job.get("pbs_home") or ""
-    vmjob.begin(cfg, job["job_id"], lambda: request.build(cfg, job),
+    vmjob.begin(cfg, job["job_id"], lambda: request.build(cfg, job), batch=request.BATCH,
                 held=mom.MomJobs(pbs_home).present if pbs_home else None)
     return 0
 

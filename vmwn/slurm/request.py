@@ -15,6 +15,9 @@ import pwd
 from .. import spec
 from ..errors import SiteError, UserError
 
+# The batch system recorded with each job (its reap judges only its own).
+BATCH = "slurm"
+
 
 def _number(text, what, fix):
     t = str(text or "").strip()
@@ -54,4 +57,5 @@ def build(cfg, job):
     workdir = os.path.normpath(workdir)
     return spec.JobSpec(job_id=job_id, user=user, uid=pw.pw_uid, gid=gid, group=group,
                         job_name=job.get("job_name") or "", env=env, vcpus=vcpus,
-                        memory_mib=memory, workdir=workdir, host_workdir=workdir, queue="")
+                        memory_mib=memory, workdir=workdir, host_workdir=workdir, queue="",
+                        batch=BATCH)

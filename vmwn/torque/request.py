@@ -14,6 +14,9 @@ from .. import spec
 from . import pbs
 from ..errors import UserError
 
+# The batch system recorded with each job (its reap judges only its own).
+BATCH = "torque"
+
 ENV_VARIABLE = "VMWN_ENV"
 OTHER_PREFIX = "vmwn="
 MIB = 1 << 20
@@ -155,4 +158,5 @@ def build(cfg, choice, args, environ, variables):
     return spec.JobSpec(job_id=args.job_id, user=args.user, uid=pw.pw_uid, gid=gid,
                         group=group, job_name=args.job_name,
                         env=env, vcpus=vcpus, memory_mib=mem, workdir=workdir,
-                        host_workdir=workdir, queue=args.queue)
+                        host_workdir=workdir, queue=args.queue,
+                        batch=BATCH)

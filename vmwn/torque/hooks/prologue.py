@@ -119,7 +119,7 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
             # boot does not wait for it; a failed start heals before its retry.  Not
             # when pbs_mom asked the prologue to stop.
             if not interrupt.requested():
-                reap.bounded_reap(cfg, pbs.MomJobs(home).present)
+                reap.bounded_reap(cfg, pbs.MomJobs(home).present, batch=request.BATCH)
     return 0
 
 
