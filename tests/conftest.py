@@ -143,9 +143,16 @@ BATCH_LANES = ("torque", "openpbs", "slurm")
 LANE_MODULES = {"test_torque": "torque", "test_torque_accounting": "torque",
                 "test_pbs_python": "torque", "test_openpbs": "openpbs", "test_slurm": "slurm"}
 _PARAM_LANE = re.compile(r"\[(torque|openpbs|slurm)\b")  # the shared scenarios' batch
+# Torque's longest test, the 100,000-file copy-back (and its 10,000-file sibling),
+# is a second lane on the same cluster.
+TORQUE_FILES = re.compile(r"test_torque\.py::test_many_files_")
+LANES_OF = {"torque": ("torque", "torque-files"), "openpbs": ("openpbs",),
+            "slurm": ("slurm",)}
 
 
 def lane_of(nodeid):
+    if TORQUE_FILES.search(nodeid):
+        return "torque-files"
     path = nodeid.split("::", 1)[0]
     module = os.path.splitext(os.path.basename(path))[0]
     if module in LANE_MODULES:
@@ -156,14 +163,24 @@ def lane_of(nodeid):
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's scope scheduling, with lanes for scopes (the controller knows nodeids only)."""
+    """xdist's scope scheduling, with lanes for scopes (the controller knows nodeids
+    only), handed out in collection order (the batch systems' first), and a worker's
+    next lane queued only behind the last test of its lane (which a worker holds
+    until it knows the next), not behind the last two."""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling  # xdist is there: it calls this hook
+    config.option.loadscopereorder = False
 
     class Lanes(LoadScopeScheduling):
         def _split_scope(self, nodeid):
             return lane_of(nodeid)
+
+        def _reschedule(self, node):
+            if not node.shutting_down and self.workqueue and \
+                    self._pending_of(self.assigned_work[node]) > 1:
+                return
+            super()._reschedule(node)
     return Lanes(config, log)
 
 
@@ -172,11 +189,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         marked = [name for name in BATCH_LANES if item.get_closest_marker(name)]
         lane = lane_of(item.nodeid)
-        if (marked[0] if marked else None) != (lane if lane in BATCH_LANES else None):
+        batch = [name for name, lanes in LANES_OF.items() if lane in lanes]
+        if marked != batch:
             raise pytest.UsageError(f"{item.nodeid} is marked {marked or 'for no batch system'}"
                                     f" but its lane is {lane}: update LANE_MODULES in "
                                     "tests/conftest.py")
-    order = {name: i for i, name in enumerate(BATCH_LANES)}
+    order = {name: i for i, name in enumerate(("torque", "torque-files") + BATCH_LANES[1:])}
     items.sort(key=lambda item: order.get(lane_of(item.nodeid), len(order)))  # stable
 
 
@@ -215,6 +233,9 @@ def pytest_sessionfinish(session):
         return
     import torquelib
     import vmwn_testlib
+    if _xdist_controller(config) and vmwn_testlib.made_this_run("torque"):
+        torquelib.take_down()
+        vmwn_testlib.forget_run("torque")  # a later pass of this run brings it up again
     if _xdist_controller(config) or "envs" in _SHARED_MADE:
         torquelib.remove_test_envs()
     if vmwn_testlib.WARM and (_xdist_controller(config) or "warm" in _SHARED_MADE):
@@ -325,9 +346,18 @@ def test_environments():
 
 
 @pytest.fixture(scope="session")
-def torque_cluster(test_user, test_environments):
-    """The one-host Torque cluster with vmwn installed by 'make install' (tests/torquelib)."""
+def torque_cluster(request, test_user, test_environments):
+    """The one-host Torque cluster with vmwn installed by 'make install' (tests/torquelib).
+    A parallel run's two Torque lanes share it: the first brings it up, the
+    controller takes it down once both have ended."""
     import torquelib
-    torquelib.bring_up()
+    import vmwn_testlib
+    if not _xdist_worker(request.config):
+        torquelib.bring_up()
+        yield torquelib.Cluster(test_user)
+        torquelib.take_down()
+        return
+    with vmwn_testlib.once_per_run("torque") as first:
+        if first:
+            torquelib.bring_up()
     yield torquelib.Cluster(test_user)
-    torquelib.take_down()

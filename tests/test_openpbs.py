@@ -257,7 +257,6 @@ def test_a_vm_job_is_charged_what_its_vm_used(openpbs, workdir):
     assert_clean(job_id)
 
 
-@pytest.mark.exclusive  # CPU time
 def test_a_vm_job_over_its_cput_limit_is_killed_by_the_mom(openpbs, workdir):
     job_id = openpbs.submit(workdir, CPU_LOOP.format(secs=600), "-l vmwn=tiny -l cput=10")
     st = openpbs.wait(job_id, timeout=300)

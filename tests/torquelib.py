@@ -69,8 +69,8 @@ memory = 256M
 """
 
 
-def run(cmd, check=True, timeout=120, **kw):
-    env = dict(os.environ, PATH=PATH)
+def run(cmd, check=True, timeout=120, env=None, **kw):
+    env = dict(env or os.environ, PATH=PATH)
     return subprocess.run(cmd, check=check, timeout=timeout, capture_output=True, text=True,
                           env=env, **kw)
 
@@ -80,6 +80,7 @@ class Cluster:
 
     def __init__(self, user):
         self.user = user
+        self.submitted = []  # this process's jobs (a parallel run has two Torque lanes)
 
     def as_user(self, command, cwd, timeout=60):
         """Run a shell command as the job submitter in ``cwd``; returns CompletedProcess."""
@@ -96,6 +97,7 @@ class Cluster:
         os.chmod(path, 0o755)
         cp = self.as_user(f"qsub {options} {shlex.quote(name)}", workdir)
         assert cp.returncode == 0, f"qsub failed: {cp.stderr.strip()}"
+        self.submitted.append(cp.stdout.strip())
         return cp.stdout.strip()
 
     def stat(self, job_id):
@@ -191,7 +193,9 @@ def bring_up():
     if not os.path.exists(os.path.join(PREFIX, "sbin", "pbs_mom")):
         pytest.fail(f"no Torque in {PREFIX}: run 'make torque' (make test does)")
     install_runtime()
-    cp = run([os.path.join(REPO, "scripts", "torque-up")], check=False, timeout=120)
+    # Four slots: a parallel run's two Torque lanes run a two-job test beside another.
+    cp = run([os.path.join(REPO, "scripts", "torque-up")], check=False, timeout=120,
+             env=dict(os.environ, TORQUE_NP="4"))
     assert cp.returncode == 0, f"torque-up failed: {cp.stderr.strip()}"
     if WARM:  # VMWN_TEST_WARM=1: the copy-mode jobs are restored, not booted
         cp = run([VMWN, "warm", "prepare", "tinycopy"], check=False, timeout=300)

@@ -93,7 +93,7 @@ STAMP_DIR = "/run"
 def once_per_run(what):
     """Yields True to the first caller of this run (which makes ``what``), False to
     the others, each after the first has finished: a stamp in /run under a lock."""
-    run_id = os.environ.get("VMWN_TEST_RUN") or os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    run_id = _run_id()
     with open(os.path.join(STAMP_DIR, f"vmwn-test-{what}"), "a+", encoding="ascii") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # another worker making it: wait for it
         f.seek(0)
@@ -104,6 +104,24 @@ def once_per_run(what):
         f.seek(0)
         f.truncate()
         f.write(run_id or "")
+
+
+def _run_id():
+    return os.environ.get("VMWN_TEST_RUN") or os.environ.get("PYTEST_XDIST_TESTRUNUID")
+
+
+def made_this_run(what):
+    """``what`` was made by once_per_run in this run."""
+    try:
+        with open(os.path.join(STAMP_DIR, f"vmwn-test-{what}"), encoding="ascii") as f:
+            return bool(_run_id()) and f.read().strip() == _run_id()
+    except FileNotFoundError:
+        return False
+
+
+def forget_run(what):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(STAMP_DIR, f"vmwn-test-{what}"))
 
 
 def install_runtime():
