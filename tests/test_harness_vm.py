@@ -30,6 +30,10 @@ def test_vm_job_end_to_end(world_tmp, test_user):
     install.install(install.build_parser().parse_args(
         ["install", "--pbs-home", f"{root}/torque", "--sysconfdir", f"{root}/etc",
          "--prefix", f"{root}/prefix", "--python", python, "--pythonpath", path]))
+    # Job ids (and so domain names) must not collide with other lanes' jobs sharing
+    # this libvirtd: start the sequence somewhere of this node's own (as test_faults).
+    with open(os.path.join(root, "torque", "mom_priv", "vmwn-run.seq"), "w") as f:
+        f.write(f"{int.from_bytes(os.urandom(3), 'big') * 100}\n")
     submit = os.path.join(root, "submit")
     os.mkdir(submit)
     with open(os.path.join(submit, "job.sh"), "w") as f:
