@@ -114,6 +114,7 @@ def test_anchor_leads_a_session_and_qemu_has_one_of_its_own(launch):
     start, d = launch
     p = start("run")
     anchor, qemu = _parts(p.pid)
+    _started(d)  # QEMU runs: its session was made before (the fork alone is not there yet)
     assert os.getsid(anchor) == anchor and os.getsid(qemu) == qemu
     assert usage.stat_fields(qemu)[1] == str(anchor)  # pbs_mom counts it through its parent
 
