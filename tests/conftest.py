@@ -217,6 +217,49 @@ def pytest_runtest_logreport(report):
             report.longrepr = _utf8(text)
 
 
+_DEBUG_LOG_LINES = 80  # of vmwn's own, written during a failed test, shown with it
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed batch-system test shows what vmwn's hooks, wardens and starters logged
+    while it ran (torquelib.DEBUG_LOG; the other lanes' jobs are in it too, each
+    line with its job id): a job that ended wrongly under a real daemon says why."""
+    if call.when == "setup" and any(item.get_closest_marker(m) for m in OUTSIDE_MARKERS):
+        item._vmwn_log_at = _log_size()
+    outcome = yield
+    report = outcome.get_result()
+    start = getattr(item, "_vmwn_log_at", None)
+    if not report.failed or start is None or call.when == "setup":
+        return
+    import torquelib
+    try:
+        with open(torquelib.DEBUG_LOG, "rb") as f:
+            f.seek(start)
+            lines = f.read(4 << 20).decode("utf-8", "backslashreplace").splitlines()
+    except OSError:
+        return
+    if lines:
+        report.sections.append(("vmwn debug log during the test",
+                                "\n".join(lines[-_DEBUG_LOG_LINES:])))
+
+
+def pytest_sessionstart(session):
+    """The debug log is kept between runs (for whoever looks into a failure after it)
+    until it grows past 64 MiB."""
+    if _is_root() and not _xdist_worker(session.config) and _log_size() > 64 << 20:
+        import torquelib
+        os.truncate(torquelib.DEBUG_LOG, 0)
+
+
+def _log_size():
+    import torquelib
+    try:
+        return os.path.getsize(torquelib.DEBUG_LOG)
+    except OSError:
+        return 0
+
+
 def _xdist_controller(config):
     return bool(getattr(config.option, "numprocesses", None)) and not _xdist_worker(config)
 

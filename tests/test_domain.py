@@ -207,3 +207,28 @@ def test_an_unreachable_libvirt_names_the_right_fix(monkeypatch, message, fix):
     with pytest.raises(SiteError) as e:
         virt.connect("qemu:///system")
     assert message in e.value.problem and e.value.fix == fix
+
+
+def test_qemu_that_cannot_reach_a_virtiofsd_is_a_boot_that_may_pass():
+    """QEMU refused at a virtiofsd's socket: the warden boots again with fresh ones
+    (TransientError), where any other failure to start is the site's."""
+    import libvirt
+    from vmwn.errors import TransientError
+    message = ("internal error: qemu unexpectedly closed the monitor: qemu-system-x86_64: "
+               "-chardev socket,id=chr-vu-fs0,path=/j/fs0.sock: Failed to connect to "
+               "'/j/fs0.sock': Connection refused")
+
+    class Conn:
+        def __init__(self, message):
+            self.message = message
+
+        def createXML(self, xml, flags):
+            libvirt.virResetLastError()
+            raise libvirt.libvirtError(self.message)
+    with pytest.raises(virt.ShareUnreachable) as e:
+        virt.start(Conn(message), "<domain/>")
+    assert isinstance(e.value, TransientError) and "Connection refused" in e.value.problem
+    with pytest.raises(SiteError, match="cannot start the domain") as e:
+        virt.start(Conn("internal error: process exited while connecting to monitor"),
+                   "<domain/>")
+    assert not isinstance(e.value, TransientError)

@@ -112,3 +112,47 @@ def test_a_virtiofsd_that_exits_at_once_is_a_site_error(job):
     with pytest.raises(SiteError) as e:
         share.start(st, share.shares_for(d, [mine]), virtiofsd=fake)
     assert "exited at once" in e.value.problem and "unknown option" in e.value.problem
+
+
+@pytest.mark.integration  # a real virtiofsd
+@pytest.mark.skipif(os.geteuid() != 0 or not HAVE_VIRTIOFSD, reason="needs root and virtiofsd")
+def test_health_says_what_became_of_a_virtiofsd_qemu_could_not_reach(job):
+    """virtiofsd takes the first connection and closes its listener: whoever comes
+    next (QEMU) is refused.  health() tells the three states apart for the log."""
+    st, d, mine = job
+    shares = share.shares_for(d, [mine])
+    share.start(st, shares)
+    try:
+        assert share.health(shares) == f"virtiofsd {shares[0].pid} for {mine} waits on its socket"
+        first = socket.socket(socket.AF_UNIX)
+        first.connect(shares[0].socket)
+        _wait(lambda: not share._is_ours(shares[0]), "virtiofsd to take the connection")
+        late = socket.socket(socket.AF_UNIX)
+        with pytest.raises(ConnectionRefusedError):
+            late.connect(shares[0].socket)
+        late.close()
+        assert "runs (state" in share.health(shares) and "no longer on its socket" in \
+            share.health(shares)
+        first.close()  # virtiofsd ends with its only connection
+        _wait(lambda: "has exited" in share.health(shares), "virtiofsd to exit")
+    finally:
+        share.stop(st, shares)
+
+
+def _wait(predicate, what, timeout=10.0):
+    import time
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_health_of_a_virtiofsd_that_has_gone_quotes_its_log(tmp_path):
+    sh = share.Share(path="/data", tag="vmwn0", socket=str(tmp_path / "fs0.sock"),
+                     pid=2 ** 22 + 1)  # above any pid_max: no such process
+    (tmp_path / "vmwn0.log").write_bytes(b"first\n[ID: 00000007] vhost socket accept: "
+                                         b"Interrupted system call\n")
+    assert share.health([sh]) == (f"virtiofsd {sh.pid} for /data has exited ([ID: 00000007] "
+                                  "vhost socket accept: Interrupted system call)")
+    (tmp_path / "vmwn0.log").unlink()
+    assert share.health([sh]).endswith("has exited (its log is empty)")

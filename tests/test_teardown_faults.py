@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -51,11 +52,47 @@ def _poll(predicate, timeout, what):
         time.sleep(0.05)
 
 
-def _gone(pid):
-    """Exited (a zombie counts: nobody here reaps an orphan)."""
-    from vmwn.usage import stat_fields
-    fields = stat_fields(pid)
-    return not fields or fields[0] == "Z"
+class Started:
+    """The processes a test started (wardens, virtiofsd), each held by a pidfd from
+    when it is noted: the fixture's end kills those still running, and never a
+    process that took a freed pid since.  Pids wrap at 32768 on small hosts, and
+    the parallel lanes' real virtiofsd and QEMU take them all the time: killing by
+    number once killed another lane's virtiofsd before its QEMU connected."""
+
+    def __init__(self):
+        self.fds = {}
+
+    def append(self, pid):
+        if pid > 0 and pid not in self.fds:
+            try:
+                self.fds[pid] = os.pidfd_open(pid)
+            except ProcessLookupError:  # exited and reaped: nothing to end
+                self.fds[pid] = None
+
+    def __iadd__(self, pids):
+        for pid in pids:
+            self.append(pid)
+        return self
+
+    def __iter__(self):
+        return iter(list(self.fds))
+
+    def __bool__(self):
+        return bool(self.fds)
+
+    def gone(self, pid):
+        """Exited (a zombie counts: nobody here reaps an orphan)."""
+        fd = self.fds[pid]
+        return fd is None or bool(select.select([fd], [], [], 0)[0])
+
+    def end_all(self):
+        for fd in (f for f in self.fds.values() if f is not None):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):  # an orphan of ours, or not ours
+                os.waitid(os.P_PIDFD, fd, os.WEXITED)
+            os.close(fd)
+        self.fds.clear()
 
 
 @pytest.fixture
@@ -90,16 +127,12 @@ def node(monkeypatch):
     monkeypatch.setattr(netpolicy, "MOUNTINFO", os.path.join(base, "no-mountinfo"))
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back here
-    started = []
+    started = Started()
     try:
         yield config.load(path), base, started
     finally:
         libc.prctl(36, 0, 0, 0, 0)
-        for pid in (p for p in started if p > 0):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+        started.end_all()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -169,7 +202,7 @@ def test_sigterm_as_virtiofsd_started_leaves_them_recorded_and_torn_down(
         return out
     monkeypatch.setattr(share, "start", start_then_sigterm)
     pid = _spawn(cfg, st, started)
-    _poll(lambda: _gone(pid), 30, "the warden to stop")
+    _poll(lambda: started.gone(pid), 30, "the warden to stop")
     rec = state.load(cfg, job)
     shares = [share.Share(**d) for d in rec.shares]
     started += [s.pid for s in shares]
@@ -232,7 +265,7 @@ def test_sigterm_while_a_virtiofsd_starts_ends_it(node, monkeypatch, test_user, 
     with interrupt.noted(signal.SIGTERM):
         with pytest.raises(interrupt.Interrupted):
             share.start(st, shares, hung)
-    assert started and all(_gone(pid) for pid in started)
+    assert started and all(started.gone(pid) for pid in started)
 
 
 @ROOT_ONLY
@@ -294,7 +327,7 @@ def test_sigterm_while_the_prologue_records_its_warden_stops_that_warden(
                        pbs_home=os.path.join(base, "torque"), environ={"PBS_O_WORKDIR": "/tmp/w"})
     assert rc == 2  # requeued, as any start that may pass
     assert "interrupted by SIGTERM" in capsys.readouterr().err
-    assert forked and _gone(forked[0])
+    assert forked and started.gone(forked[0])
     assert not os.path.exists(state.job_dir(cfg, job))
     assert not os.path.exists(os.path.join(cfg.site["overlay_dir"],
                                            state.safe_name(job) + ".qcow2"))
@@ -359,3 +392,28 @@ def test_a_stop_request_during_prepare_removes_what_was_made(node, monkeypatch):
     assert not os.path.exists(state.job_dir(cfg, job))
     assert not os.path.exists(os.path.join(cfg.site["overlay_dir"],
                                            state.safe_name(job) + ".qcow2"))
+
+
+@ROOT_ONLY
+def test_a_virtiofsd_qemu_cannot_reach_fails_the_boot_attempt_saying_what_became_of_it(
+        node, monkeypatch, test_user, world_tmp):
+    """QEMU refused at a virtiofsd's socket is a boot the warden tries again (with fresh
+    ones), and the attempt's line says whether that virtiofsd still waited, ran on
+    elsewhere or had gone, with its own last words."""
+    cfg, base, started = node
+    job = f"9.{os.getpid()}.teardown"
+    st = _prepared(cfg, job, test_user, world_tmp)
+
+    def refused(conn, xml, paused=False):
+        raise virt.ShareUnreachable("QEMU could not connect to the job's virtiofsd: "
+                                    "Connection refused", "see the log")
+    monkeypatch.setattr(virt, "start", refused)
+    with pytest.raises(TransientError) as e:
+        lifecycle.boot(cfg, st, cfg.environments["t"], time.monotonic() + 30)
+    shares = [share.Share(**d) for d in state.load(cfg, job).shares]
+    started += [s.pid for s in shares]
+    assert e.value.problem.startswith("QEMU could not connect to the job's virtiofsd: "
+                                      "Connection refused; ")
+    assert f"virtiofsd {shares[0].pid} for {world_tmp} waits on its socket" in e.value.problem
+    lifecycle.destroy(cfg, job)
+    assert all(not share._is_ours(s) for s in shares)

@@ -34,10 +34,14 @@ OVERLAY_DIR = "/var/lib/vmwn/overlays"
 # test_environments writes them for the session): 'stuck' boots a kernel whose init
 # never starts (the guest never answers), 'ghost' names a missing image,
 # 'tinycopy' is tiny with the copy data path.
-TEST_ENVS = """
+# Every batch system's hooks, wardens and starters append here (the tests' hosts
+# have no syslog); tests/conftest.py shows a failed test the lines it wrote.
+DEBUG_LOG = "/var/log/vmwn-tests.log"
+TEST_ENVS = f"""
 [site]
 boot_attempts = 2
 start_attempts = 2
+debug_log = {DEBUG_LOG}
 
 [env stuck]
 description = a guest that never boots (tests only)
@@ -229,6 +233,13 @@ def daemon_pids(name):
 
 def write_test_envs():
     os.makedirs(CONF_D, mode=0o755, exist_ok=True)
+    # The job starters (the job's user) log there too: their one-line error is what
+    # a job that ended wrongly says, and its output file goes with its test.
+    fd = os.open(DEBUG_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o666)
+    finally:
+        os.close(fd)
     tmp = f"{TEST_CONF}.{os.getpid()}.tmp"  # parallel workers: a job never reads half a file
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(TEST_ENVS)

@@ -258,6 +258,8 @@ def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
             try:
                 dom = virt.start(conn, xml, paused=paused)
                 break
+            except virt.ShareUnreachable as e:  # the warden boots again with fresh ones
+                raise e.restated(f"{e.problem}; {share.health(shares)}") from None
             except virt.PortTaken:
                 if attempt == PORT_ATTEMPTS - 1:
                     raise

@@ -126,6 +126,39 @@ def stop(st, shares, timeout=5.0):
                 pass
 
 
+def health(shares):
+    """One clause per share on what became of its virtiofsd (for a QEMU that could not
+    connect to one): still waiting on its socket, gone (its log's last line), or
+    running but no longer on its socket."""
+    from .usage import stat_fields
+    out = []
+    for sh in shares:
+        fields = stat_fields(sh.pid) if sh.pid > 0 else None
+        if _is_ours(sh):
+            what = "waits on its socket"
+        elif not fields or fields[0] == "Z":
+            what = f"has exited ({_log_tail(sh) or 'its log is empty'})"
+        else:
+            what = f"runs (state {fields[0]}) but no longer on its socket"
+        out.append(f"virtiofsd {sh.pid} for {sh.path} {what}")
+    return "; ".join(out) or "no virtiofsd"
+
+
+def _log_path(sh):
+    """Where the share's virtiofsd writes (its job directory)."""
+    return os.path.join(os.path.dirname(sh.socket), f"{sh.tag}.log")
+
+
+def _log_tail(sh):
+    try:
+        with open(_log_path(sh), "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 300))
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " ".join(lines[-1].split()) if lines else ""
+
+
 def _is_ours(sh):
     """The pid is still a virtiofsd of this share (pids are reused)."""
     from .usage import stat_fields
@@ -174,7 +207,7 @@ def _launch(st, sh, virtiofsd):
     groups = _groups(st)
     to_child_r, to_child_w = os.pipe()
     to_parent_r, to_parent_w = os.pipe2(os.O_CLOEXEC)
-    log_path = os.path.join(os.path.dirname(sh.socket), f"{sh.tag}.log")
+    log_path = _log_path(sh)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         import fcntl
@@ -259,13 +292,8 @@ def _await_accept(pid, sh, log_path, timeout=10.0):
             return
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            try:
-                with open(log_path, "rb") as f:
-                    why = f.read()[-300:].decode("utf-8", "replace").strip().splitlines()[-1:]
-            except OSError:
-                why = []
             raise SiteError(f"virtiofsd for {sh.path} exited at once "
-                            f"({why[0] if why else f'status {status}'})",
+                            f"({_log_tail(sh) or f'status {status}'})",
                             f"check {log_path} and [site] virtiofsd")
         time.sleep(0.005)
     raise SiteError(f"virtiofsd for {sh.path} did not start within {timeout:.0f} s",

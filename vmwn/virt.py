@@ -50,6 +50,11 @@ class PortTaken(TransientError):
     """QEMU could not bind the forwarded SSH port: another process took it meanwhile."""
 
 
+class ShareUnreachable(TransientError):
+    """QEMU could not connect to a virtiofsd's socket: that virtiofsd no longer waited
+    for it (vmwn.share.health says what became of it).  A boot with fresh ones may pass."""
+
+
 def start(conn, xml, paused=False):
     """Create and start a transient domain from ``xml``; returns the domain.
 
@@ -72,6 +77,10 @@ def start(conn, xml, paused=False):
         if "host forwarding rule" in _msg(e):
             raise PortTaken(f"the forwarded SSH port is taken: {_msg(e)}",
                             "retry with another port") from None
+        if "-chardev socket,id=chr-vu-" in _msg(e) and "Failed to connect" in _msg(e):
+            raise ShareUnreachable(f"QEMU could not connect to the job's virtiofsd: {_msg(e)}",
+                                   "the site should look at the node's log for the job") \
+                from None
         raise SiteError(f"libvirt cannot start the domain: {_msg(e)}",
                         "see the libvirt log") from None
 
