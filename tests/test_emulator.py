@@ -239,6 +239,7 @@ def test_guard_keeps_none_of_libvirts_descriptors(launch, tmp_path):
         p = subprocess.Popen([str(d / "launcher"), "run"], env=env, start_new_session=True,
                              pass_fds=(extra.fileno(),))
         anchor, qemu = _parts(p.pid)
+        _started(d)  # QEMU runs only once the guard exists: the launcher's "go" comes after
         guard = [c for c in usage.children(p.pid) if c != anchor][0]
         fds = {int(n): os.readlink(f"/proc/{guard}/fd/{n}") for n in os.listdir(f"/proc/{guard}/fd")}
         assert [t for n, t in fds.items() if n > 2] == ["anon_inode:[pidfd]"], fds

@@ -273,3 +273,55 @@ def test_the_prologue_heals_the_node(world_tmp, test_user):
     assert not os.path.exists(gone.key_path) and not os.path.exists(gone.overlay)
     assert "removed overlay" in node.logs()
     run.assert_clean()
+
+
+def test_slurm_holds_the_jobs_that_have_a_slurmstepd_here(tmp_path):
+    from vmwn.slurm import stepd
+    for pid, cmdline in ((10, b"slurmstepd: [42.batch]\0\0\0"), (11, b"slurmstepd: [42.extern]"),
+                         (12, b"slurmstepd: [7.0]"), (13, b"/usr/sbin/slurmd\0-D"),
+                         (14, b"sh\0-c\0echo slurmstepd: [9.batch]")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(cmdline)
+    (tmp_path / "15").mkdir()  # a process gone while the directory was read
+    (tmp_path / "self").mkdir()
+    held = stepd.StepDaemons(str(tmp_path)).present
+    assert [j for j in ("42", "7", "9", "4", "420") if held(j)] == ["42", "7"]
+
+
+def test_reap_for_slurm_judges_slurms_jobs_by_their_slurmstepd_only(site, monkeypatch, capsys):
+    """`vmwn reap --batch slurm`: a Slurm job without a slurmstepd here has ended
+    unseen; one with a slurmstepd, and Torque's jobs, are left alone."""
+    from vmwn.slurm import stepd
+    fake_job(site, "90", batch="slurm")
+    fake_job(site, "91", batch="slurm")
+    fake_job(site, "92.srv", batch="torque")
+    monkeypatch.setattr(stepd.StepDaemons, "read",
+                        lambda self: setattr(self, "jobs", {"91"}) or self)
+    assert reap(site, "--batch", "slurm", "--grace", "0") == 0
+    assert sorted(st.job_id for st in state.all_jobs(site)) == ["91", "92.srv"]
+    assert "of job 90 (its job is no longer on this node)" in capsys.readouterr().out
+    # Torque's own reap (the default) leaves the Slurm job to Slurm
+    assert reap(site, "--grace", "0") == 0
+    assert sorted(st.job_id for st in state.all_jobs(site)) == ["91"]
+
+
+def test_reap_offers_each_batch_system_vmwn_has_an_adapter_for():
+    assert operators.batch_systems() == ["openpbs", "slurm", "torque"]
+
+
+def test_reap_for_openpbs_judges_by_the_moms_job_records(site, tmp_path, capsys):
+    from vmwn.openpbs import node
+    home = tmp_path / "pbs"
+    (home / "mom_priv" / "jobs").mkdir(parents=True)
+    (home / "mom_priv" / "jobs" / "94.pbs.JB").write_text("")
+    fake_job(site, "93.pbs", batch="openpbs")
+    fake_job(site, "94.pbs", batch="openpbs")
+    args = ["--config", site.files[0], "reap", "--batch", "openpbs", "--grace", "0"]
+    assert cli.main(args + ["--pbs-home", str(home)]) == 0
+    assert sorted(st.job_id for st in state.all_jobs(site)) == ["94.pbs"]
+    capsys.readouterr()
+    assert cli.main(args + ["--pbs-home", str(tmp_path / "nowhere")]) == 3
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "pbs.conf").write_text("PBS_EXEC=/opt/pbs\nPBS_HOME = /srv/pbs \n")
+    assert node.pbs_home_of(str(tmp_path / "pbs.conf")) == "/srv/pbs"
+    assert node.pbs_home_of(str(tmp_path / "none.conf")) == node.DEFAULT_PBS_HOME

@@ -265,3 +265,24 @@ def test_the_spank_plugin_compiles_without_warnings_and_exports_its_entry_points
         assert f" {name}\n" in syms, name
     install.compile_plugin(out)  # the installer's own build
     assert os.access(out, os.X_OK)
+
+
+def test_begin_reaps_the_slurm_jobs_that_have_no_slurmstepd_here(cfg, monkeypatch):
+    """A Slurm job whose `end` never ran (its slurmstepd killed) is removed by the next
+    VM job's begin on the node; a Slurm job with a slurmstepd, and another batch
+    system's job, are left alone."""
+    from test_operators import OLD, fake_job
+    from vmwn.slurm import stepd
+    monkeypatch.setattr(netns, "enter_libvirts", lambda uri: None)
+    fake_job(cfg, "10", created=OLD, batch="slurm")
+    fake_job(cfg, "11", created=OLD, batch="slurm")
+    fake_job(cfg, "12.srv", created=OLD, batch="torque")
+    monkeypatch.setattr(stepd.StepDaemons, "read",
+                        lambda self: setattr(self, "jobs", {"11", "13"}) or self)
+
+    def build(cfg, job):
+        raise UserError("no such environment", "ask for one of tiny")
+    monkeypatch.setattr(request, "build", build)
+    assert runtime.begin(cfg, {"job_id": "13"}) == 0
+    assert sorted(st.job_id for st in state.all_jobs(cfg)) == ["11", "12.srv"]
+    assert runtime.end(cfg, {"job_id": "13"}) == 0

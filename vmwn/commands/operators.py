@@ -1,11 +1,16 @@
 """Operator commands ``vmwn ps`` and ``vmwn reap``: see and heal this node's VM jobs.
 
-``reap`` asks Torque which jobs are still on this node (pbs_mom's own job
-records, ``mom_priv/jobs/<prefix>.JB`` or ``.SC``, and, where pbs_python is
-installed, the server) and removes the remains of every other (``vmwn.reap``).
+``reap --batch NAME`` asks that batch system which of its jobs are still on this
+node (``vmwn.NAME.node.held``: for Torque pbs_mom's own job records,
+``mom_priv/jobs/<prefix>.JB`` or ``.SC``, and, where pbs_python is installed,
+the server; for OpenPBS the mom's records; for Slurm the jobs' slurmstepd) and
+removes the remains of every other of its jobs (``vmwn.reap``); another batch
+system's jobs are that one's to judge.  A batch system is a package of vmwn
+with a ``node`` module: adding one changes nothing here.
 """
 
 import dataclasses
+import importlib
 import json
 import logging
 import logging.handlers
@@ -14,7 +19,8 @@ import sys
 import time
 
 from .. import config as configmod, reap, state as statemod
-from ..torque import pbs
+
+DEFAULT_BATCH = "torque"  # vmwn's first, whose jobs' records may name no batch system
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +34,18 @@ def register(subparsers):
     p.set_defaults(func=ps_command)
     r = subparsers.add_parser("reap", help="remove the VMs and files of jobs that have ended",
                               description="Remove domains, overlays, seeds, keys and state "
-                              "of jobs that are no longer on this node (no job record in "
-                              "mom_priv/jobs).  One line per thing removed, on stdout and "
+                              "of the batch system's jobs that are no longer on this node "
+                              "(Torque and OpenPBS: no job record in mom_priv/jobs; Slurm: "
+                              "no slurmstepd).  One line per thing removed, on stdout and "
                               "in syslog.")
+    r.add_argument("--batch", choices=batch_systems(), default=DEFAULT_BATCH,
+                   help="whose jobs to judge (default %(default)s); jobs another batch "
+                   "system started are left to it")
     r.add_argument("--dry-run", action="store_true", help="say what would be removed")
     r.add_argument("--grace", type=float, default=reap.DEFAULT_GRACE, metavar="SECONDS",
                    help=f"leave alone anything younger than this (default {reap.DEFAULT_GRACE:.0f})")
-    r.add_argument("--pbs-home", help="Torque's PBS_HOME (default: [site] pbs_home)")
+    r.add_argument("--pbs-home", help="the mom's PBS_HOME (torque: default [site] pbs_home; "
+                   "openpbs: PBS_HOME of /etc/pbs.conf)")
     r.set_defaults(func=reap_command)
 
 
@@ -120,6 +131,13 @@ def ps_command(args):
 
 # ---------------------------------------------------------------------- reap
 
+def batch_systems():
+    """The batch systems vmwn has an adapter for: its packages with a ``node`` module."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return sorted(n for n in os.listdir(root)
+                  if n.isidentifier() and os.path.isfile(os.path.join(root, n, "node.py")))
+
+
 def _syslog_handler(cfg):
     if not cfg.site["syslog"] or not os.path.exists("/dev/log"):
         return None
@@ -140,9 +158,9 @@ def reap_command(args):
         log.addHandler(handler)
     try:
         # Read at once: a wrong PBS_HOME is refused even with nothing to judge.
-        held = pbs.MomJobs(args.pbs_home or cfg.pbs_home).read().present
+        held = importlib.import_module(f"vmwn.{args.batch}.node").held(cfg, args.pbs_home)
         lines = reap.Reaper(cfg, held, grace=args.grace, dry_run=args.dry_run,
-                            say=lambda line: print(line, flush=True)).run()
+                            say=lambda line: print(line, flush=True), batch=args.batch).run()
     finally:
         if handler:
             log.removeHandler(handler)

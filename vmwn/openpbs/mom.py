@@ -39,14 +39,19 @@ class MomJobs:
         self.dir = jobs_dir(pbs_home)
         self.names = None
 
+    def read(self):
+        """Read the directory now (``SiteError`` if it is missing); returns self."""
+        try:
+            self.names = [n for n in os.listdir(self.dir) if n.endswith(RECORD)]
+        except FileNotFoundError:
+            raise SiteError(f"{self.dir} does not exist, so vmwn cannot tell which "
+                            "jobs are still on this node",
+                            "pass the mom's PBS_HOME (pbs.conf)") from None
+        return self
+
     def present(self, job_id):
         if self.names is None:
-            try:
-                self.names = [n for n in os.listdir(self.dir) if n.endswith(RECORD)]
-            except FileNotFoundError:
-                raise SiteError(f"{self.dir} does not exist, so vmwn cannot tell which "
-                                "jobs are still on this node",
-                                "pass the mom's PBS_HOME (pbs.conf)") from None
+            self.read()
         if job_id + RECORD in self.names:
             return True
         seq = job_id.split(".", 1)[0].split("[", 1)[0]

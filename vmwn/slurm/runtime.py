@@ -16,7 +16,8 @@ sbatch), the exit status whether the action succeeded.
   with slurmd's config): the record then says so, and Slurm starts the job again
   once its credentials have expired (``AuthInfo=cred_expire``, 120 s by default).
   A job that has its VM already (a further step, ``srun --jobid``) gets exit 3
-  and a line: that step neither makes nor ends one.
+  and a line: that step neither makes nor ends one.  Before it returns, begin's
+  bounded reap removes what Slurm jobs with no slurmstepd left here (vmwn.slurm.stepd).
 - ``release job_id=...``: when the task has ended, the VM leaves the task's
   accounting cgroup (vmwn.cgroups), which slurmstepd then removes.
 - ``end job_id=...``: vmwn.vmjob.end, when the step ends.
@@ -26,7 +27,7 @@ import os
 import sys
 
 from .. import config, errors, logsetup, subp
-from . import request
+from . import request, stepd
 
 
 def check(cfg, job):
@@ -51,7 +52,8 @@ def begin(cfg, job):
         return NOT_THIS_STEP
     log = logsetup.job_logger(__name__, job_id)
     try:
-        vmjob.begin(cfg, job_id, lambda: request.build(cfg, job))
+        vmjob.begin(cfg, job_id, lambda: request.build(cfg, job), batch=request.BATCH,
+                    held=stepd.StepDaemons().present)
     except errors.NodeBroken as e:  # its starts cannot be counted: a requeue could loop
         vmjob.refuse(cfg, job_id, e, log)
     except errors.VmwnError as e:  # may pass, and its starts are below the bound
