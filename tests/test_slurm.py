@@ -356,3 +356,33 @@ def test_the_vms_cpu_is_the_jobs_in_slurms_accounting(slurm, workdir):
     print(f"batch step charged {cpu:.0f} s for the guest's 12 s loop (sstat), "
           f"job {total:.0f} s (sacct TotalCPU)")
     assert_clean(job)
+
+
+def test_vmwn_reap_for_slurm_spares_a_running_job_and_removes_one_whose_slurmstepd_is_gone(
+        slurm, workdir):
+    """`vmwn reap --batch slurm` on the node: a running VM job has its slurmstepd (as
+    slurmd names them) and stays; the record of a job whose end never ran goes."""
+    from vmwn import config
+    from test_operators import OLD, fake_job
+    vmwn = os.path.join(RUNTIME, "bin", "vmwn")
+    job = slurm.submit(workdir, "#!/bin/sh\necho up\nsleep 300\n", "--vmwn=tiny")
+    wait_for_text(os.path.join(workdir, f"slurm-{job}.out"), "up", 240, "the job to run")
+    gone = fake_job(config.load(config.DEFAULT_PATH), "999990", created=OLD, batch="slurm")
+    try:
+        # a dry run at no grace judges everything and removes nothing (the other lanes'
+        # young jobs are safe): the running job is held by its slurmstepd alone
+        cp = run([vmwn, "reap", "--batch", "slurm", "--grace", "0", "--dry-run"])
+        assert cp.returncode == 0, cp.stderr
+        assert "of job 999990 (its job is no longer on this node)" in cp.stdout, cp.stdout
+        assert f"of job {job} " not in cp.stdout, cp.stdout
+        cp = run([vmwn, "reap", "--batch", "slurm"])
+        assert cp.returncode == 0, cp.stderr
+        assert not os.path.exists(os.path.dirname(gone.key_path)), cp.stdout
+        assert os.path.exists(os.path.join(STATE_DIR, safe_name(job)))
+    finally:
+        run(["scancel", job])
+        shutil.rmtree(os.path.dirname(gone.key_path), ignore_errors=True)
+        if os.path.exists(gone.overlay):
+            os.unlink(gone.overlay)
+    slurm.finish(job)
+    assert_clean(job)
