@@ -325,3 +325,17 @@ def test_reap_for_openpbs_judges_by_the_moms_job_records(site, tmp_path, capsys)
     (tmp_path / "pbs.conf").write_text("PBS_EXEC=/opt/pbs\nPBS_HOME = /srv/pbs \n")
     assert node.pbs_home_of(str(tmp_path / "pbs.conf")) == "/srv/pbs"
     assert node.pbs_home_of(str(tmp_path / "none.conf")) == node.DEFAULT_PBS_HOME
+
+
+def test_an_overlay_a_teardown_set_aside_is_its_jobs_until_the_job_is_gone(site):
+    from vmwn import disk
+    live = fake_job(site, "95.srv")
+    gone = fake_job(site, "96.srv")
+    for st in (live, gone):
+        os.rename(st.overlay, disk.aside(st.overlay))
+        os.utime(disk.aside(st.overlay), (OLD, OLD))
+    state.remove(site, "96.srv")  # a teardown that stopped after the state went
+    mom_record(site, "95.srv")
+    reapmod.Reaper(site, pbs.MomJobs(site.pbs_home).present, grace=0).run()
+    assert os.path.exists(disk.aside(live.overlay))
+    assert not os.path.exists(disk.aside(gone.overlay))

@@ -417,3 +417,30 @@ def test_a_virtiofsd_qemu_cannot_reach_fails_the_boot_attempt_saying_what_became
     assert f"virtiofsd {shares[0].pid} for {world_tmp} waits on its socket" in e.value.problem
     lifecycle.destroy(cfg, job)
     assert all(not share._is_ours(s) for s in shares)
+
+
+def test_teardown_sets_the_disk_and_seed_aside_before_it_looks_for_the_domain(
+        node, monkeypatch, test_user, world_tmp):
+    """A warden SIGKILLed inside libvirt's createXML leaves that call to libvirtd,
+    which may start the domain after the teardown looked for it (the fresh-machine
+    check left such a domain behind): the start must find neither disk nor seed."""
+    from vmwn import disk
+    cfg, base, started = node
+    job = f"10.{os.getpid()}.teardown"
+    st = _prepared(cfg, job, test_user, world_tmp)
+    for path in (st.overlay, st.seed):
+        with open(path, "w") as f:
+            f.write("x")
+    seen = []
+    real = virt.connect
+
+    def connect(uri):
+        seen.append([os.path.exists(p) for p in (st.overlay, st.seed, disk.aside(st.overlay),
+                                                 disk.aside(st.seed))])
+        return real(uri)
+    monkeypatch.setattr(virt, "connect", connect)
+    removed = lifecycle.destroy(cfg, job)
+    assert seen[0] == [False, False, True, True]
+    assert f"overlay {st.overlay}" in removed
+    assert not os.path.exists(disk.aside(st.overlay))
+    assert not os.path.exists(state.job_dir(cfg, job))

@@ -65,6 +65,24 @@ def to_raw(overlay, raw, timeout):
     os.chmod(raw, 0o600)
 
 
+# A teardown moves the overlay aside (vmwn.lifecycle.destroy) before it looks for the
+# domain; the name keeps .qcow2, and the reap counts it as its job's overlay.
+ASIDE = ".ending"
+
+
+def aside(path):
+    """Where a teardown moves the file ``path`` so that no domain start finds it."""
+    if path.endswith(".qcow2"):
+        return path[:-len(".qcow2")] + ASIDE + ".qcow2"
+    return path + ASIDE
+
+
+def owner_stem(path):
+    """The job name (``state.safe_name``) an overlay file belongs to, set aside or not."""
+    stem = os.path.basename(path)[:-len(".qcow2")]
+    return stem[:-len(ASIDE)] if stem.endswith(ASIDE) else stem
+
+
 def remove(path):
     """Remove an overlay; True if one was there.
 

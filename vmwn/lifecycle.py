@@ -91,7 +91,7 @@ def _clean_up(cfg, job_id, progress, log):
             return
         first = e
     try:  # libvirt never got the domain: the files alone are the job's remains
-        _remove_files(cfg, job_id, None, log)
+        _remove_files(cfg, job_id, disk.overlay_path(cfg, job_id), log)
     except Exception as e:  # noqa: BLE001 - the original error must propagate
         log.error("cleanup after failed create also failed: %s; then removing its files: %s",
                   _short(first), _short(e))
@@ -399,6 +399,8 @@ def destroy(cfg, job_id, grace=0.0):
         if warden.stop(st):  # no boot may race the teardown
             removed.append(f"warden {st.warden_pid}")
         st = _reload(cfg, job_id, st)  # with all the warden recorded, up to its end
+    overlay = st.overlay if st and st.overlay else disk.overlay_path(cfg, job_id)
+    _set_aside(overlay, st.seed if st else "")
     conn = virt.connect(cfg.site["libvirt_uri"])
     try:
         if virt.destroy(conn, name, grace=grace):
@@ -416,7 +418,21 @@ def destroy(cfg, job_id, grace=0.0):
         removed.append(f"libvirt log of {name}")
     for what in removed:
         log.info("removed %s", what)
-    return removed + _remove_files(cfg, job_id, st, log)
+    return removed + _remove_files(cfg, job_id, overlay, log)
+
+
+def _set_aside(*paths):
+    """Move the job's overlay and seed to names no domain start asks for.  A warden
+    killed inside libvirt's createXML leaves that call to libvirtd, which may start
+    the domain after the teardown looked for it: such a late start now fails on its
+    missing disk or seed, while a QEMU that runs keeps what it opened until it is
+    destroyed."""
+    for path in paths:
+        if path:
+            try:
+                os.rename(path, disk.aside(path))
+            except FileNotFoundError:
+                pass
 
 
 def _release_network(job_id, log):
@@ -436,11 +452,11 @@ def _reload(cfg, job_id, st):
         return st
 
 
-def _remove_files(cfg, job_id, st, log):
-    """Remove the job's overlay and state directory; returns what was removed."""
+def _remove_files(cfg, job_id, overlay, log):
+    """Remove the job's overlay (set aside, or still where it was) and state directory
+    (the seed with it); returns what was removed."""
     removed = []
-    overlay = st.overlay if st and st.overlay else disk.overlay_path(cfg, job_id)
-    if disk.remove(overlay):
+    if any([disk.remove(disk.aside(overlay)), disk.remove(overlay)]):
         removed.append(f"overlay {overlay}")
     if statemod.remove(cfg, job_id):
         removed.append(f"state {statemod.job_dir(cfg, job_id)}")

@@ -148,7 +148,7 @@ class Reaper:
         for path in overlays(self.cfg):
             if self._out_of_time():
                 return self.lines
-            if os.path.basename(path)[:-len(".qcow2")] in live or not self._old(mtime(path)):
+            if disk.owner_stem(path) in live or not self._old(mtime(path)):
                 continue
             if not self.dry_run:
                 disk.remove(path)

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from .. import config as configmod, reap, state as statemod
+from .. import config as configmod, disk, reap, state as statemod
 
 DEFAULT_BATCH = "torque"  # vmwn's first, whose jobs' records may name no batch system
 
@@ -99,7 +99,7 @@ def snapshot(cfg, now=None):
         seen_dirs.add(os.path.basename(d))
         rows.append(Row("", "", "", f"no state record: {d}", now - reap.mtime(d), 0, ""))
     for path in reap.overlays(cfg):
-        if os.path.basename(path)[:-len(".qcow2")] not in seen_dirs:
+        if disk.owner_stem(path) not in seen_dirs:
             rows.append(Row("", "", "", f"overlay without state: {path}",
                             now - reap.mtime(path), 0, ""))
     return rows
