@@ -28,6 +28,7 @@ import socket
 import time
 
 from . import interrupt
+from .usage import stat_fields
 from .errors import SiteError, UserError
 from .logsetup import job_logger
 
@@ -130,7 +131,6 @@ def health(shares):
     """One clause per share on what became of its virtiofsd (for a QEMU that could not
     connect to one): still waiting on its socket, gone (its log's last line), or
     running but no longer on its socket."""
-    from .usage import stat_fields
     out = []
     for sh in shares:
         fields = stat_fields(sh.pid) if sh.pid > 0 else None
@@ -161,7 +161,6 @@ def _log_tail(sh):
 
 def _is_ours(sh):
     """The pid is still a virtiofsd of this share (pids are reused)."""
-    from .usage import stat_fields
     try:
         with open(f"/proc/{sh.pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")

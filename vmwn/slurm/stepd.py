@@ -6,7 +6,7 @@ srun's steps), and each names itself ``slurmstepd: [JOB.STEP]`` (its command
 line, as ``ps`` shows it).  vmwn's ``begin`` runs in the batch step's
 slurmstepd, and the plugin ends the VM when that step ends, so a job with a vmwn
 record here and no slurmstepd has ended without its end (a slurmstepd killed, a
-node whose slurmd restarted): ``held`` for vmwn.reap.  Local and cheap, as
+node rebooted under its job): ``held`` for vmwn.reap.  Local and cheap, as
 Torque's and OpenPBS's moms' job files are: no daemon is asked.
 """
 
