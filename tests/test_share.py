@@ -12,6 +12,7 @@ import pytest
 
 from vmwn import share
 from vmwn.errors import SiteError, UserError
+from vmwn_testlib import wait_until
 
 HAVE_VIRTIOFSD = os.access(share.VIRTIOFSD, os.X_OK)
 
@@ -126,7 +127,8 @@ def test_health_says_what_became_of_a_virtiofsd_qemu_could_not_reach(job):
         assert share.health(shares) == f"virtiofsd {shares[0].pid} for {mine} waits on its socket"
         first = socket.socket(socket.AF_UNIX)
         first.connect(shares[0].socket)
-        _wait(lambda: not share._is_ours(shares[0]), "virtiofsd to take the connection")
+        wait_until(lambda: not share._is_ours(shares[0]), 10, "virtiofsd to take the connection",
+                   interval=0.02)
         late = socket.socket(socket.AF_UNIX)
         with pytest.raises(ConnectionRefusedError):
             late.connect(shares[0].socket)
@@ -134,17 +136,10 @@ def test_health_says_what_became_of_a_virtiofsd_qemu_could_not_reach(job):
         assert "runs (state" in share.health(shares) and "no longer on its socket" in \
             share.health(shares)
         first.close()  # virtiofsd ends with its only connection
-        _wait(lambda: "has exited" in share.health(shares), "virtiofsd to exit")
+        wait_until(lambda: "has exited" in share.health(shares), 10, "virtiofsd to exit",
+                   interval=0.02)
     finally:
         share.stop(st, shares)
-
-
-def _wait(predicate, what, timeout=10.0):
-    import time
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_health_of_a_virtiofsd_that_has_gone_quotes_its_log(tmp_path):

@@ -56,8 +56,7 @@ class Started:
     """The processes a test started (wardens, virtiofsd), each held by a pidfd from
     when it is noted: the fixture's end kills those still running, and never a
     process that took a freed pid since.  Pids wrap at 32768 on small hosts, and
-    the parallel lanes' real virtiofsd and QEMU take them all the time: killing by
-    number once killed another lane's virtiofsd before its QEMU connected."""
+    the parallel lanes' real virtiofsd and QEMU take them all the time."""
 
     def __init__(self):
         self.fds = {}
