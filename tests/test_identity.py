@@ -14,7 +14,7 @@ import time
 import pytest
 
 from vmwn.spec import JobSpec
-from vmwn import disk, lifecycle, netpolicy, virt
+from vmwn import disk, lifecycle, netpolicy, state, virt
 from vmwn.torque import pbs
 from vmwn.errors import SiteError
 
@@ -282,16 +282,48 @@ def test_a_fresh_cgroup_replaces_rules_left_for_a_removed_one(site, fake_firewal
     assert f.table("iptables") == _rule_lines("iptables")
 
 
-def test_the_last_jobs_teardown_removes_the_rules(site, fake_firewall):
+def _recorded(cfg, job_id):
+    """A state record of a job of the tiny environment, without a domain."""
+    d = state.make_job_dir(cfg, job_id)
+    state.save(cfg, state.JobState(
+        job_id=job_id, domain="vmwn-" + state.safe_name(job_id), env="tiny", user="alice",
+        uid=4242, gid=4242, group="lab", bind_address="127.0.0.1", port=43555,
+        host_key_public="", key_path=os.path.join(d, "id_ed25519"), workdir="/w",
+        host_workdir="/w", output_dir="/w", overlay="", seed=os.path.join(d, "seed.iso"),
+        console_log="", created=time.time()))
+
+
+@pytest.mark.parametrize("network, counted", [("no-loopback", True), ("open", False)])
+def test_the_last_teardown_removes_the_rules_and_only_a_confined_job_counts_them(
+        site, fake_firewall, network, counted):
+    """The cgroup is the node's: any teardown that finds it empty removes it (so one
+    that could not is retried by the next), but a job whose guest was never confined
+    there does not list it among what it removed (nor does a second teardown)."""
+    import vmwn_testlib
+    cfg = dataclasses.replace(
+        site, site={**site.site, "libvirt_uri": "test:///default"},
+        environments={**site.environments,
+                      "tiny": dataclasses.replace(site.env("tiny"), network=network)})
+    f = fake_firewall
+    netpolicy.confine(_no_loopback(site), "72.identity.test", [4321])
+    _recorded(cfg, "73.identity.test")
+    os.unlink(os.path.join(f.group, "cgroup.procs"))  # the last QEMU ended with its domain
+    removed = lifecycle.destroy(cfg, "73.identity.test")
+    assert (f"cgroup {netpolicy.CGROUP} and its firewall rules" in removed) is counted
+    assert f.table("iptables") == [] and not os.path.exists(f.group)
+    assert vmwn_testlib.leftovers(cfg, "73.identity.test") == []
+    assert lifecycle.destroy(cfg, "73.identity.test") == []
+
+
+def test_a_second_teardown_cleans_what_the_node_left_and_lists_nothing(site, fake_firewall):
     import vmwn_testlib
     cfg = dataclasses.replace(site, site={**site.site, "libvirt_uri": "test:///default"})
     f = fake_firewall
-    netpolicy.confine(_no_loopback(site), "72.identity.test", [4321])
-    os.unlink(os.path.join(f.group, "cgroup.procs"))  # its QEMU ended with the domain
-    removed = lifecycle.destroy(cfg, "72.identity.test")
-    assert f"cgroup {netpolicy.CGROUP} and its firewall rules" in removed
+    netpolicy.confine(_no_loopback(site), "76.identity.test", [4321])
+    os.unlink(os.path.join(f.group, "cgroup.procs"))
+    assert lifecycle.destroy(cfg, "77.identity.test") == []  # no record: not its cgroup
     assert f.table("iptables") == [] and not os.path.exists(f.group)
-    assert vmwn_testlib.leftovers(cfg, "72.identity.test") == []
+    assert vmwn_testlib.leftovers(cfg, "77.identity.test") == []
 
 
 def test_an_iptables_failure_is_the_sites_problem_with_the_fix(site, fake_firewall):

@@ -232,7 +232,7 @@ def _go_cold(cfg, st, env, deadline):
 def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
     from . import virt
     interrupt.check()
-    paused = netpolicy.needs_paused_start(env)  # confined before it runs
+    paused = netpolicy.confines(env)  # confined before it runs
     shares = _shares(st)
     if shares:  # before the domain: QEMU connects to each socket as it starts
         share.start(st, shares, cfg.site["virtiofsd"])
@@ -413,7 +413,7 @@ def destroy(cfg, job_id, grace=0.0):
         conn.close()
     if st and st.shares:
         share.stop(st, _shares(st))
-    removed += _release_network(job_id, log)
+    removed += _release_network(cfg, st, job_id, log)
     if virt.remove_domain_log(cfg.site["libvirt_uri"], name):
         removed.append(f"libvirt log of {name}")
     for what in removed:
@@ -435,13 +435,20 @@ def _set_aside(*paths):
                 pass
 
 
-def _release_network(job_id, log):
-    """The no-loopback cgroup and rules, if this job's QEMU was the last one in it."""
+def _release_network(cfg, st, job_id, log):
+    """Remove the no-loopback cgroup and its rules once no QEMU is left in it.  Every
+    teardown does this, so one that could not is retried by the next; only a job
+    whose environment confined it there counts them among what it removed (the
+    cgroup is the node's, and another job's teardown may be the one that finds it
+    empty)."""
     try:
-        if netpolicy.release(job_id):
-            return [f"cgroup {netpolicy.CGROUP} and its firewall rules"]
+        released = netpolicy.release(job_id)
     except SiteError as e:  # they match an empty cgroup: the next teardown retries
         log.warning("%s", e.line())
+        return []
+    env = cfg.environments.get(st.env) if st else None
+    if released and env is not None and netpolicy.confines(env):
+        return [f"cgroup {netpolicy.CGROUP} and its firewall rules"]
     return []
 
 

@@ -63,8 +63,9 @@ def rules():
     )]
 
 
-def needs_paused_start(env):
-    """True when the guest must not run before :func:`confine` has placed its QEMU."""
+def confines(env):
+    """True when the job's QEMU goes into the cgroup (so its guest must not run
+    before :func:`confine` has placed it there)."""
     return env.network == "no-loopback"
 
 
