@@ -12,9 +12,9 @@ ours() {  # ours NAME: pid of this cluster's daemon NAME (exe /usr/sbin/NAME, st
         [ "$(readlink /proc/"$pid"/exe 2>/dev/null | sed 's/ (deleted)$//')" = "$(readlink -f /usr/sbin/"$1")" ] || continue
         # Read whole, then match: 'tr | grep -q' fails under pipefail when grep
         # leaves before tr has written all.
-        args=$(tr '\0' '\n' </proc/"$pid"/cmdline 2>/dev/null) || continue
+        args=$( { tr '\0' '\n' </proc/"$pid"/cmdline; } 2>/dev/null) || continue
         # slurmdbd is told its config by SLURM_CONF (an environment not always readable)
-        args="$args"$'\n'"$(tr '\0' '\n' </proc/"$pid"/environ 2>/dev/null || true)"
+        args="$args"$'\n'"$( { tr '\0' '\n' </proc/"$pid"/environ; } 2>/dev/null || true)"
         if grep -qxF -e "$conf" -e "SLURM_CONF=$conf" -e "--datadir=$var/mysql" <<<"$args"; then
             echo "$pid"; return 0
         fi
