@@ -298,6 +298,37 @@ def test_srun_gives_its_program_the_users_stdin_to_its_end(slurm, workdir):
     assert cp.returncode == 0 and cp.stdout.split() == ["16777216"], (cp.stdout, cp.stderr)
 
 
+def test_a_further_step_of_a_running_vm_job_runs_in_its_guest(slurm, workdir):
+    """srun --jobid=N --overlap (how a user looks into a running job): the step's
+    program runs in the job's guest with srun's stdin, its exit status is the step's
+    in sacct, and the step neither makes nor ends the VM: the job goes on."""
+    script = ("#!/bin/sh\necho up\nwhile [ ! -e stop ]; do sleep 0.2; done\n"
+              "cat from-step\nexit 3\n")
+    job = slurm.submit(workdir, script, "--vmwn=tiny")
+    wait_for_text(os.path.join(workdir, f"slurm-{job}.out"), "up", 240,
+                  "the job to run in its guest")
+    try:
+        cp = slurm.as_user(f"srun --jobid={job} --overlap hostname", workdir, timeout=120)
+        assert cp.returncode == 0 and cp.stdout == guest_hostname(job) + "\n", \
+            (cp.stdout, cp.stderr)
+        cp = slurm.as_user(f"printf 'in\\n' | srun --jobid={job} --overlap sh -c "
+                           "'cat > from-step; cat from-step; exit 4'", workdir, timeout=120)
+        assert cp.returncode == 4 and cp.stdout == "in\n", (cp.stdout, cp.stderr)
+        assert slurm.show(job).get("JobState") == "RUNNING"  # the steps ended no VM
+    finally:
+        with open(os.path.join(workdir, "stop"), "w", encoding="ascii"):
+            pass
+    assert slurm.finish(job) == 3
+    lines = slurm.output(workdir, job).splitlines()
+    assert lines[lines.index("up") + 1] == "in", lines  # the step's file, read by the script
+    rows = slurm.accounted(workdir, job)
+    assert rows[job]["ExitCode"] == "3:0", rows
+    steps = {k: v["ExitCode"] for k, v in rows.items() if re.fullmatch(rf"{job}\.[0-9]+", k)}
+    assert sorted(steps.values()) == ["0:0", "4:0"], rows
+    assert_clean(job)
+    slurm.assert_idle()
+
+
 def test_salloc_srun_in_an_allocation_and_several_tasks_are_refused(slurm, workdir):
     cp = slurm.as_user("salloc --vmwn=tiny true", workdir)
     assert cp.returncode != 0 and "vmwn: --vmwn runs a job of its own" in cp.stderr, cp.stderr

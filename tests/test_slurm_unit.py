@@ -179,11 +179,11 @@ def test_a_helper_programs_failure_is_requeued_with_its_own_line(cfg, monkeypatc
                     "fix": "the site should free /var/lib/vmwn/overlays"}, said
 
 
-def test_a_further_step_of_a_job_with_a_vm_gets_none_and_ends_none(cfg, capsys):
+def test_a_further_step_of_a_job_with_a_vm_joins_it_and_makes_none(cfg, capsys):
     state.make_job_dir(cfg, "8")  # the job's VM, made by its first step
-    assert runtime.begin(cfg, {"job_id": "8"}) == runtime.NOT_THIS_STEP
-    assert "has its virtual machine already" in capsys.readouterr().out
-    assert os.path.isdir(state.job_dir(cfg, "8"))  # untouched
+    assert runtime.begin(cfg, {"job_id": "8"}) == runtime.JOINS
+    assert capsys.readouterr().out == ""  # no line: the step's task runs in the guest
+    assert os.listdir(state.job_dir(cfg, "8")) == []  # untouched: nothing made
 
 
 def _starter(tmp_path, *argv, env=None):
@@ -207,8 +207,9 @@ def test_the_slurm_starter_never_runs_a_vm_job_on_the_host(tmp_path):
     lines = p.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vmwn: the job asks for a vmwn "
                                                    "environment, but this node prepared no"), lines
-    p = _starter(tmp_path, "exec", "/bin/echo", "ran-on-host", env={"SLURM_JOB_ID": "9"})
-    assert p.returncode == 2 and b"ran-on-host" not in p.stdout, p.stderr
+    for mode in ("exec", "step"):
+        p = _starter(tmp_path, mode, "/bin/echo", "ran-on-host", env={"SLURM_JOB_ID": "9"})
+        assert p.returncode == 2 and b"ran-on-host" not in p.stdout, (mode, p.stderr)
     p = _starter(tmp_path, str(script))  # no mode: an old plugin
     assert p.returncode == 2 and b"without a mode" in p.stderr, p.stderr
     p = _starter(tmp_path, "batch", str(script))  # not from slurmstepd

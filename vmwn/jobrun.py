@@ -181,7 +181,7 @@ def read_script(data, is_job_script, fix="check the batch system's job starter s
 
 def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args=(),
         nodefile_var=None, task_num=None, host_workdir=None, adopt=None, log=None,
-        interpreter=None):
+        interpreter=None, stdin=None):
     """Run the job in its guest; returns (kind, value, st): ("exit", status) or
     ("signal", signum), and the guest's connection record.
 
@@ -198,6 +198,8 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
     ``interpreter``: the script's own ``#!`` program (a batch system that execs
     the script, ``how`` "exec"), which the guest must have: the job is refused
     with one line otherwise, where a login shell it lacks is replaced.
+    ``stdin``: whether the job gets this process's stdin to its end of file
+    (default: an interactive job and a program run as it is, "exec").
     """
     import posixpath
     import paramiko
@@ -281,7 +283,7 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
         # A program run as it is gets the task's stdin (srun's), as it would natively;
         # a script's shell reads none (it never has one from the batch daemon).
         relay = Relay(guest, None, pidfile, interactive=interactive, warden=wsock,
-                      stdin=interactive or mode == "exec")
+                      stdin=interactive or mode == "exec" if stdin is None else stdin)
         with relay.catching():  # from before the job starts: no signal is lost
             relay.chan = guest.exec(command, pty=interactive, term=term, size=size)
             relay.open_signaller()
@@ -294,11 +296,13 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
     return kind, value, st
 
 
-def ended(outcome, log):
-    """A starter's end: the VM's usage on the job's stderr, then the guest job's exit
-    status returned, or its signal died of (``outcome`` as :func:`run` returns it)."""
+def ended(outcome, log, usage=True):
+    """A starter's end: the VM's usage on the job's stderr (``usage``), then the guest
+    job's exit status returned, or its signal died of (``outcome`` as :func:`run`
+    returns it)."""
     kind, value, st = outcome
-    report_usage(st, log)
+    if usage:
+        report_usage(st, log)
     if kind == "signal":
         sys.stdout.flush()
         die_of(value)

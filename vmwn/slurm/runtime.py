@@ -15,8 +15,9 @@ sbatch), the exit status whether the action succeeded.
   start_attempts`` starts have failed) requeues a batch job (``scontrol requeue``
   with slurmd's config): the record then says so, and Slurm starts the job again
   once its credentials have expired (``AuthInfo=cred_expire``, 120 s by default).
-  A job that has its VM already (a further step, ``srun --jobid``) gets exit 3
-  and a line: that step neither makes nor ends one.  Before it returns, begin's
+  A job that has its VM already (a further step, ``srun --jobid=N --overlap``)
+  gets exit 3: that step's tasks run in the job's guest (the starter's ``step``
+  mode), and the step neither makes nor ends a VM.  Before it returns, begin's
   bounded reap removes what Slurm jobs with no slurmstepd left here (vmwn.slurm.stepd).
 - ``release job_id=...``: when the task has ended, the VM leaves the task's
   accounting cgroup (vmwn.cgroups), which slurmstepd then removes.
@@ -36,8 +37,8 @@ def check(cfg, job):
 
 
 # begin's exit status when the job already has its VM: the step asking is another
-# step of that job (srun --jobid), which gets none and must not end it.
-NOT_THIS_STEP = 3
+# step of that job (srun --jobid), which runs in that VM and must not end it.
+JOINS = 3
 
 
 def begin(cfg, job):
@@ -46,11 +47,10 @@ def begin(cfg, job):
     if not job_id.isdigit():
         raise errors.SiteError(f"job id {job_id!r} from the SPANK plugin is not a number",
                                "reinstall vmwn's SPANK plugin (vmwn-slurm-install)")
-    if os.path.lexists(state.job_dir(cfg, job_id)):
-        print(f"vmwn: job {job_id} has its virtual machine already, and a further step of "
-              "it gets none: run the program in the job's script", flush=True)
-        return NOT_THIS_STEP
     log = logsetup.job_logger(__name__, job_id)
+    if os.path.lexists(state.job_dir(cfg, job_id)):
+        log.info("a further step of the job: it runs in the job's virtual machine")
+        return JOINS
     try:
         vmjob.begin(cfg, job_id, lambda: request.build(cfg, job), batch=request.BATCH,
                     held=stepd.StepDaemons().present)

@@ -6,7 +6,10 @@ would have executed, the job script it wrote (``SlurmdSpoolDir/jobNNNNN/
 slurm_script``) and its arguments; the script is read here and runs in the guest
 as it would have on the host (its ``#!`` line decides).  ``[starter, "exec",
 PROGRAM, ARGS...]`` is a job srun made itself: the program runs in the guest.
-Either runs through vmwn.jobrun; the starter ends as the guest job ended, so
+``[starter, "step", PROGRAM, ARGS...]`` is a further step of a job that has its
+guest (``srun --jobid=N --overlap``): the program runs in that guest as one more
+task of the job, with srun's stdin, and the step neither starts nor ends the VM.
+Each runs through vmwn.jobrun; the starter ends as the guest job ended, so
 Slurm records the same ExitCode (and the signal of a job killed by one).  A job
 sent here never runs on the host: without a VM prepared for it, it fails with
 the reason on its stderr.
@@ -19,7 +22,7 @@ import sys
 from .. import jobrun
 
 SCRIPT_NAME = "slurm_script"
-MODES = ("batch", "exec")
+MODES = ("batch", "exec", "step")
 
 
 def main(argv=None, config_path=None, state_dir=None):
@@ -78,6 +81,11 @@ def _run_vm(cfg, job_id, mode, program, args, sock_path):
     if mode == "exec":
         return jobrun.ended(jobrun.run(cfg, job_id, sock_path, "exec", [program, *args],
                                        environ, **common), log)
+    if mode == "step":  # the VM's usage is the job's, told by the job's own task
+        task = f"step{environ.get('SLURM_STEP_ID', '')}.{environ.get('SLURM_LOCALID', '0')}"
+        return jobrun.ended(jobrun.run(cfg, job_id, sock_path, "task", [program, *args],
+                                       environ, task_num=task, stdin=True, **common),
+                            log, usage=False)
     script = read_script(program)
     # The script is exec'd in the guest (/bin/sh -c 'exec "$0" "$@"' SCRIPT ARGS), so
     # its kernel reads the #! line as slurmstepd's execve would have.

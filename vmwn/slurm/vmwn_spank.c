@@ -19,6 +19,9 @@
  *                                runs on the host.  One task per node.
  *   task exit (root)             `release`: the VM leaves the task's cgroup.
  *   slurmstepd exit, that step   `end` (root): stop the warden, copy back, destroy.
+ *   a further step of the job    (srun --jobid=N --overlap) `begin` says the job has
+ *                                its VM: the task runs `STARTER step PROGRAM ARGS...`
+ *                                in that guest; the step neither makes nor ends one.
  *
  * plugstack.conf: required PATH/vmwn_spank.so python=... config=... starter=...
  * (written by vmwn-slurm-install).
@@ -58,6 +61,8 @@ static char marks[4096] = "/run/vmwn-slurm-jobs";
 static char env_name[NAME_MAX_LEN + 1];
 static int asked;
 static int began;
+/* This step runs in the VM another step of its job made (srun --jobid=N). */
+static int joined;
 
 static int opt_vmwn(int val, const char *optarg, int remote);
 
@@ -319,8 +324,8 @@ static int add_arg(char a[][ARG_MAX_LEN], int n, const char *key, const char *va
 }
 
 /* The runtime's exit status when the job already has its VM (another step's):
- * this step makes none and ends none. */
-#define NOT_THIS_STEP 3
+ * this step runs in it, and makes none and ends none. */
+#define JOINS 3
 
 static void begin(spank_t sp)
 {
@@ -377,8 +382,8 @@ static void begin(spank_t sp)
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	rc = runtime("begin", args, 11, 60, line, sizeof(line));
 	clock_gettime(CLOCK_MONOTONIC, &t1);
-	if (rc == NOT_THIS_STEP) {
-		snprintf(no_vm, sizeof(no_vm), "%s", line);
+	if (rc == JOINS) {
+		joined = 1;
 		return;
 	}
 	if (rc != 0)
@@ -502,7 +507,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	(void) av;
 	if (!asked || !job_step(sp))
 		return 0;
-	if (!began) {  /* no VM was made for this step: never run the job on the host */
+	if (!began && !joined) {  /* no VM for this step: never run the job on the host */
 		dprintf(2, "%s\n", no_vm[0] ? no_vm : "vmwn: a VM job runs one task per node: "
 			"ask for --ntasks-per-node=1 (the VM gets the CPUs with --cpus-per-task)");
 		_exit(1);
@@ -523,7 +528,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	if (nargv == NULL)
 		_exit(2);
 	nargv[0] = starter;
-	nargv[1] = step_id(sp) == SLURM_BATCH_SCRIPT ? "batch" : "exec";
+	nargv[1] = joined ? "step" : step_id(sp) == SLURM_BATCH_SCRIPT ? "batch" : "exec";
 	for (i = 0; i < argc; i++)
 		nargv[i + 2] = argv[i];
 	execve(starter, nargv, envp);
