@@ -110,3 +110,40 @@ def test_the_vm_joins_only_a_group_that_names_its_job(tree):
     assert cgroups.names_job("/pbs_jobs.service/jobid/12.srv", "12.srv")
     assert not cgroups.names_job("/slurm_vm/uid_1/job_17/step_0", "7")
     assert not cgroups.names_job("/user.slice/user-1000.slice", "1000")
+
+
+def test_a_task_that_connects_first_is_never_taken_for_the_jobs_own_starter(world_tmp,
+                                                                           monkeypatch):
+    """A step started as the job began (srun --jobid) may reach the warden before the
+    job's own starter: once it says it is a task, the job's starter is the one whose
+    cgroups the VM joins, and the task's end does not end the warden's service."""
+    import socket
+    import threading
+    from vmwn import state, usage, warden
+    from test_starter import Job
+    import pathlib
+    job = Job(pathlib.Path(world_tmp))
+    job.st.vm_pid, job.st.vm_start = os.getpid(), usage.start_time(os.getpid())
+    state.save(job.cfg, job.st)
+    moved = []
+    monkeypatch.setattr(cgroups, "join", lambda pids, of_pid, job_id=None:
+                        moved.append((of_pid, job_id)) or ["g"])
+    w = warden.Warden(job.cfg, job.job_id, warden.listen(job.cfg, job.st))
+    w.answer = b'{"ready": true}\n'
+    served = threading.Thread(target=w._serve, daemon=True)
+    served.start()
+    path = state.warden_socket(job.cfg.site["state_dir"], job.job_id)
+    task, own = (socket.socket(socket.AF_UNIX) for _ in range(2))
+    for s in (task, own):
+        s.settimeout(30)
+        s.connect(path)
+        assert s.recv(64) == b'{"ready": true}\n'
+    task.sendall(b"task\ncgroups\n")
+    assert task.recv(1) == b"0" and moved == []
+    task.close()
+    own.sendall(b"cgroups\n")  # answered: the task's end did not end the service
+    assert own.recv(1) == b"1" and moved == [(os.getpid(), job.job_id)]
+    assert served.is_alive()
+    own.close()
+    served.join(30)
+    assert not served.is_alive()  # the job's own starter gone: the job ended

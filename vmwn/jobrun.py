@@ -207,7 +207,12 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
     from .config import parse_bytes
     log = log or logsetup.job_logger(__name__, job_id)
     st, wsock = await_guest(sock_path, mode)
-    if mode != "task" and adopt is not None:
+    if mode == "task":  # not the job's own starter, whenever it connected (the warden)
+        try:
+            wsock.sendall(b"task\n")
+        except OSError:
+            pass  # a warden gone: the guest job runs all the same
+    elif adopt is not None:
         adopt(st, wsock)
     log.info("starting %s in guest %s as %s", mode, st.domain, st.user)
     guest = connect_guest(st, wsock)

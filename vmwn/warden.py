@@ -171,6 +171,7 @@ class Warden:
         self.peers = {}             # socket -> the pid at its other end (SO_PEERCRED)
         self.joined = False         # the VM has been moved into the job's cgroups
         self.primary = None         # the first starter's socket (the job's own)
+        self.tasks = set()          # sockets of further tasks' starters, never primary
         self.dom_name = None
         self.owner = None           # the job user's uid, the only one answered (and root)
 
@@ -284,6 +285,7 @@ class Warden:
         if not data:
             del self.conns[conn]
             self.peers.pop(conn, None)
+            self.tasks.discard(conn)
             conn.close()
             return False
         buf = self.conns[conn] + data
@@ -296,6 +298,14 @@ class Warden:
     def _command(self, word, conn=None):
         if word == "connect" and conn is not None:
             self._connect(conn)
+            return
+        if word == "task" and conn is not None:
+            # A further task or step of the job (srun --jobid, pbsdsh): never the
+            # job's own starter, though it may have connected first (a step started
+            # as the job began); the next starter that is not one takes its place.
+            self.tasks.add(conn)
+            if conn is self.primary:
+                self.primary = next((c for c in self.conns if c not in self.tasks), None)
             return
         if word == "cgroups" and conn is not None:
             # The job's own starter only (the first to connect, at the job's start),
