@@ -16,6 +16,7 @@ import time
 import pytest
 
 import torquelib
+from vmwn.domain import guest_hostname
 from vmwn.state import safe_name
 from vmwn_testlib import IMAGE_DIR, needs_image, wait_until
 
@@ -277,32 +278,27 @@ def test_a_hostile_tree_comes_back_whole_in_both_data_modes(cluster, workdir, en
 
 @pytest.mark.slow
 @needs_image("debian12")
-def test_debian12_runs_jobs_submitted_from_home_and_below_it(cluster, workdir, test_user):
-    """Two debian12 guests side by side (the node has two slots), each job through the
-    whole stack: one submitted below the home, one from the home itself."""
+def test_debian12_runs_a_job_submitted_from_home(cluster, workdir, test_user):
+    """A debian12 guest through the whole stack, for a job submitted from the home
+    itself (the tiny tests submit below it): its exit status, output, the file it
+    wrote, the user's name, Debian's release and Python in the guest.  One guest: a
+    TCG boot of debian12 is the costliest thing a test can ask for."""
     home = test_user.pw_dir
     out_file = os.path.join(home, "from-home-debian12.txt")
     try:
-        below = cluster.submit(workdir, JOB, "-l other=vmwn=debian12")
-        from_home = cluster.submit(
+        job = cluster.submit(
             home, '#!/bin/sh\ncd "$PBS_O_WORKDIR"\necho kept > from-home-debian12.txt\n'
-            "id -un; cat /etc/debian_version; python3 -c 'print(6*7)'\n",
+            "id -un; cat /etc/debian_version; python3 -c 'print(6*7)'; hostname\nexit 3\n",
             "-l other=vmwn=debian12", name="home12.sh")
-        st = cluster.wait(below, timeout=600)
-        out, err = cluster.wait_output(workdir, below)
+        st = cluster.wait(job, timeout=600)
+        out, err = cluster.wait_output(home, job, name="home12.sh")
         assert st["exit_status"] == "3", (st, out, err)
-        assert "host=vmwn-" in out
-        with open(os.path.join(workdir, "result.txt")) as f:
-            assert f.read() == "data\n"
-        st = cluster.wait(from_home, timeout=600)
-        out, err = cluster.wait_output(home, from_home, name="home12.sh")
-        assert st["exit_status"] == "0", (st, err)
         words = out.split()
         assert words[0] == test_user.pw_name and words[1].startswith("12") and words[2] == "42", out
+        assert words[3] == guest_hostname(job), out
         with open(out_file) as f:
             assert f.read() == "kept\n"
-        assert torquelib.wait_clean(below, timeout=60) == []
-        assert torquelib.wait_clean(from_home, timeout=60) == []
+        assert torquelib.wait_clean(job, timeout=60) == []
     finally:
         for p in (out_file, os.path.join(home, "home12.sh")):
             if os.path.exists(p):
