@@ -75,8 +75,8 @@ def test_three_concurrent_jobs_get_distinct_names_and_ports(site):
     def one(job):
         st = lifecycle.create(site, spec(site, job), time.monotonic() + 240)
         with Guest.connect(st) as g:
-            status, out, _ = g.run("hostname")
-        return st.domain, st.port, status, out.decode().strip()
+            status, out, err = g.run("hostname")
+        return st.domain, st.port, status, out.decode().strip(), err
 
     try:
         with concurrent.futures.ThreadPoolExecutor(3) as ex:
@@ -87,7 +87,7 @@ def test_three_concurrent_jobs_get_distinct_names_and_ports(site):
     names = {r[0] for r in results}
     ports = {r[1] for r in results}
     assert len(names) == 3 and len(ports) == 3
-    assert all(r[2] == 0 and r[3] == guest_hostname(job) for r, job in zip(results, jobs))
+    assert [r[2:4] for r in results] == [(0, guest_hostname(job)) for job in jobs], results
     for job in jobs:
         assert leftovers(site, job) == []
 
