@@ -63,15 +63,13 @@ def test_a_group_path_that_leaves_the_hierarchy_is_refused(tree):
         cgroups.join([11], 4242, proc=proc, mountinfo=info)
 
 
-def test_the_warden_moves_the_vm_once_and_only_for_the_jobs_own_starter(world_tmp,
-                                                                       monkeypatch):
-    """Another process of the user's (a second connection) could otherwise move the VM
-    into a group nobody counts; the host's cgroups are not touched (join is a stand-in)."""
-    import socket
+def _serving_warden(world_tmp, monkeypatch):
+    """A job's warden serving its socket from a thread, its VM this process, with a
+    stand-in cgroups.join: (job, the joins asked for, the serving thread)."""
+    import pathlib
     import threading
     from vmwn import state, usage, warden
     from test_starter import Job
-    import pathlib
     job = Job(pathlib.Path(world_tmp))  # a short path: a Unix socket's is bounded
     job.st.vm_pid, job.st.vm_start = os.getpid(), usage.start_time(os.getpid())
     state.save(job.cfg, job.st)
@@ -80,13 +78,32 @@ def test_the_warden_moves_the_vm_once_and_only_for_the_jobs_own_starter(world_tm
                         moved.append((of_pid, job_id)) or ["g"])
     w = warden.Warden(job.cfg, job.job_id, warden.listen(job.cfg, job.st))
     w.answer = b'{"ready": true}\n'
-    threading.Thread(target=w._serve, daemon=True).start()
+    served = threading.Thread(target=w._serve, daemon=True)
+    served.start()
+    return job, moved, served
+
+
+def _starters(job, n):
+    """``n`` connections to the job's warden, in order, each answered."""
+    import socket
+    from vmwn import state
     path = state.warden_socket(job.cfg.site["state_dir"], job.job_id)
-    first, second = (socket.socket(socket.AF_UNIX) for _ in range(2))
-    for s in (first, second):
+    conns = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX)
         s.settimeout(30)  # a warden that died answers nothing: fail, never hang
         s.connect(path)
         assert s.recv(64) == b'{"ready": true}\n'
+        conns.append(s)
+    return conns
+
+
+def test_the_warden_moves_the_vm_once_and_only_for_the_jobs_own_starter(world_tmp,
+                                                                       monkeypatch):
+    """Another process of the user's (a second connection) could otherwise move the VM
+    into a group nobody counts; the host's cgroups are not touched (join is a stand-in)."""
+    job, moved, _ = _serving_warden(world_tmp, monkeypatch)
+    first, second = _starters(job, 2)
     second.sendall(b"cgroups\n")
     assert second.recv(1) == b"0" and moved == []
     first.sendall(b"cgroups\n")
@@ -117,27 +134,8 @@ def test_a_task_that_connects_first_is_never_taken_for_the_jobs_own_starter(worl
     """A step started as the job began (srun --jobid) may reach the warden before the
     job's own starter: once it says it is a task, the job's starter is the one whose
     cgroups the VM joins, and the task's end does not end the warden's service."""
-    import socket
-    import threading
-    from vmwn import state, usage, warden
-    from test_starter import Job
-    import pathlib
-    job = Job(pathlib.Path(world_tmp))
-    job.st.vm_pid, job.st.vm_start = os.getpid(), usage.start_time(os.getpid())
-    state.save(job.cfg, job.st)
-    moved = []
-    monkeypatch.setattr(cgroups, "join", lambda pids, of_pid, job_id=None:
-                        moved.append((of_pid, job_id)) or ["g"])
-    w = warden.Warden(job.cfg, job.job_id, warden.listen(job.cfg, job.st))
-    w.answer = b'{"ready": true}\n'
-    served = threading.Thread(target=w._serve, daemon=True)
-    served.start()
-    path = state.warden_socket(job.cfg.site["state_dir"], job.job_id)
-    task, own = (socket.socket(socket.AF_UNIX) for _ in range(2))
-    for s in (task, own):
-        s.settimeout(30)
-        s.connect(path)
-        assert s.recv(64) == b'{"ready": true}\n'
+    job, moved, served = _serving_warden(world_tmp, monkeypatch)
+    task, own = _starters(job, 2)
     task.sendall(b"task\ncgroups\n")
     assert task.recv(1) == b"0" and moved == []
     task.close()
