@@ -418,6 +418,45 @@ def test_a_virtiofsd_qemu_cannot_reach_fails_the_boot_attempt_saying_what_became
     assert all(not share._is_ours(s) for s in shares)
 
 
+@ROOT_ONLY
+def test_a_start_retried_on_another_port_gets_fresh_virtiofsd(
+        node, monkeypatch, test_user, world_tmp, caplog):
+    """A QEMU whose SSH port was taken connected to each virtiofsd before it failed, and
+    a virtiofsd serves one connection only: the retry on another port must start fresh
+    ones (the same ones refused QEMU, which failed a fresh-machine check's job)."""
+    cfg, base, started = node
+    caplog.set_level("INFO")
+    job = f"11.{os.getpid()}.teardown"
+    st = _prepared(cfg, job, test_user, world_tmp)
+    starts = []  # (port, the shares' (pid, running) at each start)
+
+    class Seen(Exception):
+        pass
+
+    def start(conn, xml, paused=False):
+        rec = state.load(cfg, job)
+        shares = [share.Share(**d) for d in rec.shares]
+        for s in shares:
+            started.append(s.pid)
+        starts.append((rec.port, [(s.pid, share._is_ours(s)) for s in shares]))
+        if len(starts) == 1:
+            raise virt.PortTaken("the forwarded SSH port is taken: Could not set up host "
+                                 "forwarding rule", "see the log")
+        raise Seen()  # the retry's start: what it was given is all this test needs
+    monkeypatch.setattr(virt, "start", start)
+    with pytest.raises(Seen):
+        lifecycle.boot(cfg, st, cfg.environments["t"], time.monotonic() + 30)
+    (port1, first), (port2, second) = starts
+    assert port2 != port1
+    assert [alive for _, alive in first] == [True] and [alive for _, alive in second] == [True]
+    assert first[0][0] != second[0][0]  # a fresh virtiofsd
+    old = share.Share(**{**state.load(cfg, job).shares[0], "pid": first[0][0]})
+    assert not share._is_ours(old)  # the one the failed QEMU took is gone
+    assert f"SSH port taken by another process; retrying on {port2}" in caplog.text
+    lifecycle.destroy(cfg, job)
+    assert not share._is_ours(share.Share(**{**old.__dict__, "pid": second[0][0]}))
+
+
 def test_teardown_sets_the_disk_and_seed_aside_before_it_looks_for_the_domain(
         node, monkeypatch, test_user, world_tmp):
     """A warden SIGKILLed inside libvirt's createXML leaves that call to libvirtd,

@@ -235,9 +235,7 @@ def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
     paused = netpolicy.confines(env)  # confined before it runs
     shares = _shares(st)
     if shares:  # before the domain: QEMU connects to each socket as it starts
-        share.start(st, shares, cfg.site["virtiofsd"])
-        st.shares = [dataclasses.asdict(s) for s in shares]
-        statemod.save(cfg, st)
+        _start_shares(cfg, st, shares)
         timer.mark("virtiofsd")
         interrupt.check()  # their pids are in the record: destroy finds them
     virt.open_domain_dirs()
@@ -266,6 +264,11 @@ def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
                 with ports.locked(cfg):  # something outside vmwn took it: take another
                     st.port = ports.pick(cfg, taken_extra={st.port})
                     statemod.save(cfg, st)
+                if shares:
+                    # That QEMU connected to each virtiofsd before its port failed, and a
+                    # virtiofsd serves one connection only: the retry needs fresh ones.
+                    share.stop(st, shares)
+                    _start_shares(cfg, st, shares)
                 log.info("SSH port taken by another process; retrying on %d", st.port)
         st.uuid = dom.UUIDString()
         st.vm_pid = virt.emulator_pid(st.domain)
@@ -279,6 +282,13 @@ def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
         timer.mark("boot to SSH")
     finally:
         conn.close()
+
+
+def _start_shares(cfg, st, shares):
+    """Start the shares' virtiofsd and record their pids (destroy stops them)."""
+    share.start(st, shares, cfg.site["virtiofsd"])
+    st.shares = [dataclasses.asdict(s) for s in shares]
+    statemod.save(cfg, st)
 
 
 READY_LINE = b"vmwn-guest: ready"
