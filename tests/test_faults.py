@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import REPO, user_python_path
-from vmwn_testlib import IMAGE_DIR, leftovers, pidfd_wait, write_launcher
+from vmwn_testlib import IMAGE_DIR, leftovers, pidfd_wait, worker_ports, write_launcher
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not all(os.path.exists(os.path.join(IMAGE_DIR, "tiny", f))
@@ -40,7 +40,9 @@ echo never
 
 
 class Node:
-    """A Torque node tree with vmwn installed, in a world-searchable temporary directory."""
+    """A Torque node tree with vmwn installed, in a world-searchable temporary directory.
+    Its state directory is its own, so its port lock is too: the nodes of tests that
+    run in parallel lanes take their ports from the lane's own slice of the range."""
 
     def __init__(self, root, user, site_extra=""):
         from vmwn import config
@@ -55,7 +57,7 @@ class Node:
             f.write(f"[site]\nemulator = {write_launcher(root)}\n"
                     f"state_dir = {root}/state\noverlay_dir = {root}/overlays\n"
                     f"pbs_home = {root}/torque\nimage_dir = {IMAGE_DIR}\nsyslog = no\n"
-                    f"debug_log = {self.debug_log}\nport_range = 43000-43499\n"
+                    f"debug_log = {self.debug_log}\nport_range = {worker_ports('43000-43499')}\n"
                     f"boot_timeout = 120\nboot_attempts = 2\n{site_extra}\n"
                     f"[env tiny]\n{tiny}cmdline = console=ttyS0 quiet\ndata = copy\n\n"
                     f"[env tinymount]\n{tiny}cmdline = console=ttyS0 quiet\n\n"
