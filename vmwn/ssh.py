@@ -71,6 +71,11 @@ def _nodelay_socket(address, port, timeout):
     return s
 
 
+# Seconds Guest.run waits, after a command's exit status, for the output it has not yet
+# had: only a command that left a process holding its stdout waits them all.
+OUTPUT_GRACE = 5.0
+
+
 class Guest:
     """One authenticated SSH connection to a job's guest."""
 
@@ -180,7 +185,10 @@ class Guest:
         chan.shutdown_write()
         end = time.monotonic() + timeout
         out, err = bytearray(), bytearray()
+        drained_by = None  # after the exit status: until when the rest of the output may come
         while True:
+            # Read first: whatever the guest sent before its end of file is then in.
+            eof = chan.eof_received or chan.closed
             got = False
             if chan.recv_ready():
                 out += chan.recv(65536)
@@ -188,9 +196,16 @@ class Guest:
             if chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
                 got = True
-            if chan.exit_status_ready() and not chan.recv_ready() \
-                    and not chan.recv_stderr_ready():
-                break
+            if chan.exit_status_ready() and not got:
+                # sshd may send the exit status before the last of the output (seen:
+                # a guest's `hostname` came back empty with status 0, under load), so
+                # the end is the end of file; a command that left a process holding its
+                # output (a daemon) sends none, and gets OUTPUT_GRACE.
+                if eof:
+                    break
+                drained_by = drained_by or min(end, time.monotonic() + OUTPUT_GRACE)
+                if time.monotonic() >= drained_by:
+                    break
             if not got:
                 if chan.closed and not chan.exit_status_ready():
                     raise GuestLost("the guest closed the session", "the VM stopped")
