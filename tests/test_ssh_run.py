@@ -35,21 +35,27 @@ class ScriptedChannel:
     def shutdown_write(self):
         pass
 
-    def recv_ready(self):
+    def _ready(self, stream):
         self._arrive()
-        return bool(self.out)
+        return bool(stream)
+
+    @staticmethod
+    def _take(stream, n):
+        data = bytes(stream[:n])
+        del stream[:n]
+        return data
+
+    def recv_ready(self):
+        return self._ready(self.out)
 
     def recv(self, n):
-        data, self.out = bytes(self.out[:n]), self.out[n:]
-        return data
+        return self._take(self.out, n)
 
     def recv_stderr_ready(self):
-        self._arrive()
-        return bool(self.err)
+        return self._ready(self.err)
 
     def recv_stderr(self, n):
-        data, self.err = bytes(self.err[:n]), self.err[n:]
-        return data
+        return self._take(self.err, n)
 
     def exit_status_ready(self):
         self._arrive()
