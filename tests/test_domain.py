@@ -36,7 +36,7 @@ image_dir = /images
 image = tiny/disk.qcow2
 kernel = tiny/vmlinuz
 initrd = tiny/initrd.img
-cmdline = console=ttyS0 quiet
+cmdline = console=ttyS0 no_timer_check quiet
 accel = qemu
 memory = 256M
 [env big]

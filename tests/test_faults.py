@@ -59,10 +59,10 @@ class Node:
                     f"pbs_home = {root}/torque\nimage_dir = {IMAGE_DIR}\nsyslog = no\n"
                     f"debug_log = {self.debug_log}\nport_range = {worker_ports('43000-43499')}\n"
                     f"boot_timeout = 120\nboot_attempts = 2\n{site_extra}\n"
-                    f"[env tiny]\n{tiny}cmdline = console=ttyS0 quiet\ndata = copy\n\n"
-                    f"[env tinymount]\n{tiny}cmdline = console=ttyS0 quiet\n\n"
+                    f"[env tiny]\n{tiny}cmdline = console=ttyS0 no_timer_check quiet\ndata = copy\n\n"
+                    f"[env tinymount]\n{tiny}cmdline = console=ttyS0 no_timer_check quiet\n\n"
                     # A guest whose kernel never finds an init: it runs, but SSH never answers.
-                    f"[env hang]\n{tiny}cmdline = console=ttyS0 rdinit=/nonexistent\n"
+                    f"[env hang]\n{tiny}cmdline = console=ttyS0 no_timer_check rdinit=/nonexistent\n"
                     "boot_timeout = 8\n")
         python, path = user_python_path()
         install.install(install.build_parser().parse_args(

@@ -25,7 +25,7 @@ def test_vm_job_end_to_end(world_tmp, test_user):
         f.write(f"[site]\nstate_dir = {root}/state\noverlay_dir = {root}/overlays\n"
                 f"pbs_home = {root}/torque\nsyslog = no\n\n[env tiny]\n"
                 "image = tiny/disk.qcow2\nkernel = tiny/vmlinuz\ninitrd = tiny/initrd.img\n"
-                "cmdline = console=ttyS0 quiet\naccel = qemu\nmemory = 256M\n")
+                "cmdline = console=ttyS0 no_timer_check quiet\naccel = qemu\nmemory = 256M\n")
     python, path = user_python_path()
     install.install(install.build_parser().parse_args(
         ["install", "--pbs-home", f"{root}/torque", "--sysconfdir", f"{root}/etc",

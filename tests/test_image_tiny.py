@@ -322,7 +322,7 @@ def booted(tmp_path, env, values):
     port = free_port()
     console = tmp_path / "console.log"
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot",
-            "-kernel", env.kernel, "-initrd", env.initrd, "-append", "console=ttyS0 quiet",
+            "-kernel", env.kernel, "-initrd", env.initrd, "-append", "console=ttyS0 no_timer_check quiet",
             "-drive", f"file={overlay},if=virtio,format=qcow2",
             "-drive", f"file={iso},if=virtio,format=raw,readonly=on",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22",

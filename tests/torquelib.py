@@ -47,7 +47,7 @@ debug_log = {DEBUG_LOG}
 description = a guest that never boots (tests only)
 kernel = tiny/vmlinuz
 initrd = tiny/initrd.img
-cmdline = console=ttyS0 rdinit=/nonexistent panic=0
+cmdline = console=ttyS0 no_timer_check rdinit=/nonexistent panic=0
 accel = qemu
 memory = 256M
 boot_timeout = 6

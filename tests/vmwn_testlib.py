@@ -22,7 +22,7 @@ IMAGE_DIR = os.environ.get("VMWN_TEST_IMAGE_DIR", "/var/lib/vmwn/images")
 TINY = """image = tiny/disk.qcow2
 kernel = tiny/vmlinuz
 initrd = tiny/initrd.img
-cmdline = console=ttyS0 quiet
+cmdline = console=ttyS0 no_timer_check quiet
 accel = qemu
 memory = 256M
 """
@@ -48,7 +48,7 @@ data = copy
 image = debian12/disk.qcow2
 kernel = debian12/vmlinuz
 initrd = debian12/initrd.img
-cmdline = root=/dev/vda ro console=ttyS0 quiet
+cmdline = root=/dev/vda ro console=ttyS0 no_timer_check quiet
 accel = qemu
 memory = 1G
 boot_timeout = 300
