@@ -489,24 +489,29 @@ def adopt(job_id, pid):
                           "launcher")
 
 
-def mom_running(pbs_home):
+def mom_running(pbs_home, locks="/proc/locks"):
     """The pid of the pbs_mom that holds ``mom_priv/mom.lock`` (its fcntl write lock), or 0."""
-    import errno
-    import fcntl
-    import struct
-    path = os.path.join(pbs_home, "mom_priv", "mom.lock")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        st = os.lstat(os.path.join(pbs_home, "mom_priv", "mom.lock"))
     except OSError:
         return 0
+    return posix_lock_holder(st, locks)
+
+
+def posix_lock_holder(st, locks="/proc/locks"):
+    """The pid holding a POSIX (fcntl) write lock on the file of ``os.stat`` result
+    ``st``, from the kernel's lock table (``/proc/locks``: the same on every
+    architecture, unlike ``struct flock``), or 0."""
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
-        # F_GETLK with a write-lock probe: who would block it (struct flock, x86-64).
-        probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        try:
-            got = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
-        except OSError as e:
-            return 0 if e.errno != errno.EACCES else -1
-        ltype, _whence, _start, _len, pid = struct.unpack("hhqqi", got)
-        return pid if ltype != fcntl.F_UNLCK else 0
-    finally:
-        os.close(fd)
+        with open(locks, encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        fields = line.split()
+        # "1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; "1: -> POSIX ..." waits
+        if len(fields) >= 6 and fields[1:2] == ["POSIX"] and fields[3] == "WRITE" \
+                and fields[5] == key and fields[4].isdigit():
+            return int(fields[4])
+    return 0
