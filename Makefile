@@ -27,10 +27,14 @@ APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
 	pkg-config gcc libc6-dev python3-dev python3-venv cpio busybox-static openssh-server openssh-client \
 	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini iptables \
 	slurmctld slurmd slurm-client munge libslurm-dev slurmdbd mariadb-server-core mariadb-client-core
+# Debian 13's QEMU has no virtiofsd of its own (QEMU 8 dropped the C daemon): the
+# Rust one is a package of its own there.
+DEBIAN_MAJOR := $(shell cut -d. -f1 /etc/debian_version 2>/dev/null)
+APT_PACKAGES += $(if $(filter 13 14 15 16,$(DEBIAN_MAJOR)),virtiofsd)
 
 .PHONY: all deps apt venv daemons guest test test-unit demo bench install uninstall \
 	install-gip uninstall-gip check clean wheel torque torque-up torque-down pbs-python \
-	test-accounts fresh-ci openpbs openpbs-up openpbs-down
+	test-accounts fresh-ci openpbs openpbs-up openpbs-down rust-virtiofsd
 
 all: deps
 
@@ -96,7 +100,7 @@ torque-down:
 # lanes (one per batch system, one per other module: tests/conftest.py), then the
 # exclusive ones (they stop a host daemon or measure CPU time) alone.  PYTEST_ARGS
 # go to both; a pass that selects nothing (pytest's exit 5) is no failure.
-TEST_STEPS ?= deps guest torque pbs-python openpbs test-accounts
+TEST_STEPS ?= deps guest torque pbs-python openpbs test-accounts rust-virtiofsd
 PYTEST_WORKERS ?= 3
 test:
 	@set +e; times=""; t0=$$(date +%s); \
@@ -122,6 +126,12 @@ test-unit: deps test-accounts
 		$(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then rc=0; fi; echo "make test-unit: pytest $$(( $$(date +%s) - s )) s"; \
 	exit $$rc
+
+# A Rust virtiofsd for the tests of both virtio-fs daemons (the host's on Debian
+# 13; Debian 13's, unpacked beside the host's files, on Debian 12).  Without one
+# those tests skip: no failure here.
+rust-virtiofsd:
+	@scripts/rust-virtiofsd >/dev/null || echo "rust-virtiofsd: none; its tests skip"
 
 # The accounts tests run jobs as (tests never make accounts themselves).
 test-accounts:

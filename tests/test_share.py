@@ -1,20 +1,28 @@
 """The mounted data path's host side: which directories, and a virtiofsd with the
 job user's rights only (real virtiofsd, real user namespace; no guest needed)."""
 
+import grp
 import os
 import pwd
+import shlex
 import shutil
 import socket
+import stat
 import tempfile
+import time
 import types
 
 import pytest
 
-from vmwn import share
+from vmwn import config, lifecycle, share
 from vmwn.errors import SiteError, UserError
-from vmwn_testlib import wait_until
+from vmwn.spec import JobSpec
+from vmwn.ssh import Guest
+from vmwn_testlib import (HOSTILE_TREE, RUST_VIRTIOFSD, TINY, VIRTIOFSD_KINDS, leftovers,
+                          needs_image, qemu_reachable_dir, tree_bytes, virtiofsd_or_skip,
+                          wait_until, write_config)
 
-HAVE_VIRTIOFSD = os.access(share.VIRTIOFSD, os.X_OK)
+HAVE_VIRTIOFSD = any(os.access(p, os.X_OK) for p in share.CANDIDATES)
 
 
 def test_plan_mounts_parents_first_and_drops_what_another_covers(tmp_path):
@@ -62,42 +70,49 @@ def _status(pid):
 
 @pytest.mark.integration  # a real virtiofsd
 @pytest.mark.skipif(os.geteuid() != 0 or not HAVE_VIRTIOFSD, reason="needs root and virtiofsd")
-def test_virtiofsd_runs_as_the_job_user_in_a_namespace_of_its_ids_only(job):
+@pytest.mark.parametrize("daemon", VIRTIOFSD_KINDS)
+def test_virtiofsd_runs_as_the_job_user_in_a_namespace_of_its_ids_only(job, daemon):
     st, d, mine = job
+    kind = virtiofsd_or_skip(daemon, rust=daemon == RUST_VIRTIOFSD)
     shares = share.shares_for(d, [mine])
-    share.start(st, shares)
+    share.start(st, shares, daemon)
     try:
         pid = shares[0].pid
-        s = _status(pid)
+        s = _status(pid)  # the host's view of its ids
         assert s["Uid"].split() == [str(st.uid)] * 4 and s["Gid"].split() == [str(st.gid)] * 4
-        with open(f"/proc/{pid}/uid_map") as f:
-            assert f.read().split() == [str(st.uid), str(st.uid), "1"]
+        with open(f"/proc/{pid}/uid_map") as f:  # its own view: the job's ids, nothing else
+            assert f.read().split() == [str(kind.inner(st.uid)), str(st.uid), "1"]
         with open(f"/proc/{pid}/gid_map") as f:
-            assert f.read().split() == [str(st.gid), str(st.gid), "1"]
+            assert f.read().split() == [str(kind.inner(st.gid)), str(st.gid), "1"]
         assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+        # The Rust daemon sees the share at vmwn's mount point, in a namespace of its own.
+        assert (os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")) == kind.rust
         sock = os.stat(shares[0].socket)
         assert (sock.st_uid, sock.st_mode & 0o777) == (st.uid, 0o600)  # the job's QEMU
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-        assert b"source=" + os.fsencode(share.fuse_escape(mine)) in argv
+        assert share.serves(argv, shares[0])
         assert share._is_ours(shares[0])
     finally:
         share.stop(st, shares)
     assert not os.path.exists(f"/proc/{shares[0].pid}") or not share._is_ours(shares[0])
-    assert not os.path.exists(shares[0].socket)
+    assert not os.path.exists(shares[0].socket) and not os.path.lexists(share.mount_point(shares[0]))
 
 
 @pytest.mark.integration  # a real virtiofsd
 @pytest.mark.skipif(os.geteuid() != 0 or not HAVE_VIRTIOFSD, reason="needs root and virtiofsd")
-def test_a_directory_the_user_cannot_enter_is_the_users_problem(job):
+@pytest.mark.parametrize("daemon", VIRTIOFSD_KINDS)
+def test_a_directory_the_user_cannot_enter_is_the_users_problem(job, daemon):
     st, d, _ = job
+    virtiofsd_or_skip(daemon, rust=daemon == RUST_VIRTIOFSD)
     private = tempfile.mkdtemp(prefix="vmwn-share-root-", dir="/var/tmp")  # root's, 0700
     try:
         shares = share.shares_for(d, [private])
         with pytest.raises(UserError) as e:
-            share.start(st, shares)
+            share.start(st, shares, daemon)
         assert private in e.value.problem and "Permission denied" in e.value.problem
         assert not os.path.exists(shares[0].socket)
+        assert not os.path.lexists(share.mount_point(shares[0]))
     finally:
         os.rmdir(private)
 
@@ -108,7 +123,8 @@ def test_a_virtiofsd_that_exits_at_once_is_a_site_error(job):
     st, d, mine = job
     fake = os.path.join(d, "virtiofsd")  # the job user may run it
     with open(fake, "w") as f:
-        f.write("#!/bin/sh\necho 'fuse: unknown option(s)' >&2\nexit 1\n")
+        f.write("#!/bin/sh\n[ \"$1\" = --version ] && { echo 'virtiofsd version 7.2.0'; exit 0; }\n"
+                "echo 'fuse: unknown option(s)' >&2\nexit 1\n")
     os.chmod(fake, 0o755)
     with pytest.raises(SiteError) as e:
         share.start(st, share.shares_for(d, [mine]), virtiofsd=fake)
@@ -151,3 +167,138 @@ def test_health_of_a_virtiofsd_that_has_gone_quotes_its_log(tmp_path):
                                   "vhost socket accept: Interrupted system call)")
     (tmp_path / "vmwn0.log").unlink()
     assert share.health([sh]).endswith("has exited (its log is empty)")
+
+
+def test_readiness_is_virtiofsds_own_word_in_its_log_past_where_this_start_began(tmp_path):
+    """A restarted share's virtiofsd appends to the same log: the earlier daemon's
+    line does not count for the new one."""
+    log = tmp_path / "vmwn0.log"
+    log.write_bytes(b"[ID: 00000007] virtio_session_mount: " + share.WAITING + b"...\n")
+    start = log.stat().st_size
+    assert share._logged(str(log), 0, share.WAITING)
+    assert not share._logged(str(log), start, share.WAITING)
+    with open(log, "ab") as f:
+        f.write(b"[INFO  virtiofsd] " + share.WAITING + b" on ...\n")  # the Rust daemon's
+    assert share._logged(str(log), start, share.WAITING)
+    assert not share._logged(str(tmp_path / "nosuch.log"), 0, share.WAITING)
+
+
+def test_health_quotes_virtiofsds_reason_not_its_progress(tmp_path):
+    sh = share.Share(path="/data", tag="vmwn0", socket=str(tmp_path / "fs0.sock"),
+                     pid=2 ** 22 + 1)  # above any pid_max: no such process
+    (tmp_path / "vmwn0.log").write_bytes(
+        b"virtio_session_mount: Waiting for vhost-user socket connection...\n"
+        b"virtio_session_mount: Received vhost-user socket connection\n"
+        b"virtio_loop: Entry\nfv_panic: libvhost-user: Invalid vring_addr message\n"
+        b"virtio_loop: Exit\n")
+    assert share.health([sh]).endswith(
+        "has exited (fv_panic: libvhost-user: Invalid vring_addr message)")
+
+
+@pytest.mark.parametrize("rust", [False, True])
+def test_each_daemon_is_known_by_what_it_serves(rust):
+    d = share.Daemon(path="/x/virtiofsd", rust=rust, version="1")
+    sh, other = share.shares_for("/var/lib/vmwn/jobs/1.x", ["/home/a,b/\udcff dir", "/home/a"])
+    argv = [os.fsencode(a) for a in d.argv(sh, 1000, 100)]
+    assert share.serves(argv, sh)
+    assert not share.serves(argv, other)
+    assert not share.serves([b"/usr/bin/other"] + argv[1:], sh)
+    if rust:  # the path reaches no argv: the share is bound at vmwn's own name
+        assert not any(b"/home/a" in a for a in argv)
+        assert f"--shared-dir={share.mount_point(sh)}" in d.argv(sh, 1000, 100)
+
+
+def test_the_rust_daemon_maps_the_guests_ids_to_its_root_and_refuses_every_other():
+    sh = share.shares_for("/var/lib/vmwn/jobs/1.x", ["/w"])[0]
+    argv = share.Daemon(path="/x", rust=True, version="1.13.2").argv(sh, 1000, 100)
+    assert "--sandbox=chroot" in argv and "--cache=never" in argv
+    assert [a for a in argv if a.startswith("--translate-uid")] == [
+        "--translate-uid=map:1000:0:1", "--translate-uid=forbid-guest:0:1000",
+        f"--translate-uid=forbid-guest:1001:{0xFFFFFFFE - 1000}"]
+    assert "--translate-gid=map:100:0:1" in argv
+    assert share.Daemon(path="/x", rust=True, version="1").inner(1000) == 0
+    assert share.Daemon(path="/x", rust=False, version="7.2").inner(1000) == 1000
+
+
+@pytest.mark.parametrize("said, rust, version", [
+    ("virtiofsd version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright", False, "7.2.22"),
+    ("virtiofsd 1.13.2\n", True, "1.13.2"),
+])
+def test_the_daemons_kind_is_read_from_its_version(tmp_path, said, rust, version):
+    fake = tmp_path / "fsd"  # a unit test starts nothing named virtiofsd
+    fake.write_text(f"#!/bin/sh\nprintf '{said}'\n")
+    fake.chmod(0o755)
+    d = share.daemon(str(fake))
+    assert (d.path, d.rust, d.version) == (str(fake), rust, version)
+
+
+def test_a_program_that_is_no_virtiofsd_or_none_at_all_is_a_site_error(tmp_path):
+    fake = tmp_path / "fsd"  # a unit test starts nothing named virtiofsd
+    fake.write_text("#!/bin/sh\necho 'usage: something else'\n")
+    fake.chmod(0o755)
+    with pytest.raises(SiteError) as e:
+        share.daemon(str(fake))
+    assert "no virtiofsd that vmwn knows" in e.value.problem and "[site] virtiofsd" in e.value.fix
+    with pytest.raises(SiteError) as e:
+        share.daemon(str(tmp_path / "nosuch"))
+    assert e.value.problem == f"no virtiofsd at {tmp_path / 'nosuch'}"
+
+
+MOUNTED_TINY = f"""
+[env tiny]
+description = tiny test guest, mounted mode
+{TINY}boot_timeout = 120
+"""
+
+
+@pytest.mark.integration  # a real guest writes through each real virtiofsd
+@needs_image("tiny")
+@pytest.mark.parametrize("daemon", VIRTIOFSD_KINDS)
+def test_each_virtiofsd_serves_a_hostile_tree_to_the_host_as_the_job_user(daemon, test_user):
+    """A job submitted from its home writes names that are not UTF-8, 1200
+    directories, a 300-deep tree, a sparse file, a symlink and a fifo through the
+    daemon; the host has every byte at once, owned by the job's user.  The daemon
+    that ``virtiofsd = auto`` picks here serves the rest of the suite's mounted jobs
+    (the Torque suite's hostile tree among them): this test serves the other."""
+    kind = virtiofsd_or_skip(daemon, rust=daemon == RUST_VIRTIOFSD)
+    if os.path.realpath(kind.path) == os.path.realpath(share.daemon("auto").path):
+        pytest.skip(f"{daemon} serves every mounted job of this suite ('auto')")
+    base = qemu_reachable_dir()
+    workdir = tempfile.mkdtemp(prefix="vmwn-share-tree-\udcff ", dir=test_user.pw_dir)
+    os.chown(workdir, test_user.pw_uid, test_user.pw_gid)
+    cfg = config.load(write_config(base, site_extra=f"virtiofsd = {daemon}", envs=MOUNTED_TINY))
+    job = f"12.{os.getpid()}.{'rust' if daemon == RUST_VIRTIOFSD else 'c'}.share.test"
+    env = cfg.env("tiny")
+    try:
+        spec = JobSpec(job_id=job, user=test_user.pw_name, uid=test_user.pw_uid,
+                       gid=test_user.pw_gid, group=grp.getgrgid(test_user.pw_gid).gr_name,
+                       job_name="tree", env=env, vcpus=1, memory_mib=env.memory_mib,
+                       workdir=workdir, host_workdir=workdir)
+        st = lifecycle.create(cfg, spec, time.monotonic() + 180)
+        try:
+            with Guest.connect(st) as g:
+                status, out, err = g.run(
+                    b"cd " + shlex.quote(workdir).encode("utf-8", "surrogateescape")
+                    + b" && umask 077 && sh -c " + shlex.quote(HOSTILE_TREE).encode(),
+                    timeout=600)
+            assert (status, out) == (0, b"done-writing\n"), err
+        finally:
+            lifecycle.destroy(cfg, job)
+        assert leftovers(cfg, job) == []
+        o = os.path.join(os.fsencode(workdir), b"out")
+        n = b"r\xe9sultat"
+        files = tree_bytes(o)
+        assert files[n + b".txt"] == b"one" and files[b"/".join([n, b"sub", n, n])] == b"two"
+        assert sum(1 for k in files if k.startswith(b"d") and k.endswith(b"/f")) == 1200
+        assert files[b"/".join([b"deep"] + [b"d"] * 300 + [b"leaf"])] == b"bottom"
+        sparse = os.stat(os.path.join(o, b"sparse.img"))
+        assert sparse.st_size == 256 << 20 and sparse.st_blocks * 512 < 16 << 20
+        assert os.readlink(os.path.join(o, b"link")) == n + b".txt"
+        assert stat.S_ISFIFO(os.lstat(os.path.join(o, b"fifo")).st_mode)
+        for p in (o, os.path.join(o, n + b".txt"), os.path.join(o, b"open", b"f")):
+            s = os.lstat(p)
+            assert (s.st_uid, s.st_gid) == (test_user.pw_uid, test_user.pw_gid), p
+        assert os.stat(os.path.join(o, b"open")).st_mode & 0o777 == 0o777  # the guest's chmod
+    finally:
+        shutil.rmtree(os.fsencode(workdir), ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)

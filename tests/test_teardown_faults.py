@@ -33,11 +33,13 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (user names
                                "processes of the job's user)")
 NOBODY = types.SimpleNamespace(pw_name="nobody", pw_uid=65534, pw_gid=65534)
 # Waits on its socket (fd 3) as virtiofsd does, under virtiofsd's name (share.py
-# knows its virtiofsd by both).
+# knows its virtiofsd by both), having logged that it does as virtiofsd does.
 FAKE_VIRTIOFSD = """#!/bin/bash
+[ "$1" = --version ] && { echo 'virtiofsd version 7.2.0 (stand-in)'; exit 0; }
 exec -a virtiofsd /usr/bin/python3 -c '
-import socket
+import socket, sys
 s = socket.socket(fileno=3)
+print("fake: Waiting for vhost-user socket connection...", file=sys.stderr, flush=True)
 c, _ = s.accept()
 while c.recv(4096):
     pass
@@ -110,7 +112,7 @@ def node(monkeypatch):
             f.write(b"x")
     for name in os.listdir(images):
         os.chmod(os.path.join(images, name), 0o644)
-    fake = os.path.join(base, "virtiofsd")
+    fake = os.path.join(base, "virtiofsd-stand-in")  # a unit test starts no "virtiofsd"
     with open(fake, "w") as f:
         f.write(FAKE_VIRTIOFSD)
     os.chmod(fake, 0o755)
@@ -205,7 +207,7 @@ def test_sigterm_as_virtiofsd_started_leaves_them_recorded_and_torn_down(
     rec = state.load(cfg, job)
     shares = [share.Share(**d) for d in rec.shares]
     started += [s.pid for s in shares]
-    assert shares and all(s.pid > 0 and share._is_ours(s) for s in shares), rec.shares
+    assert shares and all(s.pid > 0 and share._is_ours(s) for s in shares), _debug_log(base)
     log = _debug_log(base)
     assert "warden stopped by SIGTERM" in log and "warden failed" not in log, log
 
@@ -246,10 +248,11 @@ def test_sigterm_while_a_virtiofsd_starts_ends_it(node, monkeypatch, test_user, 
     """A virtiofsd not yet waiting on its socket has no pid in any record: a stop
     request there ends it, as a start that fails does."""
     cfg, base, started = node
-    hung = os.path.join(base, "hung", "virtiofsd")
+    hung = os.path.join(base, "hung", "virtiofsd-stand-in")
     os.makedirs(os.path.dirname(hung))
     with open(hung, "w") as f:  # never accepts: share.py keeps waiting for it
-        f.write(f"#!/bin/bash\nexec -a virtiofsd /usr/bin/python3 -c "
+        f.write("#!/bin/bash\n[ \"$1\" = --version ] && { echo 'virtiofsd 1.13.0'; exit 0; }\n"
+                f"exec -a virtiofsd /usr/bin/python3 -c "
                 f"'import time; time.sleep(300)' {base}\n")
     os.chmod(hung, 0o755)
     st = _prepared(cfg, f"7.{os.getpid()}.teardown", test_user, world_tmp)

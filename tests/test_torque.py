@@ -18,7 +18,7 @@ import pytest
 import torquelib
 from vmwn.domain import guest_hostname
 from vmwn.state import safe_name
-from vmwn_testlib import IMAGE_DIR, needs_image, wait_until
+from vmwn_testlib import HOSTILE_TREE, IMAGE_DIR, needs_image, tree_bytes, wait_until
 
 pytestmark = [pytest.mark.torque, pytest.mark.integration, needs_image("tiny")]
 
@@ -213,38 +213,7 @@ def test_qdel_while_the_guest_boots_says_so(cluster, workdir):
     assert torquelib.wait_clean(job, timeout=60) == []
 
 
-# A tree real users make, written by the job in the guest: names that are not
-# UTF-8 at several depths, thousands of directories, a deep tree, a big sparse
-# file, a symlink, a fifo, a mode the umask must shape.
-HOSTILE_JOB = r"""#!/bin/sh
-cd "$PBS_O_WORKDIR" || exit 9
-mkdir -p out && cd out || exit 9
-n=$(printf 'r\351sultat')
-mkdir -p "$n/sub/$n" && printf one > "$n.txt" && printf two > "$n/sub/$n/$n"
-i=0
-while [ $i -lt 1200 ]; do mkdir "d$i" && printf "$i" > "d$i/f"; i=$((i + 1)); done
-p=deep; i=0
-while [ $i -lt 300 ]; do p="$p/d"; i=$((i + 1)); done
-mkdir -p "$p" && printf bottom > "$p/leaf"
-dd if=/dev/zero of=sparse.img bs=1 count=0 seek=268435456 2>/dev/null
-printf head | dd of=sparse.img conv=notrunc 2>/dev/null
-ln -s "$n.txt" link
-mkfifo fifo
-mkdir open && chmod 777 open && printf x > open/f
-echo done-writing
-"""
-
-
-def _tree_bytes(root):
-    out = {}
-    for dirpath, dirs, files in os.walk(os.fsencode(root)):
-        for n in files:
-            p = os.path.join(dirpath, n)
-            if os.path.islink(p) or not os.path.isfile(p):
-                continue
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, os.fsencode(root))] = f.read(64)
-    return out
+HOSTILE_JOB = "#!/bin/sh\ncd \"$PBS_O_WORKDIR\" || exit 9\n" + HOSTILE_TREE
 
 
 @pytest.mark.parametrize("env", ["tiny", "tinycopy"])
@@ -256,7 +225,7 @@ def test_a_hostile_tree_comes_back_whole_in_both_data_modes(cluster, workdir, en
     assert "done-writing" in out
     o = os.path.join(os.fsencode(workdir), b"out")
     n = b"r\xe9sultat"
-    files = _tree_bytes(o)
+    files = tree_bytes(o)
     assert files[n + b".txt"] == b"one"
     assert files[b"/".join([n, b"sub", n, n])] == b"two"
     assert sum(1 for k in files if k.startswith(b"d") and k.endswith(b"/f")) == 1200

@@ -13,7 +13,8 @@ import tempfile
 
 import pytest
 
-from vmwn import config
+from vmwn import config, share
+from vmwn.errors import SiteError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_DIR = os.environ.get("VMWN_TEST_IMAGE_DIR", "/var/lib/vmwn/images")
@@ -249,3 +250,58 @@ def pidfd_wait(fd, timeout, what):
     import select
     ready, _, _ = select.select([fd], [], [], timeout)
     assert ready, f"timed out after {timeout:g} s waiting for {what}"
+
+
+# A tree real users make, written by a job in its guest in its current directory:
+# names that are not UTF-8 at several depths, thousands of directories, a deep
+# tree, a big sparse file, a symlink, a fifo, a mode the umask must shape.
+HOSTILE_TREE = r"""mkdir -p out && cd out || exit 9
+n=$(printf 'r\351sultat')
+mkdir -p "$n/sub/$n" && printf one > "$n.txt" && printf two > "$n/sub/$n/$n"
+i=0
+while [ $i -lt 1200 ]; do mkdir "d$i" && printf "$i" > "d$i/f"; i=$((i + 1)); done
+p=deep; i=0
+while [ $i -lt 300 ]; do p="$p/d"; i=$((i + 1)); done
+mkdir -p "$p" && printf bottom > "$p/leaf"
+dd if=/dev/zero of=sparse.img bs=1 count=0 seek=268435456 2>/dev/null
+printf head | dd of=sparse.img conv=notrunc 2>/dev/null
+ln -s "$n.txt" link
+mkfifo fifo
+mkdir open && chmod 777 open && printf x > open/f
+echo done-writing
+"""
+
+
+def tree_bytes(root):
+    """{relative path: its first 64 bytes} of the regular files under ``root`` (bytes)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(os.fsencode(root)):
+        for n in files:
+            p = os.path.join(dirpath, n)
+            if os.path.islink(p) or not os.path.isfile(p):
+                continue
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, os.fsencode(root))] = f.read(64)
+    return out
+
+
+# The virtio-fs daemons a test can serve mounted mode with: QEMU 7.2's C one
+# (Debian 12) and the Rust one (Debian 13's own, or the one scripts/rust-virtiofsd
+# unpacked on Debian 12); a test skips the one this machine lacks.
+C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+RUST_VIRTIOFSD = next((p for p in ("/usr/libexec/virtiofsd", "/var/lib/vmwn/rust-virtiofsd/virtiofsd")
+                       if os.access(p, os.X_OK)), "/usr/libexec/virtiofsd")
+VIRTIOFSD_KINDS = [pytest.param(C_VIRTIOFSD, id="c"), pytest.param(RUST_VIRTIOFSD, id="rust")]
+
+
+def virtiofsd_or_skip(path, rust):
+    """``path`` as a vmwn.share.Daemon of the kind asked for, or skip the test."""
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"no {path} on this machine ('make rust-virtiofsd' gets the Rust one)")
+    try:
+        d = share.daemon(path)
+    except SiteError as e:
+        pytest.skip(e.problem)
+    if d.rust != rust:
+        pytest.skip(f"{path} is not the {'Rust' if rust else 'C'} virtiofsd")
+    return d

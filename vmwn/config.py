@@ -122,6 +122,11 @@ def _abspath(text):
     return os.path.normpath(t)
 
 
+def _auto_or_abspath(text):
+    t = str(text).strip()
+    return t if t == "auto" else _abspath(t)
+
+
 def _path_list(text):
     """'/home /scratch' (spaces or commas) -> ('/home', '/scratch'), each absolute."""
     out = []
@@ -197,8 +202,11 @@ SITE_KEYS = {k.name: k for k in [
     _k("shared_paths", (), _path_list,
        "Host directories every mounted-mode guest also sees at the same path, such as "
        "'/scratch /cvmfs' (those missing on a node are skipped)."),
-    _k("virtiofsd", "/usr/lib/qemu/virtiofsd", _abspath,
-       "The virtio-fs daemon that serves mounted directories (as the job user)."),
+    _k("virtiofsd", "auto", _auto_or_abspath,
+       "The virtio-fs daemon that serves mounted directories (as the job user): the Rust "
+       "virtiofsd (Debian 13) or QEMU's C one (QEMU 7.2 and older, Debian 12), told apart "
+       "by its --version; 'auto' is the first of /usr/libexec/virtiofsd and "
+       "/usr/lib/qemu/virtiofsd that exists."),
     _k("emulator", "/usr/local/libexec/vmwn/qemu", _abspath,
        "vmwn's QEMU launcher (written by vmwn install): libvirt runs it as the job's user; "
        "QEMU runs under an anchor process whose session the job starter has pbs_mom adopt."),

@@ -24,17 +24,29 @@ import ctypes
 import dataclasses
 import os
 import signal
+import re
 import socket
 import time
 
-from . import interrupt
+from . import interrupt, subp
 from .usage import stat_fields
 from .errors import SiteError, UserError
 from .logsetup import job_logger
 
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+# "auto": the first of these that exists.  The Rust daemon (Debian 13's virtiofsd
+# package, and any distribution's since QEMU 8 dropped its own) and the C one of
+# QEMU 7.2 and older (Debian 12) take other options; Daemon.argv speaks to each.
+VIRTIOFSD = "auto"
+CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
+# What virtiofsd logs (at level info; the C daemon of QEMU <= 7.2 and the Rust one
+# alike) just before it waits for QEMU on its socket.  Its log, not its state in
+# /proc, tells: /proc/PID/syscall numbers and wchan names differ by architecture
+# and kernel.
+WAITING = b"Waiting for vhost-user socket connection"
 TAG_PREFIX = "vmwn"
 _CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNS = 0x00020000
+_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_RAISE = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -75,6 +87,91 @@ def shares_for(job_dir, paths):
             for i, p in enumerate(paths)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Daemon:
+    """A virtiofsd and which of the two kinds it is."""
+    path: str
+    rust: bool
+    version: str
+
+    def inner(self, uid):
+        """The id the job's ``uid`` (or gid) has inside virtiofsd's user namespace.
+        The C daemon runs as the job's own uid there, with the capabilities it needs
+        as ambient ones.  The Rust daemon refuses its chroot sandbox to any uid but
+        0, so there the job's uid is 0 (namespace root: its capabilities reach only
+        what the job user owns, as the C daemon's do) and :meth:`argv` translates
+        the guest's ids to it."""
+        return 0 if self.rust else uid
+
+    def argv(self, sh, uid, gid):
+        """Serve share ``sh`` on descriptor _FD in a chroot, no cache (the host sees the
+        job's writes as they happen), logging at info (:data:`WAITING`), with the
+        descriptor limit the launcher set.
+
+        The Rust daemon (1.13) serves only a directory whose canonical path is UTF-8:
+        it gets the share bound at :func:`mount_point` (vmwn's name) in a mount
+        namespace of its own, so a path of any bytes is served and none reaches its
+        argv.  It maps the guest's ``uid``/``gid`` to the namespace's 0 and refuses
+        every other guest id (as the C daemon does, which cannot take an id its
+        namespace does not map)."""
+        if self.rust:
+            ids = []
+            for opt, n in (("--translate-uid", uid), ("--translate-gid", gid)):
+                ids += [f"{opt}=map:{n}:0:1"]
+                if n > 0:
+                    ids += [f"{opt}=forbid-guest:0:{n}"]
+                if n < _ID_MAX:
+                    ids += [f"{opt}=forbid-guest:{n + 1}:{_ID_MAX - n}"]
+            return ["virtiofsd", f"--fd={_FD}", f"--shared-dir={mount_point(sh)}", "--sandbox=chroot",
+                    "--cache=never", "--log-level=info", "--rlimit-nofile=0"] + ids
+        return ["virtiofsd", f"--fd={_FD}", "-o", "source=" + fuse_escape(sh.path),
+                "-o", "sandbox=chroot", "-o", "cache=none", "-o", "log_level=info",
+                "--rlimit-nofile=0"]
+
+
+def mount_point(sh):
+    """Where the Rust daemon sees share ``sh``: a directory of the job's (made by
+    :func:`_launch`), in its own mount namespace only."""
+    return os.path.join(os.path.dirname(sh.socket), f"{sh.tag}.root")
+
+
+def serves(argv, sh):
+    """``argv`` (a /proc cmdline, split at NULs) is a virtiofsd's that serves share
+    ``sh``, in either daemon's words."""
+    if not argv or os.path.basename(argv[0]) != b"virtiofsd":
+        return False
+    return b"source=" + os.fsencode(fuse_escape(sh.path)) in argv or \
+        b"--shared-dir=" + os.fsencode(mount_point(sh)) in argv
+
+
+_daemons = {}
+
+
+def daemon(configured=VIRTIOFSD):
+    """The :class:`Daemon` at ``configured`` ([site] virtiofsd; ``auto``: the first of
+    :data:`CANDIDATES`), its kind from its ``--version`` ("virtiofsd version 7.2.22"
+    is QEMU's C daemon, "virtiofsd 1.13.2" the Rust one).  SiteError when there is
+    none or it answers neither way."""
+    paths = CANDIDATES if configured == "auto" else (configured,)
+    path = next((p for p in paths if os.access(p, os.X_OK)), None)
+    if path is None:
+        raise SiteError(f"no virtiofsd at {' or '.join(paths)}",
+                        "install virtiofsd (Debian 13) or qemu-system-common (Debian 12) "
+                        "with 'make deps', or set [site] virtiofsd")
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_mtime_ns)
+    if key not in _daemons:
+        cp = subp.run([path, "--version"], timeout=30, check=False,
+                      fix="check [site] virtiofsd")
+        first = (cp.stdout or cp.stderr or "").strip().splitlines()[:1]
+        m = re.match(r"virtiofsd (version )?v?(\d+\.\d+\S*)", first[0] if first else "")
+        if cp.returncode != 0 or not m:
+            raise SiteError(f"{path} is no virtiofsd that vmwn knows: --version said "
+                            f"{(first or ['nothing'])[0][:100]!r}", "check [site] virtiofsd")
+        _daemons[key] = Daemon(path=path, rust=not m.group(1), version=m.group(2))
+    return _daemons[key]
+
+
 def start(st, shares, virtiofsd=VIRTIOFSD):
     """Start one virtiofsd per share as the job user; fills in ``Share.pid``.
 
@@ -82,8 +179,9 @@ def start(st, shares, virtiofsd=VIRTIOFSD):
     if virtiofsd cannot be started.  On error nothing started is left running.
     """
     log = job_logger(__name__, st.job_id)
-    if not os.access(virtiofsd, os.X_OK):
-        raise SiteError(f"{virtiofsd} is missing", "install qemu-system-common ('make deps')")
+    if not shares:
+        return shares
+    virtiofsd = daemon(virtiofsd)
     try:
         for sh in shares:
             sh.pid = _launch(st, sh, virtiofsd)
@@ -95,7 +193,8 @@ def start(st, shares, virtiofsd=VIRTIOFSD):
 
 
 def stop(st, shares, timeout=5.0):
-    """End the virtiofsd of each share (if still ours) and remove its socket. Idempotent."""
+    """End the virtiofsd of each share (if still ours) and remove its socket (and mount
+    point). Idempotent."""
     log = job_logger(__name__, st.job_id)
     live = []
     for sh in shares:
@@ -119,6 +218,10 @@ def stop(st, shares, timeout=5.0):
         try:
             os.unlink(sh.socket)
         except FileNotFoundError:
+            pass
+        try:
+            os.rmdir(mount_point(sh))  # the Rust daemon's; bound in its namespace only
+        except OSError:
             pass
         if sh.pid > 0:
             try:
@@ -156,7 +259,13 @@ def _log_tail(sh):
             lines = f.read().decode("utf-8", "replace").strip().splitlines()
     except OSError:
         return ""
-    return " ".join(lines[-1].split()) if lines else ""
+    said = [line for line in lines if not any(m in line for m in _PROGRESS)] or lines
+    return " ".join(said[-1].split()) if said else ""
+
+
+# virtiofsd's own progress at log level info, never the reason it ended.
+_PROGRESS = (WAITING.decode(), "Received vhost-user socket connection", "virtio_loop: Entry",
+             "virtio_loop: Exit", "Client connected, servicing requests")
 
 
 def _is_ours(sh):
@@ -180,6 +289,7 @@ def _socket_inode(pid):
 
 
 _FD = 3  # the listening socket's number in virtiofsd
+_ID_MAX = 0xFFFFFFFE  # the highest uid or gid ((uid_t) -1 is none)
 _READY = b"\0"  # the child has its user namespace (an error message never starts so)
 
 
@@ -207,6 +317,12 @@ def _launch(st, sh, virtiofsd):
     to_child_r, to_child_w = os.pipe()
     to_parent_r, to_parent_w = os.pipe2(os.O_CLOEXEC)
     log_path = _log_path(sh)
+    if virtiofsd.rust:
+        os.makedirs(mount_point(sh), mode=0o700, exist_ok=True)  # empty, root's
+    try:
+        log_start = os.stat(log_path).st_size  # a restart appends to the same log
+    except OSError:
+        log_start = 0
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         import fcntl
@@ -231,9 +347,9 @@ def _launch(st, sh, virtiofsd):
         ready = os.read(to_parent_r, 1)  # the child has its own user namespace
         if ready == _READY:
             with open(f"/proc/{pid}/uid_map", "w") as f:
-                f.write(f"{st.uid} {st.uid} 1\n")
+                f.write(f"{virtiofsd.inner(st.uid)} {st.uid} 1\n")
             with open(f"/proc/{pid}/gid_map", "w") as f:
-                f.write(f"{st.gid} {st.gid} 1\n")
+                f.write(f"{virtiofsd.inner(st.gid)} {st.gid} 1\n")
             os.write(to_child_w, b"g")
             msg = _read_all(to_parent_r)  # empty: exec succeeded
         else:
@@ -257,7 +373,7 @@ def _launch(st, sh, virtiofsd):
                         "see the node's log; user namespaces must be enabled "
                         "(user.max_user_namespaces > 0)")
     try:
-        _await_accept(pid, sh, log_path)
+        _await_accept(pid, sh, log_path, log_start)
     except BaseException:  # not started, or a stop request: no record will name this pid
         _kill(pid)
         raise
@@ -276,18 +392,14 @@ def _kill(pid):
     os.waitpid(pid, 0)
 
 
-def _await_accept(pid, sh, log_path, timeout=10.0):
-    """Return once virtiofsd waits for QEMU on its socket; SiteError if it exits first.
-    A waiting point of the boot (vmwn.interrupt)."""
+def _await_accept(pid, sh, log_path, log_start=0, timeout=10.0):
+    """Return once virtiofsd waits for QEMU on its socket (it has logged
+    :data:`WAITING` past ``log_start``); SiteError if it exits first.  A waiting point
+    of the boot (vmwn.interrupt)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         interrupt.check()
-        try:
-            with open(f"/proc/{pid}/syscall", "rb") as f:
-                call = f.read().split()
-        except OSError:
-            call = []
-        if call[:2] in ([b"43", b"0x3"], [b"288", b"0x3"]):  # accept/accept4(_FD) on x86_64
+        if _logged(log_path, log_start, WAITING):
             return
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -297,6 +409,16 @@ def _await_accept(pid, sh, log_path, timeout=10.0):
         time.sleep(0.005)
     raise SiteError(f"virtiofsd for {sh.path} did not start within {timeout:.0f} s",
                     "the node may be overloaded")
+
+
+def _logged(log_path, start, marker):
+    """``marker`` is in the log at ``log_path`` past offset ``start``."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            return marker in f.read(1 << 16)
+    except OSError:
+        return False
 
 
 def fuse_escape(text):
@@ -353,13 +475,17 @@ def _child(st, sh, lfd, groups, to_child_r, to_parent_w, log_path, virtiofsd):  
     if os.read(to_child_r, 1) != b"g":
         raise OSError(0, "the id maps were not written")
     os.close(to_child_r)
-    os.setresgid(st.gid, st.gid, st.gid)
-    os.setresuid(st.uid, st.uid, st.uid)
+    gid, uid = virtiofsd.inner(st.gid), virtiofsd.inner(st.uid)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
     try:
         os.chdir(sh.path)  # as the job user: the only check that counts
     except OSError as e:
         raise UserError(e.strerror or str(e), "") from None
-    _ambient_caps(libc)
+    if virtiofsd.rust:  # namespace root has its capabilities; see Daemon.argv
+        _bind_here(libc, mount_point(sh))
+    else:
+        _ambient_caps(libc)
     os.dup2(null, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -368,9 +494,7 @@ def _child(st, sh, lfd, groups, to_child_r, to_parent_w, log_path, virtiofsd):  
     os.set_inheritable(_FD, True)
     os.closerange(_FD + 1, to_parent_w)  # to_parent_w itself closes on exec
     os.closerange(to_parent_w + 1, 65536)
-    os.execve(virtiofsd, ["virtiofsd", f"--fd={_FD}", "-o", "source=" + fuse_escape(sh.path),
-                          "-o", "sandbox=chroot",
-                          "-o", "cache=none", "-o", "log_level=err", "--rlimit-nofile=0"],
+    os.execve(virtiofsd.path, virtiofsd.argv(sh, st.uid, st.gid),
               {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
 
 
@@ -381,6 +505,18 @@ class _CapHeader(ctypes.Structure):
 class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
                 ("inheritable", ctypes.c_uint32)]
+
+
+def _bind_here(libc, target):  # pragma: no cover - runs in the child
+    """Bind the working directory (the share, entered as the job user) at ``target``
+    in a mount namespace of virtiofsd's own."""
+    def call(what, rc):
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), f"{what}: " + os.strerror(ctypes.get_errno()))
+    call("unshare(CLONE_NEWNS)", libc.unshare(_CLONE_NEWNS))
+    call("making / private", libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None))
+    call(f"binding the share at {target}",
+         libc.mount(b".", os.fsencode(target), None, _MS_BIND | _MS_REC, None))
 
 
 def _ambient_caps(libc):  # pragma: no cover - runs in the child

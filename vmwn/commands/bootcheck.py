@@ -477,16 +477,17 @@ def leftovers(cfg, made):
                        ("launcher", made.launcher_dir)):
         if path and os.path.lexists(path):
             found.append(f"{what} {path}")
-    found += [f"virtiofsd {pid}" for pid in _virtiofsd_serving(made.workdir)]
+    found += [f"virtiofsd {pid}" for pid in
+              _virtiofsd_serving(made.workdir, state.job_dir(cfg, made.job_id))]
     return found
 
 
-def _virtiofsd_serving(path):
-    """Pids of live virtiofsd processes that serve ``path``."""
-    from ..share import fuse_escape
+def _virtiofsd_serving(path, job_dir):
+    """Pids of live virtiofsd processes that serve ``path`` (the check's one share)."""
+    from .. import share
     if not path:
         return []
-    want = ("source=" + fuse_escape(path)).encode()
+    shares = share.shares_for(job_dir, [path])
     pids = []
     for p in os.listdir("/proc"):
         if not p.isdigit():
@@ -498,7 +499,7 @@ def _virtiofsd_serving(path):
                 zombie = f.read().rsplit(b")", 1)[-1].split()[:1] == [b"Z"]
         except OSError:
             continue
-        if not zombie and os.path.basename(argv[0]) == b"virtiofsd" and want in argv:
+        if not zombie and share.serves(argv, shares[0]):
             pids.append(int(p))
     return pids
 
