@@ -10,6 +10,7 @@ called virtiofsd that waits on its socket as the real one does.
 import contextlib
 import ctypes
 import dataclasses
+import grp
 import logging
 import os
 import select
@@ -484,4 +485,36 @@ def test_teardown_sets_the_disk_and_seed_aside_before_it_looks_for_the_domain(
     assert seen[0] == [False, False, True, True]
     assert f"overlay {st.overlay}" in removed
     assert not os.path.exists(disk.aside(st.overlay))
+    assert not os.path.exists(state.job_dir(cfg, job))
+
+
+@ROOT_ONLY
+def test_a_create_that_cannot_reach_libvirt_leaves_no_virtiofsd(node, monkeypatch, test_user,
+                                                                  world_tmp):
+    """The shares start before the domain; a libvirtd that is down then failed the
+    create, whose teardown gave up at libvirt before it stopped them and removed the
+    record that named them: every virtiofsd ran on (seen on a node whose libvirtd
+    had not come up)."""
+    cfg, base, started = node
+    cfg = dataclasses.replace(cfg, site={**cfg.site, "libvirt_uri":
+                                         f"qemu:///system?socket={base}/no-libvirtd.sock"})
+    job = f"8.{os.getpid()}.teardown"
+    e = cfg.env("t")
+    spec = JobSpec(job_id=job, user=test_user.pw_name, uid=test_user.pw_uid,
+                   gid=test_user.pw_gid, group=grp.getgrgid(test_user.pw_gid).gr_name,
+                   job_name="t", env=e, vcpus=1, memory_mib=e.memory_mib,
+                   workdir=world_tmp, host_workdir=world_tmp)
+    seen = []
+    real = share.start
+
+    def noting(st, shares, virtiofsd=share.VIRTIOFSD):
+        out = real(st, shares, virtiofsd)
+        seen.extend(s.pid for s in shares)
+        for s in shares:
+            started.append(s.pid)
+        return out
+    monkeypatch.setattr(share, "start", noting)
+    with pytest.raises(SiteError, match="cannot reach libvirt"):
+        lifecycle.create(cfg, spec, time.monotonic() + 60)
+    assert seen and all(started.gone(pid) for pid in seen), seen
     assert not os.path.exists(state.job_dir(cfg, job))

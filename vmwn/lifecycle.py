@@ -411,18 +411,20 @@ def destroy(cfg, job_id, grace=0.0):
         st = _reload(cfg, job_id, st)  # with all the warden recorded, up to its end
     overlay = st.overlay if st and st.overlay else disk.overlay_path(cfg, job_id)
     _set_aside(overlay, st.seed if st else "")
-    conn = virt.connect(cfg.site["libvirt_uri"])
     try:
-        if virt.destroy(conn, name, grace=grace):
-            removed.append(f"domain {name}")
-        for dom in virt.find_job(conn, job_id):
-            other = dom.name()
-            if virt.destroy(conn, other, grace=0):
-                removed.append(f"domain {other}")
-    finally:
-        conn.close()
-    if st and st.shares:
-        share.stop(st, _shares(st))
+        conn = virt.connect(cfg.site["libvirt_uri"])
+        try:
+            if virt.destroy(conn, name, grace=grace):
+                removed.append(f"domain {name}")
+            for dom in virt.find_job(conn, job_id):
+                other = dom.name()
+                if virt.destroy(conn, other, grace=0):
+                    removed.append(f"domain {other}")
+        finally:
+            conn.close()
+    finally:  # libvirt unreachable too: the job has ended, its virtiofsd with it
+        if st and st.shares:
+            share.stop(st, _shares(st))
     removed += _release_network(cfg, st, job_id, log)
     if virt.remove_domain_log(cfg.site["libvirt_uri"], name):
         removed.append(f"libvirt log of {name}")
