@@ -34,7 +34,8 @@ APT_PACKAGES += $(if $(filter 13 14 15 16,$(DEBIAN_MAJOR)),virtiofsd)
 
 .PHONY: all deps apt venv daemons guest test test-unit demo bench install uninstall \
 	install-gip uninstall-gip check clean wheel torque torque-up torque-down pbs-python \
-	test-accounts fresh-ci openpbs openpbs-up openpbs-down rust-virtiofsd
+	test-accounts fresh-ci openpbs openpbs-up openpbs-down rust-virtiofsd debian13-root \
+	debian13-smoke
 
 all: deps
 
@@ -100,7 +101,7 @@ torque-down:
 # lanes (one per batch system, one per other module: tests/conftest.py), then the
 # exclusive ones (they stop a host daemon or measure CPU time) alone.  PYTEST_ARGS
 # go to both; a pass that selects nothing (pytest's exit 5) is no failure.
-TEST_STEPS ?= deps guest torque pbs-python openpbs test-accounts rust-virtiofsd
+TEST_STEPS ?= deps guest torque pbs-python openpbs test-accounts rust-virtiofsd debian13-root
 PYTEST_WORKERS ?= 3
 test:
 	@set +e; times=""; t0=$$(date +%s); \
@@ -132,6 +133,18 @@ test-unit: deps test-accounts
 # those tests skip: no failure here.
 rust-virtiofsd:
 	@scripts/rust-virtiofsd >/dev/null || echo "rust-virtiofsd: none; its tests skip"
+
+# vmwn on Debian 13 (QEMU 10, libvirt 11, the Rust virtiofsd, Python 3.13) on a
+# Debian 12 machine: a Debian 13 root, built once (cached by its package list),
+# in which tests/test_debian13.py checks a boot in both data modes.  On Debian 13
+# the whole suite is that.  Without a root the test skips: no failure here.
+debian13-root: deps
+	@if [ "$(DEBIAN_MAJOR)" = 12 ]; then scripts/debian13-smoke --build-only || \
+		echo "debian13-root: none; tests/test_debian13.py skips"; fi
+
+debian13-smoke: deps
+	@$(MAKE) --no-print-directory guest GUESTS=tiny
+	@scripts/debian13-smoke
 
 # The accounts tests run jobs as (tests never make accounts themselves).
 test-accounts:

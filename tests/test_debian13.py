@@ -1,0 +1,48 @@
+"""vmwn on Debian 13 from a Debian 12 machine: ``scripts/debian13-smoke`` boots the
+tiny guest with ``vmwn check --boot`` in both data modes inside a Debian 13 root
+(its QEMU 10, libvirt 11, Rust virtiofsd and Python 3.13), in mount and network
+namespaces of its own.  On a Debian 13 machine the whole suite runs there and
+this test skips; without the root (``make debian13-root``) it skips too."""
+
+import glob
+import os
+import re
+import subprocess
+
+import pytest
+
+from vmwn_testlib import needs_image, ROOT
+
+ROOT13 = "/var/lib/vmwn-debian13"
+SMOKE = os.path.join(ROOT, "scripts", "debian13-smoke")
+
+
+def _debian_major():
+    try:
+        with open("/etc/debian_version", encoding="ascii") as f:
+            return f.read().split(".")[0].strip()
+    except OSError:
+        return ""
+
+
+@pytest.mark.integration
+@needs_image("tiny")
+def test_a_guest_boots_in_both_data_modes_on_debian_13():
+    if _debian_major() != "12":
+        pytest.skip("this machine is not Debian 12: the whole suite runs on its own Debian")
+    if not glob.glob(os.path.join(ROOT13, ".vmwn-*")):
+        pytest.skip(f"no Debian 13 root in {ROOT13} ('make debian13-root' builds it)")
+    r = subprocess.run([SMOKE, "--root", ROOT13], capture_output=True, text=True, timeout=900)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    versions = re.search(r"^debian13-smoke: (13\.\S+), QEMU emulator version (\d+)\.\S+ .*"
+                         r"libvirtd \(libvirt\) (\d+)\.\S+, virtiofsd (\S+), Python (3\.\d+)",
+                         out, re.M)
+    assert versions, out
+    assert int(versions.group(2)) >= 10 and int(versions.group(3)) >= 11, versions.groups()
+    for data in ("mounted", "copy"):
+        assert re.search(rf"^boot tiny\S*: job \S+, data = {data}, as vmwncheck ", out, re.M), out
+    assert "share: " in out and "mounted in the guest at the same path: ok" in out
+    assert "staged into the guest at the same path: ok" in out
+    assert out.count("\nteardown: no domain, virtiofsd, overlay, seed, key, state directory or "
+                     "working directory left: ok\nall checks passed\n") == 2, out
