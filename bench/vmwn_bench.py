@@ -855,6 +855,8 @@ def measure_naive(b):
                            workdir=f"/home/{b.user}/bench", hostkey=hostkey, userkey=userkey)
         ud, md = seed.render(b.cfg.site["template_dir"], ctx)
         iso = seed.build_iso(os.path.join(d, "seed.iso"), ud, md)
+        for p in (d, disk, iso):  # QEMU runs as the job's user (the template's seclabel)
+            os.chown(p, b.uid, b.gid)
         xml = render(b.cfg, e, job_id=jid, user=b.user, job_name="naive", port=port,
                      overlay=disk, seed=iso, console_log=os.path.join(d, "console.log"))
         xml_path = os.path.join(d, "domain.xml")

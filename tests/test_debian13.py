@@ -1,7 +1,8 @@
 """vmwn on Debian 13 from a Debian 12 machine: ``scripts/debian13-smoke`` boots the
 tiny guest with ``vmwn check --boot`` in both data modes inside a Debian 13 root
 (its QEMU 10, libvirt 11, Rust virtiofsd and Python 3.13), in mount and network
-namespaces of its own.  On a Debian 13 machine the whole suite runs there and
+namespaces of its own, and a job there writes the hostile tree through the
+mounted mode (``tests/debian13_tree.py``).  On a Debian 13 machine the whole suite runs there and
 this test skips; without the root (``make debian13-root``) it skips too."""
 
 import glob
@@ -46,3 +47,6 @@ def test_a_guest_boots_in_both_data_modes_on_debian_13():
     assert "staged into the guest at the same path: ok" in out
     assert out.count("\nteardown: no domain, virtiofsd, overlay, seed, key, state directory or "
                      "working directory left: ok\nall checks passed\n") == 2, out
+    # A job's hostile tree (names that are not UTF-8, 1200 directories, 300 deep,
+    # sparse, symlink, fifo) through Debian 13's virtiofsd, every byte on the host.
+    assert "\ntree tiny (mounted): ok\n" in out, out

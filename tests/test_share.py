@@ -4,10 +4,8 @@ job user's rights only (real virtiofsd, real user namespace; no guest needed).""
 import grp
 import os
 import pwd
-import shlex
 import shutil
 import socket
-import stat
 import tempfile
 import time
 import types
@@ -18,9 +16,9 @@ from vmwn import config, lifecycle, share
 from vmwn.errors import SiteError, UserError
 from vmwn.spec import JobSpec
 from vmwn.ssh import Guest
-from vmwn_testlib import (HOSTILE_TREE, RUST_VIRTIOFSD, TINY, VIRTIOFSD_KINDS, leftovers,
-                          needs_image, qemu_reachable_dir, tree_bytes, virtiofsd_or_skip,
-                          wait_until, write_config)
+from hostile_tree import command as tree_command, problems
+from vmwn_testlib import (RUST_VIRTIOFSD, TINY, VIRTIOFSD_KINDS, leftovers, needs_image,
+                          qemu_reachable_dir, virtiofsd_or_skip, wait_until, write_config)
 
 HAVE_VIRTIOFSD = any(os.access(p, os.X_OK) for p in share.CANDIDATES)
 
@@ -277,28 +275,23 @@ def test_each_virtiofsd_serves_a_hostile_tree_to_the_host_as_the_job_user(daemon
         st = lifecycle.create(cfg, spec, time.monotonic() + 180)
         try:
             with Guest.connect(st) as g:
-                status, out, err = g.run(
-                    b"cd " + shlex.quote(workdir).encode("utf-8", "surrogateescape")
-                    + b" && umask 077 && sh -c " + shlex.quote(HOSTILE_TREE).encode(),
-                    timeout=600)
+                status, out, err = g.run(tree_command(workdir), timeout=600)
             assert (status, out) == (0, b"done-writing\n"), err
         finally:
             lifecycle.destroy(cfg, job)
         assert leftovers(cfg, job) == []
         o = os.path.join(os.fsencode(workdir), b"out")
-        n = b"r\xe9sultat"
-        files = tree_bytes(o)
-        assert files[n + b".txt"] == b"one" and files[b"/".join([n, b"sub", n, n])] == b"two"
-        assert sum(1 for k in files if k.startswith(b"d") and k.endswith(b"/f")) == 1200
-        assert files[b"/".join([b"deep"] + [b"d"] * 300 + [b"leaf"])] == b"bottom"
-        sparse = os.stat(os.path.join(o, b"sparse.img"))
-        assert sparse.st_size == 256 << 20 and sparse.st_blocks * 512 < 16 << 20
-        assert os.readlink(os.path.join(o, b"link")) == n + b".txt"
-        assert stat.S_ISFIFO(os.lstat(os.path.join(o, b"fifo")).st_mode)
-        for p in (o, os.path.join(o, n + b".txt"), os.path.join(o, b"open", b"f")):
-            s = os.lstat(p)
-            assert (s.st_uid, s.st_gid) == (test_user.pw_uid, test_user.pw_gid), p
+        assert problems(o, test_user.pw_uid, test_user.pw_gid) == []
         assert os.stat(os.path.join(o, b"open")).st_mode & 0o777 == 0o777  # the guest's chmod
     finally:
         shutil.rmtree(os.fsencode(workdir), ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_share_whose_own_path_is_not_utf8_is_the_users_problem_named_readably():
+    share.check_mountable(["/home/a", "/home/a/r\u00e9sum\u00e9"])  # UTF-8: fine
+    with pytest.raises(UserError) as e:
+        share.check_mountable(["/home/a", "/tmp/r\udce9sultat"])
+    assert e.value.problem == ("/tmp/r\\xe9sultat cannot be mounted in the virtual machine: "
+                               "its path is not UTF-8")
+    assert "data = copy" in e.value.fix and "below your home" in e.value.fix

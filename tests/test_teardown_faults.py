@@ -25,7 +25,7 @@ import pytest
 
 from vmwn import config, interrupt, keys, lifecycle, netpolicy, share, state, virt, warden
 from vmwn.domain import domain_name
-from vmwn.errors import SiteError, TransientError
+from vmwn.errors import SiteError, TransientError, UserError
 from vmwn.spec import JobSpec
 
 from vmwn_testlib import qemu_reachable_dir, write_config
@@ -518,3 +518,25 @@ def test_a_create_that_cannot_reach_libvirt_leaves_no_virtiofsd(node, monkeypatc
         lifecycle.create(cfg, spec, time.monotonic() + 60)
     assert seen and all(started.gone(pid) for pid in seen), seen
     assert not os.path.exists(state.job_dir(cfg, job))
+
+
+@ROOT_ONLY
+def test_a_working_directory_whose_path_is_not_utf8_is_refused_before_anything_starts(
+        node, test_user, world_tmp):
+    """Its path would reach the guest's seed as text: the job's owner is told, and no
+    virtiofsd, overlay or state is left."""
+    cfg, base, started = node
+    workdir = os.path.join(world_tmp, "r\udce9sultat")
+    os.mkdir(workdir)
+    os.chown(workdir, test_user.pw_uid, test_user.pw_gid)
+    job = f"9.{os.getpid()}.teardown"
+    e = cfg.env("t")
+    spec = JobSpec(job_id=job, user=test_user.pw_name, uid=test_user.pw_uid,
+                   gid=test_user.pw_gid, group=grp.getgrgid(test_user.pw_gid).gr_name,
+                   job_name="t", env=e, vcpus=1, memory_mib=e.memory_mib,
+                   workdir=workdir, host_workdir=workdir)
+    with pytest.raises(UserError, match=r"r\\xe9sultat cannot be mounted .* not UTF-8"):
+        lifecycle.create(cfg, spec, time.monotonic() + 60)
+    assert not os.path.exists(state.job_dir(cfg, job))
+    assert not os.path.exists(os.path.join(cfg.site["overlay_dir"],
+                                           state.safe_name(job) + ".qcow2"))

@@ -16,6 +16,8 @@ import pytest
 from vmwn import config, share
 from vmwn.errors import SiteError
 
+from hostile_tree import HOSTILE_TREE, tree_bytes  # noqa: F401  (the tests' too)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_DIR = os.environ.get("VMWN_TEST_IMAGE_DIR", "/var/lib/vmwn/images")
 
@@ -250,39 +252,6 @@ def pidfd_wait(fd, timeout, what):
     import select
     ready, _, _ = select.select([fd], [], [], timeout)
     assert ready, f"timed out after {timeout:g} s waiting for {what}"
-
-
-# A tree real users make, written by a job in its guest in its current directory:
-# names that are not UTF-8 at several depths, thousands of directories, a deep
-# tree, a big sparse file, a symlink, a fifo, a mode the umask must shape.
-HOSTILE_TREE = r"""mkdir -p out && cd out || exit 9
-n=$(printf 'r\351sultat')
-mkdir -p "$n/sub/$n" && printf one > "$n.txt" && printf two > "$n/sub/$n/$n"
-i=0
-while [ $i -lt 1200 ]; do mkdir "d$i" && printf "$i" > "d$i/f"; i=$((i + 1)); done
-p=deep; i=0
-while [ $i -lt 300 ]; do p="$p/d"; i=$((i + 1)); done
-mkdir -p "$p" && printf bottom > "$p/leaf"
-dd if=/dev/zero of=sparse.img bs=1 count=0 seek=268435456 2>/dev/null
-printf head | dd of=sparse.img conv=notrunc 2>/dev/null
-ln -s "$n.txt" link
-mkfifo fifo
-mkdir open && chmod 777 open && printf x > open/f
-echo done-writing
-"""
-
-
-def tree_bytes(root):
-    """{relative path: its first 64 bytes} of the regular files under ``root`` (bytes)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(os.fsencode(root)):
-        for n in files:
-            p = os.path.join(dirpath, n)
-            if os.path.islink(p) or not os.path.isfile(p):
-                continue
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, os.fsencode(root))] = f.read(64)
-    return out
 
 
 # The virtio-fs daemons a test can serve mounted mode with: QEMU 7.2's C one

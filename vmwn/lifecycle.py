@@ -106,8 +106,9 @@ def _prepare(cfg, spec, timer, log, deadline):
     key_path = keys.write_private(os.path.join(jdir, "id_ed25519"), userkey, spec.uid, spec.gid)
     mounted = env.data == "mounted"
     home = _home_of(spec) if mounted else None
-    shares = share.shares_for(jdir, share.plan(spec.workdir, home, cfg.site["shared_paths"])
-                              ) if mounted else []
+    paths = share.plan(spec.workdir, home, cfg.site["shared_paths"]) if mounted else []
+    share.check_mountable(paths)
+    shares = share.shares_for(jdir, paths)
     ctx = seed.context(job_id=spec.job_id, instance_id=name,
                        hostname=guest_hostname(spec.job_id), user=spec.user,
                        uid=spec.uid, gid=spec.gid, group=spec.group, shell=env.ssh_user_shell,

@@ -82,6 +82,20 @@ def plan(workdir, home, site_paths):
     return out
 
 
+def check_mountable(paths):
+    """UserError for the first of ``paths`` a guest cannot be told to mount: the path
+    reaches the guest's set-up (its seed) as text, so it must be UTF-8 (what lies
+    below it need not be)."""
+    for p in paths:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(p).decode("utf-8", "backslashreplace")
+            raise UserError(f"{shown} cannot be mounted in the virtual machine: its path is "
+                            "not UTF-8", "submit from a directory below your home or with a "
+                            "UTF-8 path, or ask for an environment with data = copy") from None
+
+
 def shares_for(job_dir, paths):
     return [Share(path=p, tag=f"{TAG_PREFIX}{i}", socket=os.path.join(job_dir, f"fs{i}.sock"))
             for i, p in enumerate(paths)]
