@@ -295,3 +295,12 @@ def test_a_share_whose_own_path_is_not_utf8_is_the_users_problem_named_readably(
     assert e.value.problem == ("/tmp/r\\xe9sultat cannot be mounted in the virtual machine: "
                                "its path is not UTF-8")
     assert "data = copy" in e.value.fix and "below your home" in e.value.fix
+
+
+@pytest.mark.parametrize("rust", [False, True])
+def test_a_jobs_daemons_are_known_by_its_directory_whatever_their_tags(rust):
+    d = share.Daemon(path="/x/virtiofsd", rust=rust, version="1")
+    home, work = share.shares_for("/var/lib/vmwn/jobs/1.x", ["/home/a", "/tmp/w"])
+    argv = [os.fsencode(a) for a in d.argv(work, 1000, 100)]  # the second share: vmwn1
+    assert share.serves(argv, path="/tmp/w", job_dir="/var/lib/vmwn/jobs/1.x")
+    assert not share.serves(argv, path="/tmp/other", job_dir="/var/lib/vmwn/jobs/2.x")

@@ -149,13 +149,23 @@ def mount_point(sh):
     return os.path.join(os.path.dirname(sh.socket), f"{sh.tag}.root")
 
 
-def serves(argv, sh):
+def serves(argv, sh=None, *, path=None, job_dir=None):
     """``argv`` (a /proc cmdline, split at NULs) is a virtiofsd's that serves share
-    ``sh``, in either daemon's words."""
+    ``sh`` (in either daemon's words), or: the directory ``path`` (the C daemon
+    names it) or any share of the job directory ``job_dir`` (the Rust daemon names
+    its mount point there)."""
     if not argv or os.path.basename(argv[0]) != b"virtiofsd":
         return False
-    return b"source=" + os.fsencode(fuse_escape(sh.path)) in argv or \
-        b"--shared-dir=" + os.fsencode(mount_point(sh)) in argv
+    if sh is not None:
+        path, points = sh.path, [b"--shared-dir=" + os.fsencode(mount_point(sh))]
+    else:
+        points = []
+    if path is not None and b"source=" + os.fsencode(fuse_escape(path)) in argv:
+        return True
+    if any(a in points for a in argv):
+        return True
+    prefix = b"--shared-dir=" + os.fsencode(os.path.join(job_dir, "")) if job_dir else None
+    return bool(prefix) and any(a.startswith(prefix) for a in argv)
 
 
 _daemons = {}

@@ -483,11 +483,12 @@ def leftovers(cfg, made):
 
 
 def _virtiofsd_serving(path, job_dir):
-    """Pids of live virtiofsd processes that serve ``path`` (the check's one share)."""
+    """Pids of live virtiofsd processes of the check's job: serving ``path`` (the C
+    daemon names it) or a share of ``job_dir`` (the Rust one names its mount point
+    there), whatever tag the share had."""
     from .. import share
     if not path:
         return []
-    shares = share.shares_for(job_dir, [path])
     pids = []
     for p in os.listdir("/proc"):
         if not p.isdigit():
@@ -499,7 +500,7 @@ def _virtiofsd_serving(path, job_dir):
                 zombie = f.read().rsplit(b")", 1)[-1].split()[:1] == [b"Z"]
         except OSError:
             continue
-        if not zombie and share.serves(argv, shares[0]):
+        if not zombie and share.serves(argv, path=path, job_dir=job_dir):
             pids.append(int(p))
     return pids
 
