@@ -258,7 +258,8 @@ def pidfd_wait(fd, timeout, what):
 # (Debian 12) and the Rust one (Debian 13's own, or the one scripts/rust-virtiofsd
 # unpacked on Debian 12); a test skips the one this machine lacks.
 C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-RUST_VIRTIOFSD = next((p for p in ("/usr/libexec/virtiofsd", "/var/lib/vmwn/rust-virtiofsd/virtiofsd")
+RUST_VIRTIOFSD = next((p for p in ("/usr/libexec/virtiofsd",
+                                   "/var/lib/vmwn/rust-virtiofsd/virtiofsd")
                        if os.access(p, os.X_OK)), "/usr/libexec/virtiofsd")
 VIRTIOFSD_KINDS = [pytest.param(C_VIRTIOFSD, id="c"), pytest.param(RUST_VIRTIOFSD, id="rust")]
 

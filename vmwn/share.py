@@ -136,8 +136,9 @@ class Daemon:
                     ids += [f"{opt}=forbid-guest:0:{n}"]
                 if n < _ID_MAX:
                     ids += [f"{opt}=forbid-guest:{n + 1}:{_ID_MAX - n}"]
-            return ["virtiofsd", f"--fd={_FD}", f"--shared-dir={mount_point(sh)}", "--sandbox=chroot",
-                    "--cache=never", "--log-level=info", "--rlimit-nofile=0"] + ids
+            return ["virtiofsd", f"--fd={_FD}", f"--shared-dir={mount_point(sh)}",
+                    "--sandbox=chroot", "--cache=never", "--log-level=info",
+                    "--rlimit-nofile=0"] + ids
         return ["virtiofsd", f"--fd={_FD}", "-o", "source=" + fuse_escape(sh.path),
                 "-o", "sandbox=chroot", "-o", "cache=none", "-o", "log_level=info",
                 "--rlimit-nofile=0"]
