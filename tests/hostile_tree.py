@@ -58,10 +58,12 @@ def problems(out, uid, gid):
         found.append("the symlink points elsewhere")
     if not stat.S_ISFIFO(os.lstat(os.path.join(out, b"fifo")).st_mode):
         found.append("fifo is no fifo")
-    for p in (out, os.path.join(out, n + b".txt"), os.path.join(out, b"open", b"f")):
-        s = os.lstat(p)
-        if (s.st_uid, s.st_gid) != (uid, gid):
-            found.append(f"{p!r} is {s.st_uid}:{s.st_gid}, not {uid}:{gid}")
+    for p, mode in ((out, 0o700), (os.path.join(out, n + b".txt"), 0o600),
+                    (os.path.join(out, b"open", b"f"), 0o600), (os.path.join(out, b"open"), 0o777)):
+        s = os.lstat(p)  # the job's umask 077 made them, the job's chmod 777 "open"
+        if (s.st_uid, s.st_gid, stat.S_IMODE(s.st_mode)) != (uid, gid, mode):
+            found.append(f"{p!r} is {s.st_uid}:{s.st_gid} {stat.S_IMODE(s.st_mode):04o}, "
+                         f"not {uid}:{gid} {mode:04o}")
     return found
 
 

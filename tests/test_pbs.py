@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import signal
 
 import pytest
 
@@ -156,36 +157,33 @@ def test_mom_config(tmp_path):
     os.chmod(mp / "config", 0o644)
 
 
-def test_the_lock_holder_is_read_from_the_kernels_lock_table(tmp_path):
-    """mom_running reads /proc/locks (no struct layout): a POSIX write lock on
-    mom.lock's device and inode names its holder; a waiter, a read lock, a flock and
-    another file's lock do not."""
+def test_the_lock_holder_is_asked_of_the_kernel_with_the_platforms_struct_flock(tmp_path):
+    """Another process's fcntl write lock on mom.lock names that process (a process's
+    own locks never block it, so the holder is a child); none, or a read lock that
+    a probe for a write lock would also meet, as the kernel says."""
     priv = tmp_path / "mom_priv"
     priv.mkdir()
-    (priv / "mom.lock").write_text("")
-    st = os.stat(priv / "mom.lock")
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    other = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino + 1}"
-    locks = tmp_path / "locks"
-    locks.write_text(f"1: POSIX  ADVISORY  WRITE 11 {other} 0 EOF\n"
-                     f"2: POSIX  ADVISORY  READ 12 {key} 0 EOF\n"
-                     f"3: FLOCK  ADVISORY  WRITE 13 {key} 0 EOF\n"
-                     f"3: -> POSIX  ADVISORY  WRITE 14 {key} 0 EOF\n")
-    assert pbs.mom_running(str(tmp_path), locks=str(locks)) == 0
-    locks.write_text(locks.read_text() + f"4: POSIX  ADVISORY  WRITE 4321 {key} 0 EOF\n")
-    assert pbs.mom_running(str(tmp_path), locks=str(locks)) == 4321
-    assert pbs.mom_running(str(tmp_path / "nosuch"), locks=str(locks)) == 0
-
-
-def test_a_real_fcntl_lock_is_found_in_the_kernels_table(tmp_path):
-    """This process's own fcntl write lock on a file of its own (nothing of the host's)."""
-    priv = tmp_path / "mom_priv"
-    priv.mkdir()
-    fd = os.open(priv / "mom.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    lock = priv / "mom.lock"
+    lock.write_text("")
+    assert pbs.mom_running(str(tmp_path)) == 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the holder: lock, say so, wait for the parent to close its end
+        try:
+            os.close(r)
+            fd = os.open(lock, os.O_RDWR)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            os.write(w, b"x")
+            signal.pause()  # until the parent kills it
+        finally:
+            os._exit(0)
+    os.close(w)
     try:
-        assert pbs.mom_running(str(tmp_path)) == 0
-        fcntl.lockf(fd, fcntl.LOCK_EX)
-        assert pbs.mom_running(str(tmp_path)) == os.getpid()
+        assert os.read(r, 1) == b"x"
+        assert pbs.mom_running(str(tmp_path)) == pid
+        assert pbs.mom_running(str(tmp_path / "nosuch")) == 0
     finally:
-        os.close(fd)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
     assert pbs.mom_running(str(tmp_path)) == 0

@@ -12,13 +12,14 @@ import types
 
 import pytest
 
-from vmwn import config, lifecycle, share
+from vmwn import config, lifecycle, share, state
 from vmwn.errors import SiteError, UserError
 from vmwn.spec import JobSpec
 from vmwn.ssh import Guest
 from hostile_tree import command as tree_command, problems
 from vmwn_testlib import (RUST_VIRTIOFSD, TINY, VIRTIOFSD_KINDS, leftovers, needs_image,
-                          qemu_reachable_dir, virtiofsd_or_skip, wait_until, write_config)
+                          qemu_reachable_dir, virtiofsd_of, virtiofsd_or_skip, wait_until,
+                          write_config)
 
 HAVE_VIRTIOFSD = any(os.access(p, os.X_OK) for p in share.CANDIDATES)
 
@@ -82,6 +83,10 @@ def test_virtiofsd_runs_as_the_job_user_in_a_namespace_of_its_ids_only(job, daem
             assert f.read().split() == [str(kind.inner(st.uid)), str(st.uid), "1"]
         with open(f"/proc/{pid}/gid_map") as f:
             assert f.read().split() == [str(kind.inner(st.gid)), str(st.gid), "1"]
+        # The Rust daemon keeps the job user's groups (its namespace denies setgroups);
+        # the C one drops them (CVE-2022-0358) and serves the primary group only.
+        want = {str(g) for g in os.getgrouplist(st.user, st.gid)} if kind.rust else set()
+        assert set(s["Groups"].split()) == want
         assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
         # The Rust daemon sees the share at vmwn's mount point, in a namespace of its own.
         assert (os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")) == kind.rust
@@ -281,9 +286,9 @@ def test_each_virtiofsd_serves_a_hostile_tree_to_the_host_as_the_job_user(daemon
         finally:
             lifecycle.destroy(cfg, job)
         assert leftovers(cfg, job) == []
+        assert virtiofsd_of(state.job_dir(cfg, job), [test_user.pw_dir, workdir]) == []
         o = os.path.join(os.fsencode(workdir), b"out")
         assert problems(o, test_user.pw_uid, test_user.pw_gid) == []
-        assert os.stat(os.path.join(o, b"open")).st_mode & 0o777 == 0o777  # the guest's chmod
     finally:
         shutil.rmtree(os.fsencode(workdir), ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)

@@ -46,7 +46,7 @@ WAITING = b"Waiting for vhost-user socket connection"
 TAG_PREFIX = "vmwn"
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNS = 0x00020000
-_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
+_MS_BIND, _MS_REC, _MS_SLAVE = 0x1000, 0x4000, 0x80000
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_RAISE = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -114,7 +114,11 @@ class Daemon:
         as ambient ones.  The Rust daemon refuses its chroot sandbox to any uid but
         0, so there the job's uid is 0 (namespace root: its capabilities reach only
         what the job user owns, as the C daemon's do) and :meth:`argv` translates
-        the guest's ids to it."""
+        the guest's ids to it.  Its namespace denies setgroups, so it keeps the job
+        user's supplementary groups (it drops them where it may, and a process
+        without them would be checked as "other" against a file of one of them:
+        sometimes more than the user may).  The C daemon exits when it cannot drop
+        them (QEMU's fix of CVE-2022-0358), so it serves the primary group only."""
         return 0 if self.rust else uid
 
     def argv(self, sh, uid, gid):
@@ -336,14 +340,14 @@ def _listen(path, uid):
 
 def _launch(st, sh, virtiofsd):
     """Fork virtiofsd into a user namespace holding only the job's ids (see module doc)."""
+    if virtiofsd.rust:
+        os.makedirs(mount_point(sh), mode=0o700, exist_ok=True)  # empty, root's
     lsock = _listen(sh.socket, st.uid)
     sh.inode = os.fstat(lsock.fileno()).st_ino
     groups = _groups(st)
     to_child_r, to_child_w = os.pipe()
     to_parent_r, to_parent_w = os.pipe2(os.O_CLOEXEC)
     log_path = _log_path(sh)
-    if virtiofsd.rust:
-        os.makedirs(mount_point(sh), mode=0o700, exist_ok=True)  # empty, root's
     try:
         log_start = os.stat(log_path).st_size  # a restart appends to the same log
     except OSError:
@@ -371,6 +375,9 @@ def _launch(st, sh, virtiofsd):
     try:
         ready = os.read(to_parent_r, 1)  # the child has its own user namespace
         if ready == _READY:
+            if virtiofsd.rust:  # it then keeps the job user's groups (see Daemon.inner)
+                with open(f"/proc/{pid}/setgroups", "w") as f:
+                    f.write("deny\n")
             with open(f"/proc/{pid}/uid_map", "w") as f:
                 f.write(f"{virtiofsd.inner(st.uid)} {st.uid} 1\n")
             with open(f"/proc/{pid}/gid_map", "w") as f:
@@ -539,7 +546,8 @@ def _bind_here(libc, target):  # pragma: no cover - runs in the child
         if rc != 0:
             raise OSError(ctypes.get_errno(), f"{what}: " + os.strerror(ctypes.get_errno()))
     call("unshare(CLONE_NEWNS)", libc.unshare(_CLONE_NEWNS))
-    call("making / private", libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None))
+    # Slave, not private: a host mount that goes (an automount) goes here too.
+    call("making / a slave", libc.mount(None, b"/", None, _MS_REC | _MS_SLAVE, None))
     call(f"binding the share at {target}",
          libc.mount(b".", os.fsencode(target), None, _MS_BIND | _MS_REC, None))
 

@@ -489,29 +489,28 @@ def adopt(job_id, pid):
                           "launcher")
 
 
-def mom_running(pbs_home, locks="/proc/locks"):
-    """The pid of the pbs_mom that holds ``mom_priv/mom.lock`` (its fcntl write lock), or 0."""
+def mom_running(pbs_home):
+    """The pid of the pbs_mom that holds ``mom_priv/mom.lock`` (its fcntl write lock), or 0
+    (-1: there is a lock, but this process may not ask whose).  Imports what only
+    ``vmwn run`` needs here: hooks import this module for every job."""
+    import ctypes
+    import errno
+    import fcntl
+
+    class Flock(ctypes.Structure):  # struct flock, laid out by the platform's C types
+        _fields_ = [("l_type", ctypes.c_short), ("l_whence", ctypes.c_short),
+                    ("l_start", ctypes.c_int64), ("l_len", ctypes.c_int64),  # off_t
+                    ("l_pid", ctypes.c_int)]
     try:
-        st = os.lstat(os.path.join(pbs_home, "mom_priv", "mom.lock"))
+        fd = os.open(os.path.join(pbs_home, "mom_priv", "mom.lock"), os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return 0
-    return posix_lock_holder(st, locks)
-
-
-def posix_lock_holder(st, locks="/proc/locks"):
-    """The pid holding a POSIX (fcntl) write lock on the file of ``os.stat`` result
-    ``st``, from the kernel's lock table (``/proc/locks``: the same on every
-    architecture, unlike ``struct flock``), or 0."""
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
-        with open(locks, encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return 0
-    for line in lines:
-        fields = line.split()
-        # "1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; "1: -> POSIX ..." waits
-        if len(fields) >= 6 and fields[1:2] == ["POSIX"] and fields[3] == "WRITE" \
-                and fields[5] == key and fields[4].isdigit():
-            return int(fields[4])
-    return 0
+        probe = Flock(l_type=fcntl.F_WRLCK, l_whence=os.SEEK_SET)  # who would block it
+        try:
+            got = Flock.from_buffer_copy(fcntl.fcntl(fd, fcntl.F_GETLK, bytes(probe)))
+        except OSError as e:
+            return 0 if e.errno != errno.EACCES else -1
+        return got.l_pid if got.l_type != fcntl.F_UNLCK else 0
+    finally:
+        os.close(fd)
