@@ -18,8 +18,7 @@ from vmwn.spec import JobSpec
 from vmwn.ssh import Guest
 from hostile_tree import command as tree_command, problems
 from vmwn_testlib import (RUST_VIRTIOFSD, TINY, VIRTIOFSD_KINDS, leftovers, needs_image,
-                          qemu_reachable_dir, virtiofsd_of, virtiofsd_or_skip, wait_until,
-                          write_config)
+                          qemu_reachable_dir, virtiofsd_or_skip, wait_until, write_config)
 
 HAVE_VIRTIOFSD = any(os.access(p, os.X_OK) for p in share.CANDIDATES)
 
@@ -286,7 +285,7 @@ def test_each_virtiofsd_serves_a_hostile_tree_to_the_host_as_the_job_user(daemon
         finally:
             lifecycle.destroy(cfg, job)
         assert leftovers(cfg, job) == []
-        assert virtiofsd_of(state.job_dir(cfg, job), [test_user.pw_dir, workdir]) == []
+        assert share.serving(state.job_dir(cfg, job), [test_user.pw_dir, workdir]) == []
         o = os.path.join(os.fsencode(workdir), b"out")
         assert problems(o, test_user.pw_uid, test_user.pw_gid) == []
     finally:

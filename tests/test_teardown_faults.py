@@ -488,6 +488,14 @@ def test_teardown_sets_the_disk_and_seed_aside_before_it_looks_for_the_domain(
     assert not os.path.exists(state.job_dir(cfg, job))
 
 
+def _mounted_spec(cfg, job, user, workdir):
+    """A job of ``user`` in the mounted environment "t", working in ``workdir``."""
+    e = cfg.env("t")
+    return JobSpec(job_id=job, user=user.pw_name, uid=user.pw_uid, gid=user.pw_gid,
+                   group=grp.getgrgid(user.pw_gid).gr_name, job_name="t", env=e, vcpus=1,
+                   memory_mib=e.memory_mib, workdir=workdir, host_workdir=workdir)
+
+
 @ROOT_ONLY
 def test_a_create_that_cannot_reach_libvirt_leaves_no_virtiofsd(node, monkeypatch, test_user,
                                                                   world_tmp):
@@ -499,11 +507,7 @@ def test_a_create_that_cannot_reach_libvirt_leaves_no_virtiofsd(node, monkeypatc
     cfg = dataclasses.replace(cfg, site={**cfg.site, "libvirt_uri":
                                          f"qemu:///system?socket={base}/no-libvirtd.sock"})
     job = f"8.{os.getpid()}.teardown"
-    e = cfg.env("t")
-    spec = JobSpec(job_id=job, user=test_user.pw_name, uid=test_user.pw_uid,
-                   gid=test_user.pw_gid, group=grp.getgrgid(test_user.pw_gid).gr_name,
-                   job_name="t", env=e, vcpus=1, memory_mib=e.memory_mib,
-                   workdir=world_tmp, host_workdir=world_tmp)
+    spec = _mounted_spec(cfg, job, test_user, world_tmp)
     seen = []
     real = share.start
 
@@ -530,11 +534,7 @@ def test_a_working_directory_whose_path_is_not_utf8_is_refused_before_anything_s
     os.mkdir(workdir)
     os.chown(workdir, test_user.pw_uid, test_user.pw_gid)
     job = f"9.{os.getpid()}.teardown"
-    e = cfg.env("t")
-    spec = JobSpec(job_id=job, user=test_user.pw_name, uid=test_user.pw_uid,
-                   gid=test_user.pw_gid, group=grp.getgrgid(test_user.pw_gid).gr_name,
-                   job_name="t", env=e, vcpus=1, memory_mib=e.memory_mib,
-                   workdir=workdir, host_workdir=workdir)
+    spec = _mounted_spec(cfg, job, test_user, workdir)
     with pytest.raises(UserError, match=r"r\\xe9sultat cannot be mounted .* not UTF-8"):
         lifecycle.create(cfg, spec, time.monotonic() + 60)
     assert not os.path.exists(state.job_dir(cfg, job))

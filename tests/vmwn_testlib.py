@@ -189,7 +189,7 @@ def leftovers(cfg, job_id):
         found.append(f"state {state.job_dir(cfg, job_id)}")
     if os.path.lexists(disk.overlay_path(cfg, job_id)):
         found.append(f"overlay {disk.overlay_path(cfg, job_id)}")
-    found += [f"virtiofsd {pid}" for pid in virtiofsd_of(state.job_dir(cfg, job_id))]
+    found += [f"virtiofsd {pid}" for pid in share.serving(state.job_dir(cfg, job_id))]
     return found
 
 
@@ -275,20 +275,3 @@ def virtiofsd_or_skip(path, rust):
     if d.rust != rust:
         pytest.skip(f"{path} is not the {'Rust' if rust else 'C'} virtiofsd")
     return d
-
-
-def virtiofsd_of(job_dir, paths=()):
-    """Pids of live virtiofsd processes of the job whose directory is ``job_dir``:
-    the Rust daemon names its mount point there, the C one the ``paths`` it serves."""
-    pids = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(share.serves(argv, path=path, job_dir=job_dir) for path in (*paths, None)):
-            pids.append(int(p))
-    return pids

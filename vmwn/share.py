@@ -173,6 +173,26 @@ def serves(argv, sh=None, *, path=None, job_dir=None):
     return bool(prefix) and any(a.startswith(prefix) for a in argv)
 
 
+def serving(job_dir, paths=()):
+    """Pids of live (not zombie) virtiofsd processes of the job whose directory is
+    ``job_dir``: the Rust daemon names its mount point there, the C one names the
+    directory it serves (one of ``paths``).  What a teardown must have ended."""
+    pids = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        fields = stat_fields(int(p))
+        if fields and fields[0] != "Z" and any(
+                serves(argv, path=path, job_dir=job_dir) for path in (*paths, None)):
+            pids.append(int(p))
+    return pids
+
+
 _daemons = {}
 
 

@@ -455,7 +455,7 @@ def _teardown(cfg, made, name):
 
 def leftovers(cfg, made):
     """What of the check is still on the node: [] after a clean teardown."""
-    from .. import disk, state, virt
+    from .. import disk, share, state, virt
     from ..domain import domain_name
     found = []
     if made.created:
@@ -477,32 +477,10 @@ def leftovers(cfg, made):
                        ("launcher", made.launcher_dir)):
         if path and os.path.lexists(path):
             found.append(f"{what} {path}")
-    found += [f"virtiofsd {pid}" for pid in
-              _virtiofsd_serving(made.workdir, state.job_dir(cfg, made.job_id))]
+    if made.workdir:
+        found += [f"virtiofsd {pid}" for pid in
+                  share.serving(state.job_dir(cfg, made.job_id), [made.workdir])]
     return found
-
-
-def _virtiofsd_serving(path, job_dir):
-    """Pids of live virtiofsd processes of the check's job: serving ``path`` (the C
-    daemon names it) or a share of ``job_dir`` (the Rust one names its mount point
-    there), whatever tag the share had."""
-    from .. import share
-    if not path:
-        return []
-    pids = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            with open(f"/proc/{p}/stat", "rb") as f:
-                zombie = f.read().rsplit(b")", 1)[-1].split()[:1] == [b"Z"]
-        except OSError:
-            continue
-        if not zombie and share.serves(argv, path=path, job_dir=job_dir):
-            pids.append(int(p))
-    return pids
 
 
 def _remove_tree(path):
