@@ -99,15 +99,15 @@ def _clean_up(cfg, job_id, progress, log):
 
 def _prepare(cfg, spec, timer, log, deadline):
     env = spec.env
+    mounted = env.data == "mounted"
+    home = _home_of(spec) if mounted else None
+    paths = share.plan(spec.workdir, home, cfg.site["shared_paths"]) if mounted else []
+    share.check_mountable(paths)  # before anything is made for a job refused here
     jdir = statemod.make_job_dir(cfg, spec.job_id)
     name = domain_name(spec.job_id)
     hostkey = keys.generate(f"vmwn-host:{name}")
     userkey = keys.generate(f"vmwn-job:{name}")
     key_path = keys.write_private(os.path.join(jdir, "id_ed25519"), userkey, spec.uid, spec.gid)
-    mounted = env.data == "mounted"
-    home = _home_of(spec) if mounted else None
-    paths = share.plan(spec.workdir, home, cfg.site["shared_paths"]) if mounted else []
-    share.check_mountable(paths)
     shares = share.shares_for(jdir, paths)
     ctx = seed.context(job_id=spec.job_id, instance_id=name,
                        hostname=guest_hostname(spec.job_id), user=spec.user,
