@@ -232,7 +232,9 @@ ENV_KEYS = {k.name: k for k in [
        "Base disk image (qcow2), absolute or relative to image_dir; never written."),
     _k("kernel", None, _str, "Kernel for direct boot, absolute or relative to image_dir."),
     _k("initrd", None, _str, "Initrd for direct boot, absolute or relative to image_dir."),
-    _k("cmdline", "console=ttyS0 no_timer_check", _str, "Kernel command line for direct boot (no_timer_check: Linux's boot-time timer check panics a guest whose vCPU is starved, as TCG's is on a busy host)."),
+    _k("cmdline", "console=ttyS0 no_timer_check", _str,
+       "Kernel command line for direct boot (no_timer_check: Linux's boot-time timer check "
+       "panics a guest whose vCPU is starved, as TCG's is on a busy host)."),
     _k("template", "domain.xml.j2", _str, "Domain template file in template_dir."),
     _k("accel", "kvm", _choice("kvm", "qemu"),
        "Domain type: kvm (hardware) or qemu (TCG software emulation)."),
