@@ -29,7 +29,7 @@ import socket
 import time
 
 from . import interrupt, subp
-from .usage import stat_fields
+from .usage import start_time, stat_fields
 from .errors import SiteError, UserError
 from .logsetup import job_logger
 
@@ -62,7 +62,8 @@ class Share:
     tag: str      # virtio-fs tag the guest mounts
     socket: str   # vhost-user socket QEMU connects to
     pid: int = 0  # its virtiofsd
-    inode: int = 0  # of the listening socket, to know that pid is still ours
+    inode: int = 0  # of its listening socket (closed once QEMU has connected)
+    started: int = 0  # the pid's start time, to know that pid is still ours
 
 
 def plan(workdir, home, site_paths):
@@ -234,6 +235,7 @@ def start(st, shares, virtiofsd=VIRTIOFSD):
     try:
         for sh in shares:
             sh.pid = _launch(st, sh, virtiofsd)
+            sh.started = start_time(sh.pid)
             log.info("virtiofsd %d serves %s as tag %s", sh.pid, sh.path, sh.tag)
     except BaseException:
         stop(st, shares)
@@ -243,7 +245,9 @@ def start(st, shares, virtiofsd=VIRTIOFSD):
 
 def stop(st, shares, timeout=5.0):
     """End the virtiofsd of each share (if still ours) and remove its socket (and mount
-    point). Idempotent."""
+    point). Idempotent.  A daemon QEMU has connected to no longer holds its socket and
+    ends when QEMU hangs up, in its own time: it is ended here all the same, and is
+    gone (or a zombie of this process) when this returns."""
     log = job_logger(__name__, st.job_id)
     live = []
     for sh in shares:
@@ -263,6 +267,9 @@ def stop(st, shares, timeout=5.0):
                 os.kill(sh.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            dead = time.monotonic() + timeout  # SIGKILL cannot be ignored: not long
+            while time.monotonic() < dead and _is_ours(sh):
+                time.sleep(0.05)
     for sh in shares:
         try:
             os.unlink(sh.socket)
@@ -286,7 +293,7 @@ def health(shares):
     out = []
     for sh in shares:
         fields = stat_fields(sh.pid) if sh.pid > 0 else None
-        if _is_ours(sh):
+        if _is_ours(sh) and _socket_inode(sh.pid) == sh.inode:
             what = "waits on its socket"
         elif not fields or fields[0] == "Z":
             what = f"has exited ({_log_tail(sh) or 'its log is empty'})"
@@ -318,15 +325,19 @@ _PROGRESS = (WAITING.decode(), "Received vhost-user socket connection", "virtio_
 
 
 def _is_ours(sh):
-    """The pid is still a virtiofsd of this share (pids are reused)."""
+    """The pid is still the virtiofsd of this share (pids are reused): a live one, of
+    the start time recorded (a record without it: still on the share's socket)."""
     try:
         with open(f"/proc/{sh.pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
     except OSError:
         return False
     fields = stat_fields(sh.pid)
-    return bool(fields) and fields[0] != "Z" and \
-        os.path.basename(argv[0]) == b"virtiofsd" and _socket_inode(sh.pid) == sh.inode
+    if not fields or fields[0] == "Z" or os.path.basename(argv[0]) != b"virtiofsd":
+        return False
+    if sh.started:
+        return start_time(sh.pid) == sh.started
+    return _socket_inode(sh.pid) == sh.inode
 
 
 def _socket_inode(pid):
