@@ -38,10 +38,12 @@ def tree_bytes(root):
     return out
 
 
-def problems(out, uid, gid):
+def problems(out, uid, gid, copied=False):
     """What is wrong with the tree HOSTILE_TREE wrote at ``out`` (bytes) through a
     mounted directory, as the job of ``uid``:``gid``: [] when every byte, name and
-    kind of file is there, owned by the job's ids."""
+    kind of file is there, owned by the job's ids.  ``copied``: the tree came back
+    by the copy mode's harvest, which copies no symlink or fifo and applies the
+    job's umask to the guest's chmod 777."""
     n = b"r\xe9sultat"
     files = tree_bytes(out)
     want = {n + b".txt": b"one", b"/".join([n, b"sub", n, n]): b"two",
@@ -52,14 +54,21 @@ def problems(out, uid, gid):
     if dirs != 1200:
         found.append(f"{dirs} of the 1200 directories' files")
     sparse = os.stat(os.path.join(out, b"sparse.img"))
-    if sparse.st_size != 256 << 20 or sparse.st_blocks * 512 >= 16 << 20:
+    if sparse.st_size != 256 << 20 or sparse.st_blocks * 512 >= 16 << 20 or \
+            files.get(b"sparse.img", b"")[:4] != b"head":
         found.append(f"sparse.img is {sparse.st_size} bytes in {sparse.st_blocks} blocks")
-    if os.readlink(os.path.join(out, b"link")) != n + b".txt":
-        found.append("the symlink points elsewhere")
-    if not stat.S_ISFIFO(os.lstat(os.path.join(out, b"fifo")).st_mode):
-        found.append("fifo is no fifo")
+    if copied:
+        found += [f"the guest's {k.decode()} came back" for k in (b"link", b"fifo")
+                  if os.path.lexists(os.path.join(out, k))]
+    else:
+        if os.readlink(os.path.join(out, b"link")) != n + b".txt":
+            found.append("the symlink points elsewhere")
+        if not stat.S_ISFIFO(os.lstat(os.path.join(out, b"fifo")).st_mode):
+            found.append("fifo is no fifo")
+    found += [f"{k!r} is left" for k in files if k.endswith(b".tmp")]
     for p, mode in ((out, 0o700), (os.path.join(out, n + b".txt"), 0o600),
-                    (os.path.join(out, b"open", b"f"), 0o600), (os.path.join(out, b"open"), 0o777)):
+                    (os.path.join(out, b"open", b"f"), 0o600),
+                    (os.path.join(out, b"open"), 0o700 if copied else 0o777)):
         s = os.lstat(p)  # the job's umask 077 made them, the job's chmod 777 "open"
         if (s.st_uid, s.st_gid, stat.S_IMODE(s.st_mode)) != (uid, gid, mode):
             found.append(f"{p!r} is {s.st_uid}:{s.st_gid} {stat.S_IMODE(s.st_mode):04o}, "

@@ -1,9 +1,11 @@
 """vmwn on Debian 13 from a Debian 12 machine: ``scripts/debian13-smoke`` boots the
 tiny guest with ``vmwn check --boot`` in both data modes inside a Debian 13 root
 (its QEMU 10, libvirt 11, Rust virtiofsd and Python 3.13), in mount and network
-namespaces of its own, and a job there writes the hostile tree through the
-mounted mode (``tests/debian13_tree.py``).  On a Debian 13 machine the whole suite runs there and
-this test skips; without the root (``make debian13-root``) it skips too."""
+namespaces of its own, a job there writes the hostile tree through the mounted mode
+(``tests/debian13_tree.py``), and this machine's Torque runs a user's VM jobs in both
+data modes there (``tests/debian13_torque.py``).  On a Debian 13 machine the whole
+suite runs there and this test skips; without the root (``make debian13-root``) it
+skips too."""
 
 import glob
 import os
@@ -16,6 +18,7 @@ from vmwn_testlib import needs_image, ROOT
 
 ROOT13 = "/var/lib/vmwn-debian13"
 SMOKE = os.path.join(ROOT, "scripts", "debian13-smoke")
+TORQUE = os.environ.get("TORQUE_PREFIX", "/opt/vmwn-torque")
 
 
 def _debian_major():
@@ -50,3 +53,12 @@ def test_a_guest_boots_in_both_data_modes_on_debian_13():
     # A job's hostile tree (names that are not UTF-8, 1200 directories, 300 deep,
     # sparse, symlink, fifo) through Debian 13's virtiofsd, every byte on the host.
     assert "\ntree tiny (mounted): ok\n" in out, out
+    # This machine's Torque (make torque) in the root, vmwn installed there as a site
+    # would: a user's job from its home in each data mode, in a guest, exit 3, its
+    # file and hostile tree back, nothing left.
+    if os.access(os.path.join(TORQUE, "sbin", "pbs_mom"), os.X_OK):
+        for env, data in (("tiny", "mounted"), ("tinycopy", "copy")):
+            assert re.search(rf"^torque {env} \({data}\): vmwn-\S+, kernel \S+, exit 3, file "
+                             r"and tree: ok$", out, re.M), out
+    else:
+        assert "no Torque built" in out, out

@@ -150,6 +150,20 @@ def test_template_dir_goes_into_a_new_config(tmp_path):
     assert "[site]\ntemplate_dir = /opt/vmwn/templates\n" in text
 
 
+def test_a_sample_config_naming_its_template_dir_keeps_one(tmp_path):
+    """A duplicate key makes a config no vmwn command can read."""
+    sample = tmp_path / "sample.conf"
+    sample.write_text("[site]\nstate_dir = /var/lib/vmwn/jobs\ntemplate_dir = /srv/t\n\n"
+                      "[env tiny]\nimage = tiny/disk.qcow2\n")
+    install.install(opts(tmp_path / "a", "install", "--sample-config", str(sample)))
+    text = (tmp_path / "a/etc/vmwn/vmwn.conf").read_text()
+    assert text == sample.read_text()
+    install.install(opts(tmp_path / "b", "install", "--sample-config", str(sample),
+                         "--template-dir", "/opt/vmwn/templates"))
+    text = (tmp_path / "b/etc/vmwn/vmwn.conf").read_text()
+    assert text == sample.read_text().replace("/srv/t", "/opt/vmwn/templates")
+
+
 def test_command_line_entry(tmp_path, capsys):
     assert install.main(["install", "--pbs-home", "/var/spool/torque", "--destdir",
                          str(tmp_path), "--prefix", "/opt/vmwn"]) == 0

@@ -16,7 +16,7 @@ import pytest
 from vmwn import config, share
 from vmwn.errors import SiteError
 
-from hostile_tree import HOSTILE_TREE, tree_bytes  # noqa: F401  (the tests' too)
+from hostile_tree import HOSTILE_TREE, problems, tree_bytes  # noqa: F401  (the tests' too)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_DIR = os.environ.get("VMWN_TEST_IMAGE_DIR", "/var/lib/vmwn/images")

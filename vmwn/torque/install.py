@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import shlex
 import sys
 
@@ -380,9 +381,12 @@ def _install_config(lay, opts):
         raise SiteError("no sample vmwn.conf to install", "pass --sample-config")
     tdir = _check_path("template-dir", opts.template_dir or lay.templates)
     lines = sample.splitlines()
-    if "[site]" in lines:
+    own = [i for i, ln in enumerate(lines) if re.match(r"template_dir\s*[=:]", ln)]
+    if own and opts.template_dir:  # the sample names its own: --template-dir replaces it
+        lines[own[0]] = f"template_dir = {tdir}"
+    elif "[site]" in lines and not own:
         lines.insert(lines.index("[site]") + 1, f"template_dir = {tdir}")
-        sample = "\n".join(lines) + "\n"
+    sample = "\n".join(lines) + "\n"
     _makedirs(os.path.dirname(target), 0o755)
     sysfiles.write(target, sample, 0o644)
     return [target]
