@@ -9,7 +9,10 @@ installed by ``make install`` (tests/torquelib.py):
   instruction (seen on the host in its ``-k oe`` output file);
 - the delay between "guest ready" (the warden's record turning ``running``)
   and the job's first instruction;
-- baseline: the same N jobs without a VM, same run.
+- baseline: the same N jobs without a VM, same run;
+- what one running VM job costs the node beside its guest: vmwn's processes for it
+  (job starter, warden, QEMU launcher, virtiofsd) and their private memory, against
+  its QEMU's (bench/jobcost.py).
 
 Prints one table and a summary line.  Usage: ``python bench/torque_bench.py [--jobs N]``.
 """
@@ -26,6 +29,9 @@ sys.path[:0] = [os.path.join(os.path.dirname(HERE), "tests"), os.path.dirname(HE
 import torquelib  # noqa: E402
 
 import batchtable  # noqa: E402
+import jobcost  # noqa: E402
+
+MEMORY_GOAL_MIB = 15.0  # vmwn's private memory per running VM job
 
 STEPS = os.path.join(torquelib.PBS_HOME, "mom_priv", "prologue.d")
 STAMPS = "/var/tmp/vmwn-bench-prologue"
@@ -107,6 +113,31 @@ def run_batch(cluster, workdir, n, options):
     return {"blocked": blocked, "all_running": all_running, "ready_to_first": gaps}
 
 
+def measure_cost(cluster, workdir):
+    """vmwn's processes and private memory for one VM job, read while it runs (after its
+    first instruction), three readings a second apart: the largest."""
+    job = cluster.submit(workdir, "#!/bin/sh\necho first-instruction\nsleep 600\n",
+                         "-k oe -l other=vmwn=tiny")
+    try:
+        first, _ = _ready_times(cluster, [job], time.monotonic() + 300)
+        if job not in first:
+            return None
+        session = int(cluster.stat(job).get("session_id") or 0)
+        readings = []
+        for _ in range(3):
+            readings.append(jobcost.cost(torquelib.STATE_DIR, job,
+                                         {session: "job starter"} if session else {}))
+            time.sleep(1)
+        return max(readings, key=lambda r: r[1])
+    finally:
+        torquelib.run(["qdel", job], check=False)
+        cluster.wait(job, timeout=300)
+        try:
+            os.unlink(os.path.join(cluster.user.pw_dir, f"job.sh.o{job.split('.')[0]}"))
+        except FileNotFoundError:
+            pass
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="bench/torque_bench.py")
     p.add_argument("--jobs", type=int, default=4, help="jobs submitted together (4)")
@@ -125,6 +156,7 @@ def main(argv=None):
             native = run_batch(cluster, workdir, n, "")
             vm = run_batch(cluster, workdir, n, "-l other=vmwn=tiny")
             rows.append((n, native, vm))
+        cost = measure_cost(cluster, workdir)
     finally:
         _remove_timers()
         torquelib.take_down()
@@ -140,9 +172,19 @@ def main(argv=None):
                              vm["all_running"], native["all_running"] or batchtable.NAN, 2))
         print(batchtable.row(f"guest ready -> first instruction, {n} job(s), median",
                              med(vm["ready_to_first"])))
+    if cost:
+        count, private, qemu, by_role = cost
+        print(f"{'one running VM job: vmwn processes beside its QEMU':<58} {count:>10d}")
+        print(f"{'  their private memory (MiB)':<58} {private:>10.1f}")
+        for role, mib in sorted(by_role.items(), key=lambda kv: -kv[1]):
+            print(f"{'    ' + role:<58} {mib:>10.1f}")
+        print(f"{'  its QEMU (the guest) private memory (MiB)':<58} {qemu:>10.1f}")
     worst = max(max(vm["blocked"] or [float("nan")]) for _, _, vm in rows)
+    memory = (f" vmwn-private-per-job={cost[1]:.1f}MiB goal<={MEMORY_GOAL_MIB:.0f}MiB "
+              f"{'met' if cost[1] <= MEMORY_GOAL_MIB else 'NOT met'} "
+              f"processes-per-job={cost[0]}") if cost else " vmwn-private-per-job=NOT MEASURED"
     print(f"torque-bench: mom-blocked-max={worst:.3f}s goal<=1s "
-          f"{'met' if worst <= 1.0 else 'NOT met'}")
+          f"{'met' if worst <= 1.0 else 'NOT met'}{memory}")
     return 0
 
 

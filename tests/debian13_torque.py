@@ -52,6 +52,14 @@ def _await(probe, timeout):
         time.sleep(0.5)
 
 
+def _read(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def _leftovers(cfg, job):
     left = [p for p in (state.job_dir(cfg, job),) if os.path.lexists(p)]
     cp = subprocess.run(["virsh", "-c", cfg.site["libvirt_uri"], "list", "--all", "--name"],
@@ -83,11 +91,10 @@ def main(argv=None) -> int:
         out = os.path.join(d, f"d13.o{seq}")
         _await(lambda: os.path.exists(out), 60)
         found = [] if ended else [f"job {job} did not end in 900 s ({st.get('job_state')})"]
-        text = open(out, errors="replace").read() if os.path.exists(out) else ""
+        text = _read(out)
         if st.get("exit_status") != "3":
-            err = os.path.join(d, f"d13.e{seq}")
-            found.append(f"exit_status {st.get('exit_status')}, not 3 "
-                         f"({open(err, errors='replace').read().strip()[-300:] if os.path.exists(err) else 'no .e'})")
+            err = _read(os.path.join(d, f"d13.e{seq}")).strip()[-300:] or "no .e"
+            found.append(f"exit_status {st.get('exit_status')}, not 3 ({err})")
         guest = re.search(r"^host (\S+) kernel (\S+)$", text, re.M)
         if not guest or guest.group(1) == os.uname().nodename:
             found.append(f"the job did not run in a guest: {text[:200]!r}")

@@ -130,3 +130,52 @@ def test_the_batch_benchmarks_table_rows():
     assert batchtable.row("x", 1.0, 0.0).split()[-1] == "nan"
     assert batchtable.median([]) != batchtable.median([])  # nan
     assert batchtable.median([3.0, 1.0, 2.0]) == 2.0
+
+
+def test_a_jobs_processes_are_found_by_their_place_in_the_tree(tmp_path):
+    """bench/jobcost.py: a tree shaped as vmwn's (a launcher whose children are the
+    anchor, parent of "QEMU", and the guard; a warden; a starter with a child), each a
+    real process; every one is named by its role and has private memory."""
+    import json
+    import subprocess
+    import jobcost
+    from vmwn.state import job_dir_in
+    from vmwn_testlib import wait_until
+    # Each child waits for EOF on a pipe whose one writer is the launcher: they all
+    # end with it.
+    script = ("import os\n"
+              "r, w = os.pipe()\n"
+              "if os.fork() == 0:\n"          # anchor
+              "    os.close(w)\n"
+              "    if os.fork() == 0:\n"      # QEMU
+              "        os.read(r, 1); os._exit(0)\n"
+              "    os.read(r, 1); os._exit(0)\n"
+              "if os.fork() == 0:\n"          # guard
+              "    os.close(w); os.read(r, 1); os._exit(0)\n"
+              "print('up', flush=True); os.read(0, 1)\n")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+    warden = subprocess.Popen(["sleep", "60"])
+    starter = subprocess.Popen(["sh", "-c", "sleep 60; true"])
+    try:
+        assert launcher.stdout.readline() == b"up\n"
+        wait_until(lambda: len(jobcost._children().get(launcher.pid, [])) == 2, 10,
+                   "the launcher's children")
+        wait_until(lambda: len(jobcost._children().get(starter.pid, [])) == 1, 10,
+                   "the starter's child")
+        d = job_dir_in(str(tmp_path), "7.node")
+        os.makedirs(d)
+        with open(os.path.join(d, "state.json"), "w") as f:
+            json.dump({"vm_pid": launcher.pid, "warden_pid": warden.pid,
+                       "shares": [{"pid": 2 ** 22 + 1}]}, f)  # above any pid_max: gone
+        roles = jobcost.processes(str(tmp_path), "7.node", {starter.pid: "job starter"})
+        assert sorted(roles.values()) == ["QEMU", "anchor", "guard", "job starter",
+                                          "launcher", "sleep", "warden"]
+        count, private, qemu, by_role = jobcost.cost(str(tmp_path), "7.node",
+                                                     {starter.pid: "job starter"})
+        assert count == 6 and qemu > 0 and all(v > 0 for v in by_role.values())
+        assert private == sum(by_role.values())
+    finally:
+        for p in (launcher, warden, starter):
+            p.kill()
+            p.wait()

@@ -491,8 +491,8 @@ def build_parser():
     p.add_argument("--starter-python", help="interpreter for the job starter, which runs as "
                    "the job's user (default: --python)")
     p.add_argument("--pythonpath", help="directories (':'-separated) the job starter puts "
-                   "first on sys.path, in the job starter and the steps (for an interpreter without "
-                   "vmwn installed)")
+                   "first on sys.path, in the job starter and the steps (for an interpreter "
+                   "without vmwn installed)")
     p.add_argument("--qstat", help="Torque's qstat, used by the prologue to see qsub -v "
                    "VMWN_ENV (default: qstat on PATH; '' for none)")
     p.add_argument("--template-dir", help="written as template_dir into a new vmwn.conf")
