@@ -136,8 +136,9 @@ rust-virtiofsd:
 
 # vmwn on Debian 13 (QEMU 10, libvirt 11, the Rust virtiofsd, Python 3.13) on a
 # Debian 12 machine: a Debian 13 root, built once (cached by its package list),
-# in which tests/test_debian13.py checks a boot in both data modes.  On Debian 13
-# the whole suite is that.  Without a root the test skips: no failure here.
+# in which tests/test_debian13.py checks a boot in both data modes, this machine's
+# Torque and Debian 13's Slurm 24.11 (scripts/debian13-smoke).  On Debian 13 the
+# whole suite is that.  Without a root the test skips: no failure here.
 debian13-root: deps
 	@if [ "$(DEBIAN_MAJOR)" = 12 ]; then scripts/debian13-smoke --build-only || \
 		echo "debian13-root: none; tests/test_debian13.py skips"; fi

@@ -17,12 +17,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from hostile_tree import HOSTILE_TREE, problems  # noqa: E402
-from vmwn import config, state  # noqa: E402
+from smokelib import leftovers, poll, read_text  # noqa: E402
+from vmwn import config  # noqa: E402
 
 JOB = ('#!/bin/sh\ncd "$PBS_O_WORKDIR" || exit 9\necho "host $(hostname) kernel $(uname -r)"\n'
        "echo made-in-the-guest > result.txt\n" + HOSTILE_TREE + "exit 3\n")
@@ -42,31 +42,6 @@ def _qstat(job):
     return dict(m.groups() for m in re.finditer(r"^\s+(\S+) = (.*)$", cp.stdout, re.M))
 
 
-def _await(probe, timeout):
-    """Poll ``probe`` until it returns something true; its last value."""
-    end = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got or time.monotonic() > end:
-            return got
-        time.sleep(0.5)
-
-
-def _read(path):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
-def _leftovers(cfg, job):
-    left = [p for p in (state.job_dir(cfg, job),) if os.path.lexists(p)]
-    cp = subprocess.run(["virsh", "-c", cfg.site["libvirt_uri"], "list", "--all", "--name"],
-                        capture_output=True, text=True, timeout=60)
-    return left + [d for d in cp.stdout.split() if d.startswith("vmwn-")]
-
-
 def main(argv=None) -> int:
     conf, user, *envs = argv if argv is not None else sys.argv[1:]
     cfg = config.load(conf)
@@ -83,17 +58,17 @@ def main(argv=None) -> int:
             print(f"torque {env}: qsub failed: {cp.stderr.strip()}", flush=True)
             return 1
         jobs.append((env, d, cp.stdout.strip()))
-    ended = _await(lambda: all(_qstat(j).get("job_state") == "C" for _, _, j in jobs), 900)
+    ended = poll(lambda: all(_qstat(j).get("job_state") == "C" for _, _, j in jobs), 900)
     rc = 0
     for env, d, job in jobs:
         seq = job.split(".")[0]
         st = _qstat(job)
         out = os.path.join(d, f"d13.o{seq}")
-        _await(lambda: os.path.exists(out), 60)
+        poll(lambda: os.path.exists(out), 60)
         found = [] if ended else [f"job {job} did not end in 900 s ({st.get('job_state')})"]
-        text = _read(out)
+        text = read_text(out)
         if st.get("exit_status") != "3":
-            err = _read(os.path.join(d, f"d13.e{seq}")).strip()[-300:] or "no .e"
+            err = read_text(os.path.join(d, f"d13.e{seq}")).strip()[-300:] or "no .e"
             found.append(f"exit_status {st.get('exit_status')}, not 3 ({err})")
         guest = re.search(r"^host (\S+) kernel (\S+)$", text, re.M)
         if not guest or guest.group(1) == os.uname().nodename:
@@ -107,7 +82,7 @@ def main(argv=None) -> int:
         if not found:
             found += problems(os.path.join(os.fsencode(d), b"out"), user.pw_uid, user.pw_gid,
                               copied=cfg.env(env).data == "copy")
-        found += [f"{p} is left" for p in _leftovers(cfg, job)]
+        found += [f"{p} is left" for p in leftovers(cfg, job)]
         what = f"{guest.group(1)}, kernel {guest.group(2)}, " if guest else ""
         print(f"torque {env} ({cfg.env(env).data}): {what}exit 3, file and tree: "
               + ("; ".join(found) if found else "ok"), flush=True)

@@ -2,8 +2,9 @@
 tiny guest with ``vmwn check --boot`` in both data modes inside a Debian 13 root
 (its QEMU 10, libvirt 11, Rust virtiofsd and Python 3.13), in mount and network
 namespaces of its own, a job there writes the hostile tree through the mounted mode
-(``tests/debian13_tree.py``), and this machine's Torque runs a user's VM jobs in both
-data modes there (``tests/debian13_torque.py``).  On a Debian 13 machine the whole
+(``tests/debian13_tree.py``), this machine's Torque runs a user's VM jobs in both data
+modes there (``tests/debian13_torque.py``), and so does Debian 13's Slurm 24.11 with
+vmwn's SPANK plugin built there (``tests/debian13_slurm.py``).  On a Debian 13 machine the whole
 suite runs there and this test skips; without the root (``make debian13-root``) it
 skips too."""
 
@@ -62,3 +63,12 @@ def test_a_guest_boots_in_both_data_modes_on_debian_13():
                              r"and tree: ok$", out, re.M), out
     else:
         assert "no Torque built" in out, out
+    # Debian 13's Slurm 24.11 with vmwn's SPANK plugin compiled there: a VM job's exit
+    # status in scontrol and sacct, a refusal at submission, srun in a guest, the node
+    # idle after each and nothing left.
+    slurm = re.search(r"^slurm \(slurm-wlm (\d+)\.(\d+)\S*\) ", out, re.M)
+    assert slurm and (int(slurm.group(1)), int(slurm.group(2))) >= (24, 11), out
+    for what in (r"sbatch --vmwn=tiny, exit 3, file, sacct",
+                 r"sbatch --vmwn=nosuch refused at submission",
+                 r"srun --vmwn=tiny hostname, 3 jobs"):
+        assert re.search(rf"^slurm \(slurm-wlm \S+\) {what}: ok$", out, re.M), out
