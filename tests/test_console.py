@@ -1,6 +1,7 @@
 """Readiness from the guest's console: the announcement lines, however they arrive."""
 
-from vmwn.lifecycle import Console
+from vmwn.errors import SiteError, TransientError
+from vmwn.lifecycle import Console, guest_failure
 
 
 def test_ready_is_found_across_partial_writes(tmp_path):
@@ -34,3 +35,15 @@ def test_long_boot_logs_are_read_incrementally(tmp_path):
     with open(log, "ab") as f:
         f.write(b"\nvmwn-guest: ready\n")
     assert c.poll() == "ready"
+
+
+def test_a_guest_failure_that_may_pass_is_retried_the_others_are_the_sites(tmp_path):
+    log = tmp_path / "console.log"
+    log.write_bytes(b"vmwn-guest: error: passing: no DHCP lease on eth0: udhcpc: no lease\n")
+    said = Console(str(log)).poll()
+    e = guest_failure(said, "check the node")
+    assert isinstance(e, TransientError)
+    assert e.problem == ("the guest could not prepare the job "
+                         "(no DHCP lease on eth0: udhcpc: no lease)")
+    e = guest_failure("error: seed not found on any disk", "check the node")
+    assert type(e) is SiteError and "(error: seed not found on any disk)" in e.problem

@@ -330,6 +330,19 @@ class Console:
         return None
 
 
+PASSING = "error: passing: "  # what a guest says of a failure another boot may not meet
+
+
+def guest_failure(said, fix):
+    """The error for a guest's ``error: REASON`` line: the site's, or one that may pass
+    (``error: passing: REASON``, e.g. no DHCP answer on a starved host), which the
+    warden's next boot attempt may not meet."""
+    if said.startswith(PASSING):
+        return TransientError(f"the guest could not prepare the job ({said[len(PASSING):]})",
+                              fix)
+    return SiteError(f"the guest could not prepare the job ({said})", fix)
+
+
 def _wait_ready(st, env, dom, end, virt, log):
     """Return when the guest's SSH server takes the job's key; raise otherwise.
 
@@ -352,7 +365,7 @@ def _wait_ready(st, env, dom, end, virt, log):
             # banner would cost it an sshd start before the job's own login.
             return
         if said and said != "ready":  # announced ready, sshd not answering yet: wait on
-            raise SiteError(f"the guest could not prepare the job ({said})", fix)
+            raise guest_failure(said, fix)
         now = time.monotonic()
         if now >= probe_at:
             if banner_ready(st.bind_address, st.port, timeout=probe_timeout):
