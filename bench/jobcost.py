@@ -21,27 +21,15 @@ import json
 import os
 
 from vmwn.state import job_dir_in
+from vmwn.usage import children, stat_fields, tree
 
 
-def _stat(pid):
+def _comm(pid):
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            text = f.read()
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
     except OSError:
-        return None
-    name = text[text.index("(") + 1:text.rindex(")")]
-    fields = text[text.rindex(")") + 2:].split()
-    return name, int(fields[1])  # comm, ppid
-
-
-def _children():
-    out = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            s = _stat(int(p))
-            if s:
-                out.setdefault(s[1], []).append(int(p))
-    return out
+        return "?"
 
 
 def private_kib(pid):
@@ -57,40 +45,30 @@ def private_kib(pid):
     return total
 
 
-def _descendants(pid, children):
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
 def processes(state_dir, job_id, tops=None):
     """{pid: role} of the job's processes on this node; QEMU's role is ``QEMU``."""
     with open(os.path.join(job_dir_in(state_dir, job_id), "state.json"), encoding="utf-8") as f:
         rec = json.load(f)
-    children = _children()
     roles = {}
     launcher = rec.get("vm_pid") or 0  # libvirt's pid for the domain
-    if launcher and _stat(launcher):
+    if launcher and stat_fields(launcher):
         roles[launcher] = "launcher"
-        for c in children.get(launcher, []):
-            if children.get(c):  # the anchor, QEMU's parent
+        for c in children(launcher):
+            kids = children(c)
+            if kids:  # the anchor, QEMU's parent
                 roles[c] = "anchor"
-                roles.update((q, "QEMU") for q in children[c])
+                roles.update((q, "QEMU") for q in kids)
             else:
                 roles[c] = "guard"
-    if rec.get("warden_pid") and _stat(rec["warden_pid"]):
+    if rec.get("warden_pid") and stat_fields(rec["warden_pid"]):
         roles[rec["warden_pid"]] = "warden"
     for sh in rec.get("shares") or []:
-        if sh.get("pid") and _stat(sh["pid"]):
+        if sh.get("pid") and stat_fields(sh["pid"]):
             roles[sh["pid"]] = "virtiofsd"
     for top, role in (tops or {}).items():
-        for p in _descendants(top, children):
-            s = _stat(p)
-            if s and p not in roles:
-                roles[p] = role if p == top else s[0]
+        for p in tree(top):
+            if p not in roles and stat_fields(p):
+                roles[p] = role if p == top else _comm(p)
     return roles
 
 

@@ -139,6 +139,7 @@ def test_a_jobs_processes_are_found_by_their_place_in_the_tree(tmp_path):
     import json
     import subprocess
     import jobcost
+    from vmwn import usage
     from vmwn.state import job_dir_in
     from vmwn_testlib import wait_until
     # Each child waits for EOF on a pipe whose one writer is the launcher: they all
@@ -159,9 +160,9 @@ def test_a_jobs_processes_are_found_by_their_place_in_the_tree(tmp_path):
     starter = subprocess.Popen(["sh", "-c", "sleep 60; true"])
     try:
         assert launcher.stdout.readline() == b"up\n"
-        wait_until(lambda: len(jobcost._children().get(launcher.pid, [])) == 2, 10,
+        wait_until(lambda: len(usage.children(launcher.pid)) == 2, 10,
                    "the launcher's children")
-        wait_until(lambda: len(jobcost._children().get(starter.pid, [])) == 1, 10,
+        wait_until(lambda: len(usage.children(starter.pid)) == 1, 10,
                    "the starter's child")
         d = job_dir_in(str(tmp_path), "7.node")
         os.makedirs(d)
