@@ -211,6 +211,11 @@ SITE_KEYS = {k.name: k for k in [
        "vmwn's QEMU launcher (written by vmwn install): libvirt runs it as the job's user; "
        "QEMU runs under an anchor process whose session the job starter has pbs_mom adopt."),
     _k("qemu", "/usr/bin/qemu-system-x86_64", _abspath, "The QEMU binary the launcher runs."),
+    _k("job_network_port", 4789, _int_range(1, 65535),
+       "UDP port of the VXLAN segments that join the guests of a job on several nodes "
+       "(between the nodes' addresses; vmwn/jobnet.py)."),
+    _k("job_network_mtu", 1450, _int_range(576, 9000),
+       "MTU of the guests' card on their job's network: the nodes' MTU less 50 (VXLAN)."),
     _k("pbs_home", "/var/spool/torque", _abspath, "Torque's PBS_HOME on this node."),
     _k("syslog", True, _bool, "Send one line per lifecycle step to syslog (LOG_DAEMON)."),
     _k("debug_log", None, _abspath, "Also append DEBUG lines to this file."),

@@ -34,28 +34,38 @@ def domain_name(job_id):
     return DOMAIN_PREFIX + safe_name(job_id)
 
 
-def guest_hostname(job_id):
-    """A valid single-label host name for the job's guest (RFC 1123: a-z 0-9 -, <= 63).
+def domain_name_of(job_id, index):
+    """The domain of the job's guest on its ``index``-th node (None: a one-node job).
+    Nodes that share a libvirt daemon keep their guests' names apart."""
+    return domain_name(job_id) + (f"-n{index}" if index else "")
+
+
+def guest_hostname(job_id, index=None):
+    """A valid single-label host name for the job's guest (RFC 1123: a-z 0-9 -, <= 63);
+    with ``index``, for its guest on the job's ``index``-th node (``-nINDEX``).
 
     Array subjob ids (``9024[1].server``) and the like keep their digits and a
     hash of the whole id, so distinct jobs keep distinct names.
     """
     from .state import safe_name
     head, _, digest = safe_name(job_id).rpartition("-")
-    label = re.sub(r"[^a-z0-9]+", "-", head.lower()).strip("-")[:63 - 6 - len(digest)]
-    return f"vmwn-{label.strip('-')}-{digest}" if label.strip("-") else f"vmwn-{digest}"
+    tail = f"-{digest}" + (f"-n{index}" if index is not None else "")
+    label = re.sub(r"[^a-z0-9]+", "-", head.lower()).strip("-")[:63 - 5 - len(tail)]
+    return f"vmwn-{label.strip('-')}{tail}" if label.strip("-") else f"vmwn{tail}"
 
 
 def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, port=0,
            overlay=None, seed="/dev/null", console_log="/dev/null", created=None, shares=(),
-           uid=None, gid=None, warm=False, incoming=None, name=None, autostart=False):
+           uid=None, gid=None, warm=False, incoming=None, name=None, autostart=False,
+           jobnet=None):
     """The domain XML for one job, validated; raises SiteError if the template is unfit.
 
     QEMU runs as ``uid``:``gid`` (the job's; looked up from ``user`` when not
     given, nobody for a user this node does not know).  ``warm``: the guest
     is (or is restored from) a prepared one (vmwn/warm.py); ``incoming``: the
     saved state QEMU loads instead of booting.  ``name`` replaces the job's
-    domain name (for the preparing guest).
+    domain name (for the preparing guest).  ``jobnet``: the guest's card on its
+    job's network (vmwn.jobnet.Net), for a job that spans nodes.
     """
     if uid is None or gid is None:
         uid, gid = _ids_of(user)
@@ -70,6 +80,8 @@ def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, 
         shares=[dict(tag=s.tag, socket=s.socket) for s in shares],
         uid=int(uid), gid=int(gid), emulator=cfg.site["emulator"], qemu=cfg.site["qemu"],
         warm=bool(warm), incoming=incoming or "", autostart=bool(autostart),
+        jobnet=dict(tap=jobnet.tap, mac=jobnet.mac, mtu=int(jobnet.mtu),
+                    index=int(jobnet.index)) if jobnet else None,
     )
     xml = render_template(cfg.site["template_dir"], env.template, ctx, xml=True)
     check(xml, ctx["name"], ctx["job_id"], f"{cfg.site['template_dir']}/{env.template}")

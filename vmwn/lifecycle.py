@@ -12,9 +12,9 @@ import dataclasses
 import os
 import time
 
-from . import (disk, guestfiles, interrupt, keys, netpolicy, ports, seed, share,
+from . import (disk, guestfiles, interrupt, jobnet, keys, netpolicy, ports, seed, share,
                state as statemod, usage, warm)
-from .domain import domain_name, guest_hostname, render as render_domain
+from .domain import domain_name, domain_name_of, guest_hostname, render as render_domain
 from .errors import SiteError, TransientError, VmwnError
 from .logsetup import job_logger
 
@@ -104,21 +104,31 @@ def _prepare(cfg, spec, timer, log, deadline):
     paths = share.plan(spec.workdir, home, cfg.site["shared_paths"]) if mounted else []
     share.check_mountable(paths)  # before anything is made for a job refused here
     jdir = statemod.make_job_dir(cfg, spec.job_id)
-    name = domain_name(spec.job_id)
+    net = guests = None
+    if len(spec.nodes) > 1:  # the job's guests on its nodes share a network of their own
+        net = jobnet.plan(spec.job_id, spec.nodes, spec.node_index,
+                          cfg.site["job_network_port"], cfg.site["job_network_mtu"])
+        guests = dict(address=f"{net.address}/{jobnet.SUBNET.prefixlen}", mtu=net.mtu,
+                      hosts=jobnet.hosts(spec.job_id, len(spec.nodes),
+                                         lambda i: guest_hostname(spec.job_id, i)))
+    name = domain_name_of(spec.job_id, net.index if net else None)
     hostkey = keys.generate(f"vmwn-host:{name}")
     userkey = keys.generate(f"vmwn-job:{name}")
     key_path = keys.write_private(os.path.join(jdir, "id_ed25519"), userkey, spec.uid, spec.gid)
     shares = share.shares_for(jdir, paths)
     ctx = seed.context(job_id=spec.job_id, instance_id=name,
-                       hostname=guest_hostname(spec.job_id), user=spec.user,
+                       hostname=guest_hostname(spec.job_id, net.index if net else None),
+                       user=spec.user,
                        uid=spec.uid, gid=spec.gid, group=spec.group, shell=env.ssh_user_shell,
                        workdir=spec.workdir, hostkey=hostkey, userkey=userkey,
                        mounts=[(s.tag, s.path) for s in shares], home=home,
-                       groups=seed.supplementary_groups(spec.user, spec.gid))
+                       groups=seed.supplementary_groups(spec.user, spec.gid), jobnet=guests)
     ud, md = seed.render(cfg.site["template_dir"], ctx)
     seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md,
                                timeout=_left(deadline))
-    gen = warm.choose(cfg, env, spec.vcpus, spec.memory_mib, log) if env.image else None
+    # A prepared guest was saved without a card on a job's network.
+    gen = warm.choose(cfg, env, spec.vcpus, spec.memory_mib, log) if env.image and not net \
+        else None
     if gen and not warm.pad_seed(seed_path):
         log.info("cold boot: the job's seed is larger than the prepared guest's seed disk")
         gen = None
@@ -141,9 +151,13 @@ def _prepare(cfg, spec, timer, log, deadline):
             vcpus=spec.vcpus, memory_mib=spec.memory_mib, job_name=spec.job_name,
             data=env.data, shares=[dataclasses.asdict(s) for s in shares],
             control_dir=guestfiles.control_dir(spec.user, mounted),
-            warm=gen.path if gen else "", batch=spec.batch)
+            warm=gen.path if gen else "", batch=spec.batch,
+            jobnet=net.as_dict() if net else {})
         statemod.save(cfg, st)  # recorded before anything outside the job dir exists
     timer.mark("port")
+    if net:
+        jobnet.up(net, spec.uid, spec.gid)
+        timer.mark("job network")
     if env.image:
         disk.check_room(cfg, env.image, spec.job_id)
         _give_overlay(cfg, st, env, deadline)
@@ -252,7 +266,8 @@ def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
                                 console_log=st.console_log, created=st.created,
                                 shares=shares, uid=st.uid, gid=st.gid, warm=bool(st.warm),
                                 incoming=warm.state_of(st.warm) if st.warm
-                                else None, autostart=not paused)
+                                else None, autostart=not paused, name=st.domain,
+                                jobnet=jobnet.Net.from_dict(st.jobnet) if st.jobnet else None)
             timer.mark("render")
             try:
                 dom = virt.start(conn, xml, paused=paused)
@@ -430,7 +445,8 @@ def destroy(cfg, job_id, grace=0.0):
         try:
             if virt.destroy(conn, name, grace=grace):
                 removed.append(f"domain {name}")
-            for dom in virt.find_job(conn, job_id):
+            node = (st.jobnet.get("index", 0) if st.jobnet else 0) if st else None
+            for dom in virt.find_job(conn, job_id, node):
                 other = dom.name()
                 if virt.destroy(conn, other, grace=0):
                     removed.append(f"domain {other}")
@@ -440,6 +456,8 @@ def destroy(cfg, job_id, grace=0.0):
         if st and st.shares:
             share.stop(st, _shares(st))
     removed += _release_network(cfg, st, job_id, log)
+    if st and st.jobnet:
+        removed += jobnet.down(jobnet.Net.from_dict(st.jobnet))
     if virt.remove_domain_log(cfg.site["libvirt_uri"], name):
         removed.append(f"libvirt log of {name}")
     for what in removed:

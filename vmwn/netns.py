@@ -76,23 +76,43 @@ def libvirt_pid(uri):
     return 0
 
 
+# This process's first network namespace (the node's: where the batch daemon
+# runs), kept open when :func:`enter` leaves it, for what must be made there (a
+# job network's VXLAN socket, vmwn.jobnet).
+_origin_fd = -1
+
+
+def origin():
+    """A path naming the network namespace this process started in, when it has
+    left it (for ``nsenter --net=``); None while it is still there."""
+    return f"/proc/{os.getpid()}/fd/{_origin_fd}" if _origin_fd >= 0 else None
+
+
 def enter(pid):
     """Move this process (all of it: call before any thread starts) into ``pid``'s
     network namespace."""
+    global _origin_fd
     libc = ctypes.CDLL(None, use_errno=True)
+    here = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC) if _origin_fd < 0 else -1
     try:
         fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
+        if here >= 0:
+            os.close(here)
         raise SiteError(f"cannot open the network namespace of libvirt's daemon (pid {pid}): "
                         f"{e.strerror}", "run vmwn's hooks as root") from None
     try:
         if libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
+            if here >= 0:
+                os.close(here)
             raise SiteError(f"cannot enter the network namespace of libvirt's daemon (pid "
                             f"{pid}): {os.strerror(err)}",
                             "run vmwn's hooks as root (setns needs CAP_SYS_ADMIN)")
     finally:
         os.close(fd)
+    if here >= 0:
+        _origin_fd = here
 
 
 def enter_libvirts(uri):
@@ -109,4 +129,4 @@ def enter_libvirts(uri):
     return True
 
 
-__all__ = ["current", "is_other", "of", "libvirt_pid", "enter", "enter_libvirts"]
+__all__ = ["current", "is_other", "of", "origin", "libvirt_pid", "enter", "enter_libvirts"]

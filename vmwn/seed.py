@@ -14,13 +14,15 @@ from .errors import SiteError
 
 
 def context(*, job_id, instance_id, hostname, user, uid, gid, group, shell, workdir,
-            hostkey, userkey, mounts=(), home=None, groups=()):
+            hostkey, userkey, mounts=(), home=None, groups=(), jobnet=None):
     """The variables the seed templates use (documented in docs/admin-guide.md).
 
     ``mounts`` is a list of (virtio-fs tag, path) the guest mounts, in order;
     ``home`` the user's home in the guest (default :func:`guest_home`; with
     the home mounted it is the host's path); ``groups`` the user's other groups
     as (name, gid), so the guest opens what the user's groups open on the host.
+    ``jobnet``: for a job that spans nodes, the guest's address on the job's
+    network (CIDR), that card's MTU and every guest's (address, host name).
     """
     return dict(job_id=job_id, instance_id=instance_id, hostname=hostname, user=user, uid=uid,
                 gid=gid, group=group, shell=shell, workdir=workdir, home=home or guest_home(user),
@@ -29,7 +31,15 @@ def context(*, job_id, instance_id, hostname, user, uid, gid, group, shell, work
                 groups=[{"name": n, "gid": g} for n, g in groups],
                 authorized_key=userkey.public_line,
                 host_key_private=hostkey.private_openssh.rstrip("\n"),
-                host_key_public=hostkey.public_line)
+                host_key_public=hostkey.public_line, hosts_line=HOSTS_LINE,
+                jobnet=None if not jobnet else dict(
+                    address=jobnet["address"], mtu=str(int(jobnet["mtu"])),
+                    hosts=[{"address": a, "name": n} for a, n in jobnet["hosts"]]))
+
+
+# The one shell line a seed gives a guest for each of its job's other hosts:
+# its arguments are the address and the name (the tiny guest accepts this line only).
+HOSTS_LINE = 'printf "%s %s\\n" "$1" "$2" >> /etc/hosts'
 
 
 # The guest's control directory is guestfiles' (the seed only makes it).

@@ -19,6 +19,7 @@ from .errors import SiteError, UserError
 log = logging.getLogger(__name__)
 
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,252}$")
 _SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc",
                 "/root", "/run", "/sbin", "/sys", "/usr", "/var")
 
@@ -45,6 +46,10 @@ class JobSpec:
     # The batch system whose job this is: its reap judges only its own jobs
     # (a node moving from one batch system to another runs both).
     batch: str = ""
+    # A job that spans nodes: all of them, in the job's order, this one being
+    # nodes[node_index].  Its guests share a network of their own (vmwn.jobnet).
+    nodes: tuple = ()
+    node_index: int = 0
 
     def __post_init__(self):
         if not USER_RE.match(self.user) or not USER_RE.match(self.group):
@@ -61,6 +66,10 @@ class JobSpec:
         if wd == "/" or any(wd == d or wd.startswith(d + "/") for d in _SYSTEM_DIRS):
             raise UserError(f"working directory {wd} is a system directory in the guest",
                             "submit from your home, /tmp or a project directory")
+        if self.nodes and not (0 <= self.node_index < len(self.nodes)
+                               and all(NODE_RE.match(n) for n in self.nodes)):
+            raise SiteError(f"job {self.job_id}'s nodes {list(self.nodes)!r} (this one "
+                            f"#{self.node_index}) cannot be used", "report this as a bug in vmwn")
         if self.vcpus < 1 or self.memory_mib < 1:
             raise SiteError(f"job {self.job_id} was sized to {self.vcpus} vCPUs and "
                             f"{self.memory_mib} MiB", "report this as a bug in vmwn")

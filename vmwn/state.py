@@ -82,6 +82,8 @@ class JobState:
     # The batch system that started the job (spec.JobSpec.batch): another
     # batch system's reap on the same node leaves the job alone.
     batch: str = ""
+    # A job that spans nodes: this node's part of its network (vmwn.jobnet.Net).
+    jobnet: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data):

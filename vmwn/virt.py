@@ -240,9 +240,12 @@ def domain_files(dom):
     return [p for p in paths if p]
 
 
-def find_job(conn, job_id):
-    """Domains whose vmwn metadata names ``job_id`` (normally zero or one)."""
-    return [dom for dom, meta in vmwn_domains(conn) if meta.get("id") == job_id]
+def find_job(conn, job_id, node=None):
+    """Domains whose vmwn metadata names ``job_id`` (normally zero or one); with
+    ``node``, only its guest on the job's ``node``-th node (nodes that share a
+    libvirt daemon hold a guest each)."""
+    return [dom for dom, meta in vmwn_domains(conn) if meta.get("id") == job_id
+            and (node is None or meta.get("node", "0") == str(node))]
 
 
 def set_paused(conn, name, paused):
