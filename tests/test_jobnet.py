@@ -99,16 +99,21 @@ def test_the_domain_has_a_card_on_the_jobs_network_only_for_a_job_on_several_nod
 def test_the_seed_gives_the_guest_its_address_and_the_jobs_hosts():
     from types import SimpleNamespace as Key
     from vmwn.templating import render_template
-    key = Key(public_line="ssh-ed25519 AAAA", private_openssh="-----BEGIN X-----\n")
+    key = Key(public_line="ssh-ed25519 AAAA c", private_openssh="-----BEGIN X-----\n")
     ctx = seed.context(job_id="7.s", instance_id="i", hostname="h-n1", user="alice", uid=5,
-                       gid=5, group="lab", shell="/bin/sh", workdir="/home/alice",
+                       gid=6, group="lab", shell="/bin/sh", workdir="/home/alice",
                        hostkey=key, userkey=key,
                        jobnet=dict(address="10.254.0.2/16", mtu=1450,
-                                   hosts=[("10.254.0.1", "h-n0"), ("10.254.0.2", "h-n1")]))
+                                   hosts=[("10.254.0.1", "h-n0", "ssh-ed25519 K0 c0"),
+                                          ("10.254.0.2", "h-n1", "ssh-ed25519 K1 c1")]))
     ud = render_template(os.path.join(ROOT, "templates"), "user-data.j2", ctx)
     assert '  - [ip, link, set, eth1, mtu, "1450", up]' in ud
     assert '  - [ip, address, add, "10.254.0.2/16", dev, eth1]' in ud
-    assert ud.count(f"  - [sh, -c, {json.dumps(seed.HOSTS_LINE)}, hosts, ") == 2
+    line = json.dumps(seed.HOSTS_LINE)
+    assert f'  - [sh, -c, {line}, hosts, "10.254.0.1", "h-n0", "ssh-ed25519 K0"]' in ud
+    assert f'  - [sh, -c, {line}, hosts, "10.254.0.2", "h-n1", "ssh-ed25519 K1"]' in ud
+    assert (f'  - [sh, -c, {json.dumps(seed.KEY_LINE)}, key, "alice", "5:6", '
+            f'"-----BEGIN X-----\\n"]') in ud
     ctx["jobnet"] = None
     assert "eth1" not in render_template(os.path.join(ROOT, "templates"), "user-data.j2", ctx)
 
@@ -137,10 +142,14 @@ class Nodes:
         self.switch, self.ns = f"vjs{tag}", [f"vja{tag}", f"vjb{tag}"]
         self.addr = ["10.213.22.1", "10.213.22.2"]
         self.conf = []
+        secret = os.path.join(base, "job-secret")  # the same on every node
+        with open(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(os.urandom(32))
         for i, ns in enumerate(self.ns):
             d = os.path.join(base, f"node{i}")
             os.makedirs(d)
-            self.conf.append(write_config(d, ports=f"{41500 + 200 * i}-{41699 + 200 * i}"))
+            self.conf.append(write_config(d, site_extra=f"job_secret = {secret}",
+                                          ports=f"{41500 + 200 * i}-{41699 + 200 * i}"))
 
     def __enter__(self):
         _sh("ip", "netns", "add", self.switch)
@@ -245,6 +254,13 @@ def test_a_jobs_guests_on_two_nodes_reach_each_other_and_no_other_job(tmp_path):
         # By name, both ways, over the segment between the two namespaces.
         assert _banner(g0, name1) == "SSH-2.0"
         assert _banner(g1, name0) == "SSH-2.0"
+        # And as the job's user with the job's key, each host key pinned: the other
+        # guest by name or address; a host the seed did not name is refused.
+        assert _in_guest(g0, f"ssh {name1} hostname") == (0, name1 + "\n", "")
+        assert _in_guest(g1, "ssh 10.254.0.1 'id -un; hostname'")[:2] == \
+            (0, f"alice\n{name0}\n")
+        status, _, err = _in_guest(g0, "ssh -o ConnectTimeout=10 127.0.0.1 true")
+        assert status == 255 and "Host key verification failed" in err
 
         # Another job on the same two nodes, its guest on the first only: its
         # address is the first job's first guest's, and the rest is out of reach.
@@ -287,10 +303,40 @@ def test_a_network_that_cannot_be_made_fails_the_start_and_leaves_nothing(tmp_pa
         assert _links(nodes.ns[0]) == {"lo", "eth0"}
 
 
-def test_the_tiny_guest_knows_the_seeds_hosts_line():
+def test_the_tiny_guest_knows_the_seeds_lines():
     with open(os.path.join(ROOT, "vmwn", "guest", "tiny-init"), encoding="utf-8") as f:
         init = f.read()
     assert f"HOSTS_LINE='{seed.HOSTS_LINE}'" in init
+    assert f"KEY_LINE='{seed.KEY_LINE}'" in init
+
+
+def test_derived_keys_are_the_same_on_every_node_and_differ_per_secret_and_label():
+    from vmwn import keys
+    a, b = keys.derive(b"s" * 32, "host\0j\0" "1", "x"), keys.derive(b"s" * 32, "host\0j\0" "1", "y")
+    assert a.public_line.split()[:2] == b.public_line.split()[:2]
+    others = {keys.derive(b"t" * 32, "host\0j\0" "1", "x").public_line.split()[1],
+              keys.derive(b"s" * 32, "host\0j\0" "2", "x").public_line.split()[1]}
+    assert a.public_line.split()[1] not in others and len(others) == 2
+
+
+def test_a_job_secret_others_may_read_or_too_short_is_refused(tmp_path):
+    from vmwn import keys
+    path = tmp_path / "secret"
+    with pytest.raises(SiteError, match="cannot read the job secret"):
+        keys.read_secret(str(path))
+    path.write_bytes(b"x" * 32)
+    path.chmod(0o644)
+    if os.geteuid() == 0:
+        with pytest.raises(SiteError, match="not a file only root reads"):
+            keys.read_secret(str(path))
+        path.chmod(0o600)
+        assert keys.read_secret(str(path)) == b"x" * 32
+        path.write_bytes(b"x" * 16)
+        with pytest.raises(SiteError, match="16 bytes, fewer than 32"):
+            keys.read_secret(str(path))
+    else:  # the file is this user's, not root's
+        with pytest.raises(SiteError, match="not a file only root reads"):
+            keys.read_secret(str(path))
 
 
 def test_a_job_on_several_nodes_is_checked_like_any_other():

@@ -214,6 +214,10 @@ SITE_KEYS = {k.name: k for k in [
     _k("job_network_port", 4789, _int_range(1, 65535),
        "UDP port of the VXLAN segments that join the guests of a job on several nodes "
        "(between the nodes' addresses; vmwn/jobnet.py)."),
+    _k("job_secret", "/etc/vmwn/job-secret", _abspath,
+       "A file only root reads, the same on every node (32 random bytes or more): the "
+       "guests of a job on several nodes get host and login keys derived from it, so "
+       "each knows the others'."),
     _k("job_network_mtu", 1450, _int_range(576, 9000),
        "MTU of the guests' card on their job's network: the nodes' MTU less 50 (VXLAN)."),
     _k("pbs_home", "/var/spool/torque", _abspath, "Torque's PBS_HOME on this node."),

@@ -161,7 +161,8 @@ def up(net, uid, gid):
 def down(net):
     """Remove whatever of this node's part exists (idempotent); returns what was
     removed.  A device is removed only if it is of the kind vmwn made under its
-    name (a tap, a bridge, this VNI's VXLAN device)."""
+    name (a tap, a bridge, this VNI's VXLAN device); one that stays raises
+    SiteError, so that the job's record stays for a later teardown to retry."""
     removed = []
     places = [None] + ([netns.origin()] if netns.origin() else [])
     kinds = ((net.tap, "tun type tap"), (net.bridge, "bridge "),
@@ -171,8 +172,8 @@ def down(net):
             shown = _ip(["-d", "-o", "link", "show", "dev", dev], where, check=False)
             if shown.returncode != 0 or kind not in shown.stdout:
                 continue
-            if _ip(["link", "del", dev], where, check=False).returncode == 0:
-                removed.append(f"network device {dev}")
+            _ip(["link", "del", dev], where)
+            removed.append(f"network device {dev}")
     return removed
 
 

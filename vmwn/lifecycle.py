@@ -108,12 +108,21 @@ def _prepare(cfg, spec, timer, log, deadline):
     if len(spec.nodes) > 1:  # the job's guests on its nodes share a network of their own
         net = jobnet.plan(spec.job_id, spec.nodes, spec.node_index,
                           cfg.site["job_network_port"], cfg.site["job_network_mtu"])
-        guests = dict(address=f"{net.address}/{jobnet.SUBNET.prefixlen}", mtu=net.mtu,
-                      hosts=jobnet.hosts(spec.job_id, len(spec.nodes),
-                                         lambda i: guest_hostname(spec.job_id, i)))
     name = domain_name_of(spec.job_id, net.index if net else None)
-    hostkey = keys.generate(f"vmwn-host:{name}")
-    userkey = keys.generate(f"vmwn-job:{name}")
+    if net:  # every node derives every guest's host key and the job's login key alike
+        secret = keys.read_secret(cfg.site["job_secret"])
+        hostkey_of = [keys.derive(secret, f"host\0{spec.job_id}\0{i}",
+                                  f"vmwn-host:{domain_name_of(spec.job_id, i)}")
+                      for i in range(len(spec.nodes))]
+        hostkey = hostkey_of[net.index]
+        userkey = keys.derive(secret, f"user\0{spec.job_id}", f"vmwn-job:{domain_name(spec.job_id)}")
+        guests = dict(address=f"{net.address}/{jobnet.SUBNET.prefixlen}", mtu=net.mtu,
+                      hosts=[(a, n, hostkey_of[i].public_line) for i, (a, n) in enumerate(
+                          jobnet.hosts(spec.job_id, len(spec.nodes),
+                                       lambda i: guest_hostname(spec.job_id, i)))])
+    else:
+        hostkey = keys.generate(f"vmwn-host:{name}")
+        userkey = keys.generate(f"vmwn-job:{name}")
     key_path = keys.write_private(os.path.join(jdir, "id_ed25519"), userkey, spec.uid, spec.gid)
     shares = share.shares_for(jdir, paths)
     ctx = seed.context(job_id=spec.job_id, instance_id=name,

@@ -22,7 +22,9 @@ def context(*, job_id, instance_id, hostname, user, uid, gid, group, shell, work
     the home mounted it is the host's path); ``groups`` the user's other groups
     as (name, gid), so the guest opens what the user's groups open on the host.
     ``jobnet``: for a job that spans nodes, the guest's address on the job's
-    network (CIDR), that card's MTU and every guest's (address, host name).
+    network (CIDR), that card's MTU and every guest's (address, host name, host
+    public key); the guest also gets ``userkey``'s private half, to log in to the
+    others as the job's user.
     """
     return dict(job_id=job_id, instance_id=instance_id, hostname=hostname, user=user, uid=uid,
                 gid=gid, group=group, shell=shell, workdir=workdir, home=home or guest_home(user),
@@ -31,15 +33,24 @@ def context(*, job_id, instance_id, hostname, user, uid, gid, group, shell, work
                 groups=[{"name": n, "gid": g} for n, g in groups],
                 authorized_key=userkey.public_line,
                 host_key_private=hostkey.private_openssh.rstrip("\n"),
-                host_key_public=hostkey.public_line, hosts_line=HOSTS_LINE,
+                host_key_public=hostkey.public_line, hosts_line=HOSTS_LINE, key_line=KEY_LINE,
                 jobnet=None if not jobnet else dict(
                     address=jobnet["address"], mtu=str(int(jobnet["mtu"])),
-                    hosts=[{"address": a, "name": n} for a, n in jobnet["hosts"]]))
+                    owner=f"{int(uid)}:{int(gid)}", key=userkey.private_openssh,
+                    hosts=[{"address": a, "name": n, "key": " ".join(k.split()[:2])}
+                           for a, n, k in jobnet["hosts"]]))
 
 
-# The one shell line a seed gives a guest for each of its job's other hosts:
-# its arguments are the address and the name (the tiny guest accepts this line only).
-HOSTS_LINE = 'printf "%s %s\\n" "$1" "$2" >> /etc/hosts'
+# The shell lines a seed gives the guest of a job on several nodes (the tiny guest
+# accepts these lines only).  For each of the job's guests, with its address, name
+# and host key: its line in /etc/hosts and in the known hosts.  Then the job's
+# login key, with the user's name and uid:gid, where the guest's ssh looks for it
+# (root writes it before the user exists in the guest, as cloud-init's bootcmd does).
+HOSTS_LINE = ('printf "%s %s\\n" "$1" "$2" >> /etc/hosts && '
+              'printf "%s,%s %s\\n" "$2" "$1" "$3" >> /etc/ssh/ssh_known_hosts')
+KEY_DIR = "/etc/ssh/vmwn-keys"
+KEY_LINE = (f'mkdir -p -m 0755 {KEY_DIR} && (umask 077 && printf "%s" "$3" > {KEY_DIR}/"$1") '
+            f'&& chown "$2" {KEY_DIR}/"$1"')
 
 
 # The guest's control directory is guestfiles' (the seed only makes it).

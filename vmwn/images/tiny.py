@@ -78,6 +78,16 @@ ClientAliveInterval 0
 PidFile /run/sshd.pid
 Subsystem sftp internal-sftp
 """
+# The job's guests on several nodes log in to each other as the job's user: with
+# the job's key the seed gives (vmwn.seed.KEY_DIR), to the host keys it pins.
+SSH_CONFIG = """\
+Host *
+    IdentityFile /etc/ssh/vmwn-keys/%u
+    GlobalKnownHostsFile /etc/ssh/ssh_known_hosts
+    UserKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    BatchMode yes
+"""
 # Busybox udhcpc calls this with the lease in the environment.
 UDHCPC_SCRIPT = """\
 #!/bin/sh
@@ -120,12 +130,13 @@ def build(cfg, env, force=False):
     try:
         t0 = time.monotonic()
         kpkg = debpkg.depends(KERNEL_META, KERNEL_PATTERN)
-        debs = {p: debpkg.fetch(p) for p in (kpkg, "busybox-static", "openssh-server")}
+        debs = {p: debpkg.fetch(p) for p in (kpkg, "busybox-static", "openssh-server",
+                                             "openssh-client")}
         t1 = time.monotonic()
         trees = {p: debpkg.extract(d, os.path.join(scratch, "pkg", p)) for p, d in debs.items()}
         root = os.path.join(scratch, "root")
         release, vmlinuz = assemble(root, trees[kpkg], trees["busybox-static"],
-                                    trees["openssh-server"])
+                                    trees["openssh-server"], trees["openssh-client"])
         initrd = pack_initramfs(root, os.path.join(scratch, "initrd.img"))
         disk = make_disk(os.path.join(scratch, "disk"))
         t2 = time.monotonic()
@@ -158,7 +169,7 @@ def publish(src, dest):
     os.replace(tmp, dest)
 
 
-def assemble(root, ktree, bbtree, sshtree):
+def assemble(root, ktree, bbtree, sshtree, clienttree):
     """Lay out the initramfs tree under ``root``; return (kernel release, vmlinuz path)."""
     mods = glob.glob(os.path.join(ktree, "lib", "modules", "*"))
     kernels = glob.glob(os.path.join(ktree, "boot", "vmlinuz-*"))
@@ -172,6 +183,7 @@ def assemble(root, ktree, bbtree, sshtree):
     os.chmod(os.path.join(root, "root"), 0o700)
     install_busybox(root, os.path.join(bbtree, "bin", "busybox"))
     install_binary(root, os.path.join(sshtree, "usr", "sbin", "sshd"), "usr/sbin/sshd")
+    install_binary(root, os.path.join(clienttree, "usr", "bin", "ssh"), "usr/bin/ssh")
     order = install_modules(root, mods[0], release)
     compile_static(RESTORED_SOURCE, os.path.join(root, "sbin", "vmwn-restored"))
     files = {
@@ -182,6 +194,7 @@ def assemble(root, ktree, bbtree, sshtree):
         "etc/inittab": (INITTAB, 0o644),
         "etc/hosts": ("127.0.0.1 localhost\n", 0o644),
         "etc/ssh/sshd_config": (SSHD_CONFIG, 0o644),
+        "etc/ssh/ssh_config": (SSH_CONFIG, 0o644),
         "etc/udhcpc/default.script": (UDHCPC_SCRIPT, 0o755),
         f"lib/modules/{release}/load-order": ("".join(m + "\n" for m in order), 0o644),
     }
