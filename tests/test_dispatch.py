@@ -225,8 +225,6 @@ def test_prologue_reads_vmwn_env_from_the_job_record(site, tmp_path):
 
 @pytest.mark.parametrize("res,text", [
     ("other=vmwn=nosuch", "unknown vmwn environment 'nosuch': request one of: tiny"),
-    ("nodes=2,other=vmwn=tiny", "run on one node"),
-    ("nodes=a+b,other=vmwn=tiny", "run on one node"),
     ("mem=64gb,other=vmwn=tiny", "max_memory of environment tiny"),
     ("nodes=1:ppn=3,other=vmwn=tiny", "max_vcpus of environment tiny"),
 ])
@@ -251,14 +249,22 @@ def refusal_line(config_path, job_id):
     return answer_error(refusal).line()
 
 
-def test_prologue_multi_node_on_a_sister_is_a_no_op(site):
+def test_a_sisters_prologue_never_fails_the_jobs_start(site, tmp_path):
+    """A non-zero prologue.parallel requeues the job and marks the node down: a
+    sister refuses (the mother superior's starter then finds its guest missing)."""
     config, home = site
     argv = list(PRO_ARGV)
-    argv[4] = "nodes=2,other=vmwn=tiny"
+    argv[4] = "nodes=2,other=vmwn=nosuch"
+    for env in (dict(MINIMAL_ENV, VMWN_HOOK="prologue.parallel"),
+                dict(MINIMAL_ENV, PBS_NODENUM="1")):
+        assert result(run_step("prologue", argv, config, home, env=env))["rc"] == 0
+        assert "unknown vmwn environment 'nosuch'" in refusal_line(config, "9.testhost")
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[site]\nno_such_key = 1\n")
     env = dict(MINIMAL_ENV, VMWN_HOOK="prologue.parallel")
-    assert result(run_step("prologue", argv, config, home, env=env))["rc"] == 0
-    env = dict(MINIMAL_ENV, PBS_NODENUM="1")
-    assert result(run_step("prologue", argv, config, home, env=env))["rc"] == 0
+    r = run_step("prologue", PRO_ARGV, str(bad), home, env=env)
+    assert result(r)["rc"] == 0 and "no_such_key" in r.stderr
+    assert result(run_step("prologue", PRO_ARGV, str(bad), home))["rc"] == 2  # the MS's
 
 
 def test_prologue_site_problems_exit_2(site, tmp_path):

@@ -350,3 +350,12 @@ def test_a_job_on_several_nodes_is_checked_like_any_other():
         with pytest.raises(SiteError):
             JobSpec(**ok, **bad)
     assert ipaddress.ip_address(jobnet.address(1)) in jobnet.SUBNET
+
+
+def test_the_guests_node_file_names_the_guests_where_the_hosts_were():
+    from vmwn.jobrun import guest_nodefile
+    guests = [("tq2", "g-n0"), ("tq1.example.org", "g-n1")]
+    assert guest_nodefile(b"tq2\ntq2\ntq1.example.org\n", guests) == b"g-n0\ng-n0\ng-n1\n"
+    assert guest_nodefile(b"tq2.example.org\ntq1\n", guests) == b"g-n0\ng-n1\n"
+    assert guest_nodefile(b"tq2\nother\n", guests) == b"g-n0\nother\n"
+    assert guest_nodefile(b"tq2\n", []) == b"tq2\n"  # a one-node job's is its own

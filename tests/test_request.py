@@ -63,13 +63,55 @@ def test_cores(res, cores):
     assert request.cores(pbs.parse_resources(res), {}) == cores
 
 
-@pytest.mark.parametrize("res,environ", [
-    ("nodes=2", {}), ("nodes=a+b", {}), ("nodes=1:ppn=2+1:ppn=2", {}),
-    ("procs=4", {"PBS_NUM_NODES": "2"})])
-def test_multi_node_is_refused(res, environ):
-    with pytest.raises(UserError) as e:
-        request.cores(pbs.parse_resources(res), environ)
-    assert "one node" in str(e.value)
+@pytest.mark.parametrize("res,environ,count", [
+    ("nodes=2", {}, 2), ("nodes=a+b", {}, 2), ("nodes=1:ppn=2+1:ppn=2", {}, 2),
+    ("procs=4", {"PBS_NUM_NODES": "2"}, 2), ("nodes=1:ppn=4", {}, 1), ("", {}, 1)])
+def test_nodes_are_counted(res, environ, count):
+    assert request.node_count(pbs.parse_resources(res), environ) == count
+
+
+def test_cores_of_a_job_on_several_nodes_are_the_most_a_node_asks_for():
+    assert request.cores(pbs.parse_resources("nodes=1:ppn=2+2:ppn=1"), {}) == 2
+
+
+def _job_on_two_nodes(cfg, monkeypatch, here, hosts, data="mounted"):
+    monkeypatch.setattr(pbs, "server_exec_hosts", lambda job: hosts)
+    monkeypatch.setattr(request.socket, "gethostname", lambda: here)
+    import dataclasses
+    monkeypatch.setitem(cfg.environments, "tiny",
+                        dataclasses.replace(cfg.env("tiny"), data=data))
+    return request.build(cfg, request.Choice("tiny", "-l other"),
+                         args("nodes=2,other=vmwn=tiny"), {"PBS_O_WORKDIR": "/tmp"}, dict)
+
+
+def test_a_job_on_several_nodes_knows_them_and_this_ones_place(cfg, monkeypatch):
+    spec = _job_on_two_nodes(cfg, monkeypatch, "n2.example.org", ["n1.example.org", "n2"])
+    assert spec.nodes == ("n1.example.org", "n2") and spec.node_index == 1
+
+
+def test_a_node_the_job_does_not_name_is_the_sites_to_fix(cfg, monkeypatch):
+    with pytest.raises(SiteError, match="this node \\(n3\\) is not among"):
+        _job_on_two_nodes(cfg, monkeypatch, "n3", ["n1", "n2"])
+
+
+def test_nodes_unknown_to_a_node_without_the_server_may_pass(cfg, monkeypatch):
+    from vmwn.errors import TransientError
+    with pytest.raises(TransientError, match="cannot tell the nodes"):
+        _job_on_two_nodes(cfg, monkeypatch, "n1", None)
+
+
+def test_a_job_on_several_nodes_in_copy_mode_is_refused(cfg, monkeypatch):
+    with pytest.raises(UserError, match="needs its files mounted"):
+        _job_on_two_nodes(cfg, monkeypatch, "n1", ["n1", "n2"], data="copy")
+
+
+def test_the_node_file_of_the_mother_superior_names_the_nodes_without_the_server(tmp_path):
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("n2\nn2\nn1\n")
+    from unittest import mock
+    with mock.patch.object(pbs, "server_exec_hosts", lambda job: None):
+        assert request.job_nodes("5.srv", {"PBS_NODEFILE": str(nodefile)}, here="n2") == \
+            (("n2", "n1"), 0)
 
 
 def test_memory_from_mem_or_pmem_times_cores():

@@ -27,6 +27,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import shutil
 import socket
 
 from . import netns, subp
@@ -124,13 +125,25 @@ def hosts(job_id, count, hostname):
     return [(address(i), hostname(i)) for i in range(count)]
 
 
-def _ip(args, where=None, check=True):
-    argv = (["nsenter", f"--net={where}"] if where else []) + ["ip"] + [str(a) for a in args]
+def _tool(name):
+    """A system program by name: batch daemons give their hooks PATH=/bin:/usr/bin,
+    where Debian's iproute2 has ``ip`` but not ``bridge``."""
+    return shutil.which(name, path=os.pathsep.join(
+        [os.environ.get("PATH") or "/usr/bin:/bin", "/usr/sbin", "/sbin"])) or name
+
+
+def _run(argv, where=None, check=True):
+    argv = ([_tool("nsenter"), f"--net={where}"] if where else []) + \
+        [_tool(argv[0])] + [str(a) for a in argv[1:]]
     cp = subp.run(argv, timeout=30, check=False, fix=FIX)
     if check and cp.returncode != 0:
         raise SiteError(f"cannot make the job's network: {' '.join(argv)}: "
                         f"{(cp.stderr or '').strip()[:200]}", FIX)
     return cp
+
+
+def _ip(args, where=None, check=True):
+    return _run(["ip"] + list(args), where, check)
 
 
 def up(net, uid, gid):
@@ -140,12 +153,8 @@ def up(net, uid, gid):
     _ip(["link", "add", net.vxlan, "type", "vxlan", "id", net.vni, "local", net.local,
          "dstport", net.port], origin)
     for peer in net.peers:  # flooding: broadcasts and unknown destinations reach every node
-        argv = (["nsenter", f"--net={origin}"] if origin else []) + [
-            "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", net.vxlan, "dst", peer]
-        cp = subp.run(argv, timeout=30, check=False, fix=FIX)
-        if cp.returncode != 0:
-            raise SiteError(f"cannot make the job's network: {' '.join(argv)}: "
-                            f"{(cp.stderr or '').strip()[:200]}", FIX)
+        _run(["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", net.vxlan, "dst", peer],
+             origin)
     if origin:
         _ip(["link", "set", net.vxlan, "netns", os.getpid()], origin)
     _ip(["link", "add", net.bridge, "type", "bridge"])

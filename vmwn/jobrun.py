@@ -223,10 +223,12 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
             guestfiles.task_tag(_safe(str(task_num or "0")))
         files = []
         nodefile = environ.get(nodefile_var) if nodefile_var else None
+        guests = [tuple(g) for g in getattr(st, "guests", None) or ()]
         if nodefile and mode != "task":
             try:
                 with open(nodefile, "rb") as f:
-                    files.append((guestfiles.NODEFILE, f.read(1 << 20), 0o600))
+                    files.append((guestfiles.NODEFILE, guest_nodefile(f.read(1 << 20), guests),
+                                  0o600))
             except OSError as e:
                 log.warning("cannot copy the node file %s: %s", nodefile, e.strerror)
         if nodefile:
@@ -257,6 +259,8 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
                             "the virtual machine may be out of disk space") from None
         if shares:
             _check_mounts(prep.proc_mounts, shares, st.env)
+        if len(guests) > 1 and mode != "task":
+            _await_other_guests(cfg, guest, st, guests)
         for item in (prep.staged.skipped if prep.staged else [])[:20]:
             say(f"not copied into the virtual machine: {item}")
         shell = rest[0]
@@ -312,6 +316,42 @@ def ended(outcome, log, usage=True):
         sys.stdout.flush()
         die_of(value)
     return value
+
+
+def guest_nodefile(data, guests):
+    """The host's node file with each of the job's nodes replaced by its guest's name
+    (``guests``: (node, guest host name) pairs); a one-node job's is unchanged."""
+    if not guests:
+        return data
+    names = {}
+    for node, name in guests:
+        names[node.encode()] = names[node.split(".")[0].encode()] = name.encode()
+    lines = data.split(b"\n")
+    return b"\n".join(names.get(ln.strip(), names.get(ln.strip().split(b".")[0], ln))
+                      for ln in lines)
+
+
+def _await_other_guests(cfg, guest, st, guests):
+    """Wait until the job's guests on its other nodes let the job's user in over the
+    job's network (their boots run on their nodes, beside this one's), as the job's
+    own ssh or mpirun will; a guest that does not fails the job, naming its node."""
+    import shlex
+    from .errors import SiteError
+    env = cfg.environments.get(st.env)
+    seconds = int(env.boot_timeout if env else 120)
+    others = [(node, name) for node, name in guests[1:]]
+    command = ("for h in " + " ".join(shlex.quote(n) for _, n in others) + "; do "
+               f"timeout {seconds} ssh -o ConnectionAttempts={seconds} -o ConnectTimeout=5 "
+               "\"$h\" true "
+               "</dev/null >/dev/null 2>&1 || { echo \"$h\"; exit 1; }; done")
+    status, out, _ = guest.run(command, timeout=seconds * len(others) + 60)
+    if status != 0:
+        missing = out.decode(errors="replace").strip()
+        node = next((n for n, g in others if g == missing), missing or "?")
+        raise SiteError(f"the job's guest on node {node} did not answer over the job's "
+                        f"network within {seconds} s, so the job was not run",
+                        f"submit it again; if it recurs, the site should read node "
+                        f"{node}'s vmwn log for job {st.job_id}")
 
 
 def connect_guest(st, wsock):

@@ -161,7 +161,9 @@ def _prepare(cfg, spec, timer, log, deadline):
             data=env.data, shares=[dataclasses.asdict(s) for s in shares],
             control_dir=guestfiles.control_dir(spec.user, mounted),
             warm=gen.path if gen else "", batch=spec.batch,
-            jobnet=net.as_dict() if net else {})
+            jobnet=net.as_dict() if net else {},
+            guests=[[node, guest_hostname(spec.job_id, i)] for i, node in enumerate(spec.nodes)]
+            if net else [])
         statemod.save(cfg, st)  # recorded before anything outside the job dir exists
     timer.mark("port")
     if net:

@@ -115,6 +115,26 @@ def enter(pid):
         _origin_fd = here
 
 
+def at_origin(fn, *args):
+    """``fn(*args)`` in the namespace this process started in (the batch daemon's,
+    where its server is reached), back here after; plainly where it never left."""
+    if _origin_fd < 0:
+        return fn(*args)
+    libc = ctypes.CDLL(None, use_errno=True)
+    here = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(_origin_fd, CLONE_NEWNET) != 0:
+            return fn(*args)  # cannot go back (never seen): ask from here
+        try:
+            return fn(*args)
+        finally:
+            if libc.setns(here, CLONE_NEWNET) != 0:
+                raise SiteError("cannot return to libvirt's network namespace: "
+                                f"{os.strerror(ctypes.get_errno())}", "report this as a bug")
+    finally:
+        os.close(here)
+
+
 def enter_libvirts(uri):
     """Enter the network namespace of the libvirt daemon serving ``uri`` when it is
     not this process's; returns True if this process moved.  A daemon that cannot be
@@ -129,4 +149,4 @@ def enter_libvirts(uri):
     return True
 
 
-__all__ = ["current", "is_other", "of", "origin", "libvirt_pid", "enter", "enter_libvirts"]
+__all__ = ["current", "is_other", "of", "origin", "at_origin", "libvirt_pid", "enter", "enter_libvirts"]

@@ -82,8 +82,10 @@ class JobState:
     # The batch system that started the job (spec.JobSpec.batch): another
     # batch system's reap on the same node leaves the job alone.
     batch: str = ""
-    # A job that spans nodes: this node's part of its network (vmwn.jobnet.Net).
+    # A job that spans nodes: this node's part of its network (vmwn.jobnet.Net),
+    # and every node's [node, guest host name], the mother superior's first.
     jobnet: dict = dataclasses.field(default_factory=dict)
+    guests: list = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_json(cls, data):

@@ -47,7 +47,8 @@ CONNECT_TIMEOUT = 10.0   # seconds the warden tries to connect to the forward fo
 # Fields of the job record the starter needs; the record itself stays root's.
 STARTER_FIELDS = ("job_id", "domain", "env", "user", "uid", "gid", "bind_address", "port",
                   "host_key_public", "key_path", "workdir", "host_workdir", "vcpus",
-                  "memory_mib", "data", "control_dir", "shares", "vm_pid", "vm_start")
+                  "memory_mib", "data", "control_dir", "shares", "vm_pid", "vm_start",
+                  "guests")
 
 
 def listen(cfg, st):

@@ -302,32 +302,14 @@ class MomJobs:
         return self._server_says_here(job_id)
 
     def _server_says_here(self, job_id):
-        """True when pbs_python is installed and the server runs the job on this host."""
-        try:
-            import pbs as pbs_python  # noqa: PLC0415 - optional, needs libtorque
-        except ImportError:
+        """True when pbs_python is installed and the server runs the job on this host
+        (its mother superior or one of its sisters)."""
+        attrs = _server_attributes(job_id, ("job_state", "exec_host"))
+        if attrs is None:
+            log.info("pbs_python cannot tell; job %s judged by the mom's files alone", job_id)
             return False
-        conn = -1
-        try:
-            with _quiet_stderr():  # libtorque prints "Unable to communicate with ..." itself
-                conn = pbs_python.pbs_connect(pbs_python.pbs_default())
-            if conn < 0:
-                log.info("pbs_python cannot reach the server; job %s judged by the mom's "
-                         "files alone", job_id)
-                return False
-            for job in pbs_python.pbs_statjob(conn, job_id, None, "NULL") or []:
-                attrs = {a.name: a.value for a in job.attribs}
-                hosts = attrs.get("exec_host", "")
-                if attrs.get("job_state") in ("R", "E") and \
-                        hosts.split("/")[0].split(".")[0] == self.host:
-                    return True
-        except Exception as e:  # noqa: BLE001 - pbs_python raises assorted types
-            log.warning("pbs_python lookup of %s failed: %s", job_id, e)
-        finally:
-            if conn >= 0:
-                with contextlib.suppress(Exception):
-                    pbs_python.pbs_disconnect(conn)
-        return False
+        return attrs.get("job_state") in ("R", "E") and \
+            self.host in (h.split(".")[0] for h in exec_hosts(attrs.get("exec_host", "")))
 
 
 def read_job_record(path):
@@ -365,6 +347,36 @@ def server_variables(job_id):
     Root on the server host always may read it; root on another mom host must
     be one of the server's operators or managers (docs/admin-guide.md).
     """
+    value = _server_attribute(job_id, "Variable_List")
+    return None if value is None else split_server_variable_list(value)
+
+
+def server_exec_hosts(job_id):
+    """The job's hosts in the server's order (``exec_host``, the mother superior
+    first, each host once), or None when pbs_python cannot tell."""
+    value = _server_attribute(job_id, "exec_host")
+    return None if value is None else exec_hosts(value)
+
+
+def exec_hosts(value):
+    """``'tq2/0-1+tq1/0'`` -> ``['tq2', 'tq1']``."""
+    out = []
+    for part in value.split("+"):
+        host = part.strip().split("/")[0]
+        if host and host not in out:
+            out.append(host)
+    return out
+
+
+def _server_attribute(job_id, name):
+    """One attribute of the job from the server via pbs_python, or None."""
+    attrs = _server_attributes(job_id, (name,))
+    return None if attrs is None else attrs.get(name)
+
+
+def _server_attributes(job_id, names):
+    """The job's attributes ``names`` from the server via pbs_python ({name: value}
+    of those it has), or None when pbs_python is missing or cannot ask."""
     try:
         import pbs  # noqa: PLC0415 - optional, needs libtorque
     except ImportError:
@@ -376,12 +388,13 @@ def server_variables(job_id):
         if conn < 0:
             log.warning("pbs_python cannot reach pbs_server for %s", job_id)
             return None
-        want = pbs.new_attrl(1)
-        want[0].name = pbs.ATTR_v
+        want = pbs.new_attrl(len(names))
+        for i, name in enumerate(names):
+            want[i].name = name
+        out = {}
         for job in pbs.pbs_statjob(conn, job_id, want, None) or []:
-            for a in job.attribs:
-                if a.name == pbs.ATTR_v:
-                    return split_server_variable_list(a.value)
+            out.update((a.name, a.value) for a in job.attribs if a.name in names)
+        return out
     except Exception as e:  # noqa: BLE001 - pbs_python raises assorted types
         log.warning("pbs_python lookup of %s failed: %s", job_id, e)
     finally:

@@ -9,10 +9,11 @@ asking for more than the environment or the node allows is the user's mistake.
 
 import dataclasses
 import os
+import socket
 
 from .. import spec
 from . import pbs
-from ..errors import UserError
+from ..errors import SiteError, TransientError, UserError
 
 # The batch system recorded with each job (its reap judges only its own).
 BATCH = "torque"
@@ -61,26 +62,51 @@ def _positive_int(text, name):
 def cores(resources, environ):
     """Cores the job holds on this node, or None when the job does not say.
 
-    ``nodes=1:ppn=N``, ``ncpus=N`` and ``procs=N`` all count; the largest wins.
-    A request spanning several nodes is refused: a VM lives on one host.
+    ``nodes=N:ppn=M``, ``ncpus=N`` and ``procs=N`` all count; the largest wins
+    (a job on several nodes: the most any of its nodes asks for).
     """
     counts = []
     nodes = resources.get("nodes")
     if nodes:
         parts = pbs.parse_nodes(nodes)
-        if sum(p.count for p in parts) > 1:
-            raise UserError(f"vmwn environments run on one node, but the job asks for "
-                            f"nodes={nodes}", "ask for nodes=1:ppn=N")
         if parts:
-            counts.append(parts[0].ppn)
-    num_nodes = (environ.get("PBS_NUM_NODES") or "").strip()
-    if num_nodes.isdigit() and int(num_nodes) > 1:
-        raise UserError(f"vmwn environments run on one node, but the job was given "
-                        f"{num_nodes} nodes", "ask for nodes=1:ppn=N")
+            counts.append(max(p.ppn for p in parts))
     for name in ("ncpus", "procs"):
         if resources.get(name):
             counts.append(_positive_int(resources[name], name))
     return max(counts) if counts else None
+
+
+def node_count(resources, environ):
+    """How many nodes the job spans: what the server gave it, else what it asked for."""
+    given = (environ.get("PBS_NUM_NODES") or "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return sum(p.count for p in pbs.parse_nodes(resources.get("nodes", ""))) or 1
+
+
+def job_nodes(job_id, environ, here=None):
+    """(the job's hosts, the mother superior first; this host's index among them).
+
+    The server's ``exec_host`` (pbs_python) names them on every node; the
+    mother superior's node file does too, where the server cannot be asked.
+    """
+    hosts = pbs.server_exec_hosts(job_id)
+    if not hosts and environ.get("PBS_NODEFILE"):
+        try:
+            with open(environ["PBS_NODEFILE"], encoding="utf-8", errors="replace") as f:
+                hosts = pbs.exec_hosts("+".join(f.read(1 << 20).split()))
+        except OSError:
+            hosts = None
+    if not hosts:
+        raise TransientError(f"cannot tell the nodes of job {job_id}: the server did not "
+                             "answer", "check that pbs_python on the node reaches pbs_server")
+    here = (here or socket.gethostname()).split(".")[0]
+    for i, host in enumerate(hosts):
+        if host.split(".")[0] == here:
+            return tuple(hosts), i
+    raise SiteError(f"this node ({here}) is not among job {job_id}'s nodes "
+                    f"{' '.join(hosts)}", "give the node the host name its server knows it by")
 
 
 def allocated_cores(environ):
@@ -155,8 +181,15 @@ def build(cfg, choice, args, environ, variables):
         raise UserError(f"the job's working directory {workdir} does not exist: Torque cuts "
                         "PBS_O_WORKDIR at a comma",
                         "submit from a directory whose path has no comma")
+    nodes, index = (), 0
+    if node_count(res, environ) > 1:
+        if env.data != "mounted":  # a sister's output would have no way back
+            raise UserError(f"a job on several nodes needs its files mounted, but "
+                            f"environment {env.name} copies them (data = {env.data})",
+                            "ask for an environment with data = mounted")
+        nodes, index = job_nodes(args.job_id, environ)
     return spec.JobSpec(job_id=args.job_id, user=args.user, uid=pw.pw_uid, gid=gid,
                         group=group, job_name=args.job_name,
                         env=env, vcpus=vcpus, memory_mib=mem, workdir=workdir,
                         host_workdir=workdir, queue=args.queue,
-                        batch=BATCH)
+                        batch=BATCH, nodes=nodes, node_index=index)

@@ -20,6 +20,11 @@ EXIT_CODES = {
     # abort would throw the user's job away where a requeue retries it.
     "prologue": {UserError: 1, NodeBroken: 1, SiteError: 2, TransientError: 2, GuestLost: 2,
                  "other": 2},
+    # A sister's prologue.parallel: any non-zero requeues the job and marks the node
+    # down.  A sister whose guest is not up fails the job instead: the mother
+    # superior's job starter waits for every guest and names the one missing.
+    "prologue.parallel": {UserError: 0, SiteError: 0, TransientError: 0, GuestLost: 0,
+                          "other": 0},
     # Epilogue exit codes are only logged on the mother superior; any non-zero is
     # noise in the mom's log, so the epilogue reports through its stderr and exits 0.
     "epilogue": {UserError: 0, SiteError: 0, TransientError: 0, GuestLost: 0, "other": 0},

@@ -13,7 +13,7 @@ import time
 
 from ... import config, errors, logsetup
 from .. import pbs
-from . import EXIT_CODES, alarm_spent, ensure_std_fds, is_sister, say, setup_logging
+from . import EXIT_CODES, alarm_spent, ensure_std_fds, say, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,6 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     """The step's work.  Returns 0; raises only when no state could be reached."""
     environ = os.environ if environ is None else environ
     args = pbs.parse_epilogue_argv(argv)
-    if is_sister(environ):
-        return 0
     try:
         cfg, broken = config.load(config_path), None
     except errors.VmwnError as e:
@@ -137,6 +135,8 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     if not os.path.lexists(state.job_dir(cfg, args.job_id)):
         return 0  # no VM; a start count of a requeued job is kept for its next start
     setup_logging(cfg)
+    from ... import netns
+    netns.enter_libvirts(cfg.site["libvirt_uri"])  # where the guest's port and devices are
     state.clear_starts(cfg, args.job_id)
     if not state.exists(cfg, args.job_id):
         from ... import lifecycle

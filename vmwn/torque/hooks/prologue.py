@@ -66,8 +66,6 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     """
     environ = os.environ if environ is None else environ
     args = pbs.parse_prologue_argv(argv)
-    if is_sister(environ):
-        return 0  # multi-node requests are refused on the mother superior
     try:
         cfg = config.load(config_path)
     except errors.VmwnError as e:
@@ -93,7 +91,10 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
     except errors.UserError as e:
         return _refuse(cfg, args.job_id, e, jlog)
     until = deadline(cfg, home)
-    from ... import interrupt, lifecycle, reap, warden
+    from ... import interrupt, lifecycle, netns, reap, warden
+    # Where QEMU runs (its forwarded port, a job network's bridge); the mom's own
+    # namespace stays this process's origin (a job network's VXLAN socket).
+    netns.enter_libvirts(cfg.site["libvirt_uri"])
     with interrupt.noted(signal.SIGTERM):
         try:
             st = lifecycle.prepare(cfg, req, until)
@@ -119,7 +120,9 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
             # boot does not wait for it; a failed start heals before its retry.  Not
             # when pbs_mom asked the prologue to stop.
             if not interrupt.requested():
-                reap.bounded_reap(cfg, pbs.MomJobs(home).present, batch=request.BATCH)
+                held = pbs.MomJobs(home).present  # asks the server from the mom's namespace
+                reap.bounded_reap(cfg, lambda job: netns.at_origin(held, job),
+                                  batch=request.BATCH)
     return 0
 
 
@@ -204,4 +207,6 @@ def main(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
             jlog.error("prologue failed unexpectedly", exc_info=True)
             say(f"internal error in the prologue ({type(e).__name__}: {e}); "
                 "see the node's syslog")
-        return errors.exit_code(EXIT_CODES["prologue"], e)
+        return errors.exit_code(
+            EXIT_CODES["prologue.parallel" if is_sister(environ or os.environ) else "prologue"],
+            e)
