@@ -26,7 +26,8 @@ QSTAT      ?= $(firstword $(shell command -v qstat 2>/dev/null) $(wildcard $(TOR
 APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev \
 	pkg-config gcc libc6-dev python3-dev python3-venv cpio busybox-static openssh-server openssh-client \
 	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini iptables \
-	slurmctld slurmd slurm-client munge libslurm-dev slurmdbd mariadb-server-core mariadb-client-core
+	slurmctld slurmd slurm-client munge libslurm-dev slurmdbd mariadb-server-core mariadb-client-core \
+	libopenmpi-dev openmpi-bin
 # Debian 13's QEMU has no virtiofsd of its own (QEMU 8 dropped the C daemon): the
 # Rust one is a package of its own there.
 DEBIAN_MAJOR := $(shell cut -d. -f1 /etc/debian_version 2>/dev/null)

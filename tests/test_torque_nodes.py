@@ -179,3 +179,94 @@ def test_a_sister_whose_guest_does_not_boot_fails_the_job_once_naming_it(cluster
         assert "vmwn:" in err, err
     wait_until(lambda: not cluster.remains(job), 60, f"nothing of {job} left")
 
+
+
+HELLO = r"""
+#include <mpi.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int rank, size; char host[256];
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    gethostname(host, sizeof host);
+    printf("hello from rank %d of %d on %s\n", rank, size, host);
+    MPI_Finalize();
+    return 0;
+}
+"""
+
+# A token goes round the ring ROUNDS times one way, then as many the other way;
+# each rank adds its rank + 1 as it passes.  Rank 0 prints the sums.
+RING = r"""
+#include <mpi.h>
+#include <stdio.h>
+#define ROUNDS 100
+int main(int argc, char **argv) {
+    int rank, size; long token;
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    for (int dir = 1; dir >= -1; dir -= 2) {
+        int next = (rank + dir + size) % size, prev = (rank - dir + size) % size;
+        token = 0;
+        for (int r = 0; r < ROUNDS; r++) {
+            if (rank == 0) {
+                token += 1;
+                MPI_Send(&token, 1, MPI_LONG, next, 0, MPI_COMM_WORLD);
+                MPI_Recv(&token, 1, MPI_LONG, prev, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            } else {
+                MPI_Recv(&token, 1, MPI_LONG, prev, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+                token += rank + 1;
+                MPI_Send(&token, 1, MPI_LONG, next, 0, MPI_COMM_WORLD);
+            }
+        }
+        if (rank == 0) printf("ring %s %ld\n", dir > 0 ? "forward" : "backward", token);
+    }
+    MPI_Finalize();
+    return 0;
+}
+"""
+
+
+def _debian_major():
+    try:
+        with open("/etc/debian_version") as f:
+            return f.read().split(".")[0].strip()
+    except OSError:
+        return ""
+
+
+def test_mpi_hello_and_ring_across_two_debian12_guests(cluster, workdir):
+    """Programs built with the host's mpicc in the user's home run across the
+    job's two guests: a line from each rank, and a token round the ring both ways."""
+    if not os.path.exists(os.path.join(IMAGE_DIR, "debian12", "disk.qcow2")):
+        pytest.skip("no debian12 image (make guest)")
+    if not shutil.which("mpicc"):
+        pytest.skip("no mpicc on this host (make deps installs libopenmpi-dev)")
+    if _debian_major() != "12":
+        pytest.skip("the guest is Debian 12: a program built on this host would not run there")
+    for name, text in (("hello", HELLO), ("ring", RING)):
+        path = os.path.join(workdir, f"{name}.c")
+        with open(path, "w") as f:
+            f.write(text)
+        os.chown(path, cluster.user.pw_uid, cluster.user.pw_gid)
+        cp = torquelib.run(["su", "-s", "/bin/sh", cluster.user.pw_name, "-c",
+                            f"cd {shlex.quote(workdir)} && mpicc -O2 -o {name} {name}.c"],
+                           check=False)
+        assert cp.returncode == 0, cp.stderr
+    job = cluster.submit(workdir, """\
+cd "$PBS_O_WORKDIR"
+mpirun --hostfile "$PBS_NODEFILE" -np 2 ./hello | sort
+mpirun --hostfile "$PBS_NODEFILE" -np 2 ./ring
+""", "-l nodes=2:ppn=1 -l other=vmwn=debian12")
+    st = cluster.wait(job, timeout=900)
+    out, err = cluster.wait_output(workdir, job)
+    assert st.get("exit_status") == "0", (st, out, err)
+    names = [guest_hostname(job, i) for i in range(2)]
+    lines = out.splitlines()
+    assert lines[:2] == [f"hello from rank {r} of 2 on {names[r]}" for r in range(2)], (out, err)
+    # Forward: each round adds 1 (rank 0) + 2 (rank 1); backward the same.
+    assert lines[2:4] == ["ring forward 300", "ring backward 300"], (out, err)
+    wait_until(lambda: not cluster.remains(job), 60, f"nothing of {job} left")

@@ -33,8 +33,10 @@ SUITES = (SUITE, f"{SUITE}-updates", f"{SUITE}-security")
 # to probe, smaller initramfs) and has every virtio driver a guest needs.
 KERNEL_META = "linux-image-cloud-amd64"
 KERNEL_GLOB = "vmlinuz-*-cloud-amd64"
+# OpenMPI's runtime (mpirun, orted, the libraries): a job on several nodes runs
+# its MPI programs across its guests, built on a Debian 12 host with mpicc.
 PACKAGES = [KERNEL_META, "systemd-sysv", "udev", "dbus", "openssh-server", "python3",
-            "cloud-init", "iproute2"]
+            "cloud-init", "iproute2", "openssh-client", "openmpi-bin"]
 DISK_BYTES = 4 << 30
 DISK_LABEL = "vmwn-root"
 APT_SOURCES = "/etc/apt/sources.list"
@@ -92,8 +94,25 @@ cloud_final_modules:
   - final-message
   - power-state-change
 """,
-    # DHCP on the first (only) ethernet NIC, whatever name udev gives it
-    # (ens3 for virtio-net on the pc machine; eth0 with net.ifnames=0).
+    # A job on several nodes: its guest's second card, on the job's own network,
+    # is in the last PCI slot (the domain template's).  It keeps the kernel's
+    # name eth1, which the seed's lines name, and networkd leaves it to them.
+    "etc/systemd/network/10-vmwn-job.link": """\
+[Match]
+Path=pci-0000:00:1f.0
+
+[Link]
+Name=eth1
+""",
+    "etc/systemd/network/10-vmwn-job.network": """\
+[Match]
+Name=eth1
+
+[Link]
+Unmanaged=yes
+""",
+    # DHCP on the user network's NIC, whatever name udev gives it
+    # (ens30 for virtio-net in slot 0x1e of the pc machine; eth0 with net.ifnames=0).
     "etc/systemd/network/20-vmwn-dhcp.network": """\
 [Match]
 Type=ether
@@ -129,6 +148,22 @@ KbdInteractiveAuthentication no
 PermitRootLogin no
 UseDNS no
 PrintMotd no
+""",
+    # The job's guests on several nodes log in to each other as the job's user:
+    # with the job's key the seed gives, to the host keys it pins (vmwn.seed).
+    "etc/ssh/ssh_config.d/10-vmwn.conf": """\
+Host *
+    IdentityFile /etc/ssh/vmwn-keys/%u
+    GlobalKnownHostsFile /etc/ssh/ssh_known_hosts
+    UserKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    BatchMode yes
+""",
+    # MPI between guests goes over the job's network, never the user network
+    # (10.0.2.0/24: every guest has the same address there).
+    "etc/openmpi/openmpi-mca-params.conf": """\
+btl_tcp_if_exclude = 127.0.0.1/8,10.0.2.0/24
+oob_tcp_if_exclude = 10.0.2.0/24
 """,
     # The host may watch the serial console for this one line.
     "etc/systemd/system/vmwn-ready.service": """\
