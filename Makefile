@@ -163,11 +163,12 @@ demo: deps
 	$(PY) examples/demo.py --pbs-home $(PBS_HOME) --config $(DESTDIR)$(SYSCONFDIR)/vmwn/vmwn.conf
 
 bench: deps torque openpbs
-	@$(MAKE) --no-print-directory guest GUESTS=tiny
+	@$(MAKE) --no-print-directory guest GUESTS="tiny debian12"
 	$(PY) bench/vmwn_bench.py --config $(CONFIG)
 	$(PY) bench/torque_bench.py
 	$(PY) bench/openpbs_bench.py
 	$(PY) bench/slurm_bench.py
+	$(PY) bench/mpi_bench.py
 
 # A node is installed from the wheel, exactly as a site installs one without a
 # source tree: pip install dist/vmwn-*.whl into the runtime, then its vmwn-install.

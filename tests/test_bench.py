@@ -180,3 +180,20 @@ def test_a_jobs_processes_are_found_by_their_place_in_the_tree(tmp_path):
         for p in (launcher, warden, starter):
             p.kill()
             p.wait()
+
+
+def test_mpi_bench_reads_what_its_program_prints_and_ignores_the_rest():
+    import mpi_bench
+    text = "latency_us 13.2\nsome warning from mpirun\nbandwidth_mibs 2017.5\n"
+    assert mpi_bench.parse(text) == {"latency_us": 13.2, "bandwidth_mibs": 2017.5}
+    assert mpi_bench.parse("") == {}
+
+
+def test_mpi_bench_agent_runs_the_command_on_the_host_it_is_given(tmp_path):
+    import subprocess
+    import mpi_bench
+    agent = tmp_path / "agent"
+    agent.write_text(mpi_bench.AGENT % "echo")  # echo stands for scripts/torque-nodes
+    cp = subprocess.run(["sh", str(agent), "-x", "tq1", "orted", "--daemonize"],
+                        capture_output=True, text=True, check=True)
+    assert cp.stdout == "run tq1 sh -c orted --daemonize\n"
