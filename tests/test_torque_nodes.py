@@ -9,6 +9,7 @@ sees (the .o/.e files, qstat) and that nothing is left on either node.
 """
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -269,4 +270,26 @@ mpirun --hostfile "$PBS_NODEFILE" -np 2 ./ring
     assert lines[:2] == [f"hello from rank {r} of 2 on {names[r]}" for r in range(2)], (out, err)
     # Forward: each round adds 1 (rank 0) + 2 (rank 1); backward the same.
     assert lines[2:4] == ["ring forward 300", "ring backward 300"], (out, err)
+    wait_until(lambda: not cluster.remains(job), 60, f"nothing of {job} left")
+
+
+def test_each_nodes_mom_charges_its_own_guest(cluster, workdir):
+    """The sister's guest burns CPU while the mother superior's waits: the job's
+    cput holds the sister's VM too, beyond what the first VM used (its .e line).
+    The moms poll every 10 s ($check_poll_time): the job outlives a poll after
+    the loop."""
+    job = cluster.submit(workdir, """\
+sister=$(tail -n 1 "$PBS_NODEFILE")
+ssh "$sister" 'i=0; while [ $i -lt 1500000 ]; do i=$((i+1)); done; echo looped'
+sleep 15
+""", "-l nodes=2:ppn=1 -l other=vmwn=tiny")
+    st = cluster.wait(job, timeout=300)
+    out, err = cluster.wait_output(workdir, job)
+    assert st.get("exit_status") == "0" and "looped" in out, (st, out, err)
+    first = re.search(r"the virtual machine used ([0-9.]+) s of CPU", err)
+    assert first, err
+    h, m, s = (int(x) for x in st["resources_used.cput"].split(":"))
+    cput = h * 3600 + m * 60 + s
+    # Without the sister's adoption the job's cput is the first VM's, to the second.
+    assert cput - float(first.group(1)) >= 3, (st["resources_used.cput"], err)
     wait_until(lambda: not cluster.remains(job), 60, f"nothing of {job} left")

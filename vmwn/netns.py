@@ -135,6 +135,16 @@ def at_origin(fn, *args):
         os.close(here)
 
 
+def back_to_origin():
+    """Return for good to the namespace this process started in (a child about to
+    act in the batch daemon's namespace, as another user)."""
+    if _origin_fd >= 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(_origin_fd, CLONE_NEWNET) != 0:
+            raise SiteError("cannot return to the batch daemon's network namespace: "
+                            f"{os.strerror(ctypes.get_errno())}", "report this as a bug")
+
+
 def enter_libvirts(uri):
     """Enter the network namespace of the libvirt daemon serving ``uri`` when it is
     not this process's; returns True if this process moved.  A daemon that cannot be
@@ -149,4 +159,4 @@ def enter_libvirts(uri):
     return True
 
 
-__all__ = ["current", "is_other", "of", "origin", "at_origin", "libvirt_pid", "enter", "enter_libvirts"]
+__all__ = ["current", "is_other", "of", "origin", "at_origin", "back_to_origin", "libvirt_pid", "enter", "enter_libvirts"]

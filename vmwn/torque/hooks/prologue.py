@@ -106,6 +106,8 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
                 raise
             jlog.info("VM %s prepared (%d vCPUs, %d MiB); warden %d boots it",
                       st.domain, req.vcpus, req.memory_mib, pid)
+            if is_sister(environ):
+                _adopt_when_up(cfg, st, home, jlog)
         except errors.UserError as e:
             return _refuse(cfg, args.job_id, e, jlog)
         except errors.VmwnError as e:
@@ -124,6 +126,49 @@ def run(argv, config_path=None, pbs_home=None, environ=None, state_dir=None):
                 reap.bounded_reap(cfg, lambda job: netns.at_origin(held, job),
                                   batch=request.BATCH)
     return 0
+
+
+def _adopt_when_up(cfg, st, pbs_home, jlog):
+    """On a sister, where no job starter runs: a detached child waits for the guest
+    (as a further task, so that its end never ends the job), then has this node's
+    pbs_mom count the VM as the job's (``tm_adopt``, as the job's user, from the
+    mom's network namespace), so each node's mom charges its own guest."""
+    from ... import state, warden
+    sock = state.warden_socket(cfg.site["state_dir"], st.job_id)
+    if os.fork():
+        return
+    code = 1
+    try:
+        os.setsid()
+        if os.fork():
+            code = 0
+            return
+        nul = os.open(os.devnull, os.O_RDWR)  # pbs_mom's pipes are the prologue's alone
+        for fd in (0, 1, 2):
+            os.dup2(nul, fd)
+        os.close(nul)
+        from ... import netns
+        answer, wsock = warden.wait_answer(sock)
+        if answer.get("ready"):
+            wsock.sendall(b"task\n")
+            from .starter import _adopt
+            import types
+            rec = types.SimpleNamespace(**answer["record"])
+            netns.back_to_origin()
+            # The job's cookie, which pbs_mom checks when given one (root reads it).
+            record = pbs.read_job_record(pbs.job_record_path(pbs_home, st.job_id))
+            cookie = record.attributes.get("cookie", "").strip() if record else ""
+            from ... import privs
+            privs.drop_to(rec.user, rec.uid, rec.gid)
+            if cookie:
+                os.environ["PBS_JOBCOOKIE"] = cookie
+            _adopt(st.job_id, rec, jlog)
+        wsock.close()
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - a detached child: log, never raise
+        jlog.error("the sister's VM was not adopted into the job: %s", e)
+    finally:
+        os._exit(code)
 
 
 def _failed(cfg, job_id, error, jlog):
