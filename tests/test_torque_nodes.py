@@ -52,14 +52,8 @@ class Nodes(torquelib.Cluster):
         return _nodes("run", "tqs", "su", "-s", "/bin/sh", self.user.pw_name, "-c", line,
                       check=False, timeout=timeout)
 
-    def stat(self, job_id):
-        cp = _nodes("run", "tqs", "qstat", "-f", "-1", job_id, check=False)
-        out = {}
-        for line in cp.stdout.splitlines():
-            name, sep, value = line.strip().partition(" = ")
-            if sep:
-                out[name] = value
-        return out
+    def qstat(self, *args):
+        return _nodes("run", "tqs", "qstat", *args, check=False)
 
     def remains(self, job_id):
         """What of the job is left on either node: its state, overlay, domains, the

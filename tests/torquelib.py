@@ -104,9 +104,13 @@ class Cluster:
         self.submitted.append(cp.stdout.strip())
         return cp.stdout.strip()
 
+    def qstat(self, *args):
+        """``qstat ARGS`` on the server's host, as a CompletedProcess."""
+        return run(["qstat", *args], check=False)
+
     def stat(self, job_id):
         """``qstat -f -1`` as a dict (empty when the server no longer knows the job)."""
-        cp = run(["qstat", "-f", "-1", job_id], check=False)
+        cp = self.qstat("-f", "-1", job_id)
         out = {}
         for line in cp.stdout.splitlines():
             name, sep, value = line.strip().partition(" = ")

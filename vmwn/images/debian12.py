@@ -61,6 +61,17 @@ MASKED_UNITS = [
 ENABLED_UNITS = ["systemd-networkd.service", "ssh.service", "vmwn-ready.service"]
 
 FSTAB = "/dev/vda / ext4 defaults 0 1\n"
+# OpenSSH's client set for the job's guests on several nodes (tiny's too).
+SSH_CONFIG_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "guest", "ssh_config")
+RECIPE_FILES = (SSH_CONFIG_SOURCE,)
+
+
+def _text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 
 # Files written into the root filesystem, relative path -> content.
 GUEST_FILES = {
@@ -149,16 +160,6 @@ PermitRootLogin no
 UseDNS no
 PrintMotd no
 """,
-    # The job's guests on several nodes log in to each other as the job's user:
-    # with the job's key the seed gives, to the host keys it pins (vmwn.seed).
-    "etc/ssh/ssh_config.d/10-vmwn.conf": """\
-Host *
-    IdentityFile /etc/ssh/vmwn-keys/%u
-    GlobalKnownHostsFile /etc/ssh/ssh_known_hosts
-    UserKnownHostsFile /dev/null
-    StrictHostKeyChecking yes
-    BatchMode yes
-""",
     # MPI between guests goes over the job's network, never the user network
     # (10.0.2.0/24: every guest has the same address there).
     "etc/openmpi/openmpi-mca-params.conf": """\
@@ -185,6 +186,7 @@ TTYVHangup=no
 WantedBy=cloud-init.target
 """,
     "etc/fstab": FSTAB,
+    "etc/ssh/ssh_config.d/10-vmwn.conf": _text(SSH_CONFIG_SOURCE),
     "etc/hostname": "localhost\n",
     # Only the drivers a virtio guest boots from: a small initramfs unpacks
     # faster under software emulation.

@@ -35,7 +35,9 @@ GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 INIT_SOURCE = os.path.join(GUEST_DIR, "tiny-init")
 # Run by /init after a warm restore (docs/performance.md): fresh host entropy, CRNG rekeyed.
 RESTORED_SOURCE = os.path.join(GUEST_DIR, "vmwn-restored.c")
-RECIPE_FILES = (INIT_SOURCE, RESTORED_SOURCE)
+# OpenSSH's client set for the job's guests on several nodes (debian12's too).
+SSH_CONFIG_SOURCE = os.path.join(GUEST_DIR, "ssh_config")
+RECIPE_FILES = (INIT_SOURCE, RESTORED_SOURCE, SSH_CONFIG_SOURCE)
 TOOLS = {"cpio": "cpio", "gzip": "gzip", "mkfs.ext4": "e2fsprogs", "qemu-img": "qemu-utils",
          "dpkg-deb": "dpkg", "apt-get": "apt", "ldd": "libc-bin", "gcc": "gcc"}
 
@@ -77,16 +79,6 @@ MaxStartups 64
 ClientAliveInterval 0
 PidFile /run/sshd.pid
 Subsystem sftp internal-sftp
-"""
-# The job's guests on several nodes log in to each other as the job's user: with
-# the job's key the seed gives (vmwn.seed.KEY_DIR), to the host keys it pins.
-SSH_CONFIG = """\
-Host *
-    IdentityFile /etc/ssh/vmwn-keys/%u
-    GlobalKnownHostsFile /etc/ssh/ssh_known_hosts
-    UserKnownHostsFile /dev/null
-    StrictHostKeyChecking yes
-    BatchMode yes
 """
 # Busybox udhcpc calls this with the lease in the environment.
 UDHCPC_SCRIPT = """\
@@ -194,7 +186,7 @@ def assemble(root, ktree, bbtree, sshtree, clienttree):
         "etc/inittab": (INITTAB, 0o644),
         "etc/hosts": ("127.0.0.1 localhost\n", 0o644),
         "etc/ssh/sshd_config": (SSHD_CONFIG, 0o644),
-        "etc/ssh/ssh_config": (SSH_CONFIG, 0o644),
+        "etc/ssh/ssh_config": (_read(SSH_CONFIG_SOURCE), 0o644),
         "etc/udhcpc/default.script": (UDHCPC_SCRIPT, 0o755),
         f"lib/modules/{release}/load-order": ("".join(m + "\n" for m in order), 0o644),
     }
@@ -214,7 +206,11 @@ def compile_static(source, out):
 
 
 def read_init():
-    with open(INIT_SOURCE, encoding="utf-8") as f:
+    return _read(INIT_SOURCE)
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
         return f.read()
 
 
