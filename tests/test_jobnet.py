@@ -312,7 +312,8 @@ def test_the_tiny_guest_knows_the_seeds_lines():
 
 def test_derived_keys_are_the_same_on_every_node_and_differ_per_secret_and_label():
     from vmwn import keys
-    a, b = keys.derive(b"s" * 32, "host\0j\0" "1", "x"), keys.derive(b"s" * 32, "host\0j\0" "1", "y")
+    label = "host\0j\0" "1"
+    a, b = keys.derive(b"s" * 32, label, "x"), keys.derive(b"s" * 32, label, "y")
     assert a.public_line.split()[:2] == b.public_line.split()[:2]
     others = {keys.derive(b"t" * 32, "host\0j\0" "1", "x").public_line.split()[1],
               keys.derive(b"s" * 32, "host\0j\0" "2", "x").public_line.split()[1]}

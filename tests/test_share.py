@@ -16,6 +16,7 @@ from vmwn import config, lifecycle, share, state
 from vmwn.errors import SiteError, UserError
 from vmwn.spec import JobSpec
 from vmwn.ssh import Guest
+from vmwn.usage import start_time, stat_fields
 from hostile_tree import command as tree_command, problems
 from vmwn_testlib import (RUST_VIRTIOFSD, TINY, VIRTIOFSD_KINDS, leftovers, needs_image,
                           qemu_reachable_dir, virtiofsd_or_skip, wait_until, write_config)
@@ -303,6 +304,10 @@ def test_each_virtiofsd_serves_a_hostile_tree_to_the_host_as_the_job_user(daemon
                        job_name="tree", env=env, vcpus=1, memory_mib=env.memory_mib,
                        workdir=workdir, host_workdir=workdir)
         st = lifecycle.create(cfg, spec, time.monotonic() + 180)
+        # This job's daemons by pid and start time: another lane's job may serve
+        # the same home meanwhile, with a daemon whose command line is the same.
+        daemons = [(s["pid"], s["started"]) for s in st.shares]
+        assert daemons and all(pid and started for pid, started in daemons)
         try:
             with Guest.connect(st) as g:
                 status, out, err = g.run(tree_command(workdir), timeout=600)
@@ -310,12 +315,19 @@ def test_each_virtiofsd_serves_a_hostile_tree_to_the_host_as_the_job_user(daemon
         finally:
             lifecycle.destroy(cfg, job)
         assert leftovers(cfg, job) == []
-        assert share.serving(state.job_dir(cfg, job), [test_user.pw_dir, workdir]) == []
+        assert share.serving(state.job_dir(cfg, job)) == []
+        assert [d for d in daemons if _runs(*d)] == []
         o = os.path.join(os.fsencode(workdir), b"out")
         assert problems(o, test_user.pw_uid, test_user.pw_gid) == []
     finally:
         shutil.rmtree(os.fsencode(workdir), ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _runs(pid, started):
+    """The process ``pid`` started at ``started`` still runs (not a zombie)."""
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] != "Z" and start_time(pid) == started
 
 
 def test_a_share_whose_own_path_is_not_utf8_is_the_users_problem_named_readably():

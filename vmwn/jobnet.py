@@ -8,8 +8,9 @@ guest gets a second network card on the job's segment and nothing else of it:
   own network namespace, the one the batch daemon runs in (where the node's
   address is), with every other node of the job as a flooding destination;
 - in libvirt's network namespace (where QEMU runs; the same one on an ordinary
-  node) a bridge holding that device and a tap owned by the job's user, which
-  libvirt opens for the guest (``<interface type='ethernet'>``, ``managed='no'``).
+  node) a bridge holding that device and a tap, root's, which libvirt opens for
+  the guest (``<interface type='ethernet'>``, ``managed='no'``) and hands to its
+  QEMU: the job's user gets no device of the node.
 
 None of the three gets an address or an IPv6 link-local one (``addrgenmode
 none``): the node takes no part in the segment.  Another job's guest is on
@@ -146,7 +147,7 @@ def _ip(args, where=None, check=True):
     return _run(["ip"] + list(args), where, check)
 
 
-def up(net, uid, gid):
+def up(net):
     """Make this node's part of the job's network (root).  The VXLAN device is made
     in the node's namespace (:func:`vmwn.netns.origin`, or this one) and moved here."""
     origin = netns.origin()
@@ -158,7 +159,7 @@ def up(net, uid, gid):
     if origin:
         _ip(["link", "set", net.vxlan, "netns", os.getpid()], origin)
     _ip(["link", "add", net.bridge, "type", "bridge"])
-    _ip(["tuntap", "add", "dev", net.tap, "mode", "tap", "user", uid, "group", gid])
+    _ip(["tuntap", "add", "dev", net.tap, "mode", "tap"])
     for dev in (net.bridge, net.vxlan, net.tap):
         _ip(["link", "set", dev, "addrgenmode", "none", "mtu", net.mtu])
     for dev in (net.vxlan, net.tap):

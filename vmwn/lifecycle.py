@@ -104,7 +104,7 @@ def _prepare(cfg, spec, timer, log, deadline):
     paths = share.plan(spec.workdir, home, cfg.site["shared_paths"]) if mounted else []
     share.check_mountable(paths)  # before anything is made for a job refused here
     jdir = statemod.make_job_dir(cfg, spec.job_id)
-    net = guests = None
+    net = seednet = None
     if len(spec.nodes) > 1:  # the job's guests on its nodes share a network of their own
         net = jobnet.plan(spec.job_id, spec.nodes, spec.node_index,
                           cfg.site["job_network_port"], cfg.site["job_network_mtu"])
@@ -115,8 +115,9 @@ def _prepare(cfg, spec, timer, log, deadline):
                                   f"vmwn-host:{domain_name_of(spec.job_id, i)}")
                       for i in range(len(spec.nodes))]
         hostkey = hostkey_of[net.index]
-        userkey = keys.derive(secret, f"user\0{spec.job_id}", f"vmwn-job:{domain_name(spec.job_id)}")
-        guests = dict(address=f"{net.address}/{jobnet.SUBNET.prefixlen}", mtu=net.mtu,
+        userkey = keys.derive(secret, f"user\0{spec.job_id}",
+                              f"vmwn-job:{domain_name(spec.job_id)}")
+        seednet = dict(address=f"{net.address}/{jobnet.SUBNET.prefixlen}", mtu=net.mtu,
                       hosts=[(a, n, hostkey_of[i].public_line) for i, (a, n) in enumerate(
                           jobnet.hosts(spec.job_id, len(spec.nodes),
                                        lambda i: guest_hostname(spec.job_id, i)))])
@@ -131,7 +132,7 @@ def _prepare(cfg, spec, timer, log, deadline):
                        uid=spec.uid, gid=spec.gid, group=spec.group, shell=env.ssh_user_shell,
                        workdir=spec.workdir, hostkey=hostkey, userkey=userkey,
                        mounts=[(s.tag, s.path) for s in shares], home=home,
-                       groups=seed.supplementary_groups(spec.user, spec.gid), jobnet=guests)
+                       groups=seed.supplementary_groups(spec.user, spec.gid), jobnet=seednet)
     ud, md = seed.render(cfg.site["template_dir"], ctx)
     seed_path = seed.build_iso(os.path.join(jdir, "seed.iso"), ud, md,
                                timeout=_left(deadline))
@@ -167,7 +168,7 @@ def _prepare(cfg, spec, timer, log, deadline):
         statemod.save(cfg, st)  # recorded before anything outside the job dir exists
     timer.mark("port")
     if net:
-        jobnet.up(net, spec.uid, spec.gid)
+        jobnet.up(net)
         timer.mark("job network")
     if env.image:
         disk.check_room(cfg, env.image, spec.job_id)

@@ -159,4 +159,5 @@ def enter_libvirts(uri):
     return True
 
 
-__all__ = ["current", "is_other", "of", "origin", "at_origin", "back_to_origin", "libvirt_pid", "enter", "enter_libvirts"]
+__all__ = ["current", "is_other", "of", "origin", "at_origin", "back_to_origin",
+           "libvirt_pid", "enter", "enter_libvirts"]

@@ -135,7 +135,9 @@ def _adopt_when_up(cfg, st, pbs_home, jlog):
     mom's network namespace), so each node's mom charges its own guest."""
     from ... import state, warden
     sock = state.warden_socket(cfg.site["state_dir"], st.job_id)
-    if os.fork():
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)  # it leaves at once, its child detached
         return
     code = 1
     try:
@@ -151,7 +153,7 @@ def _adopt_when_up(cfg, st, pbs_home, jlog):
         answer, wsock = warden.wait_answer(sock)
         if answer.get("ready"):
             wsock.sendall(b"task\n")
-            from .starter import _adopt
+            from .starter import adopt_vm
             import types
             rec = types.SimpleNamespace(**answer["record"])
             netns.back_to_origin()
@@ -162,7 +164,7 @@ def _adopt_when_up(cfg, st, pbs_home, jlog):
             privs.drop_to(rec.user, rec.uid, rec.gid)
             if cookie:
                 os.environ["PBS_JOBCOOKIE"] = cookie
-            _adopt(st.job_id, rec, jlog)
+            adopt_vm(st.job_id, rec, jlog)
         wsock.close()
         code = 0
     except BaseException as e:  # noqa: BLE001 - a detached child: log, never raise

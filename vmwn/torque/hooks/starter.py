@@ -122,7 +122,7 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
         cfg, job_id, sock_path, mode, rest, environ, script=script, how=how, args=args,
         nodefile_var="PBS_NODEFILE", task_num=environ.get("PBS_TASKNUM", "0"),
         host_workdir=environ.get("PBS_O_WORKDIR"),
-        adopt=lambda st, wsock: _adopt(job_id, st, log), log=log)
+        adopt=lambda st, wsock: adopt_vm(job_id, st, log), log=log)
     if mode != "task":
         jobrun.report_usage(st, log)
     if os.getppid() != mom and mode != "task":
@@ -140,7 +140,7 @@ def _run_vm(cfg, job_id, rest, sock_path, pbs_home):
     return value
 
 
-def _adopt(job_id, st, log):
+def adopt_vm(job_id, st, log):
     """Have pbs_mom count the VM as the job's: it then charges QEMU's CPU time and
     memory to the job and checks cput and vmem on it (vmwn.emulator says how).  A
     failure is the site's to fix and does not stop the job."""
