@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]
 
-from vmwn_testlib import IMAGE_DIR, install_runtime  # noqa: E402
+from vmwn_testlib import IMAGE_DIR, debian_major, install_runtime  # noqa: E402
 
 NODES = os.path.join(ROOT, "scripts", "torque-nodes")
 USER = "vmwntest"
@@ -131,10 +131,9 @@ def main(argv=None):
             not os.path.exists(os.path.join(IMAGE_DIR, "debian12", "disk.qcow2")):
         print("mpi-bench: skipped (needs root, mpicc and the debian12 image)")
         return 0
-    with open("/etc/debian_version") as f:
-        if f.read().split(".")[0] != "12":
-            print("mpi-bench: skipped (the guest is Debian 12; this host's mpicc is not)")
-            return 0
+    if debian_major() != "12":
+        print("mpi-bench: skipped (the guest is Debian 12; this host's mpicc is not)")
+        return 0
     import pwd
     pw = pwd.getpwnam(USER)
     install_runtime()

@@ -15,25 +15,17 @@ import subprocess
 
 import pytest
 
-from vmwn_testlib import needs_image, ROOT
+from vmwn_testlib import debian_major, needs_image, ROOT
 
 ROOT13 = "/var/lib/vmwn-debian13"
 SMOKE = os.path.join(ROOT, "scripts", "debian13-smoke")
 TORQUE = os.environ.get("TORQUE_PREFIX", "/opt/vmwn-torque")
 
 
-def _debian_major():
-    try:
-        with open("/etc/debian_version", encoding="ascii") as f:
-            return f.read().split(".")[0].strip()
-    except OSError:
-        return ""
-
-
 @pytest.mark.integration
 @needs_image("tiny")
 def test_a_guest_boots_in_both_data_modes_on_debian_13():
-    if _debian_major() != "12":
+    if debian_major() != "12":
         pytest.skip("this machine is not Debian 12: the whole suite runs on its own Debian")
     if not glob.glob(os.path.join(ROOT13, ".vmwn-*")):
         pytest.skip(f"no Debian 13 root in {ROOT13} ('make debian13-root' builds it)")

@@ -19,7 +19,7 @@ import pytest
 from vmwn.domain import guest_hostname
 
 import torquelib
-from vmwn_testlib import IMAGE_DIR, install_runtime, wait_until
+from vmwn_testlib import IMAGE_DIR, debian_major, install_runtime, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -225,14 +225,6 @@ int main(int argc, char **argv) {
 """
 
 
-def _debian_major():
-    try:
-        with open("/etc/debian_version") as f:
-            return f.read().split(".")[0].strip()
-    except OSError:
-        return ""
-
-
 def test_mpi_hello_and_ring_across_two_debian12_guests(cluster, workdir):
     """Programs built with the host's mpicc in the user's home run across the
     job's two guests: a line from each rank, and a token round the ring both ways."""
@@ -240,7 +232,7 @@ def test_mpi_hello_and_ring_across_two_debian12_guests(cluster, workdir):
         pytest.skip("no debian12 image (make guest)")
     if not shutil.which("mpicc"):
         pytest.skip("no mpicc on this host (make deps installs libopenmpi-dev)")
-    if _debian_major() != "12":
+    if debian_major() != "12":
         pytest.skip("the guest is Debian 12: a program built on this host would not run there")
     for name, text in (("hello", HELLO), ("ring", RING)):
         path = os.path.join(workdir, f"{name}.c")

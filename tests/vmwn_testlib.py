@@ -127,6 +127,15 @@ def forget_run(what):
         os.unlink(os.path.join(STAMP_DIR, f"vmwn-test-{what}"))
 
 
+def debian_major():
+    """This host's Debian release ("12", "13"), or "" where it is not Debian."""
+    try:
+        with open("/etc/debian_version", encoding="ascii") as f:
+            return f.read().split(".")[0].strip()
+    except OSError:
+        return ""
+
+
 def install_runtime():
     """The runtime the batch systems' tests use ('make install'), once per run."""
     with once_per_run("install") as first:

@@ -18,7 +18,6 @@ from .errors import GuestLost, SiteError, UserError
 
 log = logging.getLogger(__name__)
 
-_SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
 _MAX_LISTED_DIRS = 20000
 _MAX_SPECIALS = 50
 _LS_P = re.compile(r"^/(\d+)/([0-7]+)/\d+/\d+/(.*)/(\d*)/$")
@@ -28,8 +27,8 @@ _KINDS = {stat.S_IFIFO: "a fifo", stat.S_IFCHR: "a character device",
 
 def tools():
     """(debugfs, e2fsck) paths; SiteError when e2fsprogs is missing."""
-    debugfs = shutil.which("debugfs", path=os.pathsep.join(_SBIN))
-    e2fsck = shutil.which("e2fsck", path=os.pathsep.join(_SBIN))
+    debugfs = shutil.which("debugfs", path=subp.SBIN)
+    e2fsck = shutil.which("e2fsck", path=subp.SBIN)
     if not debugfs or not e2fsck:
         raise SiteError("debugfs or e2fsck is not installed", "install Debian package e2fsprogs")
     return debugfs, e2fsck

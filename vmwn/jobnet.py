@@ -127,10 +127,8 @@ def hosts(job_id, count, hostname):
 
 
 def _tool(name):
-    """A system program by name: batch daemons give their hooks PATH=/bin:/usr/bin,
-    where Debian's iproute2 has ``ip`` but not ``bridge``."""
-    return shutil.which(name, path=os.pathsep.join(
-        [os.environ.get("PATH") or "/usr/bin:/bin", "/usr/sbin", "/sbin"])) or name
+    """A system program by name, wherever the hook's PATH lacks it (``bridge``)."""
+    return shutil.which(name, path=subp.SBIN) or name
 
 
 def _run(argv, where=None, check=True):

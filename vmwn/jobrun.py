@@ -339,7 +339,7 @@ def _await_other_guests(cfg, guest, st, guests):
     from .errors import SiteError
     env = cfg.environments.get(st.env)
     seconds = int(env.boot_timeout if env else 120)
-    others = [(node, name) for node, name in guests[1:]]
+    others = guests[1:]
     command = ("for h in " + " ".join(shlex.quote(n) for _, n in others) + "; do "
                f"timeout {seconds} ssh -o ConnectionAttempts={seconds} -o ConnectTimeout=5 "
                "\"$h\" true "

@@ -170,8 +170,9 @@ def _locked():
         os.close(fd)
 
 
-# pbs_mom runs its prologue with PATH=/bin:/usr/bin: look where iptables lives.
-SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
+# pbs_mom runs its prologue with PATH=/bin:/usr/bin: look where iptables lives
+# (a name of this module's own, which the unit tests point at fake programs).
+SBIN = subp.SBIN
 
 
 def _iptables(cmd):

@@ -10,6 +10,10 @@ import subprocess
 
 from .errors import SiteError
 
+# Where system programs live: batch daemons run their hooks with PATH=/bin:/usr/bin,
+# which lacks iptables, debugfs and iproute2's bridge.
+SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
+
 log = logging.getLogger(__name__)
 
 
