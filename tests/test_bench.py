@@ -162,6 +162,9 @@ def test_a_jobs_processes_are_found_by_their_place_in_the_tree(tmp_path):
         assert launcher.stdout.readline() == b"up\n"
         wait_until(lambda: len(usage.children(launcher.pid)) == 2, 10,
                    "the launcher's children")
+        # Until the anchor has forked "QEMU", it looks like a second guard.
+        wait_until(lambda: any(usage.children(c) for c in usage.children(launcher.pid)), 10,
+                   "the anchor's child")
         wait_until(lambda: len(usage.children(starter.pid)) == 1, 10,
                    "the starter's child")
         d = job_dir_in(str(tmp_path), "7.node")
