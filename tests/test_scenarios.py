@@ -32,6 +32,21 @@ def _domstate(job_id):
     return cp.stdout.strip()
 
 
+def _keeper_of(job_id):
+    """The pid of the keeper serving ``job_id``'s domain (vmwn.keeper), or None."""
+    want = f"\0--domain\0{domain_name(job_id)}\0".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = b"\0" + f.read()
+            if os.path.basename(os.readlink(f"/proc/{pid}/exe")) == "keeper" and \
+                    want in cmdline:
+                return int(pid)
+        except OSError:
+            continue
+    return None
+
+
 class _Batch:
     """What both adapters do the same way over their cluster object ``c``."""
 
@@ -453,6 +468,8 @@ def test_suspend_pauses_the_guest_and_resume_continues_it(batch, workdir):
     ticks = os.path.join(workdir, "ticks")
     wait_for_text(os.path.join(workdir, "started"), "started", 180, "the guest job to start")
     wait_for_text(ticks, "tick", 30, "the job's first tick")
+    # The job's warden has handed it to the keeper, which pauses and resumes the VM.
+    keeper = wait_until(lambda: _keeper_of(job), 30, "the keeper to take over from the warden")
     batch.qsig(job, "suspend")
     wait_until(lambda: _domstate(job) == "paused", 30, "the guest to be paused")
     n = _read(ticks).count("tick")
@@ -465,6 +482,7 @@ def test_suspend_pauses_the_guest_and_resume_continues_it(batch, workdir):
     assert _domstate(job) == "running"
     _release(batch, workdir, "stop")
     assert batch.finish(job) == 0
+    wait_until(lambda: not os.path.exists(f"/proc/{keeper}"), 30, "the keeper to end")
     batch.clean(job)
 
 

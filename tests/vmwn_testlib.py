@@ -65,12 +65,14 @@ def qemu_reachable_dir(prefix="vmwn-test-"):
 
 
 def write_launcher(base):
-    """vmwn's QEMU launcher in ``base`` (as vmwn install writes it), runnable by job users."""
-    from vmwn import emulator
+    """vmwn's QEMU launcher in ``base`` (as vmwn install writes it), runnable by job users,
+    and the keeper beside it (vmwn.keeper)."""
+    from vmwn import emulator, keeper
     path = os.path.join(base, "qemu")
     with open(path, "w") as f:
         f.write(emulator.script("/usr/bin/python3"))
     os.chmod(path, 0o755)
+    keeper.build(os.path.join(base, keeper.NAME))
     return path
 
 

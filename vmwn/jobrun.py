@@ -216,6 +216,8 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
         adopt(st, wsock)
     log.info("starting %s in guest %s as %s", mode, st.domain, st.user)
     guest = connect_guest(st, wsock)
+    if mode != "task":
+        running(wsock)
     try:
         guest.capture_exit_signals()
         ctl = getattr(st, "control_dir", "") or guestfiles.control_dir(st.user, False)
@@ -538,6 +540,16 @@ def await_guest(sock_path, mode):
         say(f"the job waited {waited:.1f} s for its virtual machine "
              f"({answer['record']['env']}); walltime counts from before that wait")
     return types.SimpleNamespace(**answer["record"]), wsock
+
+
+def running(wsock):
+    """Tell the warden that this starter's setup that needed it is done: it hands the
+    job to the keeper (vmwn.keeper).  What follows asks only for a pause, a resume,
+    or a further task's connection."""
+    try:
+        wsock.sendall(b"running\n")
+    except OSError:
+        pass  # a warden gone: the guest job runs all the same
 
 
 def join_cgroups(wsock, timeout=30.0):

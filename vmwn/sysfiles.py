@@ -2,6 +2,10 @@
 replaced atomically, root-owned when run as root, never through a link."""
 
 import os
+import shutil
+
+from . import subp
+from .errors import SiteError
 
 
 def own_root(path):
@@ -25,3 +29,21 @@ def write(path, text, mode):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def compile_c(out, sources, flags, what, fix):
+    """Build ``sources`` with the node's C compiler into ``out`` (atomically, root-owned,
+    0755); ``what`` names the result in the error, ``fix`` says what to do when the
+    build fails."""
+    cc = "cc"
+    if shutil.which(cc) is None:
+        raise SiteError(f"no C compiler ({cc}) to build {what}",
+                        "install one (Debian: apt install gcc libc6-dev)")
+    tmp = out + ".vmwn-new"
+    cp = subp.run([cc, "-O2", "-Wall", *flags, "-o", tmp, *sources], timeout=120, check=False)
+    if cp.returncode != 0:
+        raise SiteError(f"building {what} failed: "
+                        f"{' '.join((cp.stderr or cp.stdout).split())[:300]}", fix)
+    own_root(tmp)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, out)

@@ -16,7 +16,10 @@ The warden
 - opens connections to the guest's forward for a starter outside libvirt's network
   namespace (``connect``: the socket is passed back over the Unix socket, vmwn.netns);
 - ends when the job starter's connection closes (the job ended), when SIGTERM
-  arrives (the epilogue), or when no starter came for ``IDLE_LIMIT`` seconds.
+  arrives (the epilogue), or when no starter came for ``IDLE_LIMIT`` seconds;
+- when the job's starter says ``running`` (its setup done), execs the keeper in its
+  place (vmwn.keeper, a small C program), which serves the rest of the job the same
+  way: no resident Python process for the job's life.
 
 SIGTERM is only noted (vmwn.interrupt): the boot stops at its next waiting
 point, with every process it started in the job's record, where the
@@ -29,6 +32,7 @@ warden also checks the peer's uid, so only the job's own starter is answered.
 import errno
 import fcntl
 import json
+import logging
 import os
 import select
 import signal
@@ -36,7 +40,7 @@ import socket
 import struct
 import time
 
-from . import interrupt, lifecycle, netns, state as statemod
+from . import interrupt, keeper, lifecycle, netns, state as statemod
 from .errors import GuestLost, SiteError, TransientError, VmwnError
 from .logsetup import job_logger
 
@@ -175,6 +179,7 @@ class Warden:
         self.tasks = set()          # sockets of further tasks' starters, never primary
         self.dom_name = None
         self.owner = None           # the job user's uid, the only one answered (and root)
+        self.hand_over = False      # a starter said "running": the keeper takes over
 
     def run(self):
         # SIGTERM: the epilogue (or reap) is taking over the job.
@@ -247,6 +252,9 @@ class Warden:
                     if s is self.primary:
                         self.log.info("job starter gone: the job ended")
                         return
+            if stoppable and self.hand_over:
+                self.hand_over = False
+                self._become_keeper()  # returns only where the keeper cannot take over
             if self.conns:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > IDLE_LIMIT:
@@ -308,6 +316,10 @@ class Warden:
             if conn is self.primary:
                 self.primary = next((c for c in self.conns if c not in self.tasks), None)
             return
+        if word == "running" and conn is not None:
+            # The job's starter (or a sister's adopter) has done what needed Python here.
+            self.hand_over = True
+            return
         if word == "cgroups" and conn is not None:
             # The job's own starter only (the first to connect, at the job's start),
             # and once: another process of the user's could otherwise move the VM
@@ -333,6 +345,50 @@ class Warden:
         finally:
             conn.close()
 
+
+    def _become_keeper(self):
+        """Exec the keeper in this process's place, handing it the listening socket,
+        every connection and the answer (vmwn.keeper); returns only when it cannot."""
+        found = keeper.usable(self.cfg)
+        if found is None:
+            self.log.info("no keeper at %s (or no virsh): the warden serves the job",
+                          keeper.path(self.cfg))
+            return
+        prog, vsh = found
+        st = statemod.load(self.cfg, self.job_id)
+        log_fd = next((h.stream.fileno() for h in logging.getLogger().handlers
+                       if isinstance(h, logging.FileHandler) and h.stream), None)
+        # A SIGTERM from now on waits, blocked, for the keeper (which unblocks it):
+        # the epilogue's stop is never lost between this check and the exec.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        afd, fds = None, []
+        try:
+            if interrupt.requested():
+                return
+            afd = keeper.answer_fd(self.answer)
+            primary = self.primary.fileno() if self.primary is not None else None
+            others = [c.fileno() for c in self.conns if c is not self.primary]
+            fds = [self.listener.fileno(), afd, *others] + \
+                ([primary] if primary is not None else []) + \
+                ([log_fd] if log_fd is not None else [])
+            for fd in fds:
+                os.set_inheritable(fd, True)
+            self.log.info("the keeper takes over the running job")
+            os.execv(prog, keeper.argv(
+                prog, vsh, job_id=self.job_id, owner=st.uid, domain=self.dom_name,
+                uri=self.cfg.site["libvirt_uri"], forward=st.bind_address, port=st.port,
+                listen_fd=self.listener.fileno(), answer_fd=afd, primary_fd=primary,
+                other_fds=others, job_dir=statemod.job_dir(self.cfg, self.job_id),
+                idle=IDLE_LIMIT, syslog=self.cfg.site["syslog"], log_fd=log_fd))
+        except OSError as e:
+            self.log.warning("cannot hand the job over to the keeper %s: %s; the warden "
+                             "serves it", prog, e.strerror or e)
+            for fd in fds:
+                os.set_inheritable(fd, False)
+            if afd is not None:
+                os.close(afd)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _join_cgroups(self, conn):
         """Answer ``cgroups``: the VM's processes (launcher, anchor, QEMU) join the

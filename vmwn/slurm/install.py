@@ -19,7 +19,6 @@ once, to run the plugin's job prolog and epilog.
 import argparse
 import os
 import shlex
-import shutil
 import sys
 
 from .. import sysfiles
@@ -58,23 +57,12 @@ def plugstack_line(plugin, python, config_path, starter):
     return f"required {plugin} python={python} config={config_path} starter={starter}\n"
 
 
-def compile_plugin(out, cc="cc"):
-    from .. import subp
+def compile_plugin(out):
     if not os.path.exists(SPANK_H):
         raise SiteError(f"{SPANK_H} is missing, so vmwn's SPANK plugin cannot be built",
                         "install Slurm's headers (Debian: apt install libslurm-dev)")
-    if shutil.which(cc) is None:
-        raise SiteError(f"no C compiler ({cc}) to build vmwn's SPANK plugin",
-                        "install one (Debian: apt install gcc libc6-dev)")
-    tmp = out + ".vmwn-new"
-    cp = subp.run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-o", tmp, SOURCE], timeout=120,
-                  check=False)
-    if cp.returncode != 0:
-        raise SiteError(f"building vmwn's SPANK plugin failed: "
-                        f"{' '.join((cp.stderr or cp.stdout).split())[:300]}",
-                        "check that libslurm-dev matches the installed Slurm")
-    os.chmod(tmp, 0o755)
-    os.rename(tmp, out)
+    sysfiles.compile_c(out, [SOURCE], ["-shared", "-fPIC"], "vmwn's SPANK plugin",
+                       "check that libslurm-dev matches the installed Slurm")
 
 
 def install(opts):

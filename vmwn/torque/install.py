@@ -19,7 +19,7 @@ import re
 import shlex
 import sys
 
-from .. import sysfiles
+from .. import keeper, sysfiles
 from ..errors import SiteError, VmwnError
 from .hooks import dispatch
 
@@ -100,6 +100,10 @@ class Layout:
     @property
     def emulator(self):
         return os.path.join(self.prefix, "libexec", "vmwn", EMULATOR_NAME)
+
+    @property
+    def keeper(self):
+        return os.path.join(os.path.dirname(self.emulator), keeper.NAME)
 
     @property
     def templates(self):
@@ -246,6 +250,14 @@ def _is_ours_emulator(path):
                                  or "QEMU in a session of its own" in text)  # 0.1.0's
 
 
+def _is_ours_keeper(path):
+    try:
+        with open(path, "rb") as f:
+            return b"usage: vmwn-keeper" in f.read(1 << 20)
+    except OSError:
+        return False
+
+
 def _starter_lines(text):
     return [ln for ln in (text or "").splitlines() if ln.split(None, 1)[:1] == ["$job_starter"]]
 
@@ -267,6 +279,8 @@ def _preflight(lay):
         raise SiteError(f"{lay.starter} exists and is not vmwn's", "remove it or choose --prefix")
     if os.path.lexists(lay.dest(lay.emulator)) and not _is_ours_emulator(lay.dest(lay.emulator)):
         raise SiteError(f"{lay.emulator} exists and is not vmwn's", "remove it or choose --prefix")
+    if os.path.lexists(lay.dest(lay.keeper)) and not _is_ours_keeper(lay.dest(lay.keeper)):
+        raise SiteError(f"{lay.keeper} exists and is not vmwn's", "remove it or choose --prefix")
 
 
 def install(opts):
@@ -305,6 +319,8 @@ def install(opts):
     sysfiles.write(lay.dest(lay.emulator), emulator.script(starter_python,
                                                            _site_value(lay, "qemu")), 0o755)
     written.append(lay.dest(lay.emulator))
+    keeper.build(lay.dest(lay.keeper))  # the warden's small successor (vmwn.keeper)
+    written.append(lay.dest(lay.keeper))
     written += _install_dropin(lay)
     if not lay.destdir and not others_can_execute(starter_python):
         print(f"vmwn install: warning: the job starter runs as the job's user, but "
@@ -461,6 +477,10 @@ def uninstall(opts):
     if _is_ours_emulator(emu):
         os.unlink(emu)
         removed.append(emu)
+    kpr = lay.dest(lay.keeper)
+    if _is_ours_keeper(kpr):
+        os.unlink(kpr)
+        removed.append(kpr)
     if _is_ours_starter(starter):
         os.unlink(starter)
         removed.append(starter)

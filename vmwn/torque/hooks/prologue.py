@@ -133,7 +133,7 @@ def _adopt_when_up(cfg, st, pbs_home, jlog):
     (as a further task, so that its end never ends the job), then has this node's
     pbs_mom count the VM as the job's (``tm_adopt``, as the job's user, from the
     mom's network namespace), so each node's mom charges its own guest."""
-    from ... import state, warden
+    from ... import jobrun, state, warden
     sock = state.warden_socket(cfg.site["state_dir"], st.job_id)
     child = os.fork()
     if child:
@@ -165,6 +165,7 @@ def _adopt_when_up(cfg, st, pbs_home, jlog):
             if cookie:
                 os.environ["PBS_JOBCOOKIE"] = cookie
             adopt_vm(st.job_id, rec, jlog)
+            jobrun.running(wsock)  # the sister's warden becomes its keeper
         wsock.close()
         code = 0
     except BaseException as e:  # noqa: BLE001 - a detached child: log, never raise
