@@ -27,7 +27,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
 	pkg-config gcc libc6-dev python3-dev python3-venv cpio busybox-static openssh-server openssh-client \
 	genisoimage e2fsprogs mmdebstrap dpkg-dev slapd ldap-utils glue-schema tini iptables \
 	slurmctld slurmd slurm-client munge libslurm-dev slurmdbd mariadb-server-core mariadb-client-core \
-	libopenmpi-dev openmpi-bin
+	libopenmpi-dev openmpi-bin libssh-dev
 # Debian 13's QEMU has no virtiofsd of its own (QEMU 8 dropped the C daemon): the
 # Rust one is a package of its own there.
 DEBIAN_MAJOR := $(shell cut -d. -f1 /etc/debian_version 2>/dev/null)

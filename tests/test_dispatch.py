@@ -243,7 +243,7 @@ def test_prologue_refuses_users_mistakes_with_one_line_for_the_starter(site, res
 
 def refusal_line(config_path, job_id):
     from vmwn import config, state
-    from vmwn.warden import answer_error
+    from vmwn.wardenclient import answer_error
     refusal = state.read_refusal(config.load(config_path).site["state_dir"], job_id)
     assert refusal is not None, "no refusal recorded"
     return answer_error(refusal).line()

@@ -19,7 +19,7 @@ from vmwn.spec import JobSpec
 from vmwn import domain, jobrun, lifecycle, state
 from vmwn.torque import pbs, request
 from vmwn.errors import SiteError, UserError
-from vmwn.warden import answer_error
+from vmwn.wardenclient import answer_error
 from vmwn.torque.hooks import prologue, starter
 
 from conftest import write_site_config

@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 
-from vmwn import keeper, warden
+from vmwn import keeper, wardenclient
 from vmwn_testlib import pidfd_wait
 
 pytestmark = pytest.mark.skipif(not (os.path.exists("/usr/bin/cc") or
@@ -74,8 +74,8 @@ class Keeper:
         self.pidfd = os.pidfd_open(self.proc.pid)
 
     def starter(self):
-        """A further starter: connects and reads the answer, as warden.wait_answer does."""
-        answer, s = warden.wait_answer(self.path, timeout=30)
+        """A further starter: connects and reads the answer, as wardenclient.wait_answer does."""
+        answer, s = wardenclient.wait_answer(self.path, timeout=30)
         return answer, s
 
     def ended(self, what, timeout=30):
@@ -134,7 +134,7 @@ def test_every_starter_gets_the_answer_and_the_job_ends_with_its_own_starter(kp)
 def test_connect_hands_over_a_socket_connected_to_the_guests_forward(kp):
     fwd = socket.create_server(("127.0.0.1", 0))
     k = kp(forward=fwd.getsockname())
-    s = warden.open_connection(k.primary, timeout=30)
+    s = wardenclient.open_connection(k.primary, timeout=30)
     peer, _ = fwd.accept()
     s.sendall(b"ping")
     assert peer.recv(4) == b"ping"
@@ -149,7 +149,7 @@ def test_connect_to_a_forward_that_is_gone_answers_no_socket(kp):
     fwd.close()
     k = kp(forward=("127.0.0.1", port))
     with pytest.raises(ConnectionRefusedError):
-        warden.open_connection(k.primary, timeout=30)
+        wardenclient.open_connection(k.primary, timeout=30)
     assert f"cannot connect to the guest's forward 127.0.0.1:{port}" in k.logged()
     assert k.proc.poll() is None  # it goes on serving the job
 
@@ -157,7 +157,7 @@ def test_connect_to_a_forward_that_is_gone_answers_no_socket(kp):
 def _answered(k):
     """Wait until every command sent so far is done: the answer to a ``connect``."""
     try:
-        warden.open_connection(k.primary, timeout=30).close()
+        wardenclient.open_connection(k.primary, timeout=30).close()
     except ConnectionRefusedError:
         pass
 

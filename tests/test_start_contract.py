@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from vmwn import config, errors, state, warden
+from vmwn import config, errors, state, warden, wardenclient
 from vmwn.torque import pbs, request
 from vmwn.domain import guest_hostname
 from vmwn.torque.hooks import prologue
@@ -43,9 +43,9 @@ def test_a_failing_start_is_requeued_a_bounded_number_of_times_then_refused(site
     err = capsys.readouterr().err
     assert err.count("is not installed on this node") == 2  # the two requeues said why
     refusal = state.read_refusal(cfg.site["state_dir"], "5.srv")
-    line = warden.answer_error(refusal).line()
+    line = wardenclient.answer_error(refusal).line()
     assert "could not be prepared in 3 starts" in line and "vmwn image build ghost" in line
-    assert isinstance(warden.answer_error(refusal), errors.SiteError)
+    assert isinstance(wardenclient.answer_error(refusal), errors.SiteError)
     assert not os.path.exists(os.path.join(cfg.site["state_dir"], ".starts", "5.srv"))
 
 

@@ -8,6 +8,7 @@ import hashlib
 import os
 import pty
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 
 import pytest
 
-from vmwn import config, jobrun, state, transfer, warden
+from vmwn import config, jobrun, relay, state, transfer, warden
 from vmwn.torque.hooks import starter
 
 from test_transfer_guestd import GuestServer
@@ -29,7 +30,7 @@ RUNNER = ("import sys; from vmwn import jobrun as j; from vmwn.torque.hooks impo
 
 
 class Job:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, relay_prog=None):
         self.tmp = tmp_path
         self.srv = GuestServer(str(tmp_path / "guest" / "home" / "guestuser"))
         self.host = tmp_path / "host" / "work"
@@ -37,8 +38,15 @@ class Job:
         (self.host / "input.txt").write_text("staged input\n")
         self.gwork = tmp_path / "guest" / "work"
         self.conf = tmp_path / "vmwn.conf"
+        # The relay the starter runs the job under: the C one (vmwn.relay) when it is
+        # beside the launcher, else the starter's own (Python).
+        libexec = tmp_path / "libexec"
+        libexec.mkdir()
+        if relay_prog:
+            shutil.copy(relay_prog, libexec / relay.NAME)
         self.conf.write_text(f"[site]\nstate_dir = {tmp_path}/state\nsyslog = no\n"
-                             f"pbs_home = {tmp_path}/torque\nstage_in_max = 1M\n")
+                             f"pbs_home = {tmp_path}/torque\nstage_in_max = 1M\n"
+                             f"emulator = {libexec}/qemu\n")
         self.cfg = config.load(str(self.conf))
         key = self.srv.write_user_key(str(tmp_path / "id_job"))
         self.job_id = "42.server.example.org"
@@ -94,9 +102,21 @@ def job_commands(job):
     return [c for c in job.srv.commands if not c.startswith(prefixes)]
 
 
-@pytest.fixture
-def job(tmp_path):
-    j = Job(tmp_path)
+@pytest.fixture(scope="module")
+def c_relay(tmp_path_factory):
+    if not relay.buildable():
+        return None
+    out = str(tmp_path_factory.mktemp("relay") / relay.NAME)
+    relay.build(out)
+    return out
+
+
+@pytest.fixture(params=["python", "c"])
+def job(request, tmp_path, c_relay):
+    """A job for each relay: every test here holds for both."""
+    if request.param == "c" and c_relay is None:
+        pytest.skip("no libssh-dev to build the C relay")
+    j = Job(tmp_path, c_relay if request.param == "c" else None)
     yield j
     j.srv.close()
 

@@ -66,13 +66,16 @@ def qemu_reachable_dir(prefix="vmwn-test-"):
 
 def write_launcher(base):
     """vmwn's QEMU launcher in ``base`` (as vmwn install writes it), runnable by job users,
-    and the keeper beside it (vmwn.keeper)."""
-    from vmwn import emulator, keeper
+    and the keeper and the relay beside it (vmwn.keeper, vmwn.relay; the relay where
+    libssh-dev is there to build it)."""
+    from vmwn import emulator, keeper, relay
     path = os.path.join(base, "qemu")
     with open(path, "w") as f:
         f.write(emulator.script("/usr/bin/python3"))
     os.chmod(path, 0o755)
     keeper.build(os.path.join(base, keeper.NAME))
+    if relay.buildable():
+        relay.build(os.path.join(base, relay.NAME))
     return path
 
 

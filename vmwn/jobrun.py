@@ -24,7 +24,7 @@ twice would run a job's USR1 handler twice.
 The guest's SSH forward lives in libvirt's network namespace.  A starter in
 another one (a batch daemon confined to a namespace of its own) cannot enter
 it, so it asks the job's warden, which runs there, for a connected socket
-(:func:`vmwn.warden.open_connection`).
+(:func:`vmwn.wardenclient.open_connection`).
 """
 
 import contextlib
@@ -102,7 +102,7 @@ def vm_socket(state_dir, job_id, fix):
     never runs on the host."""
     from . import state
     from .errors import SiteError
-    from .warden import answer_error
+    from .wardenclient import answer_error
     refusal = state.read_refusal(state_dir, job_id)
     if refusal is not None:
         raise answer_error(refusal)
@@ -201,10 +201,7 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
     ``stdin``: whether the job gets this process's stdin to its end of file
     (default: an interactive job and a program run as it is, "exec").
     """
-    import posixpath
-    import paramiko
-    from . import guestfiles, logsetup, ssh, transfer
-    from .config import parse_bytes
+    from . import logsetup, relay
     log = log or logsetup.job_logger(__name__, job_id)
     st, wsock = await_guest(sock_path, mode)
     if mode == "task":  # not the job's own starter, whenever it connected (the warden)
@@ -215,96 +212,163 @@ def run(cfg, job_id, sock_path, mode, rest, environ, script=None, how=None, args
     elif adopt is not None:
         adopt(st, wsock)
     log.info("starting %s in guest %s as %s", mode, st.domain, st.user)
-    guest = connect_guest(st, wsock)
-    if mode != "task":
-        running(wsock)
+    how_run = dict(cfg=cfg, st=st, wsock=wsock, mode=mode, rest=rest, environ=environ,
+                   script=script, how=how, args=args, nodefile_var=nodefile_var,
+                   task_num=task_num, host_workdir=host_workdir, interpreter=interpreter,
+                   stdin=stdin)
+    prog = relay.usable(cfg)
     try:
-        guest.capture_exit_signals()
-        ctl = getattr(st, "control_dir", "") or guestfiles.control_dir(st.user, False)
-        tag = guestfiles.JOB if mode != "task" else \
-            guestfiles.task_tag(_safe(str(task_num or "0")))
-        files = []
-        nodefile = environ.get(nodefile_var) if nodefile_var else None
-        guests = [tuple(g) for g in getattr(st, "guests", None) or ()]
-        if nodefile and mode != "task":
-            try:
-                with open(nodefile, "rb") as f:
-                    files.append((guestfiles.NODEFILE, guest_nodefile(f.read(1 << 20), guests),
-                                  0o600))
-            except OSError as e:
-                log.warning("cannot copy the node file %s: %s", nodefile, e.strerror)
-        if nodefile:
-            environ[nodefile_var] = posixpath.join(ctl, guestfiles.NODEFILE)
-        if mode == "batch":
-            script_path = posixpath.join(ctl, guestfiles.JOB_SCRIPT)
-            files.append((guestfiles.JOB_SCRIPT, script, 0o700))
-        # $TMPDIR is the host's: it goes to the job only if the guest has it too, on
-        # the command line (known after the guest answered), never in the file.
-        tmpdir = environ.get("TMPDIR")
-        env_text, env_rest = env_script(guest_env(environ))
-        env_file = guestfiles.envfile(ctl, tag)
-        files.append((posixpath.basename(env_file), env_text, 0o600))
-        copy = mode != "task" and getattr(st, "data", "copy") == "copy"
-        shares = [s["path"] for s in getattr(st, "shares", None) or ()]
-        try:
-            prep = transfer.prepare(
-                guest, ctl, files, workdir=st.workdir if copy else None,
-                host_dir=(host_workdir or st.host_workdir) if copy else None,
-                max_bytes=parse_bytes(cfg.site["stage_in_max"]),
-                # copy mode: the control directory is the guest home's .vmwn
-                home=posixpath.dirname(ctl), shell=interpreter or rest[0], tmpdir=tmpdir,
-                mounts=bool(shares), umask=current_umask())
-        except (EOFError, paramiko.SSHException) as e:
-            from .errors import GuestLost
-            raise GuestLost(f"preparing the job in the guest failed: "
-                            f"{' '.join(str(e).split()) or type(e).__name__}",
-                            "the virtual machine may be out of disk space") from None
-        if shares:
-            _check_mounts(prep.proc_mounts, shares, st.env)
-        if len(guests) > 1 and mode != "task":
-            _await_other_guests(cfg, guest, st, guests)
-        for item in (prep.staged.skipped if prep.staged else [])[:20]:
-            say(f"not copied into the virtual machine: {item}")
-        shell = rest[0]
-        if interpreter and not prep.has_shell:
-            from .errors import UserError
-            raise UserError(f"the job script's interpreter {interpreter} does not exist in "
-                            f"environment {st.env}", "begin the script with one it has "
-                            "(#!/bin/sh) or ask for another environment")
-        if mode not in ("task", "exec") and not interpreter and not prep.has_shell:
-            fallback = cfg.environments[st.env].ssh_user_shell if st.env in \
-                cfg.environments else "/bin/sh"
-            if mode != "batch" or not script.startswith(b"#!"):  # else its #! decides
-                say(f"{shell} does not exist in environment {st.env}; using {fallback}")
-            shell = fallback
-        if tmpdir and prep.has_tmpdir:
-            env_rest.append(("TMPDIR", tmpdir))
-        if mode == "batch":
-            argv = job_argv(shell, how, script_path, args)
-        elif mode in ("task", "exec"):
-            argv = rest
+        if prog is None:
+            outcome = _run_in_python(**how_run)
         else:
-            argv = [shell] + rest[1:]
-        pidfile = guestfiles.pidfile(ctl, tag)
-        command = build_command(pidfile, start_dir(environ), env_rest, argv, env_file=env_file,
-                                umask=current_umask())
-        interactive = mode == "interactive"
-        term = environ.get("TERM") or "vt100"
-        size = _tty_size() if interactive else (80, 24)
-        # A program run as it is gets the task's stdin (srun's), as it would natively;
-        # a script's shell reads none (it never has one from the batch daemon).
-        relay = Relay(guest, None, pidfile, interactive=interactive, warden=wsock,
-                      stdin=interactive or mode == "exec" if stdin is None else stdin)
-        with relay.catching():  # from before the job starts: no signal is lost
-            relay.chan = guest.exec(command, pty=interactive, term=term, size=size)
-            relay.open_signaller()
-            outcome = relay.run()
+            outcome = _run_in_relay(prog, **how_run)  # never loads paramiko
     finally:
-        guest.close()
         wsock.close()
     kind, value = outcome
     log.info("guest job ended: %s %s", kind, value)
     return kind, value, st
+
+
+def _run_in_python(cfg, st, wsock, mode, **how):
+    """The job under this process's own relay (paramiko): where no relay is installed."""
+    guest = connect_guest(st, wsock)
+    try:
+        if mode != "task":
+            running(wsock)
+        job = _prepare(cfg, guest, st, mode, **how)
+        guest.capture_exit_signals()
+        rl = Relay(guest, None, job["pidfile"], interactive=job["interactive"], warden=wsock,
+                   stdin=job["stdin"])
+        with rl.catching():  # from before the job starts: no signal is lost
+            rl.chan = guest.exec(job["command"], pty=job["interactive"], term=job["term"],
+                                 size=tuple(job["size"]))
+            rl.open_signaller()
+            return rl.run()
+    finally:
+        guest.close()
+
+
+def _run_in_relay(prog, cfg, st, wsock, mode, **how):
+    """The job under the C relay (vmwn.relay): one login that sets the job up and runs it."""
+    import signal
+    from . import relay
+    handled = [getattr(signal, n) for n in _FORWARDED] + [signal.SIGTSTP, signal.SIGCONT]
+    if mode == "interactive":
+        handled.append(signal.SIGWINCH)
+    session = relay.Session.start(
+        prog, lambda timeout: _guest_socket(st, wsock, timeout), st, handled,
+        warden_fd=wsock.fileno(), timing=dict(lost_after=LOST_AFTER, probe_every=PROBE_EVERY,
+                                              linger=_LINGER, repeat_window=REPEAT_WINDOW))
+    try:
+        if mode != "task":
+            running(wsock)
+        job = _prepare(cfg, session, st, mode, **how)
+        return session.job(job["command"], signaller_command(job["pidfile"]),
+                           stdin=job["stdin"], pty=job["term"] if job["interactive"] else None,
+                           size=job["size"])
+    finally:
+        session.close()
+
+
+def _guest_socket(st, wsock, timeout=30.0):
+    """A TCP connection to the guest's SSH forward: here, or from the warden (another
+    network namespace: vmwn.netns)."""
+    from . import netns, ssh, wardenclient
+    try:
+        if netns.is_other(getattr(st, "netns", "")):
+            return wardenclient.open_connection(wsock, timeout)
+        return ssh._nodelay_socket(st.bind_address, st.port, timeout)
+    except OSError as e:
+        from .errors import GuestLost
+        raise GuestLost(f"cannot reach the job's guest on {st.bind_address}:{st.port}: "
+                        f"{e.strerror or e}", "the job's VM is not running") from None
+
+
+def _prepare(cfg, guest, st, mode, rest, environ, script=None, how=None, args=(),
+             nodefile_var=None, task_num=None, host_workdir=None, interpreter=None,
+             stdin=None):
+    """Set the job up in its guest (files, mounts, the other guests) and say what
+    starts it: {"command", "pidfile", "interactive", "term", "size", "stdin"}."""
+    import posixpath
+    from . import guestfiles, logsetup, transfer
+    from .config import parse_bytes
+    log = logsetup.job_logger(__name__, st.job_id)
+    ctl = getattr(st, "control_dir", "") or guestfiles.control_dir(st.user, False)
+    tag = guestfiles.JOB if mode != "task" else \
+        guestfiles.task_tag(_safe(str(task_num or "0")))
+    files = []
+    nodefile = environ.get(nodefile_var) if nodefile_var else None
+    guests = [tuple(g) for g in getattr(st, "guests", None) or ()]
+    if nodefile and mode != "task":
+        try:
+            with open(nodefile, "rb") as f:
+                files.append((guestfiles.NODEFILE, guest_nodefile(f.read(1 << 20), guests),
+                              0o600))
+        except OSError as e:
+            log.warning("cannot copy the node file %s: %s", nodefile, e.strerror)
+    if nodefile:
+        environ[nodefile_var] = posixpath.join(ctl, guestfiles.NODEFILE)
+    if mode == "batch":
+        script_path = posixpath.join(ctl, guestfiles.JOB_SCRIPT)
+        files.append((guestfiles.JOB_SCRIPT, script, 0o700))
+    # $TMPDIR is the host's: it goes to the job only if the guest has it too, on
+    # the command line (known after the guest answered), never in the file.
+    tmpdir = environ.get("TMPDIR")
+    env_text, env_rest = env_script(guest_env(environ))
+    env_file = guestfiles.envfile(ctl, tag)
+    files.append((posixpath.basename(env_file), env_text, 0o600))
+    copy = mode != "task" and getattr(st, "data", "copy") == "copy"
+    shares = [s["path"] for s in getattr(st, "shares", None) or ()]
+    try:
+        prep = transfer.prepare(
+            guest, ctl, files, workdir=st.workdir if copy else None,
+            host_dir=(host_workdir or st.host_workdir) if copy else None,
+            max_bytes=parse_bytes(cfg.site["stage_in_max"]),
+            # copy mode: the control directory is the guest home's .vmwn
+            home=posixpath.dirname(ctl), shell=interpreter or rest[0], tmpdir=tmpdir,
+            mounts=bool(shares), umask=current_umask())
+    except (EOFError, *guest.protocol_errors) as e:
+        from .errors import GuestLost
+        raise GuestLost(f"preparing the job in the guest failed: "
+                        f"{' '.join(str(e).split()) or type(e).__name__}",
+                        "the virtual machine may be out of disk space") from None
+    if shares:
+        _check_mounts(prep.proc_mounts, shares, st.env)
+    if len(guests) > 1 and mode != "task":
+        _await_other_guests(cfg, guest, st, guests)
+    for item in (prep.staged.skipped if prep.staged else [])[:20]:
+        say(f"not copied into the virtual machine: {item}")
+    shell = rest[0]
+    if interpreter and not prep.has_shell:
+        from .errors import UserError
+        raise UserError(f"the job script's interpreter {interpreter} does not exist in "
+                        f"environment {st.env}", "begin the script with one it has "
+                        "(#!/bin/sh) or ask for another environment")
+    if mode not in ("task", "exec") and not interpreter and not prep.has_shell:
+        fallback = cfg.environments[st.env].ssh_user_shell if st.env in \
+            cfg.environments else "/bin/sh"
+        if mode != "batch" or not script.startswith(b"#!"):  # else its #! decides
+            say(f"{shell} does not exist in environment {st.env}; using {fallback}")
+        shell = fallback
+    if tmpdir and prep.has_tmpdir:
+        env_rest.append(("TMPDIR", tmpdir))
+    if mode == "batch":
+        argv = job_argv(shell, how, script_path, args)
+    elif mode in ("task", "exec"):
+        argv = rest
+    else:
+        argv = [shell] + rest[1:]
+    pidfile = guestfiles.pidfile(ctl, tag)
+    command = build_command(pidfile, start_dir(environ), env_rest, argv, env_file=env_file,
+                            umask=current_umask())
+    interactive = mode == "interactive"
+    term = environ.get("TERM") or "vt100"
+    size = _tty_size() if interactive else (80, 24)
+    # A program run as it is gets the task's stdin (srun's), as it would natively;
+    # a script's shell reads none (it never has one from the batch daemon).
+    return {"command": command, "pidfile": pidfile, "interactive": interactive, "term": term,
+            "size": list(size),
+            "stdin": bool(interactive or mode == "exec" if stdin is None else stdin)}
 
 
 def ended(outcome, log, usage=True):
@@ -359,9 +423,9 @@ def _await_other_guests(cfg, guest, st, guests):
 def connect_guest(st, wsock):
     """The SSH connection to the guest: directly, or (the guest's forward being in
     another network namespace than this process) over a socket the warden opened."""
-    from . import netns, ssh, warden
+    from . import netns, ssh, wardenclient
     if netns.is_other(getattr(st, "netns", "")):
-        return ssh.Guest.connect(st, opener=lambda timeout: warden.open_connection(wsock,
+        return ssh.Guest.connect(st, opener=lambda timeout: wardenclient.open_connection(wsock,
                                                                                    timeout))
     return ssh.Guest.connect(st)
 
@@ -451,7 +515,8 @@ def build_command(pidfile, start_dir, env_items, argv, umask=None, env_file=None
 def signaller_command(pidfile):
     """The guest side of signal forwarding: for each signal name read from stdin,
     ``kill`` the job's process group (its PGID read from ``pidfile``, waited for
-    5 s at most).  Only the forwarded names are acted on; it ends at end of input."""
+    5 s at most), and answer ``PING`` with ``PONG`` (the C relay's probe that the guest
+    still answers).  Only these names are acted on; it ends at end of input."""
     from shlex import quote
     p = quote(pidfile)
     names = "|".join(n[3:] for n in _FORWARDED)
@@ -461,7 +526,7 @@ def signaller_command(pidfile):
             # dash needs '--' before a negative pid; busybox rejects '--' but still
             # signals (so 'a || b' would signal twice): ask with signal 0 first.
             "if kill -s 0 -- -$p 2>/dev/null; then kill -s $s -- -$p; "
-            "else kill -s $s -$p; fi;; esac; done")
+            "else kill -s $s -$p; fi;; PING) echo PONG;; esac; done")
 
 
 def current_umask():
@@ -518,7 +583,7 @@ def await_guest(sock_path, mode):
     """
     import time
     import types
-    from . import warden
+    from . import wardenclient
     import signal
     t0 = time.monotonic()
 
@@ -528,13 +593,13 @@ def await_guest(sock_path, mode):
         die_of(signum)
     old = {s: signal.signal(s, ended) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        answer, wsock = warden.wait_answer(sock_path)
+        answer, wsock = wardenclient.wait_answer(sock_path)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     if not answer.get("ready"):
         wsock.close()
-        raise warden.answer_error(answer)
+        raise wardenclient.answer_error(answer)
     waited = time.monotonic() - t0
     if mode != "task" and waited >= WAIT_NOTE_AFTER:
         say(f"the job waited {waited:.1f} s for its virtual machine "

@@ -7,7 +7,7 @@ cluster's OpenPBS, in ``vmwn-pbs``, whose 127.0.0.1 is another loopback) runs
 its hooks and jobs there.  So vmwn's root processes of a job (the batch system's
 hooks, the warden) enter libvirt's namespace first (:func:`enter_libvirts`);
 the job starter, which runs as the job's user and may not enter it, gets a
-socket connected there from the warden (vmwn.warden.open_connection).  Where
+socket connected there from the warden (vmwn.wardenclient.open_connection).  Where
 both are the same namespace, as on any ordinary node, nothing changes.
 
 A namespace is named by its ``readlink /proc/PID/ns/net`` text (``net:[INODE]``).

@@ -82,12 +82,17 @@ class Guest:
     def __init__(self, client, st):
         self.client, self.st = client, st
 
+    @property
+    def protocol_errors(self):
+        """What else than OSError and EOFError its calls raise (vmwn.relay.Session's too)."""
+        return (_paramiko().SSHException,)
+
     @classmethod
     def connect(cls, st, timeout=30.0, pkey=None, opener=None):
         """Log in as the job's user; the guest must present the job's host key.
 
         ``opener(timeout)`` returns a socket already connected to the guest's
-        forward (vmwn.warden.open_connection, for a process outside libvirt's
+        forward (vmwn.wardenclient.open_connection, for a process outside libvirt's
         network namespace); by default one is opened to bind_address:port here.
 
         A connection the guest drops before the key exchange (its sshd settling

@@ -31,16 +31,17 @@ def write(path, text, mode):
         raise
 
 
-def compile_c(out, sources, flags, what, fix):
+def compile_c(out, sources, flags, what, fix, libs=()):
     """Build ``sources`` with the node's C compiler into ``out`` (atomically, root-owned,
-    0755); ``what`` names the result in the error, ``fix`` says what to do when the
-    build fails."""
+    0755), linked with ``libs``; ``what`` names the result in the error, ``fix`` says
+    what to do when the build fails."""
     cc = "cc"
     if shutil.which(cc) is None:
         raise SiteError(f"no C compiler ({cc}) to build {what}",
                         "install one (Debian: apt install gcc libc6-dev)")
     tmp = out + ".vmwn-new"
-    cp = subp.run([cc, "-O2", "-Wall", *flags, "-o", tmp, *sources], timeout=120, check=False)
+    cp = subp.run([cc, "-O2", "-Wall", *flags, "-o", tmp, *sources, *libs], timeout=120,
+                  check=False)
     if cp.returncode != 0:
         raise SiteError(f"building {what} failed: "
                         f"{' '.join((cp.stderr or cp.stdout).split())[:300]}", fix)

@@ -19,7 +19,7 @@ import re
 import shlex
 import sys
 
-from .. import keeper, sysfiles
+from .. import keeper, relay, sysfiles
 from ..errors import SiteError, VmwnError
 from .hooks import dispatch
 
@@ -104,6 +104,10 @@ class Layout:
     @property
     def keeper(self):
         return os.path.join(os.path.dirname(self.emulator), keeper.NAME)
+
+    @property
+    def relay(self):
+        return os.path.join(os.path.dirname(self.emulator), relay.NAME)
 
     @property
     def templates(self):
@@ -250,10 +254,11 @@ def _is_ours_emulator(path):
                                  or "QEMU in a session of its own" in text)  # 0.1.0's
 
 
-def _is_ours_keeper(path):
+def _is_ours_binary(path, name):
+    """True for a program vmwn compiled (its usage line names it)."""
     try:
         with open(path, "rb") as f:
-            return b"usage: vmwn-keeper" in f.read(1 << 20)
+            return f"usage: vmwn-{name}".encode() in f.read(1 << 20)
     except OSError:
         return False
 
@@ -279,8 +284,9 @@ def _preflight(lay):
         raise SiteError(f"{lay.starter} exists and is not vmwn's", "remove it or choose --prefix")
     if os.path.lexists(lay.dest(lay.emulator)) and not _is_ours_emulator(lay.dest(lay.emulator)):
         raise SiteError(f"{lay.emulator} exists and is not vmwn's", "remove it or choose --prefix")
-    if os.path.lexists(lay.dest(lay.keeper)) and not _is_ours_keeper(lay.dest(lay.keeper)):
-        raise SiteError(f"{lay.keeper} exists and is not vmwn's", "remove it or choose --prefix")
+    for name, where in ((keeper.NAME, lay.keeper), (relay.NAME, lay.relay)):
+        if os.path.lexists(lay.dest(where)) and not _is_ours_binary(lay.dest(where), name):
+            raise SiteError(f"{where} exists and is not vmwn's", "remove it or choose --prefix")
 
 
 def install(opts):
@@ -321,6 +327,13 @@ def install(opts):
     written.append(lay.dest(lay.emulator))
     keeper.build(lay.dest(lay.keeper))  # the warden's small successor (vmwn.keeper)
     written.append(lay.dest(lay.keeper))
+    if relay.buildable():  # the job's relay in C (vmwn.relay)
+        relay.build(lay.dest(lay.relay))
+        written.append(lay.dest(lay.relay))
+    else:
+        print(f"vmwn install: warning: no {relay.LIBSSH_H}, so the job starter keeps "
+              "paramiko resident for each VM job's life (about 27 MiB more per job): "
+              "install libssh-dev and install again", file=sys.stderr)
     written += _install_dropin(lay)
     if not lay.destdir and not others_can_execute(starter_python):
         print(f"vmwn install: warning: the job starter runs as the job's user, but "
@@ -477,10 +490,10 @@ def uninstall(opts):
     if _is_ours_emulator(emu):
         os.unlink(emu)
         removed.append(emu)
-    kpr = lay.dest(lay.keeper)
-    if _is_ours_keeper(kpr):
-        os.unlink(kpr)
-        removed.append(kpr)
+    for name, where in ((keeper.NAME, lay.keeper), (relay.NAME, lay.relay)):
+        if _is_ours_binary(lay.dest(where), name):
+            os.unlink(lay.dest(where))
+            removed.append(lay.dest(where))
     if _is_ours_starter(starter):
         os.unlink(starter)
         removed.append(starter)

@@ -133,7 +133,7 @@ def _adopt_when_up(cfg, st, pbs_home, jlog):
     (as a further task, so that its end never ends the job), then has this node's
     pbs_mom count the VM as the job's (``tm_adopt``, as the job's user, from the
     mom's network namespace), so each node's mom charges its own guest."""
-    from ... import jobrun, state, warden
+    from ... import jobrun, state, wardenclient
     sock = state.warden_socket(cfg.site["state_dir"], st.job_id)
     child = os.fork()
     if child:
@@ -150,7 +150,7 @@ def _adopt_when_up(cfg, st, pbs_home, jlog):
             os.dup2(nul, fd)
         os.close(nul)
         from ... import netns
-        answer, wsock = warden.wait_answer(sock)
+        answer, wsock = wardenclient.wait_answer(sock)
         if answer.get("ready"):
             wsock.sendall(b"task\n")
             from .starter import adopt_vm

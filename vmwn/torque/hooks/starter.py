@@ -44,7 +44,7 @@ def main(argv=None, config_path=None, state_dir=None, pbs_home=None):
                 state_dir = cfg.site["state_dir"]
             refusal = state.read_refusal(state_dir, job_id)
             if refusal is not None:
-                from ...warden import answer_error
+                from ...wardenclient import answer_error
                 raise answer_error(refusal)
             sock = state.warden_socket(state_dir, job_id)
             if os.path.exists(sock):
