@@ -1,4 +1,5 @@
-"""vmwn's QEMU launcher (vmwn.emulator), run as installed with a stand-in QEMU.
+"""vmwn's QEMU launcher (vmwn/launcher.c, built by vmwn.emulator), run as installed with
+a stand-in QEMU.
 
 The stand-in is a shell script: it records the signals it gets, and its
 behaviour is chosen by its first argument, as libvirt's QEMU arguments would.
@@ -7,7 +8,6 @@ behaviour is chosen by its first argument, as libvirt's QEMU arguments would.
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -34,8 +34,7 @@ def launch(tmp_path):
     fake.write_text(FAKE)
     fake.chmod(0o755)
     prog = tmp_path / "launcher"
-    prog.write_text(emulator.script(sys.executable))
-    prog.chmod(0o755)
+    emulator.build(str(prog))
     procs = []
 
     def start(mode):
@@ -156,28 +155,14 @@ def test_qemu_dies_with_a_killed_launcher(launch, anchor_first):
 
 
 # The launcher SIGKILLed after QEMU's fork but before its guard exists (the
-# window libvirt's last resort can hit): QEMU must never run unguarded.
-KILLED_BEFORE_GUARD = """
-import os, signal, sys
-from vmwn import emulator
-
-def die(fd, libc):
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        pid = [line.split()[1] for line in f if line.startswith("Pid:")][0]
-    with open(os.path.join(sys.argv[1], "qemu.pid"), "w") as f:
-        f.write(pid)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-emulator._spawn_guard = die
-sys.exit(emulator.main(["launcher", "run"]))
-"""
-
-
+# window libvirt's last resort can hit): QEMU must never run unguarded.  A build
+# of the launcher that kills itself there (vmwn.emulator.build's die_before_guard).
 def test_a_launcher_killed_before_qemus_guard_exists_leaves_no_qemu(launch):
     _, d = launch
+    dying = d / "dying-launcher"
+    emulator.build(str(dying), die_before_guard=str(d / "qemu.pid"))
     env = dict(os.environ, VMWN_QEMU=str(d / "qemu"))
-    p = subprocess.Popen([sys.executable, "-c", KILLED_BEFORE_GUARD, str(d)], env=env,
-                         start_new_session=True)
+    p = subprocess.Popen([str(dying), "run"], env=env, start_new_session=True)
     assert p.wait(timeout=10) == -signal.SIGKILL
     qemu = int((d / "qemu.pid").read_text())
     try:
@@ -222,11 +207,81 @@ def test_a_daemonizing_qemu_lets_the_launcher_exit(launch):
     os.kill(daemon, signal.SIGKILL)
 
 
-def test_installed_script_names_its_qemu_and_interpreter():
-    text = emulator.script("/opt/py/bin/python", qemu="/opt/qemu/bin/qemu-system-x86_64")
-    assert text.startswith("#!/opt/py/bin/python -Es\n")
-    assert "QEMU = '/opt/qemu/bin/qemu-system-x86_64'" in text
-    compile(text, "launcher", "exec")
+def test_without_vmwn_qemu_the_launcher_runs_the_qemu_it_was_built_with(tmp_path):
+    """libvirt probes the emulator without the domain's environment: the node's QEMU is
+    compiled in."""
+    fake = tmp_path / "qemu"
+    fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n")
+    fake.chmod(0o755)
+    prog = tmp_path / "launcher"
+    emulator.build(str(prog), qemu=str(fake))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMWN_")}
+    assert subprocess.run([str(prog), "-help"], env=env, timeout=10).returncode == 0
+    assert (tmp_path / "args").read_text() == "-help\n"
+    assert emulator.is_ours(str(prog))
+
+
+INCOMING = """#!/bin/sh
+d=$(dirname "$0")
+echo "$@" > "$d/args"
+for a; do last=$a; done
+case $last in fd:*) head -c 4 <&"${last#fd:}" > "$d/state" ;; esac
+"""
+
+
+@pytest.mark.parametrize("autostart", ["1", None])
+def test_a_warm_start_gives_qemu_the_saved_state(tmp_path, autostart):
+    """VMWN_INCOMING: QEMU loads the saved guest from a descriptor the launcher opened
+    (libvirt's seccomp sandbox forbids QEMU the exec: way); VMWN_AUTOSTART=1 lets the
+    restored guest run before libvirt's 'cont' (no -S), otherwise -S stays."""
+    fake = tmp_path / "qemu"
+    fake.write_text(INCOMING)
+    fake.chmod(0o755)
+    (tmp_path / "saved").write_bytes(b"QEVM and the rest")
+    prog = tmp_path / "launcher"
+    emulator.build(str(prog))
+    env = dict(os.environ, VMWN_QEMU=str(fake), VMWN_INCOMING=str(tmp_path / "saved"))
+    env.pop("VMWN_AUTOSTART", None)
+    if autostart:
+        env["VMWN_AUTOSTART"] = autostart
+    assert subprocess.run([str(prog), "-name", "x", "-S", "-m", "256"], env=env,
+                          timeout=10).returncode == 0
+    args = (tmp_path / "args").read_text().split()
+    assert args[:-2] == (["-name", "x", "-m", "256"] if autostart else
+                         ["-name", "x", "-S", "-m", "256"])
+    assert args[-2] == "-incoming" and args[-1].startswith("fd:")
+    assert (tmp_path / "state").read_bytes() == b"QEVM"
+
+
+def test_a_cold_boot_keeps_libvirts_arguments(tmp_path):
+    fake = tmp_path / "qemu"
+    fake.write_text(INCOMING)
+    fake.chmod(0o755)
+    prog = tmp_path / "launcher"
+    emulator.build(str(prog))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMWN_")}
+    env.update(VMWN_QEMU=str(fake), VMWN_AUTOSTART="1")
+    assert subprocess.run([str(prog), "-name", "x", "-S"], env=env, timeout=10).returncode == 0
+    assert (tmp_path / "args").read_text().split() == ["-name", "x", "-S"]
+
+
+def test_a_saved_state_that_is_gone_is_said_and_no_qemu_runs(tmp_path):
+    fake = tmp_path / "qemu"
+    fake.write_text(INCOMING)
+    fake.chmod(0o755)
+    prog = tmp_path / "launcher"
+    emulator.build(str(prog))
+    env = dict(os.environ, VMWN_QEMU=str(fake), VMWN_INCOMING=str(tmp_path / "gone"))
+    cp = subprocess.run([str(prog), "-S"], env=env, timeout=10, capture_output=True, text=True)
+    assert cp.returncode == 127
+    assert "cannot open the saved guest" in cp.stderr and str(tmp_path / "gone") in cp.stderr
+    assert not (tmp_path / "args").exists()
+
+
+def test_a_qemu_path_that_cannot_be_compiled_in_is_refused(tmp_path):
+    from vmwn.errors import SiteError
+    with pytest.raises(SiteError, match="cannot be compiled into"):
+        emulator.build(str(tmp_path / "l"), qemu='/opt/q"emu')
 
 
 def test_guard_keeps_none_of_libvirts_descriptors(launch, tmp_path):

@@ -193,12 +193,14 @@ def test_qemu_launcher_installed_beside_the_starter_and_removed_with_it(tmp_path
     launcher = tmp_path / "usr/local/libexec/vmwn/qemu"
     st = os.stat(launcher)
     assert stat.S_IMODE(st.st_mode) == 0o755 and st.st_uid == 0
-    assert launcher.read_text().startswith(f"#!{VENV_PY} -Es\n")
-    assert "vmwn's QEMU launcher" in launcher.read_text()
+    assert launcher.read_bytes().startswith(b"\x7fELF")  # the C launcher, no interpreter
+    assert b"vmwn's QEMU launcher" in launcher.read_bytes()
+    keeper = launcher.parent / "keeper"  # and the keeper beside it, also removed with it
+    assert os.access(keeper, os.X_OK) and b"usage: vmwn-keeper" in keeper.read_bytes()
     # the default prefix needs no configuration: [site] emulator's default is this path
     assert not (tmp_path / "etc/vmwn/vmwn.conf.d" / install.DROPIN).exists()
     install.uninstall(opts(tmp_path))
-    assert not launcher.exists() and not launcher.parent.exists()
+    assert not launcher.exists() and not keeper.exists() and not launcher.parent.exists()
 
 
 def test_another_prefix_names_the_launcher_in_a_dropin(tmp_path):
@@ -264,7 +266,11 @@ def test_a_wheel_installs_a_node_with_its_console_command(tmp_path):
     for fam in ("prologue", "epilogue"):
         assert "from vmwn.torque.hooks." in (mom / f"{fam}.d" / "50-vmwn").read_text()
     assert (root / "usr/local/libexec/vmwn/job-starter").read_text().startswith("#!/bin/sh")
-    assert "vmwn's QEMU launcher" in (root / "usr/local/libexec/vmwn/qemu").read_text()
+    from vmwn import relay
+    built = [("qemu", b"vmwn's QEMU launcher"), ("keeper", b"usage: vmwn-keeper")] + \
+        ([("relay", b"usage: vmwn-relay")] if relay.buildable() else [])
+    for name, mark in built:  # built from the wheel's C sources
+        assert mark in (root / "usr/local/libexec/vmwn" / name).read_bytes(), name
     conf = (root / "etc/vmwn/vmwn.conf").read_text()
     assert "template_dir = /usr/local/share/vmwn/templates" in conf
     share = venv / "share" / "vmwn"

@@ -486,3 +486,33 @@ def test_a_guest_that_did_not_mount_the_share_never_runs_the_job(job):
     assert b"did not mount " + str(job.gwork).encode() in err and b"data = copy" in err
     assert job_commands(job) == []
     assert not (job.gwork / "ran.txt").exists()
+
+
+def test_a_guest_with_another_host_key_is_refused_and_nothing_runs(job):
+    """The forward's server must present the job's own host key (pinned, never trusted
+    on first use): a process squatting on the port is refused before the job's key is
+    offered or anything runs, whichever relay carries the session."""
+    from vmwn import keys
+    job.st.host_key_public = keys.generate("host").public_line  # the guest's is another
+    state.save(job.cfg, job.st)
+    job.warden = serve_warden(job.cfg, job.st)
+    code, out, err = job.run(job.script("#!/bin/sh\necho ran\n"))
+    assert code != 0 and out == b""
+    assert b"host key that is not" in err and err.count(b"\n") == 1, err
+    assert job_commands(job) == []
+
+
+def test_a_relay_killed_under_the_job_ends_it_as_lost(job):
+    """The C relay killed (the OOM killer, an operator): the starter says the guest was
+    lost, with why, never hangs or reports a made-up status."""
+    if not relay.usable(job.cfg):
+        pytest.skip("the Python relay runs in the starter itself")
+    p = job.start(job.script("#!/bin/sh\necho ready\nsleep 30\n"))
+    wait_for(p.stdout, b"ready\n")
+    kids = [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+    relays = [k for k in kids if os.path.basename(os.readlink(f"/proc/{k}/exe")) == relay.NAME]
+    assert len(relays) == 1
+    os.kill(relays[0], signal.SIGKILL)
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 253
+    assert b"relay to its guest was killed by SIGKILL" in err and err.count(b"\n") == 1, err

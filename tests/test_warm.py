@@ -368,41 +368,6 @@ def test_libvirt_save_header_is_stripped(tmp_path):
         warm._strip_libvirt_header(str(saved), str(tmp_path / "out"))
 
 
-def test_launcher_gives_qemu_the_saved_state(tmp_path, monkeypatch):
-    from vmwn import emulator
-    monkeypatch.delenv("VMWN_INCOMING", raising=False)
-    assert emulator._incoming() == []
-    state_file = tmp_path / "state"
-    state_file.write_bytes(b"QEVM")
-    monkeypatch.setenv("VMWN_INCOMING", str(state_file))
-    flag, where = emulator._incoming()
-    fd = int(where.split(":")[1])
-    try:
-        assert flag == "-incoming" and where.startswith("fd:")
-        assert os.get_inheritable(fd) and os.read(fd, 4) == b"QEVM"
-    finally:
-        os.close(fd)
-
-
-def test_a_restored_guest_runs_at_once_unless_it_must_wait(tmp_path, monkeypatch):
-    """-S goes only for a restore that may run before libvirt's 'cont' (not no-loopback)."""
-    from vmwn import emulator
-    state_file = tmp_path / "state"
-    state_file.write_bytes(b"QEVM")
-    args = ["-name", "x", "-S", "-m", "256"]
-    monkeypatch.delenv("VMWN_INCOMING", raising=False)
-    monkeypatch.setenv("VMWN_AUTOSTART", "1")
-    assert emulator._args(args) == args  # a cold boot keeps libvirt's -S
-    monkeypatch.setenv("VMWN_INCOMING", str(state_file))
-    out = emulator._args(args)
-    os.close(int(out[-1].split(":")[1]))
-    assert out[:-2] == ["-name", "x", "-m", "256"] and out[-2] == "-incoming"
-    monkeypatch.delenv("VMWN_AUTOSTART")
-    out = emulator._args(args)
-    os.close(int(out[-1].split(":")[1]))
-    assert out[:-2] == args
-
-
 def test_domain_carries_the_warm_flag_and_the_state(tmp_path):
     from vmwn.domain import render
     cfg = config.load(vmwn_testlib.write_config(str(tmp_path), envs=WARM_ENVS))

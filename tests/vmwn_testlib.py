@@ -70,9 +70,7 @@ def write_launcher(base):
     libssh-dev is there to build it)."""
     from vmwn import emulator, keeper, relay
     path = os.path.join(base, "qemu")
-    with open(path, "w") as f:
-        f.write(emulator.script("/usr/bin/python3"))
-    os.chmod(path, 0o755)
+    emulator.build(path)
     keeper.build(os.path.join(base, keeper.NAME))
     if relay.buildable():
         relay.build(os.path.join(base, relay.NAME))

@@ -25,208 +25,47 @@ SIGTERM for ``KILL_AFTER`` seconds is killed by the launcher, and a fourth
 process, the **guard**, kills QEMU if the launcher itself is killed (libvirt's
 last resort, the OOM killer): libvirt must never lose a running QEMU.
 
-The real binary is ``VMWN_QEMU`` from the domain's environment, else QEMU
-below (libvirt probes the emulator's capabilities without the domain's
-environment).  Standard library only: it runs under ``python3 -Es``.
+The launcher is ``launcher.c``, built by vmwn-install as ``libexec/vmwn/qemu``
+with the node's QEMU compiled in as the default: libvirt probes the
+emulator's capabilities without the domain's environment, while a domain
+names its QEMU in ``VMWN_QEMU``.  About 0.2 MiB for the three processes
+(they were Python: 2.1 MiB).
 """
 
-import ctypes
 import os
-import signal
-import sys
+
+from . import sysfiles
+from .errors import SiteError
 
 QEMU = "/usr/bin/qemu-system-x86_64"
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
-KILL_AFTER = 5.0
-PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-             signal.SIGUSR1, signal.SIGUSR2)
+KILL_AFTER = 5  # seconds a QEMU that ignores libvirt's SIGTERM has before SIGKILL
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.c")
+MARK = b"vmwn's QEMU launcher"  # in the built program: install knows its own
 
 
-def main(argv=None) -> int:
-    argv = sys.argv if argv is None else argv
-    qemu = os.environ.get("VMWN_QEMU") or QEMU
-    # Until the launcher can pass signals on, they wait: a SIGTERM from libvirt
-    # right at start must end QEMU, not orphan it.  Children unblock them.
-    signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_ON)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # QEMU comes back here if the anchor dies
-    r, w = os.pipe()
-    go_r, go_w = os.pipe()  # QEMU runs only once its guard is in place
-    anchor = os.fork()
-    if anchor == 0:
-        os.close(r)
-        os.close(go_w)
-        _anchor(qemu, argv, w, go_r)
-    os.close(w)
-    os.close(go_r)
-    qemu_pid = int(os.read(r, 32) or b"0")
-    os.close(r)
-    qemu_fd = _pidfd(qemu_pid, anchor)
-    guard = _spawn_guard(qemu_fd, libc) if qemu_fd >= 0 else 0
-    os.write(go_w, b"g")  # a launcher killed before this leaves QEMU's pipe at EOF: no QEMU
-    os.close(go_w)
-    reaped = set()
-    status = _launcher(anchor, qemu_pid, qemu_fd, reaped)
-    if guard not in reaped:  # still our child, so its pid is still its own
-        _kill(guard, signal.SIGTERM)  # QEMU has ended: the guard may go
-    if status is None:
-        return 1
-    if os.WIFSIGNALED(status):  # die the way QEMU died
-        sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
-    return os.waitstatus_to_exitcode(status)
+def build(out, qemu=QEMU, die_before_guard=None):
+    """Compile the launcher into ``out``, with ``qemu`` its default QEMU.
+    ``die_before_guard`` (tests only): a build that SIGKILLs itself after QEMU's fork,
+    before its guard exists, having written QEMU's pid to that path."""
+    for what, value in (("QEMU", qemu), ("path", die_before_guard or "/")):
+        if not value.startswith("/") or any(c in value for c in '"\\\n\r'):
+            raise SiteError(f"the {what} {value!r} cannot be compiled into vmwn's QEMU launcher",
+                            "use an absolute path without quotes, backslashes or newlines")
+    flags = [f'-DVMWN_QEMU_DEFAULT="{qemu}"', f"-DKILL_AFTER={int(KILL_AFTER)}"]
+    if die_before_guard:
+        flags.append(f'-DVMWN_TEST_DIE_BEFORE_GUARD="{die_before_guard}"')
+    sysfiles.compile_c(out, [SOURCE], flags, "vmwn's QEMU launcher",
+                       "check the node's C compiler (gcc, libc6-dev)")
 
 
-def _pidfd(pid, parent):
-    """A pidfd for QEMU while it is still the anchor's child (so not a reused pid), or -1."""
-    if not pid:
-        return -1
+def is_ours(path):
+    """True for a launcher vmwn built (or the Python one of earlier versions)."""
     try:
-        fd = os.pidfd_open(pid)
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
     except OSError:
-        return -1
-    # usage.stat_fields' parse, repeated: the launcher runs without vmwn installed.
-    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-        if f.read().rsplit(")", 1)[1].split()[1] != str(parent):
-            os.close(fd)
-            return -1
-    return fd
-
-
-def _signal(fd, signum):
-    if fd >= 0:
-        try:
-            signal.pidfd_send_signal(fd, signum)
-        except OSError:
-            pass
-
-
-def _spawn_guard(qemu_fd, libc):
-    """A process that kills QEMU if the launcher dies without passing QEMU's end on
-    (SIGKILL, the OOM killer): libvirt would otherwise lose a running QEMU."""
-    launcher = os.getpid()
-    pid = os.fork()
-    if pid:
-        return pid
-    try:
-        os.closerange(3, qemu_fd)  # libvirt's descriptors are QEMU's, not the guard's
-        os.closerange(qemu_fd + 1, os.sysconf("SC_OPEN_MAX"))
-        signal.signal(signal.SIGUSR1, lambda signum, frame: _end_qemu(qemu_fd))
-        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_ON)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1), 0, 0, 0)
-        if os.getppid() != launcher:
-            _end_qemu(qemu_fd)
-        while True:
-            signal.pause()
-    except BaseException:  # noqa: BLE001 - nothing may escape a forked child
-        os._exit(1)
-
-
-def _end_qemu(fd):
-    _signal(fd, signal.SIGKILL)
-    os._exit(0)
-
-
-def _launcher(anchor, qemu_pid, qemu_fd, reaped):
-    """Pass libvirt's signals on to QEMU; QEMU's wait status once it has exited."""
-    armed = []
-
-    def pass_on(signum, frame):
-        _signal(qemu_fd, signum)
-        if signum == signal.SIGTERM and not armed:  # libvirt's destroy
-            armed.append(signum)
-            signal.setitimer(signal.ITIMER_REAL, KILL_AFTER)
-
-    def overdue(signum, frame):
-        _signal(qemu_fd, signal.SIGKILL)
-
-    for s in PASSED_ON:
-        signal.signal(s, pass_on)
-    signal.signal(signal.SIGALRM, overdue)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_ON)
-    while True:
-        try:
-            pid, st = os.wait()
-        except ChildProcessError:
-            return None
-        reaped.add(pid)
-        if pid == anchor:
-            if os.WIFEXITED(st) or qemu_pid == 0:
-                return st  # QEMU's own status, passed on by the anchor
-            continue  # pbs_mom ended the anchor: QEMU is this process's child now
-        if pid == qemu_pid:
-            return st
-
-
-def _anchor(qemu, argv, w, go):
-    """The session pbs_mom adopts: QEMU's parent, which only waits for it."""
-    try:
-        os.setsid()
-        for s in PASSED_ON:  # pbs_mom's signals end the anchor, nothing else
-            signal.signal(s, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_ON)
-        pid = os.fork()
-        if pid == 0:
-            os.close(w)
-            _exec(qemu, argv, go)
-        os.close(go)
-        os.write(w, str(pid).encode())
-        os.close(w)
-        _, status = os.waitpid(pid, 0)
-    except BaseException as e:  # noqa: BLE001 - nothing may escape a forked child
-        os.write(2, f"vmwn: cannot start {qemu}: {e}\n".encode(errors="replace"))
-        os._exit(127)
-    if os.WIFSIGNALED(status):
-        os._exit(128 + os.WTERMSIG(status))
-    os._exit(os.waitstatus_to_exitcode(status))
-
-
-def _exec(qemu, argv, go):
-    try:
-        os.setsid()  # out of the anchor's session: pbs_mom's kill stops at the anchor
-        if os.read(go, 1) != b"g":  # the launcher died before QEMU's guard was there
-            os._exit(127)
-        os.close(go)
-        for s in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; QEMU must not
-            signal.signal(s, signal.SIG_DFL)
-        os.execv(qemu, [qemu] + _args(argv[1:]))
-    except BaseException as e:  # noqa: BLE001 - nothing may escape a forked child
-        os.write(2, f"vmwn: cannot run {qemu}: {e}\n".encode(errors="replace"))
-    os._exit(127)
-
-
-def _args(args):
-    """QEMU's arguments: libvirt's, and for a warm start the saved state to load.  A
-    restored guest that may run at once (VMWN_AUTOSTART) loses libvirt's -S: it then
-    runs while libvirt still sets QEMU up, and libvirt's final 'cont' finds it running."""
-    incoming = _incoming()
-    if incoming and os.environ.get("VMWN_AUTOSTART") == "1":
-        args = [a for a in args if a != "-S"]
-    return list(args) + incoming
-
-
-def _incoming():
-    """``-incoming fd:N`` for a warm start: QEMU loads the prepared guest's saved
-    state from ``VMWN_INCOMING`` instead of booting (libvirt's seccomp sandbox
-    forbids QEMU the ``exec:`` way, so the file is opened here)."""
-    path = os.environ.get("VMWN_INCOMING")
-    if not path:
-        return []
-    fd = os.open(path, os.O_RDONLY)
-    os.set_inheritable(fd, True)
-    return ["-incoming", f"fd:{fd}"]
-
-
-def _kill(pid, signum):
-    if pid > 0:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+        return False
+    return MARK in data or b"QEMU in a session of its own" in data  # 0.1.0's
 
 
 def anchor_of(launcher, children):
@@ -235,12 +74,3 @@ def anchor_of(launcher, children):
         if children(pid):
             return pid
     return 0
-
-
-def script(python="/usr/bin/python3", qemu=QEMU):
-    """The installed program: this module's source with its interpreter and default QEMU."""
-    with open(__file__, encoding="utf-8") as f:
-        src = f.read()
-    src = src.replace(f'QEMU = "{QEMU}"', f"QEMU = {qemu!r}", 1)
-    return (f"#!{python} -Es\n" + src
-            + "\n\nif __name__ == '__main__':\n    sys.exit(main())\n")

@@ -281,15 +281,11 @@ def _with_launcher(cfg, made, say):
     path = cfg.site["emulator"]
     if os.access(path, os.X_OK):
         return cfg
-    python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
     try:
         made.launcher_dir = tempfile.mkdtemp(prefix=".check-", dir=state.ensure_root(cfg))
         os.chmod(made.launcher_dir, 0o711)  # libvirt runs the launcher as the job's user
         launcher = os.path.join(made.launcher_dir, "qemu")
-        fd = os.open(launcher, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(emulator.script(python, cfg.site["qemu"]))
-        os.chmod(launcher, 0o755)
+        emulator.build(launcher, cfg.site["qemu"])
     except OSError as e:
         raise SiteError(f"launcher {path} is not installed and a temporary one cannot be "
                         f"written in {cfg.site['state_dir']} ({e.strerror or e})",

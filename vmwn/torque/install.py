@@ -19,7 +19,7 @@ import re
 import shlex
 import sys
 
-from .. import keeper, relay, sysfiles
+from .. import emulator, keeper, relay, sysfiles
 from ..errors import SiteError, VmwnError
 from .hooks import dispatch
 
@@ -248,12 +248,6 @@ def _is_ours_starter(path):
                                  or "from vmwn.hooks.starter import main" in text)
 
 
-def _is_ours_emulator(path):
-    text = _read(path)
-    return text is not None and ("vmwn's QEMU launcher" in text
-                                 or "QEMU in a session of its own" in text)  # 0.1.0's
-
-
 def _is_ours_binary(path, name):
     """True for a program vmwn compiled (its usage line names it)."""
     try:
@@ -282,7 +276,7 @@ def _preflight(lay):
                             "unchanged) and install again")
     if os.path.lexists(lay.dest(lay.starter)) and not _is_ours_starter(lay.dest(lay.starter)):
         raise SiteError(f"{lay.starter} exists and is not vmwn's", "remove it or choose --prefix")
-    if os.path.lexists(lay.dest(lay.emulator)) and not _is_ours_emulator(lay.dest(lay.emulator)):
+    if os.path.lexists(lay.dest(lay.emulator)) and not emulator.is_ours(lay.dest(lay.emulator)):
         raise SiteError(f"{lay.emulator} exists and is not vmwn's", "remove it or choose --prefix")
     for name, where in ((keeper.NAME, lay.keeper), (relay.NAME, lay.relay)):
         if os.path.lexists(lay.dest(where)) and not _is_ours_binary(lay.dest(where), name):
@@ -320,10 +314,8 @@ def install(opts):
     sysfiles.write(starter, render_starter(starter_python, lay.config, opts.pythonpath,
                                            _state_dir(lay), lay.pbs_home), 0o755)
     written.append(starter)
-    from .. import emulator
     # Its default QEMU is the one libvirt probes (domains name theirs in VMWN_QEMU).
-    sysfiles.write(lay.dest(lay.emulator), emulator.script(starter_python,
-                                                           _site_value(lay, "qemu")), 0o755)
+    emulator.build(lay.dest(lay.emulator), _site_value(lay, "qemu"))
     written.append(lay.dest(lay.emulator))
     keeper.build(lay.dest(lay.keeper))  # the warden's small successor (vmwn.keeper)
     written.append(lay.dest(lay.keeper))
@@ -487,7 +479,7 @@ def uninstall(opts):
         removed.append(dropin)
     starter = lay.dest(lay.starter)
     emu = lay.dest(lay.emulator)
-    if _is_ours_emulator(emu):
+    if emulator.is_ours(emu):
         os.unlink(emu)
         removed.append(emu)
     for name, where in ((keeper.NAME, lay.keeper), (relay.NAME, lay.relay)):
