@@ -336,7 +336,7 @@ static int relay_channel(ssh_session s, ssh_channel c, int in_fd, int job)
         ssh_event_add_fd(ev, in_fd, POLLIN, on_fd_ready, &in_ready);
     for (;;) {
         double t;
-        int rc = ssh_event_dopoll(ev, 1000);
+        int rc = ssh_event_dopoll(ev, 1000), poll_errno = errno;
         if (sig_ready) {
             sig_ready = 0;
             handle_signals(s, c);
@@ -362,7 +362,8 @@ static int relay_channel(ssh_session s, ssh_channel c, int in_fd, int job)
          * native job ends here too (the batch daemon kills the session). */
         if (closed_seen || (ended_at && eof_seen) || (ended_at && t - ended_at > linger))
             break;
-        if (rc == SSH_ERROR || !ssh_is_connected(s)) {
+        /* a signal interrupts the poll: that is no lost connection */
+        if ((rc == SSH_ERROR && poll_errno != EINTR) || !ssh_is_connected(s)) {
             if (ended_at)
                 break;
             reply("lost", "the SSH connection closed without an exit status (%s)",
