@@ -28,13 +28,23 @@ while :; do sleep 0.1; printf . >> "$(dirname "$0")/beat"; done
 """
 
 
+def _built(d, qemu_script, compiled_in=False):
+    """A stand-in QEMU in ``d`` running ``qemu_script``, and the launcher built beside it
+    (with it as the default QEMU when ``compiled_in``)."""
+    fake = d / "qemu"
+    fake.write_text(qemu_script)
+    fake.chmod(0o755)
+    prog = d / "launcher"
+    if compiled_in:
+        emulator.build(str(prog), qemu=str(fake))
+    else:
+        emulator.build(str(prog))
+    return fake, prog
+
+
 @pytest.fixture
 def launch(tmp_path):
-    fake = tmp_path / "qemu"
-    fake.write_text(FAKE)
-    fake.chmod(0o755)
-    prog = tmp_path / "launcher"
-    emulator.build(str(prog))
+    fake, prog = _built(tmp_path, FAKE)
     procs = []
 
     def start(mode):
@@ -210,11 +220,8 @@ def test_a_daemonizing_qemu_lets_the_launcher_exit(launch):
 def test_without_vmwn_qemu_the_launcher_runs_the_qemu_it_was_built_with(tmp_path):
     """libvirt probes the emulator without the domain's environment: the node's QEMU is
     compiled in."""
-    fake = tmp_path / "qemu"
-    fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n")
-    fake.chmod(0o755)
-    prog = tmp_path / "launcher"
-    emulator.build(str(prog), qemu=str(fake))
+    fake, prog = _built(tmp_path, "#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n",
+                        compiled_in=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMWN_")}
     assert subprocess.run([str(prog), "-help"], env=env, timeout=10).returncode == 0
     assert (tmp_path / "args").read_text() == "-help\n"
@@ -234,12 +241,8 @@ def test_a_warm_start_gives_qemu_the_saved_state(tmp_path, autostart):
     """VMWN_INCOMING: QEMU loads the saved guest from a descriptor the launcher opened
     (libvirt's seccomp sandbox forbids QEMU the exec: way); VMWN_AUTOSTART=1 lets the
     restored guest run before libvirt's 'cont' (no -S), otherwise -S stays."""
-    fake = tmp_path / "qemu"
-    fake.write_text(INCOMING)
-    fake.chmod(0o755)
+    fake, prog = _built(tmp_path, INCOMING)
     (tmp_path / "saved").write_bytes(b"QEVM and the rest")
-    prog = tmp_path / "launcher"
-    emulator.build(str(prog))
     env = dict(os.environ, VMWN_QEMU=str(fake), VMWN_INCOMING=str(tmp_path / "saved"))
     env.pop("VMWN_AUTOSTART", None)
     if autostart:
@@ -254,11 +257,7 @@ def test_a_warm_start_gives_qemu_the_saved_state(tmp_path, autostart):
 
 
 def test_a_cold_boot_keeps_libvirts_arguments(tmp_path):
-    fake = tmp_path / "qemu"
-    fake.write_text(INCOMING)
-    fake.chmod(0o755)
-    prog = tmp_path / "launcher"
-    emulator.build(str(prog))
+    fake, prog = _built(tmp_path, INCOMING)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMWN_")}
     env.update(VMWN_QEMU=str(fake), VMWN_AUTOSTART="1")
     assert subprocess.run([str(prog), "-name", "x", "-S"], env=env, timeout=10).returncode == 0
@@ -266,11 +265,7 @@ def test_a_cold_boot_keeps_libvirts_arguments(tmp_path):
 
 
 def test_a_saved_state_that_is_gone_is_said_and_no_qemu_runs(tmp_path):
-    fake = tmp_path / "qemu"
-    fake.write_text(INCOMING)
-    fake.chmod(0o755)
-    prog = tmp_path / "launcher"
-    emulator.build(str(prog))
+    fake, prog = _built(tmp_path, INCOMING)
     env = dict(os.environ, VMWN_QEMU=str(fake), VMWN_INCOMING=str(tmp_path / "gone"))
     cp = subprocess.run([str(prog), "-S"], env=env, timeout=10, capture_output=True, text=True)
     assert cp.returncode == 127

@@ -21,6 +21,12 @@ resume the whole VM through the job's warden.  The SSH "signal" channel request
 is not sent as well: OpenSSH may or may not honour it, and a signal delivered
 twice would run a job's USR1 handler twice.
 
+Where the C relay is installed (vmwn.relay), the SSH session is its: the
+starter never loads paramiko, sends the setup's commands and then the job to
+the relay over one login, and waits for it; the relay forwards the signals and
+the suspend the same way (:class:`Relay` below is the starter's own, used
+where no relay is installed).
+
 The guest's SSH forward lives in libvirt's network namespace.  A starter in
 another one (a batch daemon confined to a namespace of its own) cannot enter
 it, so it asks the job's warden, which runs there, for a connected socket
