@@ -443,12 +443,14 @@ static int job_step(ssh_session s, char *msg, size_t len)
     reset_channel_state();
     out_fd[0] = 1;
     out_fd[1] = 2;
+    /* The signaller first: opened once the job runs, its open could wait on a guest
+     * that hangs meanwhile, with no probe to tell (it probes through the signaller). */
+    signaller = open_exec(s, signaller_cmd, &signaller_cb, NULL, 0, 0);
     c = open_exec(s, cmd, &command_cb, pty ? term : NULL, cols, rows);
     if (!c) {
         reply("lost", "cannot start the job in the guest: %s", ssh_get_error(s));
         return -1;
     }
-    signaller = open_exec(s, signaller_cmd, &signaller_cb, NULL, 0, 0);
     if (pty && isatty(0))
         raw_tty();
     if (relay_channel(s, c, use_stdin ? 0 : -1, 1) < 0) {

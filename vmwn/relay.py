@@ -13,6 +13,7 @@ it always did.
 """
 
 import os
+import select
 import signal
 import socket
 import time
@@ -24,6 +25,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.c")
 NAME = "relay"
 LIBSSH_H = "/usr/include/libssh/libssh.h"
 LOST_FIX = "the job's output so far is in its .o/.e files"
+END_GRACE = 5.0  # seconds the relay has to end by itself after the job's answer
 
 
 def path(cfg):
@@ -169,6 +171,20 @@ class Session:
                     f"{signal.Signals(os.WTERMSIG(st)).name}")
         return f"the job's relay to its guest exited with status {os.waitstatus_to_exitcode(st)}"
 
+    def _reap_within(self, seconds):
+        """Wait up to ``seconds`` for the relay to end by itself (close kills it after)."""
+        if self.status is not None or not self.pid:
+            return
+        try:
+            fd = os.pidfd_open(self.pid)
+        except OSError:
+            return
+        try:
+            select.select([fd], [], [], seconds)
+        finally:
+            os.close(fd)
+        self._reap(block=False)
+
     def _reap(self, block):
         if self.status is None and self.pid:
             pid, st = os.waitpid(self.pid, 0 if block else os.WNOHANG)
@@ -208,6 +224,7 @@ class Session:
                 f"{term} {len(sig)}\n").encode()
         self._send(head + sig + command.encode("utf-8", "surrogateescape"))
         kind, why = self._answer(None)
+        self._reap_within(END_GRACE)  # it says goodbye to the guest and ends
         self.close()
         if kind == "exit":
             return ("exit", int(why) & 0xFF)
