@@ -496,8 +496,8 @@ static ssh_session login(void)
     if (*want_type)
         ssh_options_set(s, SSH_OPTIONS_HOSTKEYS, want_type);
     /* The guest computes its side of the key exchange, emulated (TCG) on a test
-     * node: curve25519, as paramiko and OpenSSH 8 pick, not libssh 0.11's heavier
-     * post-quantum hybrid (the link is the node's own loopback to its guest). */
+     * node: curve25519, as paramiko picks, whatever a libssh version would prefer
+     * (the link is the node's own loopback to its guest). */
     ssh_options_set(s, SSH_OPTIONS_KEY_EXCHANGE,
                     "curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256");
     if (ssh_connect(s) != SSH_OK) {
