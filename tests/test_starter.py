@@ -516,3 +516,21 @@ def test_a_relay_killed_under_the_job_ends_it_as_lost(job):
     out, err = p.communicate(timeout=20)
     assert p.returncode == 253
     assert b"relay to its guest was killed by SIGKILL" in err and err.count(b"\n") == 1, err
+
+
+def test_the_relay_feeds_a_command_more_input_than_its_window_holds(job):
+    """Input beyond the channel's window waits in the relay (it never blocks on a full
+    window, where signals would wait too) and all of it arrives, in order."""
+    if not relay.usable(job.cfg):
+        pytest.skip("the Python relay runs in the starter itself")
+    import socket as socketmod
+    data = os.urandom(1 << 20) * 5  # 5 MiB: more than an SSH window (2 MiB)
+    s = relay.Session.start(
+        relay.usable(job.cfg), lambda timeout: socketmod.create_connection(
+            (job.st.bind_address, job.st.port), timeout=timeout), job.st, [])
+    try:
+        status, out, err = s.run("sha256sum", stdin=data, timeout=120)
+    finally:
+        s.close()
+    assert (status, err) == (0, b"")
+    assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()

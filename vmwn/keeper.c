@@ -58,7 +58,7 @@ static const char *job = "?", *domain, *uri, *virsh, *fwd_addr, *fwd_port, *job_
 static uid_t owner = (uid_t)-1;
 static char *answer;
 static size_t answer_len;
-static int log_fd = -1, use_syslog, paused;
+static int log_fd = -1, use_syslog;
 static long idle_limit = 300;
 static struct conn conns[MAXCONN];
 static int nconns, primary = -1; /* primary: index in conns of the job's own starter */
@@ -223,15 +223,16 @@ static void set_paused(int pause)
     const char *verb = pause ? "suspend" : "resume";
     pid_t pid;
     int status = 0, pfd, r;
-    if (pause == paused)
-        return; /* what is done already (a batch daemon repeats its signals) */
+    /* Every request runs virsh: libvirt's state decides, not a cache that a killed
+     * virsh or an operator's own virsh would make wrong.  A batch daemon's repeated
+     * suspend is a second, harmless pause; a repeated resume fails, logged. */
     pid = fork();
     if (pid < 0) {
         say(LOG_WARNING, "cannot %s domain %s: fork: %s", verb, domain, strerror(errno));
         return;
     }
     if (pid == 0) {
-        int nul = open("/dev/null", O_RDWR);
+        int nul = open("/dev/null", O_RDWR | O_CLOEXEC);
         char *argv[] = {(char *)virsh, "-q", "-c", (char *)uri, (char *)verb, (char *)domain,
                         NULL};
         char *envp[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", NULL};
@@ -254,7 +255,6 @@ static void set_paused(int pause)
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
         ;
     if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-        paused = pause;
         say(LOG_INFO, "domain %s %s", domain, pause ? "paused" : "resumed");
     } else {
         say(LOG_WARNING, "cannot %s domain %s: virsh %s", verb, domain,

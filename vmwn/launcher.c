@@ -274,7 +274,9 @@ int main(int argc, char **argv)
 #endif
     if (qemu_fd >= 0)
         guard = spawn_guard();
-    /* a launcher killed before this leaves QEMU's pipe at EOF: no QEMU */
+    /* a launcher killed before this leaves QEMU's pipe at EOF: no QEMU; a QEMU child
+     * already gone (the anchor's fork failed) is the anchor's status, not SIGPIPE */
+    signal(SIGPIPE, SIG_IGN);
     if (write(go[1], "g", 1) != 1) {
     }
     close(go[1]);

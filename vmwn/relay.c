@@ -315,11 +315,14 @@ static void restore_tty(void)
         tcsetattr(0, TCSADRAIN, &saved_tty);
 }
 
-/* Relay channel c until its command ended: its input from in_fd (-1: none), its
+/* Relay channel c until its command ended: its input from *in_fdp (-1: none), its
  * output to out_fd.  For the job (job set), also signals and probes.  Returns 0
  * when it ended, or -1 with a "lost" answer given. */
-static int relay_channel(ssh_session s, ssh_channel c, int in_fd, int job)
+static int relay_channel(ssh_session s, ssh_channel c, int *in_fdp, int job)
 {
+    int in_fd = *in_fdp;
+    static char pend[32768];
+    size_t pend_len = 0, pend_off = 0;
     int in_ready = 0, sig_ready = 0, in_open = in_fd >= 0;
     double last_probe = now();
     ssh_event ev = ssh_event_new();
@@ -336,14 +339,16 @@ static int relay_channel(ssh_session s, ssh_channel c, int in_fd, int job)
         ssh_event_add_fd(ev, in_fd, POLLIN, on_fd_ready, &in_ready);
     for (;;) {
         double t;
-        int rc = ssh_event_dopoll(ev, 1000), poll_errno = errno;
+        int rc = ssh_event_dopoll(ev, pend_len ? 20 : 1000), poll_errno = errno;
         if (sig_ready) {
             sig_ready = 0;
             handle_signals(s, c);
         }
-        if (in_ready && in_open) {
-            char buf[32768];
-            ssize_t n = read(in_fd, buf, sizeof buf);
+        /* Input goes to the command only as its window has room (a write beyond it
+         * would block the relay, and signals, for the session's timeout): what was
+         * read waits in pend, and in_fd is not read meanwhile. */
+        if (in_ready && in_open && pend_len == 0) {
+            ssize_t n = read(in_fd, pend, sizeof pend);
             in_ready = 0;
             if (n < 0 && (errno == EINTR || errno == EAGAIN)) {
                 /* nothing this time */
@@ -351,10 +356,29 @@ static int relay_channel(ssh_session s, ssh_channel c, int in_fd, int job)
                 in_open = 0;
                 ssh_event_remove_fd(ev, in_fd);
                 ssh_channel_send_eof(c);
-            } else if (ssh_channel_write(c, buf, (uint32_t)n) != n) {
-                /* the channel is closing: the command reads no more */
-                in_open = 0;
+            } else {
+                pend_len = (size_t)n;
+                pend_off = 0;
                 ssh_event_remove_fd(ev, in_fd);
+            }
+        }
+        if (pend_len) {
+            uint32_t room = ssh_channel_window_size(c);
+            size_t left = pend_len - pend_off;
+            int w = room ? ssh_channel_write(c, pend + pend_off,
+                                             (uint32_t)(left < room ? left : room)) : 0;
+            if (w == SSH_ERROR || !ssh_channel_is_open(c)) {
+                /* the channel is closing: the command reads no more; its writer
+                 * (the starter's pipe) learns it at once */
+                pend_len = 0;
+                in_open = 0;
+                if (in_fd > 0) { /* not the job's own stdin */
+                    close(in_fd);
+                    *in_fdp = -1;
+                }
+            } else if ((pend_off += (size_t)w) == pend_len) {
+                pend_len = 0;
+                ssh_event_add_fd(ev, in_fd, POLLIN, on_fd_ready, &in_ready);
             }
         }
         t = now();
@@ -413,11 +437,12 @@ static int run_step(ssh_session s, const char *cmd, int fds[3])
         reply("lost", "cannot run a command in the guest: %s", ssh_get_error(s));
         return -1;
     }
-    rc = relay_channel(s, c, fds[0], 0);
+    rc = relay_channel(s, c, &fds[0], 0);
     current = NULL;
     ssh_channel_free(c);
     for (int i = 0; i < 3; i++)
-        close(fds[i]);
+        if (fds[i] >= 0)
+            close(fds[i]);
     if (rc == 0)
         reply("status", "%d", *exit_signal ? -1 : exit_status);
     return rc;
@@ -426,7 +451,7 @@ static int run_step(ssh_session s, const char *cmd, int fds[3])
 /* "job": the job itself, on fds 0-2. */
 static int job_step(ssh_session s, char *msg, size_t len)
 {
-    int use_stdin, pty, cols, rows, used;
+    int use_stdin, pty, cols, rows, used, in;
     size_t slen;
     char term[64], *sig, *cmd;
     ssh_channel c;
@@ -453,7 +478,8 @@ static int job_step(ssh_session s, char *msg, size_t len)
     }
     if (pty && isatty(0))
         raw_tty();
-    if (relay_channel(s, c, use_stdin ? 0 : -1, 1) < 0) {
+    in = use_stdin ? 0 : -1;
+    if (relay_channel(s, c, &in, 1) < 0) {
         restore_tty();
         return -1;
     }
@@ -550,6 +576,17 @@ static ssize_t next_message(char *buf, size_t size, int fds[3], int *nfds)
     while (n < 0 && errno == EINTR);
     if (n <= 0)
         return 0;
+    if (m.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+                for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++) {
+                    int fd;
+                    memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                    close(fd);
+                }
+        reply("lost", "a command too long for the relay (over %zu bytes)", size - 1);
+        return 0; /* never a truncated command */
+    }
     buf[n] = 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {

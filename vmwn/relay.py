@@ -194,8 +194,14 @@ class Session:
     def _send(self, data, fds=()):
         try:
             socket.send_fds(self.control, [data], list(fds))
-        except OSError:
-            raise GuestLost(self._ended(), LOST_FIX) from None
+        except OSError as e:
+            # A relay that ended says why; one that lives (a message too long for the
+            # socket) is ended here, never waited for.
+            self._reap(block=False)
+            why = self._ended() if self.status is not None else \
+                f"cannot hand a command to the job's relay ({e.strerror or e})"
+            self.close()
+            raise GuestLost(why, LOST_FIX) from None
 
     def exec(self, command):
         """A command in the guest, as vmwn.transfer drives it (paramiko's channel calls:
