@@ -73,16 +73,16 @@ class Session:
 
     Made by :meth:`start`; ``run`` and ``exec`` serve the setup (the same calls as
     vmwn.ssh.Guest's, which vmwn.transfer and vmwn.jobrun use), ``job`` runs the job
-    and ends the session.  While it lives, the signals in ``handled`` this process
-    gets are passed on to the relay (a batch daemon may signal the starter alone);
-    the relay drops the second delivery of one it also got itself (one burst, one
-    delivery).
+    and ends the session.  While the job runs, the signals in ``handled`` this
+    process gets are passed on to the relay (a batch daemon may signal the starter
+    alone); the relay drops the second delivery of one it also got itself (one burst,
+    one delivery).
     """
 
     protocol_errors = ()  # what else than OSError and EOFError its calls raise
 
-    def __init__(self, pid, control, handled, old):
-        self.pid, self.control, self.handled, self._old = pid, control, handled, old
+    def __init__(self, pid, control, handled):
+        self.pid, self.control, self.handled, self._old = pid, control, handled, {}
         self.status = None
 
     @classmethod
@@ -115,7 +115,6 @@ class Session:
         keep = [sock.fileno(), theirs.fileno()] + ([warden_fd] if warden_fd is not None else [])
         # The signals wait, blocked, until the relay catches them (it unblocks them).
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
-        old = {}
         try:
             pid = os.fork()
             if pid == 0:  # the relay: the descriptors it needs kept, the signal mask as it is
@@ -126,24 +125,28 @@ class Session:
                     os.execv(prog, args)
                 finally:
                     os._exit(127)
-            theirs.close()
-
-            def pass_on(signum, frame):
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    pass
-            for s in handled:
-                old[s] = signal.signal(s, pass_on)
         except BaseException:
             ours.close()
-            theirs.close()
-            for s, h in old.items():
-                signal.signal(s, h)
             raise
         finally:
+            theirs.close()
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        return cls(pid, ours, handled, old)
+        return cls(pid, ours, handled)
+
+    def _pass_signals(self):
+        """From now on the signals in ``handled`` this process gets go to the relay (until
+        :meth:`close`).  Before, during the setup, they act on this process as they
+        would without a relay: a delete then ends the starter at once, and the relay
+        with it (its parent-death signal)."""
+        pid = self.pid
+
+        def pass_on(signum, frame):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        for s in self.handled:
+            self._old.setdefault(s, signal.signal(s, pass_on))
 
     def _answer(self, timeout=None):
         """(kind, rest) of the relay's next answer; ("lost", why) when it ended."""
@@ -228,6 +231,7 @@ class Session:
         sig = signaller.encode()
         head = (f"job {int(bool(stdin))} {int(bool(pty))} {int(size[0])} {int(size[1])} "
                 f"{term} {len(sig)}\n").encode()
+        self._pass_signals()  # caught from before the job starts: none is lost
         self._send(head + sig + command.encode("utf-8", "surrogateescape"))
         kind, why = self._answer(None)
         self._reap_within(END_GRACE)  # it says goodbye to the guest and ends
