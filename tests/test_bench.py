@@ -71,8 +71,11 @@ def _measurements():
             "concurrency": {1: dict(per_min=4.0, per_job=15.0)},
             "novm": dict(with_hooks=0.45, without=0.25, starter=0.03, prologue=0.006,
                          epilogue=0.01),
-            "warm": dict(jobs=[dict(first_instruction=2.4), dict(first_instruction=2.6)],
+            "warm": dict(jobs=[dict(first_instruction=1.2), dict(first_instruction=1.4)],
                          jobs4=[dict(first_instruction=4.0)] * 4,
+                         mounted_jobs=[dict(first_instruction=1.8)],
+                         mounted_jobs4=[dict(first_instruction=2.9)] * 4,
+                         private4=[60.0, 62.0, 64.0, 90.0], private_booted=300.0,
                          cold4=[dict(first_instruction=16.0)] * 4,
                          floor4=[dict(boot=12.0), dict(boot=14.0), dict(boot=15.0),
                                  dict(boot=20.0)],
@@ -93,15 +96,21 @@ def test_rows_and_summary_from_measurements():
     assert s["relay_ssh"] == 0.5 and s["harvest_scp"] == 0.5
     assert abs(s["novm_ms"] - 46.0) < 1e-6  # all three hooks, the goal's measure
     assert s["rss_extra"] == 64.0
-    assert abs(s["warm_floor"] - 2.5 / 9.0) < 1e-9 and by_name_goal(rows, "warm: prologue")
+    assert abs(s["warm_floor"] - 1.3 / 9.0) < 1e-9 and by_name_goal(rows, "warm: prologue")
     assert abs(s["warm4_floor"] - 4.0 / 14.5) < 1e-9  # against four plain QEMUs at once
+    assert not by_name_goal(rows, "warm, 4 at once")  # 0.28 > 0.25
+    assert abs(s["warm_mnt_floor"] - 0.2) < 1e-9 and not by_name_goal(rows, "warm, mounted:")
+    assert abs(s["warm4_mnt_floor"] - 0.2) < 1e-9 and by_name_goal(rows, "warm, mounted, 4")
+    assert abs(s["warm_private"] - 63.0 / 300.0) < 1e-9 and by_name_goal(rows, "warm: memory")
     by_name = {r.metric: r for r in rows}
     assert by_name["prologue start to first instruction"].met() is True
     assert by_name["job without VM: extra of prologue + starter + epilogue"].met() is True
     line = bench.summary_line(s)
     assert line == ("bench: first-instruction/floor=1.16 naive/vmwn=2.02 20G/200M=1.05 "
                     "relay/ssh=0.50 harvest/scp=0.50 harvest/tar=? mounted/native=? "
-                    "warm/floor=0.28 warm4/floor=0.28 novm-extra=46ms "
+                    "warm/floor=0.14 warm4/floor=0.28 warm-mnt/floor=0.20 warm4-mnt/floor=0.20 "
+                    "warm-mem/booted=0.21 "
+                    "novm-extra=46ms "
                     "rss-extra=64MiB")
 
 

@@ -43,6 +43,15 @@ def test_a_guest_boots_in_both_data_modes_on_debian_13():
     assert "staged into the guest at the same path: ok" in out
     assert out.count("\nteardown: no domain, virtiofsd, overlay, seed, key, state directory or "
                      "working directory left: ok\nall checks passed\n") == 2, out
+    # Two jobs restored from one prepared guest, their directories hot-plugged
+    # through the Rust virtiofsd: each unique, its clock the host's, nothing left.
+    # In the copy mode QEMU 10 maps the prepared memory private: two restored
+    # guests share its pages.
+    assert re.search(r"^warm tinywarm \(mounted\): 2 restored, \d+ MiB memory, \d+ KiB "
+                     r"state: ok$", out, re.M), out
+    assert re.search(r"^warm tinywarmcopy \(copy\): 2 restored, .*, its own memory \d+ MiB "
+                     r"per restored guest, \d+ MiB booted \(\S+\), \d+ MiB of the prepared "
+                     r"memory shared: ok$", out, re.M), out
     # A job's hostile tree (names that are not UTF-8, 1200 directories, 300 deep,
     # sparse, symlink, fifo) through Debian 13's virtiofsd, every byte on the host.
     torque = os.access(os.path.join(TORQUE, "sbin", "pbs_mom"), os.X_OK)

@@ -228,48 +228,105 @@ def test_without_vmwn_qemu_the_launcher_runs_the_qemu_it_was_built_with(tmp_path
     assert emulator.is_ours(str(prog))
 
 
-INCOMING = """#!/bin/sh
+RAM = """#!/bin/sh
 d=$(dirname "$0")
-echo "$@" > "$d/args"
-for a; do last=$a; done
-case $last in fd:*) head -c 4 <&"${last#fd:}" > "$d/state" ;; esac
+for a; do echo "$a"; done > "$d/args"
+for a; do
+  case $a in *'"mem-path":"/proc/self/fd/'*)
+    fd=${a#*/proc/self/fd/}; fd=${fd%%[!0-9]*}
+    readlink "/proc/$$/fd/$fd" > "$d/memfd"
+    cat <&"$fd" > "$d/memory" ;;
+  esac
+done
 """
 
+LIBVIRTS = ['-name', 'x', '-machine', 'pc-i440fx-7.2,usb=off,memory-backend=pc.ram', '-m', '256',
+            '-object', '{"qom-type":"memory-backend-ram","id":"pc.ram","size":268435456}',
+            '-object', '{"qom-type":"rng-builtin","id":"objrng0"}', '-S']
 
-@pytest.mark.parametrize("autostart", ["1", None])
-def test_a_warm_start_gives_qemu_the_saved_state(tmp_path, autostart):
-    """VMWN_INCOMING: QEMU loads the saved guest from a descriptor the launcher opened
-    (libvirt's seccomp sandbox forbids QEMU the exec: way); VMWN_AUTOSTART=1 lets the
-    restored guest run before libvirt's 'cont' (no -S), otherwise -S stays."""
-    fake, prog = _built(tmp_path, INCOMING)
-    (tmp_path / "saved").write_bytes(b"QEVM and the rest")
-    env = dict(os.environ, VMWN_QEMU=str(fake), VMWN_INCOMING=str(tmp_path / "saved"))
-    env.pop("VMWN_AUTOSTART", None)
-    if autostart:
-        env["VMWN_AUTOSTART"] = autostart
-    assert subprocess.run([str(prog), "-name", "x", "-S", "-m", "256"], env=env,
+
+def _ram_env(fake, **kw):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMWN_")}
+    return dict(env, VMWN_QEMU=str(fake), **kw)
+
+
+def test_a_restored_guests_memory_is_a_copy_of_the_prepared_ones_in_a_memfd(tmp_path):
+    """VMWN_RAM_FROM: QEMU's memory is a memfd of the launcher's making (the job's user's),
+    holding the prepared guest's memory: its data copied, its holes read as zeros."""
+    import json
+    fake, prog = _built(tmp_path, RAM)
+    ram = tmp_path / "ram"
+    with open(ram, "wb") as f:
+        f.write(b"kernel")
+        f.seek(3 << 20)
+        f.write(b"page cache")
+        f.truncate(4 << 20)
+    assert subprocess.run([str(prog), *LIBVIRTS], env=_ram_env(fake, VMWN_RAM_FROM=str(ram)),
                           timeout=10).returncode == 0
-    args = (tmp_path / "args").read_text().split()
-    assert args[:-2] == (["-name", "x", "-m", "256"] if autostart else
-                         ["-name", "x", "-S", "-m", "256"])
-    assert args[-2] == "-incoming" and args[-1].startswith("fd:")
-    assert (tmp_path / "state").read_bytes() == b"QEVM"
+    args = (tmp_path / "args").read_text().splitlines()
+    obj = json.loads(args[7])
+    assert obj == {"qom-type": "memory-backend-file", "id": "pc.ram", "size": 268435456,
+                   "share": True, "x-use-canonical-path-for-ramblock-id": False,
+                   "mem-path": obj["mem-path"]}
+    assert obj["mem-path"].startswith("/proc/self/fd/")
+    assert args[:7] == LIBVIRTS[:7] and args[8:] == LIBVIRTS[8:]  # the rest as libvirt said
+    assert (tmp_path / "memfd").read_text().startswith("/memfd:vmwn-guest-ram")
+    assert (tmp_path / "memory").read_bytes() == ram.read_bytes()
+
+
+def test_a_prepared_guests_memory_is_the_file_it_is_given_and_other_members_stay(tmp_path):
+    import json
+    fake, prog = _built(tmp_path, RAM)
+    argv = list(LIBVIRTS)
+    argv[7] = ('{"qom-type":"memory-backend-memfd","id":"pc.ram","share":true,'
+               '"x-use-canonical-path-for-ramblock-id":false,"size":268435456,'
+               '"host-nodes":[0,1],"policy":"bind"}')
+    env = _ram_env(fake, VMWN_RAM_FILE=str(tmp_path / "ram"))
+    assert subprocess.run([str(prog), *argv], env=env, timeout=10).returncode == 0
+    obj = json.loads((tmp_path / "args").read_text().splitlines()[7])
+    assert obj == {"qom-type": "memory-backend-file", "mem-path": str(tmp_path / "ram"),
+                   "share": True, "x-use-canonical-path-for-ramblock-id": False,
+                   "id": "pc.ram", "size": 268435456, "host-nodes": [0, 1], "policy": "bind"}
+
+
+def test_a_restored_guest_may_map_the_prepared_memory_private_and_read_only(tmp_path):
+    """VMWN_RAM_MAP: the file itself, opened read-only by QEMU and mapped private (its
+    pages shared by every guest that maps it, until written)."""
+    import json
+    fake, prog = _built(tmp_path, RAM)
+    env = _ram_env(fake, VMWN_RAM_MAP=str(tmp_path / "ram"))
+    assert subprocess.run([str(prog), *LIBVIRTS], env=env, timeout=10).returncode == 0
+    obj = json.loads((tmp_path / "args").read_text().splitlines()[7])
+    assert obj == {"qom-type": "memory-backend-file", "mem-path": str(tmp_path / "ram"),
+                   "share": False, "readonly": True, "rom": "off",
+                   "x-use-canonical-path-for-ramblock-id": False,
+                   "id": "pc.ram", "size": 268435456}
+    assert not (tmp_path / "memfd").exists()
 
 
 def test_a_cold_boot_keeps_libvirts_arguments(tmp_path):
-    fake, prog = _built(tmp_path, INCOMING)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMWN_")}
-    env.update(VMWN_QEMU=str(fake), VMWN_AUTOSTART="1")
-    assert subprocess.run([str(prog), "-name", "x", "-S"], env=env, timeout=10).returncode == 0
-    assert (tmp_path / "args").read_text().split() == ["-name", "x", "-S"]
+    fake, prog = _built(tmp_path, RAM)
+    assert subprocess.run([str(prog), *LIBVIRTS], env=_ram_env(fake), timeout=10).returncode == 0
+    assert (tmp_path / "args").read_text().splitlines() == LIBVIRTS
 
 
-def test_a_saved_state_that_is_gone_is_said_and_no_qemu_runs(tmp_path):
-    fake, prog = _built(tmp_path, INCOMING)
-    env = dict(os.environ, VMWN_QEMU=str(fake), VMWN_INCOMING=str(tmp_path / "gone"))
-    cp = subprocess.run([str(prog), "-S"], env=env, timeout=10, capture_output=True, text=True)
+@pytest.mark.parametrize("case", ["gone", "no-backend", "malformed"])
+def test_a_memory_that_cannot_be_given_is_said_and_no_qemu_runs(tmp_path, case):
+    fake, prog = _built(tmp_path, RAM)
+    ram = tmp_path / "ram"
+    ram.write_bytes(b"x")
+    argv = list(LIBVIRTS)
+    if case == "no-backend":
+        argv[3] = "pc-i440fx-7.2,usb=off"
+    if case == "malformed":
+        argv[7] = '{"qom-type":"memory-backend-ram","id":"pc.ram","size":2684'
+    env = _ram_env(fake, VMWN_RAM_FROM=str(tmp_path / "gone" if case == "gone" else ram))
+    cp = subprocess.run([str(prog), *argv], env=env, timeout=10, capture_output=True, text=True)
     assert cp.returncode == 127
-    assert "cannot open the saved guest" in cp.stderr and str(tmp_path / "gone") in cp.stderr
+    assert {"gone": f"cannot read the prepared guest's memory {tmp_path / 'gone'}",
+            "no-backend": "no memory backend of libvirt's",
+            "malformed": "cannot read libvirt's memory backend"}[case] in cp.stderr
+    assert cp.stderr.count("\n") == 1
     assert not (tmp_path / "args").exists()
 
 

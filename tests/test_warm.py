@@ -15,7 +15,7 @@ import time
 import pytest
 
 from vmwn.spec import JobSpec
-from vmwn import config, lifecycle, state, warm
+from vmwn import config, lifecycle, share, state, warm
 from vmwn.errors import SiteError
 from vmwn.ssh import Guest
 
@@ -36,6 +36,12 @@ warm = on
 network = no-loopback
 """ + vmwn_testlib.TINY
 
+MOUNTED_ENV = """
+[env tinymnt]
+description = tiny restored, the job's directories mounted
+warm = on
+""" + vmwn_testlib.TINY
+
 
 @pytest.fixture(scope="module")
 def warm_site():
@@ -44,7 +50,7 @@ def warm_site():
         pytest.skip("needs root")
     base = vmwn_testlib.qemu_reachable_dir("vmwn-warm-")
     try:
-        path = vmwn_testlib.write_config(base, envs=WARM_ENVS + NOLO_ENV, ports="42000-42499",
+        path = vmwn_testlib.write_config(base, envs=WARM_ENVS + NOLO_ENV + MOUNTED_ENV, ports="42000-42499",
                                          warm_dir=f"{base}/warm")
         cfg = config.load(path)
         cost = warm.prepare(cfg, cfg.env("tiny"), say=lambda line: None)
@@ -68,7 +74,7 @@ def _sha(path):
 
 def _generation_files(cfg):
     gen = warm.current(cfg, cfg.env("tiny"))
-    return {p: _sha(p) for p in (gen.state, gen.disk)}
+    return {p: _sha(p) for p in (gen.state, gen.ram, gen.disk)}
 
 
 @pytest.mark.integration
@@ -92,15 +98,20 @@ def test_two_restored_jobs_are_unique_and_leave_nothing(warm_site):
             assert st.warm, "the job booted cold"
             # The connection pins the job's own host key: the restored sshd serves it.
             with Guest.connect(st) as g:
+                host_before = time.time()
                 status, out, err = g.run(
                     "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
-                    "date +%s; id -un; hostname; cat /proc/cmdline")
+                    "adjtimex | awk '/tv_sec/ { s = $2 } /tv_usec/ { printf \"%d.%06d\\n\", s, $2 }'; "
+                    "id -un; hostname; cat /proc/cmdline /etc/machine-id")
+                host_after = time.time()
                 assert status == 0, err
-                rnd, clock, user, host, cmdline = out.decode().splitlines()
-            seen.append((rnd, st.host_key_public))
+                rnd, clock, user, host, cmdline, machine_id = out.decode().splitlines()
+            seen.append((rnd, st.host_key_public, machine_id))
             with open(st.console_log, "rb") as f:  # said only after vmwn-restored succeeded
                 assert b"vmwn-guest: restored" in f.read()
-            assert abs(int(clock) - time.time()) < 3, "the guest's clock was not set"
+            # Read between the host's two readings, give or take the 1 s allowed.
+            assert host_before - 1 < float(clock) < host_after + 1, "the guest's clock is off"
+            assert len(machine_id) == 32 and int(machine_id, 16)
             assert user == "alice" and host.startswith("vmwn-")
             assert "vmwn.warm=1" in cmdline
             # Nothing of the job is in what every job restores.
@@ -111,9 +122,10 @@ def test_two_restored_jobs_are_unique_and_leave_nothing(warm_site):
     finally:
         for job in jobs:
             lifecycle.destroy(cfg, job)
-    (rnd1, key1), (rnd2, key2) = seen
+    (rnd1, key1, id1), (rnd2, key2, id2) = seen
     assert rnd1 != rnd2, "two jobs restored from one state read the same random bytes"
     assert key1 != key2
+    assert id1 != id2, "two restored jobs have one machine-id"
     for job in jobs:
         assert leftovers(cfg, job) == []
     assert _generation_files(cfg) == before, "a job changed the prepared guest"
@@ -138,16 +150,21 @@ def test_request_that_does_not_fit_boots_cold_and_says_so(warm_site, caplog):
 
 @pytest.mark.integration
 @needs_image("tiny")
-def test_a_failed_restore_falls_back_to_a_cold_boot(warm_site, caplog):
-    """A damaged saved state (injected: truncated) costs a cold boot, not the job."""
+@pytest.mark.parametrize("damage", ["truncated state", "unreadable memory"])
+def test_a_failed_restore_falls_back_to_a_cold_boot(warm_site, caplog, damage):
+    """A damaged saved state (QEMU fails to load it) or a memory file the job's QEMU
+    cannot read (its launcher fails) costs a cold boot, not the job."""
     cfg, _ = warm_site
     env = cfg.env("tiny")
     gen = warm.current(cfg, env)
     root = warm.env_dir(cfg, env.name)
     broken = os.path.join(root, f"g{time.time_ns()}")
     shutil.copytree(gen.path, broken)
-    with open(os.path.join(broken, "state"), "r+b") as f:
-        f.truncate(4096)
+    if damage == "truncated state":
+        with open(os.path.join(broken, "state"), "r+b") as f:
+            f.truncate(4096)
+    else:
+        os.chmod(os.path.join(broken, "ram"), 0o600)
     link = os.path.join(root, "current")
     old = os.readlink(link)
     os.unlink(link)
@@ -165,7 +182,10 @@ def test_a_failed_restore_falls_back_to_a_cold_boot(warm_site, caplog):
         os.unlink(link)
         os.symlink(old, link)
         shutil.rmtree(broken)
-    assert any("warm start failed" in r.getMessage() for r in caplog.records)
+    failed = [r.getMessage() for r in caplog.records if "warm start failed" in r.getMessage()]
+    assert failed
+    if damage == "unreadable memory":
+        assert "cannot read the prepared guest's memory" in failed[0]
     assert leftovers(cfg, job) == []
 
 
@@ -240,6 +260,95 @@ def test_a_restored_guest_is_confined_before_it_runs(warm_site):
     assert leftovers(cfg, job) == []
 
 
+@pytest.fixture
+def mounted_job(warm_site, test_user):
+    """A mounted-mode job's spec for the test user, its working directory in their home."""
+    import grp
+    import tempfile
+    cfg, _ = warm_site
+    warm.prepare(cfg, cfg.env("tinymnt"), say=lambda line: None)
+    workdir = tempfile.mkdtemp(prefix="vmwn-warm-mnt-\udcff ", dir=test_user.pw_dir)
+    os.chown(workdir, test_user.pw_uid, test_user.pw_gid)
+    with open(os.path.join(workdir, "in"), "w") as f:
+        f.write("from the host\n")
+    os.chown(os.path.join(workdir, "in"), test_user.pw_uid, test_user.pw_gid)
+    env = cfg.env("tinymnt")
+    yield cfg, lambda job: JobSpec(
+        job_id=job, user=test_user.pw_name, uid=test_user.pw_uid, gid=test_user.pw_gid,
+        group=grp.getgrgid(test_user.pw_gid).gr_name, job_name="m", env=env, vcpus=1,
+        memory_mib=env.memory_mib, workdir=workdir, host_workdir=workdir), workdir
+    shutil.rmtree(os.fsencode(workdir), ignore_errors=True)
+
+
+def _mounted_round_trip(st, workdir, uid):
+    """The job's directory in the guest at its host path: the host's file read, one
+    written that the host has at once, as the job's user."""
+    with Guest.connect(st) as g:
+        status, out, err = g.run(f"cd '{workdir}' && cat in && echo from-guest > out && "
+                                 "stat -c %u . && id -un".encode("utf-8", "surrogateescape"))
+    assert status == 0, err
+    assert out.decode("utf-8", "surrogateescape").splitlines()[:2] == ["from the host", str(uid)]
+    path = os.path.join(workdir, "out")
+    with open(path) as f:
+        assert f.read() == "from-guest\n"
+    assert os.stat(path).st_uid == uid
+    os.unlink(path)
+
+
+@pytest.mark.integration
+@needs_image("tiny")
+def test_a_mounted_job_restores_and_gets_its_shares_hot_plugged(mounted_job):
+    cfg, make_spec, workdir = mounted_job
+    job = f"507.{RUN}.warm.test"
+    spec_ = make_spec(job)
+    try:
+        st = lifecycle.create(cfg, spec_, time.monotonic() + 120)
+        assert st.warm, "the mounted job booted cold"
+        assert st.shares
+        _mounted_round_trip(st, workdir, spec_.uid)
+        with open(st.console_log, "rb") as f:
+            assert b"vmwn-guest: restored" in f.read()
+    finally:
+        lifecycle.destroy(cfg, job)
+    assert leftovers(cfg, job) == []
+    assert share.serving(state.job_dir(cfg, job)) == []
+
+
+@pytest.mark.integration
+@needs_image("tiny")
+def test_a_share_that_cannot_be_added_costs_a_cold_boot(mounted_job, monkeypatch, caplog):
+    """Injected: the share's virtiofsd is gone when libvirt adds its device."""
+    from vmwn import virt
+    cfg, make_spec, workdir = mounted_job
+    job = f"508.{RUN}.warm.test"
+    spec_ = make_spec(job)
+    real = virt.attach
+    failed = []
+
+    def attach(dom, xml):
+        if not failed:
+            for s in state.load(cfg, job).shares:
+                os.kill(s["pid"], 9)
+                wait_until(lambda: not os.path.exists(f"/proc/{s['pid']}/cmdline") or
+                           open(f"/proc/{s['pid']}/stat").read().split(") ")[1][0] == "Z",
+                           10, "the killed virtiofsd to end")
+            failed.append(xml)
+        return real(dom, xml)
+
+    monkeypatch.setattr(virt, "attach", attach)
+    caplog.set_level(logging.INFO, logger="vmwn")
+    try:
+        st = lifecycle.create(cfg, spec_, time.monotonic() + 180)
+        assert failed and st.warm == ""
+        _mounted_round_trip(st, workdir, spec_.uid)
+    finally:
+        lifecycle.destroy(cfg, job)
+    assert any("warm start failed" in r.getMessage() and "cannot add a device" in r.getMessage()
+               for r in caplog.records)
+    assert leftovers(cfg, job) == []
+    assert share.serving(state.job_dir(cfg, job)) == []
+
+
 def _barrier(svc):
     """Connect to ``svc`` from the test and wait until it has recorded that connection:
     it serves connections one at a time in the order they came, so any earlier one is
@@ -276,7 +385,7 @@ def _fake_generation(cfg, env, fingerprint=None, mode=0o644):
     root = warm.env_dir(cfg, env.name)
     gen = os.path.join(root, "g1")
     os.makedirs(gen)
-    for n in ("state", "disk.qcow2"):
+    for n in ("state", "ram", "disk.qcow2"):
         with open(os.path.join(gen, n), "wb") as f:
             f.write(b"s")
         os.chmod(os.path.join(gen, n), mode)
@@ -286,9 +395,8 @@ def _fake_generation(cfg, env, fingerprint=None, mode=0o644):
     return gen
 
 
-def test_warm_needs_copy_data_and_a_vmwn_kernel(tmp_path):
-    with pytest.raises(SiteError, match="warm = on needs data = copy"):
-        _cfg(tmp_path, env_extra="warm = on\n")
+def test_warm_takes_either_data_mode_and_needs_a_vmwn_kernel(tmp_path):
+    assert _cfg(tmp_path, env_extra="warm = on\n").env("tiny").data == "mounted"
     with pytest.raises(SiteError, match="warm = on needs a kernel booted by vmwn"):
         _cfg(tmp_path, kernel=False)
 
@@ -309,15 +417,15 @@ def test_a_changed_base_is_never_restored(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="generation files must be root's")
-@pytest.mark.skipif(os.geteuid() != 0, reason="generation files must be root's")
-def test_a_generation_with_a_missing_file_is_not_restored(tmp_path, caplog):
+@pytest.mark.parametrize("name", ["disk.qcow2", "ram", "state"])
+def test_a_generation_with_a_missing_file_is_not_restored(tmp_path, caplog, name):
     cfg = _cfg(tmp_path)
     env = cfg.env("tiny")
     gen = _fake_generation(cfg, env)
-    os.unlink(os.path.join(gen, "disk.qcow2"))  # removed by hand
+    os.unlink(os.path.join(gen, name))  # removed by hand
     caplog.set_level(logging.INFO, logger="vmwn")
     assert warm.choose(cfg, env, env.vcpus, env.memory_mib) is None
-    assert "disk.qcow2 of the prepared guest of tiny is unreadable" in caplog.text
+    assert f"{name} of the prepared guest of tiny is unreadable" in caplog.text
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="generation files must be root's")
@@ -347,8 +455,23 @@ def test_seed_padding(tmp_path):
     small.write_bytes(b"CD001" * 10)
     assert warm.pad_seed(str(small)) and small.stat().st_size == warm.SEED_BYTES
     big = tmp_path / "big.iso"
-    big.write_bytes(b"x" * (warm.SEED_BYTES + 1))
+    big.write_bytes(b"x" * (warm.CLOCK_OFFSET + 1))  # it would overlap the host's clock
     assert not warm.pad_seed(str(big))
+
+
+def test_the_host_clock_goes_on_the_seeds_last_block(tmp_path):
+    seed = tmp_path / "seed.iso"
+    seed.write_bytes(b"CD001" * 10)
+    warm.pad_seed(str(seed))
+    before = time.time_ns()
+    warm.give_clock(str(seed))
+    after = time.time_ns()
+    data = seed.read_bytes()
+    assert len(data) == warm.SEED_BYTES and data[:50] == b"CD001" * 10
+    magic, sec, nsec = struct.unpack_from("<16sqq", data, warm.SEED_BYTES - 4096)
+    assert magic == b"vmwn-host-clock\0" and 0 <= nsec < 10**9
+    assert before <= sec * 10**9 + nsec <= after
+    assert data[50:warm.SEED_BYTES - 4096] == bytes(warm.SEED_BYTES - 4096 - 50)
 
 
 def test_libvirt_save_header_is_stripped(tmp_path):
@@ -368,22 +491,101 @@ def test_libvirt_save_header_is_stripped(tmp_path):
         warm._strip_libvirt_header(str(saved), str(tmp_path / "out"))
 
 
-def test_domain_carries_the_warm_flag_and_the_state(tmp_path):
+def test_domain_carries_the_warm_flag_and_the_memory(tmp_path):
     from vmwn.domain import render
     cfg = config.load(vmwn_testlib.write_config(str(tmp_path), envs=WARM_ENVS))
     env = cfg.env("tiny")
     cold = render(cfg, env, job_id="1.x", user="nobody", uid=65534, gid=65534)
-    assert "vmwn.warm=1" not in cold and "VMWN_INCOMING" not in cold
+    assert "vmwn.warm=1" not in cold and "VMWN_RAM" not in cold and "-incoming" not in cold
+    # Being prepared: its memory is the generation's file.
     xml = render(cfg, env, job_id="1.x", user="nobody", uid=65534, gid=65534, warm=True,
-                 incoming="/var/lib/vmwn/warm/tiny/g1/state")
+                 ram="/var/lib/vmwn/warm/tiny/.new-1/ram")
     assert f"{env.cmdline} vmwn.warm=1'" in xml
-    assert "<qemu:env name='VMWN_INCOMING' value='/var/lib/vmwn/warm/tiny/g1/state'/>" in xml
-    # No global run state in the stream: a restored guest runs as QEMU decides (autostart).
+    assert "<qemu:env name='VMWN_RAM_FILE' value='/var/lib/vmwn/warm/tiny/.new-1/ram'/>" in xml
+    assert "-incoming" not in xml
+    # No global run state in the stream: a restored guest runs as libvirt says.
     assert "<qemu:arg value='migration.store-global-state=off'/>" in xml
-    assert "VMWN_AUTOSTART" not in xml
-    xml = render(cfg, env, job_id="1.x", user="nobody", uid=65534, gid=65534, warm=True,
-                 incoming="/s", autostart=True)
-    assert "<qemu:env name='VMWN_AUTOSTART' value='1'/>" in xml
+    # Restored: a copy of it or the file mapped private, and QEMU waits for the device
+    # state vmwn gives it.
+    for how, var in (("copy", "VMWN_RAM_FROM"), ("map", "VMWN_RAM_MAP")):
+        xml = render(cfg, env, job_id="1.x", user="nobody", uid=65534, gid=65534, warm=True,
+                     ram="/var/lib/vmwn/warm/tiny/g1/ram", restore=how)
+        assert f"<qemu:env name='{var}' value='/var/lib/vmwn/warm/tiny/g1/ram'/>" in xml
+        assert xml.count("VMWN_RAM_") == 1
+        assert "<qemu:arg value='-incoming'/>\n    <qemu:arg value='defer'/>" in xml
+    with pytest.raises(ValueError):
+        render(cfg, env, job_id="1.x", user="nobody", uid=65534, gid=65534, warm=True,
+               ram="/r", restore="mmap")
+
+
+def test_a_template_from_an_earlier_bundle_still_renders(tmp_path):
+    """A site's template copied before the memory file names incoming and autostart."""
+    from vmwn.domain import render
+    tdir = tmp_path / "t"
+    tdir.mkdir()
+    bundled = open(os.path.join(vmwn_testlib.ROOT, "templates", "domain.xml.j2")).read()
+    old = bundled.replace("</qemu:commandline>", "{% if incoming %}<qemu:env name='VMWN_INCOMING' "
+                          "value='{{ incoming }}'/>{% if autostart %}<qemu:env "
+                          "name='VMWN_AUTOSTART' value='1'/>{% endif %}{% endif %}"
+                          "</qemu:commandline>")
+    (tdir / "domain.xml.j2").write_text(old)
+    conf = vmwn_testlib.write_config(str(tmp_path), envs=WARM_ENVS)
+    with open(conf) as f:
+        text = f.read().replace(f"template_dir = {vmwn_testlib.ROOT}/templates",
+                                f"template_dir = {tdir}")
+    with open(conf, "w") as f:
+        f.write(text)
+    cfg = config.load(conf)
+    xml = render(cfg, cfg.env("tiny"), job_id="1.x", user="nobody", uid=65534, gid=65534,
+                 warm=True, ram="/r", restore="copy")
+    assert "VMWN_INCOMING" in xml and "VMWN_AUTOSTART" not in xml
+
+
+def test_a_guest_with_shares_copies_the_memory_others_map_it_where_qemu_can(tmp_path):
+    gen = tmp_path / "g1"
+    gen.mkdir()
+    assert warm.restore_by(str(gen), []) == "copy"  # no meta: the safe way
+    (gen / "meta.json").write_text(json.dumps({"maps_private": True}))
+    assert warm.restore_by(str(gen), []) == "map"
+    assert warm.restore_by(str(gen), ["a share"]) == "copy"  # virtiofsd maps it shared
+    (gen / "meta.json").write_text(json.dumps({"maps_private": False}))
+    assert warm.restore_by(str(gen), []) == "copy"
+
+
+@pytest.mark.parametrize("help_text, maps", [
+    ("memory-backend-file options:\n  readonly=<bool>\n  rom=<OnOffAuto>        - Whether\n", True),
+    ("memory-backend-file options:\n  readonly=<bool>\n  share=<bool>\n", False)])
+def test_whether_qemu_maps_a_read_only_file_private_is_asked_of_qemu(tmp_path, help_text, maps):
+    qemu = tmp_path / "qemu"
+    qemu.write_text(f"#!/bin/sh\n[ \"$2\" = memory-backend-file,help ] && printf '%s' "
+                    f"'{help_text}'\n")
+    qemu.chmod(0o755)
+    assert warm.maps_private(str(qemu)) is maps
+
+
+def test_a_restored_domain_gets_its_shares_as_devices_to_add(tmp_path):
+    """The template's <filesystem> devices come out of a restored domain whole (QEMU
+    could not load a saved guest into a machine with them) and go in after; the
+    shared memory virtio-fs needs stays."""
+    import xml.etree.ElementTree as ET
+    from vmwn.domain import render, without_filesystems
+    from vmwn.share import Share
+    cfg = config.load(vmwn_testlib.write_config(str(tmp_path), envs=WARM_ENVS))
+    shares = [Share(path="/home/a & b", tag="vmwn0", socket="/j/vmwn0.sock"),
+              Share(path="/home/a & b/w", tag="vmwn1", socket="/j/<1>.sock")]
+    xml = render(cfg, cfg.env("tiny"), job_id="1.x", user="nobody", uid=65534, gid=65534,
+                 warm=True, ram="/r", restore="copy", shares=shares)
+    rest, devices = without_filesystems(xml)
+    root = ET.fromstring(rest)
+    assert root.find("devices/filesystem") is None
+    assert root.find("memoryBacking/access").get("mode") == "shared"
+    assert root.find("devices/disk") is not None and root.find("devices/serial") is not None
+    parsed = [ET.fromstring(d) for d in devices]
+    assert [(d.tag, d.find("source").get("socket"), d.find("target").get("dir"))
+            for d in parsed] == [("filesystem", "/j/vmwn0.sock", "vmwn0"),
+                                 ("filesystem", "/j/<1>.sock", "vmwn1")]
+    assert all(d.find("driver").get("type") == "virtiofs" for d in parsed)
+    assert without_filesystems(rest) == (rest, [])
 
 
 def test_drop_leaves_no_directory_behind(tmp_path):

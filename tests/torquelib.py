@@ -57,8 +57,7 @@ description = tiny with the copy data path (tests only)
 data = copy
 """ + ("warm = on\n" if WARM else "") + TINY + """
 [env tinywarm]
-description = tiny restored from a prepared guest (tests only)
-data = copy
+description = tiny restored from a prepared guest, mounted (tests only)
 warm = on
 """ + TINY + """
 [env tinynolo]

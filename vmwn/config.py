@@ -268,8 +268,8 @@ ENV_KEYS = {k.name: k for k in [
     _k("ssh_user_shell", "/bin/sh", _abspath, "Shell of the job user inside the guest."),
     _k("warm", False, _bool,
        "Restore jobs' guests from a prepared, saved guest instead of booting them "
-       "('vmwn warm prepare ENV'; docs/performance.md).  Needs data = copy and a guest "
-       "that implements vmwn.warm=1 (the bundled tiny)."),
+       "('vmwn warm prepare ENV'; docs/performance.md), in either data mode.  Needs a "
+       "kernel booted by vmwn and a guest that implements vmwn.warm=1 (the bundled tiny)."),
 ]}
 
 
@@ -449,9 +449,6 @@ def _environment(name, raw, site, origin):
         raise SiteError(f"{where('output_dir')}: output_dir must be 'workdir' or absolute",
                         "fix output_dir")
 
-    if v["warm"] and v["data"] != "copy":
-        raise SiteError(f"{where('warm')}: warm = on needs data = copy (QEMU cannot save a "
-                        "guest with virtio-fs devices)", "set data = copy or warm = off")
     if v["warm"] and not v["kernel"]:
         raise SiteError(f"{where('warm')}: warm = on needs a kernel booted by vmwn "
                         "(its guest must implement vmwn.warm=1)", "set kernel or warm = off")

@@ -56,14 +56,15 @@ def guest_hostname(job_id, index=None):
 
 def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, port=0,
            overlay=None, seed="/dev/null", console_log="/dev/null", created=None, shares=(),
-           uid=None, gid=None, warm=False, incoming=None, name=None, autostart=False,
-           jobnet=None):
+           uid=None, gid=None, warm=False, ram=None, restore=None, name=None, jobnet=None):
     """The domain XML for one job, validated; raises SiteError if the template is unfit.
 
     QEMU runs as ``uid``:``gid`` (the job's; looked up from ``user`` when not
     given, nobody for a user this node does not know).  ``warm``: the guest
-    is (or is restored from) a prepared one (vmwn/warm.py); ``incoming``: the
-    saved state QEMU loads instead of booting.  ``name`` replaces the job's
+    is (or is restored from) a prepared one (vmwn/warm.py); ``ram``: the file
+    of the prepared guest's memory; ``restore``: the guest is restored from it
+    (QEMU waits for its device state) instead of booted, its memory a copy of
+    the file ('copy') or the file mapped private ('map').  ``name`` replaces the job's
     domain name (for the preparing guest).  ``jobnet``: the guest's card on its
     job's network (vmwn.jobnet.Net), for a job that spans nodes.
     """
@@ -79,13 +80,34 @@ def render(cfg, env, *, job_id, user, job_name="", vcpus=None, memory_mib=None, 
         seed=seed, console_log=console_log,
         shares=[dict(tag=s.tag, socket=s.socket) for s in shares],
         uid=int(uid), gid=int(gid), emulator=cfg.site["emulator"], qemu=cfg.site["qemu"],
-        warm=bool(warm), incoming=incoming or "", autostart=bool(autostart),
+        warm=bool(warm), ram=ram or "", restore=_restore(restore),
+        # What a site's template copied from an earlier bundle names: it still renders,
+        # and a restore through it fails its load and boots cold (node log).
+        incoming=bool(restore), autostart=False,
         jobnet=dict(tap=jobnet.tap, mac=jobnet.mac, mtu=int(jobnet.mtu),
                     index=int(jobnet.index)) if jobnet else None,
     )
     xml = render_template(cfg.site["template_dir"], env.template, ctx, xml=True)
     check(xml, ctx["name"], ctx["job_id"], f"{cfg.site['template_dir']}/{env.template}")
     return xml
+
+
+_FILESYSTEM = re.compile(r"[ \t]*<filesystem\b.*?</filesystem>[ \t]*\n?", re.S)
+
+
+def without_filesystems(xml):
+    """``xml`` without its ``<filesystem>`` devices, and those devices' XML.
+
+    A guest restored from a prepared one (saved without them: QEMU cannot save
+    a vhost-user device) gets the job's shares hot-plugged once it runs."""
+    devices = [m.group(0).strip() for m in _FILESYSTEM.finditer(xml)]
+    return _FILESYSTEM.sub("", xml), devices
+
+
+def _restore(how):
+    if how not in (None, "copy", "map"):
+        raise ValueError(f"restore={how!r}")
+    return how or ""
 
 
 def _ids_of(user):

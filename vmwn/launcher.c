@@ -16,9 +16,23 @@
  *
  * The real QEMU is VMWN_QEMU from the domain's environment, else the one
  * compiled in (libvirt probes the emulator without the domain's environment).
- * VMWN_INCOMING names a saved state QEMU loads instead of booting (a warm
- * start, opened here: libvirt's seccomp sandbox forbids QEMU exec:), and
- * VMWN_AUTOSTART=1 lets such a guest run before libvirt's 'cont' (no -S).
+ *
+ * Warm starts (vmwn/warm.py) keep the guest's memory in a file of its own,
+ * which QEMU's migration then leaves out of the saved state (x-ignore-shared):
+ *   - VMWN_RAM_FILE=PATH (the guest being prepared): the machine's memory
+ *     backend becomes that file, shared;
+ *   - VMWN_RAM_FROM=PATH (a job's restored guest): the machine's memory is a
+ *     memfd of the job's own, holding a copy of that file's data (its holes,
+ *     the guest's zeroed free memory, stay holes), made here as the job's
+ *     user and so counted in the job's memory.  Shared, so a virtiofsd can
+ *     map it as it maps a booted guest's;
+ *   - VMWN_RAM_MAP=PATH (a restored guest without virtio-fs, on a QEMU whose
+ *     file backend has 'rom', 8.2 and later): the machine's memory is that
+ *     file itself, opened read-only and mapped private, so every guest
+ *     restored from it shares its pages until it writes them, and none can
+ *     change it.
+ * libvirt's memory backend argument (-machine memory-backend=ID, -object
+ * {"qom-type":...,"id":ID,...}) keeps its other members.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -27,7 +41,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/sendfile.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/wait.h>
@@ -97,32 +114,160 @@ static void handle(int signum, void (*fn)(int))
     sigaction(signum, &sa, NULL);
 }
 
-/* QEMU's arguments: libvirt's, less -S for a restored guest that may run at
- * once, and -incoming fd:N for a warm start. */
-static char **qemu_args(const char *qemu, int argc, char **argv)
+/* The end of the JSON value starting at p (a string, number, literal, array or
+ * object), or NULL if it is malformed. */
+static const char *json_skip(const char *p)
 {
-    const char *incoming = getenv("VMWN_INCOMING");
-    int autostart = incoming && *incoming && getenv("VMWN_AUTOSTART") &&
-                    !strcmp(getenv("VMWN_AUTOSTART"), "1");
-    char **args = calloc((size_t)argc + 3, sizeof *args);
-    int n = 0;
-    if (!args)
-        return NULL;
-    args[n++] = (char *)qemu;
-    for (int i = 1; i < argc; i++)
-        if (!(autostart && !strcmp(argv[i], "-S")))
-            args[n++] = argv[i];
-    if (incoming && *incoming) {
-        static char where[32];
-        int fd = open(incoming, O_RDONLY);
-        if (fd < 0) {
-            fprintf(stderr, "vmwn: %s: cannot open the saved guest %s: %s\n", WHO, incoming,
-                    strerror(errno));
+    int depth = 0;
+    do {
+        if (*p == '"') {
+            for (p++; *p && *p != '"'; p++)
+                if (*p == '\\' && !*++p)
+                    return NULL;
+            if (!*p++)
+                return NULL;
+        } else if (*p == '[' || *p == '{') {
+            depth++, p++;
+        } else if (*p == ']' || *p == '}') {
+            if (--depth < 0)
+                return NULL;
+            p++;
+        } else if (*p == ',' || *p == ':') {
+            if (!depth)
+                return NULL;
+            p++;
+        } else if (*p) {
+            while (*p && !strchr(",:[]{}\"", *p))
+                p++;
+        } else {
             return NULL;
         }
-        snprintf(where, sizeof where, "fd:%d", fd);
-        args[n++] = "-incoming";
-        args[n++] = where;
+    } while (depth > 0);
+    return p;
+}
+
+/* libvirt's memory backend object (flat JSON, as libvirt writes it) made a
+ * shared file backend on PATH; NULL if it is not one libvirt wrote. */
+static char *file_backend(const char *obj, const char *path, int shared)
+{
+    static const char *const dropped[] = {"\"qom-type\"", "\"mem-path\"", "\"share\"",
+                                          "\"x-use-canonical-path-for-ramblock-id\"",
+                                          "\"readonly\"", "\"rom\""};
+    size_t len = strlen(obj) + strlen(path) + 160;
+    char *out = malloc(len), *o;
+    const char *p = obj + 1;
+    if (!out || obj[0] != '{' || strpbrk(path, "\"\\"))
+        return free(out), NULL;
+    /* The block keeps the name libvirt's memfd backend gives it (not its QOM path),
+     * prepared and restored alike. */
+    o = out + snprintf(out, len, "{\"qom-type\":\"memory-backend-file\",\"mem-path\":\"%s\","
+                       "%s,\"x-use-canonical-path-for-ramblock-id\":false", path,
+                       shared ? "\"share\":true"
+                              : "\"share\":false,\"readonly\":true,\"rom\":\"off\"");
+    while (*p != '}') {
+        const char *key = p, *colon = json_skip(p), *end;
+        int keep = 1;
+        if (!colon || *colon != ':' || !(end = json_skip(colon + 1)))
+            return free(out), NULL;
+        for (size_t i = 0; i < sizeof dropped / sizeof *dropped; i++)
+            if ((size_t)(colon - key) == strlen(dropped[i]) &&
+                !strncmp(key, dropped[i], (size_t)(colon - key)))
+                keep = 0;
+        if (keep)
+            o += sprintf(o, ",%.*s", (int)(end - key), key);
+        if (*end == ',')
+            end++;
+        else if (*end != '}')
+            return free(out), NULL;
+        p = end;
+    }
+    strcpy(o, "}");
+    return out;
+}
+
+/* A memfd holding a copy of FROM's data, as /proc/self/fd/N (QEMU opens it by
+ * that name), or NULL having said why. */
+static char *ram_copy(const char *from)
+{
+    static char path[40];
+    struct stat st;
+    off_t off = 0;
+    int in = open(from, O_RDONLY | O_CLOEXEC), m;
+    if (in < 0 || fstat(in, &st) < 0) {
+        fprintf(stderr, "vmwn: %s: cannot read the prepared guest's memory %s: %s\n", WHO,
+                from, strerror(errno));
+        return NULL;
+    }
+    m = memfd_create("vmwn-guest-ram", 0); /* not close-on-exec: QEMU's */
+    if (m < 0 || ftruncate(m, st.st_size) < 0) {
+        fprintf(stderr, "vmwn: %s: cannot make the guest's memory: %s\n", WHO,
+                strerror(errno));
+        return NULL;
+    }
+    for (;;) {
+        off_t data = lseek(in, off, SEEK_DATA), hole;
+        if (data < 0 && errno == ENXIO)
+            break;
+        hole = data < 0 ? -1 : lseek(in, data, SEEK_HOLE);
+        if (hole < 0 || lseek(m, data, SEEK_SET) < 0)
+            goto failed;
+        for (off = data; off < hole;) {
+            ssize_t n = sendfile(m, in, &off, (size_t)(hole - off));
+            if (n <= 0 && !(n < 0 && errno == EINTR)) {
+                if (n == 0)
+                    errno = EIO;
+                goto failed;
+            }
+        }
+    }
+    close(in);
+    if (lseek(m, 0, SEEK_SET) < 0)
+        goto failed;
+    snprintf(path, sizeof path, "/proc/self/fd/%d", m);
+    return path;
+failed:
+    fprintf(stderr, "vmwn: %s: cannot copy the prepared guest's memory %s: %s\n", WHO, from,
+            strerror(errno));
+    return NULL;
+}
+
+/* QEMU's arguments: libvirt's, with the memory backend a file for a warm start. */
+static char **qemu_args(const char *qemu, int argc, char **argv)
+{
+    const char *file = getenv("VMWN_RAM_FILE"), *from = getenv("VMWN_RAM_FROM"), *path,
+               *map = getenv("VMWN_RAM_MAP");
+    char **args = calloc((size_t)argc + 1, sizeof *args);
+    char id[80] = "";
+    int obj = -1;
+    if (!args)
+        return NULL;
+    args[0] = (char *)qemu;
+    for (int i = 1; i < argc; i++)
+        args[i] = argv[i];
+    file = file && *file ? file : NULL;
+    from = from && *from ? from : NULL;
+    map = map && *map ? map : NULL;
+    if (!file && !from && !map)
+        return args;
+    for (int i = 2; i < argc; i++) {
+        const char *mb = strstr(argv[i], "memory-backend=");
+        if (!strcmp(argv[i - 1], "-machine") && mb)
+            snprintf(id, sizeof id, "\"id\":\"%.*s\"", (int)strcspn(mb + 15, ","), mb + 15);
+    }
+    for (int i = 2; *id && i < argc; i++)
+        if (!strcmp(argv[i - 1], "-object") && argv[i][0] == '{' && strstr(argv[i], id))
+            obj = i;
+    if (obj < 0) {
+        fprintf(stderr, "vmwn: %s: no memory backend of libvirt's to give the guest its "
+                "memory file (-machine memory-backend=ID, -object {...})\n", WHO);
+        return NULL;
+    }
+    path = from ? ram_copy(from) : map ? map : file;
+    if (!path)
+        return NULL;
+    if (!(args[obj] = file_backend(argv[obj], path, !map))) {
+        fprintf(stderr, "vmwn: %s: cannot read libvirt's memory backend %s\n", WHO, argv[obj]);
+        return NULL;
     }
     return args;
 }

@@ -14,7 +14,8 @@ import time
 
 from . import (disk, guestfiles, interrupt, jobnet, keys, netpolicy, ports, seed, share,
                state as statemod, usage, warm)
-from .domain import domain_name, domain_name_of, guest_hostname, render as render_domain
+from .domain import (domain_name, domain_name_of, guest_hostname, render as render_domain,
+                     without_filesystems)
 from .errors import SiteError, TransientError, VmwnError
 from .logsetup import job_logger
 
@@ -249,6 +250,7 @@ def _go_cold(cfg, st, env, deadline):
         virt.destroy(conn, st.domain)
     finally:
         conn.close()
+    share.stop(st, _shares(st))  # a restore that failed may have had them connected
     st.warm = ""
     statemod.save(cfg, st)
     with contextlib.suppress(FileNotFoundError):
@@ -259,8 +261,12 @@ def _go_cold(cfg, st, env, deadline):
 def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
     from . import virt
     interrupt.check()
-    paused = netpolicy.confines(env)  # confined before it runs
+    confined = netpolicy.confines(env)  # confined before it runs
     shares = _shares(st)
+    # A restored guest was saved without the shares' devices: they are added
+    # before it runs on, and its init waits for them to mount them.
+    hotplug = bool(st.warm and shares)
+    paused = confined or hotplug
     if shares:  # before the domain: QEMU connects to each socket as it starts
         _start_shares(cfg, st, shares)
         timer.mark("virtiofsd")
@@ -277,9 +283,13 @@ def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
                                 overlay=st.overlay or None, seed=st.seed,
                                 console_log=st.console_log, created=st.created,
                                 shares=shares, uid=st.uid, gid=st.gid, warm=bool(st.warm),
-                                incoming=warm.state_of(st.warm) if st.warm
-                                else None, autostart=not paused, name=st.domain,
+                                ram=warm.ram_of(st.warm) if st.warm else None,
+                                restore=warm.restore_by(st.warm, shares) if st.warm
+                                else None, name=st.domain,
                                 jobnet=jobnet.Net.from_dict(st.jobnet) if st.jobnet else None)
+            devices = []
+            if hotplug:
+                xml, devices = without_filesystems(xml)
             timer.mark("render")
             try:
                 dom = virt.start(conn, xml, paused=paused)
@@ -301,10 +311,19 @@ def _boot_once(cfg, env, st, deadline, timer, log, progress=None):
         st.uuid = dom.UUIDString()
         st.vm_pid = virt.emulator_pid(st.domain)
         st.vm_start = usage.start_time(st.vm_pid) if st.vm_pid else 0
-        if paused:
-            netpolicy.confine(env, st.job_id, usage.tree(st.vm_pid) if st.vm_pid else [])
-            virt.resume(dom)
+        if st.warm:  # its memory is in place: QEMU waits for its device state
+            virt.load_state(dom, warm.state_of(st.warm), max(1.0, _left(deadline)))
         timer.mark("restore" if st.warm else "define and start")
+        for device in devices:
+            virt.attach(dom, device)
+        if devices:
+            timer.mark("shares added")
+        if confined:
+            netpolicy.confine(env, st.job_id, usage.tree(st.vm_pid) if st.vm_pid else [])
+        if paused:
+            virt.resume(dom)
+        if st.warm:  # the restored guest waits for it to set its clock
+            warm.give_clock(st.seed)
         end = min(deadline, time.monotonic() + env.boot_timeout)
         _wait_ready(st, env, dom, end, virt, log)
         timer.mark("boot to SSH")

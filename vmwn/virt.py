@@ -5,6 +5,7 @@ configuration behind.  Teardown is idempotent in the manner of vdsm's
 virdomain: "no such domain" means the work is already done.
 """
 
+import json
 import logging
 import os
 import time
@@ -93,6 +94,74 @@ def save(dom, path):
     except lv.libvirtError as e:
         raise SiteError(f"libvirt cannot save the guest: {_msg(e)}",
                         "see the libvirt log") from None
+
+
+def attach(dom, xml):
+    """Add the device ``xml`` to the running (or paused) guest ``dom``."""
+    lv = _lv()
+    try:
+        dom.attachDeviceFlags(xml, lv.VIR_DOMAIN_AFFECT_LIVE)
+    except lv.libvirtError as e:
+        raise TransientError(f"libvirt cannot add a device to the guest: {_msg(e)}",
+                             "the site should look at the node's log for the job") from None
+
+
+def _qmp(dom, command, arguments=None, files=()):
+    """QEMU's answer to one QMP command sent through libvirt's monitor connection."""
+    lv = _lv()
+    import libvirt_qemu  # with libvirt, on first use
+    cmd = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
+    try:
+        if files:
+            out, _ = libvirt_qemu.qemuMonitorCommandWithFiles(dom, cmd, list(files), 0)
+        else:
+            out = libvirt_qemu.qemuMonitorCommand(dom, cmd, 0)
+    except lv.libvirtError as e:
+        raise TransientError(f"QEMU did not take {command}: {_msg(e)}",
+                             "the site should look at the node's log for the job") from None
+    reply = json.loads(out)
+    if "error" in reply:
+        raise TransientError(f"QEMU refused {command}: {reply['error'].get('desc', reply)}",
+                             "the site should look at the node's log for the job")
+    return reply.get("return")
+
+
+def leave_out_memory(dom):
+    """From now on a migration of ``dom`` (libvirt's save, a restore) leaves out the
+    guest's memory when it is a shared file (vmwn/launcher.c): the file is kept apart."""
+    _qmp(dom, "migrate-set-capabilities",
+         {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+
+
+# Seconds between two looks at a restore that QEMU is loading (device state only:
+# a few milliseconds).
+LOAD_POLL = 0.002
+
+
+def load_state(dom, path, timeout):
+    """Load the device state at ``path`` into ``dom``, a guest started with ``-incoming
+    defer`` whose memory is already in place; returns once QEMU has loaded it (the guest
+    then runs, or stays paused if it was started paused)."""
+    leave_out_memory(dom)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # root's: QEMU runs as the job's user
+    try:
+        _qmp(dom, "getfd", {"fdname": "vmwn-state"}, files=[fd])
+    finally:
+        os.close(fd)
+    _qmp(dom, "migrate-incoming", {"uri": "fd:vmwn-state"})
+    end = time.monotonic() + timeout
+    while True:
+        status = (_qmp(dom, "query-migrate") or {}).get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise TransientError(f"QEMU could not load the saved guest ({status})",
+                                 "the site should run 'vmwn warm prepare' for the environment")
+        if time.monotonic() >= end:
+            raise TransientError(f"QEMU did not load the saved guest within {timeout:.0f} s "
+                                 f"(it says {status or 'nothing'})",
+                                 "the site should look at the node's log for the job")
+        time.sleep(LOAD_POLL)
 
 
 def resume(dom):

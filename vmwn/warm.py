@@ -1,20 +1,27 @@
 """Warm starts: a guest booted once per environment, saved, and restored for each job.
 
 ``vmwn warm prepare ENV`` boots the environment's guest with the kernel
-argument ``vmwn.warm=1``; the guest sets itself up as far as it can without
-knowing its job (modules, file systems, network lease), zeroes its free
-memory, prints ``vmwn-guest: prepared`` and polls its seed disk, which holds a
-placeholder.  libvirt saves it (memory and device state); vmwn keeps the QEMU
-stream and seals it with the disk the guest had written, as one *generation*
-in ``[site] warm_dir``/ENV/, named by ``current``.
+argument ``vmwn.warm=1``, its memory a file (vmwn's launcher makes QEMU's
+memory backend that file, shared); the guest sets itself up as far as it can
+without knowing its job (modules, file systems, network lease), zeroes its
+free memory, prints ``vmwn-guest: prepared`` and polls its seed disk, which
+holds a placeholder.  libvirt saves it with QEMU's x-ignore-shared: the saved
+stream holds the device state only, the memory stays in its file, whose zero
+pages become holes.  Stream, memory and the disk the guest had written are
+sealed as one *generation* in ``[site] warm_dir``/ENV/, named by ``current``.
 
-A job's prologue then gives QEMU that stream (``-incoming``, through vmwn's
-launcher) instead of a boot, an overlay on the generation's disk and the job's
-seed in the placeholder's place (same size).  The restored guest finds the
-seed, sets its clock from the virtual RTC, rekeys its RNG from the host's
-entropy (vmwn-restored) and applies the seed as a cold guest would: users, keys,
-host name, mounts, sshd.  Nothing unique to a job is in the saved state, so one
-generation serves any number of jobs.
+A job's QEMU then starts with ``-incoming defer`` instead of a boot: its
+launcher gives it a memfd of its own holding a copy of the memory file's data
+(written as the job's user, counted in the job's memory, shared so that a
+virtiofsd can map it), vmwn hands it the stream over libvirt's monitor, and
+the job gets an overlay on the generation's disk and its seed in the
+placeholder's place (same size).  The job's shares (mounted mode) are added
+to the restored guest before it runs on: QEMU cannot save a guest with
+virtio-fs devices.  The restored guest finds the seed, sets its clock from the
+virtual RTC, rekeys its RNG from the host's entropy and makes its machine-id
+(vmwn-restored), and applies the seed as a cold guest would: users, keys,
+host name, mounts (waiting for the added devices), sshd.  Nothing unique to a
+job is in the saved state, so one generation serves any number of jobs.
 
 A generation is used only while everything it was made from is unchanged
 (:func:`fingerprint`: base files, QEMU, template, machine, memory, vCPUs);
@@ -30,12 +37,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
 import time
 
-from . import disk, keys, ports, state as statemod
+from . import disk, keys, ports, state as statemod, subp
 from .errors import SiteError
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,11 @@ log = logging.getLogger(__name__)
 # kernel knows the seed disk's size from before the save.
 SEED_BYTES = 1 << 20
 PLACEHOLDER_MAGIC = b"vmwn-warm-placeholder"
+# The host's clock, written on the seed's last 4 KiB once the restored guest runs
+# (vmwn/guest/vmwn-restored.c sets its clock from it): magic, seconds, nanoseconds.
+CLOCK_OFFSET = SEED_BYTES - 4096
+CLOCK_MAGIC = b"vmwn-host-clock\0"
+_CLOCK = struct.Struct("<16sqq")
 # The placeholder also carries a throwaway host key, so the guest's sshd can be
 # saved listening (stopped); a restored guest serves connections only with its job's.
 HOST_KEY_OFFSET = 4096
@@ -56,7 +69,7 @@ PREPARE_UID = PREPARE_GID = 65534
 # XML (data_len bytes) follows, then QEMU's migration stream.
 _SAVE_MAGIC = b"LibvirtQemudSave"
 _SAVE_HEADER = struct.Struct("=16sIIIII56x")
-FORMAT = 1  # of meta.json
+FORMAT = 2  # of a generation (2: the memory in a file of its own)
 
 
 class NotPrepared(Exception):
@@ -77,10 +90,40 @@ class Generation:
     def disk(self):
         return disk_of(self.path)
 
+    @property
+    def ram(self):
+        return ram_of(self.path)
+
 
 def state_of(generation):
     """The QEMU stream of the generation at path ``generation`` (a job's ``warm`` field)."""
     return os.path.join(generation, "state")
+
+
+def ram_of(generation):
+    """The prepared guest's memory, a sparse file: each job's guest starts from a copy."""
+    return os.path.join(generation, "ram")
+
+
+def restore_by(generation, shares):
+    """How a job's guest gets the memory of ``generation``: 'map' (the file itself,
+    mapped private: its pages shared by every guest restored from it) where its QEMU
+    can map a read-only file so and the guest has no virtio-fs device (whose daemon
+    must map the guest's memory shared), else 'copy' (a memfd of the job's own)."""
+    if shares:
+        return "copy"
+    try:
+        with open(os.path.join(generation, "meta.json"), encoding="utf-8") as f:
+            return "map" if json.load(f).get("maps_private") else "copy"
+    except (OSError, ValueError):
+        return "copy"
+
+
+def maps_private(qemu):
+    """Whether ``qemu``'s file memory backend maps a read-only file private and
+    writable (its 'rom' property: QEMU 8.2 and later)."""
+    cp = subp.run([qemu, "-object", "memory-backend-file,help"], timeout=30, check=False)
+    return re.search(r"^\s*rom=", cp.stdout, re.M) is not None
 
 
 def disk_of(generation):
@@ -132,7 +175,7 @@ def current(cfg, env):
                           f"{', '.join(changed)}; run 'vmwn warm prepare {env.name}'")
     gen = Generation(path=path, vcpus=meta["fingerprint"]["vcpus"],
                      memory_mib=meta["fingerprint"]["memory_mib"])
-    for p in (gen.state, gen.disk):
+    for p in (gen.state, gen.ram, gen.disk):
         try:
             st = os.stat(p)
         except OSError as e:
@@ -164,11 +207,22 @@ def choose(cfg, env, vcpus, memory_mib, log=log):
 def pad_seed(path):
     """Give a job's seed the placeholder's size; False if it does not fit."""
     size = os.path.getsize(path)
-    if size > SEED_BYTES:
+    if size > CLOCK_OFFSET:
         return False
     with open(path, "r+b") as f:
         f.truncate(SEED_BYTES)
     return True
+
+
+def give_clock(seed_path):
+    """Write the host's time where the restored guest waits for it (on its seed disk)."""
+    now = time.time_ns()
+    fd = os.open(seed_path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, _CLOCK.pack(CLOCK_MAGIC, now // 1_000_000_000, now % 1_000_000_000),
+                  CLOCK_OFFSET)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- preparing
@@ -211,7 +265,10 @@ def prepare(cfg, env, say=print):
                 f.write(keys.generate("vmwn-warm-throwaway").private_openssh.encode())
                 f.truncate(SEED_BYTES)
             gen_disk = disk.make_overlay(disk_of(work), env.image)
-            for p in (placeholder, gen_disk):
+            ram = ram_of(work)
+            with open(ram, "wb") as f:
+                f.truncate(env.memory_mib << 20)
+            for p in (placeholder, gen_disk, ram):
                 os.chown(p, PREPARE_UID, PREPARE_GID)
                 os.chmod(p, 0o600)
             console = os.path.join(work, "console.log")
@@ -219,24 +276,30 @@ def prepare(cfg, env, say=print):
                 port = ports.pick(cfg)
             xml = render(cfg, env, job_id=f"warm-{env.name}", user="nobody", port=port,
                          overlay=gen_disk, seed=placeholder, console_log=console,
-                         uid=PREPARE_UID, gid=PREPARE_GID, warm=True, name=name)
+                         uid=PREPARE_UID, gid=PREPARE_GID, warm=True, ram=ram, name=name)
             virt.open_domain_dirs()
             dom = virt.start(conn, xml)
             _wait_prepared(console, dom, virt, env.boot_timeout, env.name)
             t_boot = time.monotonic() - t0
             saved = os.path.join(work, "saved")
+            virt.leave_out_memory(dom)
             virt.save(dom, saved)
-            _strip_libvirt_header(saved, os.path.join(work, "state"))
+            _strip_libvirt_header(saved, state_of(work))
             os.unlink(saved)
             for p in (placeholder, console):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
-            for p in (gen_disk, os.path.join(work, "state")):
+            # The guest zeroed its free memory: holes, which no job copies.
+            subp.run(["fallocate", "--dig-holes", ram], timeout=120,
+                     fix=f"check {ram}'s file system")
+            for p in (gen_disk, state_of(work), ram):
                 os.chown(p, 0, 0)
                 os.chmod(p, 0o644)
-            cost = {"prepare_seconds": round(time.monotonic() - t0, 2),
+            cost = {"maps_private": maps_private(cfg.site["qemu"]),
+                    "prepare_seconds": round(time.monotonic() - t0, 2),
                     "boot_seconds": round(t_boot, 2),
-                    "state_bytes": os.path.getsize(os.path.join(work, "state")),
+                    "state_bytes": os.path.getsize(state_of(work)),
+                    "ram_bytes": _allocated(ram),
                     "disk_bytes": _allocated(gen_disk)}
             with open(os.path.join(work, "meta.json"), "w", encoding="utf-8") as f:
                 json.dump({"fingerprint": fingerprint(cfg, env), "created": time.time(),
@@ -260,8 +323,8 @@ def prepare(cfg, env, say=print):
                     shutil.rmtree(work, ignore_errors=True)
         for old in remove_unused(cfg, env.name):
             say(f"{env.name}: removed generation {old}, which no job uses")
-    log.info("%s: prepared guest saved in %.1f s (%d MiB state)", env.name,
-             cost["prepare_seconds"], cost["state_bytes"] >> 20)
+    log.info("%s: prepared guest saved in %.1f s (%d MiB memory, %d KiB state)", env.name,
+             cost["prepare_seconds"], cost["ram_bytes"] >> 20, cost["state_bytes"] >> 10)
     return cost
 
 
@@ -351,5 +414,6 @@ def status(cfg, env):
     with open(os.path.join(gen.path, "meta.json"), encoding="utf-8") as f:
         meta = json.load(f)
     return (f"{env.name}: warm on, prepared {time.strftime('%Y-%m-%d %H:%M', time.localtime(meta['created']))} "
-            f"({meta['state_bytes'] >> 20} MiB state, {meta['disk_bytes'] >> 20} MiB disk, "
+            f"({meta['ram_bytes'] >> 20} MiB memory, {meta['state_bytes'] >> 10} KiB state, "
+            f"{meta['disk_bytes'] >> 20} MiB disk, "
             f"{gen.vcpus} vCPU, {gen.memory_mib} MiB; made in {meta['prepare_seconds']} s)")

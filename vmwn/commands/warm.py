@@ -33,7 +33,8 @@ def cmd_prepare(args):
     for env in _envs(cfg, args.envs):
         cost = warm.prepare(cfg, env)
         print(f"{env.name}: prepared in {cost['prepare_seconds']} s "
-              f"(boot {cost['boot_seconds']} s); state {cost['state_bytes'] >> 20} MiB, "
+              f"(boot {cost['boot_seconds']} s); memory {cost['ram_bytes'] >> 20} MiB, "
+              f"state {cost['state_bytes'] >> 10} KiB, "
               f"disk {cost['disk_bytes'] >> 20} MiB")
     return 0
 
