@@ -201,6 +201,35 @@ def test_a_failed_boot_reaches_the_starter_as_one_line(site):
 
 
 
+def test_only_the_jobs_own_starter_hands_the_warden_over(site):
+    """'running' from another process of the user's (a task, or one that connected
+    later) is ignored: the hand-over would end the warden's cgroups move."""
+    import socket
+    cfg = site[0]
+    st = state.JobState(job_id="6.srv", domain="d", env="tiny", user="nobody", uid=os.getuid(),
+                        gid=os.getgid(), group="g", bind_address="127.0.0.1", port=1,
+                        host_key_public="", key_path="", workdir="/w", host_workdir="/w",
+                        output_dir="/w", overlay="", seed="", console_log="")
+    state.save(cfg, st)
+    w = warden.Warden(cfg, "6.srv", warden.listen(cfg, st))
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        starter, later, task = (p[0] for p in pairs)
+        w.conns = {starter: b"", later: b"", task: b""}
+        w.primary = starter
+        w._command("task", task)
+        for conn in (task, later):
+            w._command("running", conn)
+            assert not w.hand_over
+        w._command("running", starter)
+        assert w.hand_over
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        w.listener.close()
+
+
 def test_a_state_directory_vmwn_may_not_use_aborts_instead_of_looping(site, capsys):
     # Neither a count nor a refusal can be written: a requeue could loop without
     # end, so the job is aborted (exit 1) and the reason is on its stderr.

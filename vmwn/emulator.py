@@ -43,6 +43,12 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.c")
 MARK = b"vmwn's QEMU launcher"  # in the built program: install knows its own
 
 
+def beside(launcher, name):
+    """Where the program ``name`` that vmwn-install builds beside the QEMU launcher
+    at ``launcher`` (``[site] emulator``) is."""
+    return os.path.join(os.path.dirname(launcher), name)
+
+
 def build(out, qemu=QEMU, die_before_guard=None):
     """Compile the launcher into ``out``, with ``qemu`` its default QEMU.
     ``die_before_guard`` (tests only): a build that SIGKILLs itself after QEMU's fork,

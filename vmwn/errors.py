@@ -48,6 +48,8 @@ class TransientError(VmwnError):
 class GuestLost(VmwnError):
     """The job's guest disappeared or stopped answering while the job ran."""
 
+    FIX = "the job's output so far is in its .o/.e files"  # what the job's owner can do
+
 
 # Exit status of the job starter when its guest is lost mid-job (documented in
 # docs/user-guide.md): the job's exit status is unknown, and 0 would be a lie.

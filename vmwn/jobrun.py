@@ -843,7 +843,7 @@ class Relay:
                 break
             if self.probe_sent is not None and time.monotonic() - self.probe_sent > LOST_AFTER:
                 raise GuestLost(f"no answer from the guest for {LOST_AFTER:.0f} s",
-                                "the job's output so far is in its .o/.e files")
+                                GuestLost.FIX)
         sig = signal_number(getattr(chan, "vmwn_exit_signal", None))
         if getattr(chan, "vmwn_exit_signal", None) is not None:
             return ("signal", sig or signal.SIGKILL)
@@ -854,7 +854,7 @@ class Relay:
         exc = transport.get_exception() if transport else None
         if exc is not None:
             why = f"{why} ({' '.join(str(exc).split()) or type(exc).__name__})"
-        raise GuestLost(why, "the job's output so far is in its .o/.e files")
+        raise GuestLost(why, GuestLost.FIX)
 
     def _drain(self):
         chan = self.chan

@@ -17,7 +17,7 @@ serves the job to its end, as it always did.
 import os
 import shutil
 
-from . import sysfiles
+from . import emulator, sysfiles
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keeper.c")
 NAME = "keeper"
@@ -27,7 +27,7 @@ SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 def path(cfg):
     """Where this node's keeper is: beside the QEMU launcher."""
-    return os.path.join(os.path.dirname(cfg.site["emulator"]), NAME)
+    return emulator.beside(cfg.site["emulator"], NAME)
 
 
 def build(out):

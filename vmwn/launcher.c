@@ -37,6 +37,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -349,6 +350,19 @@ static int pidfd_of_child(pid_t pid, pid_t parent)
     return fd;
 }
 
+/* Close descriptors lo..hi: close_range (Linux 5.9), else one by one. */
+static void close_from(int lo, int hi)
+{
+    long max;
+    if (syscall(SYS_close_range, (unsigned)lo, (unsigned)hi, 0U) == 0)
+        return;
+    max = sysconf(_SC_OPEN_MAX);
+    if (max < 0)
+        max = 65536;
+    for (long fd = lo; fd <= hi && fd < max; fd++)
+        close((int)fd);
+}
+
 static pid_t spawn_guard(void)
 {
     pid_t launcher = getpid(), pid = fork();
@@ -357,8 +371,8 @@ static pid_t spawn_guard(void)
         return pid > 0 ? pid : 0;
     /* libvirt's descriptors are QEMU's, not the guard's */
     if (qemu_fd > 3)
-        syscall(SYS_close_range, 3U, (unsigned)qemu_fd - 1, 0U);
-    syscall(SYS_close_range, (unsigned)qemu_fd + 1, ~0U, 0U);
+        close_from(3, qemu_fd - 1);
+    close_from(qemu_fd + 1, INT_MAX);
     handle(SIGUSR1, end_qemu);
     handle(SIGTERM, leave);
     passed_on_mask(&set);

@@ -18,19 +18,18 @@ import signal
 import socket
 import time
 
-from . import sysfiles
+from . import emulator, sysfiles
 from .errors import GuestLost, SiteError
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.c")
 NAME = "relay"
 LIBSSH_H = "/usr/include/libssh/libssh.h"
-LOST_FIX = "the job's output so far is in its .o/.e files"
 END_GRACE = 5.0  # seconds the relay has to end by itself after the job's answer
 
 
 def path(cfg):
     """Where this node's relay is: beside the QEMU launcher."""
-    return os.path.join(os.path.dirname(cfg.site["emulator"]), NAME)
+    return emulator.beside(cfg.site["emulator"], NAME)
 
 
 def buildable():
@@ -204,7 +203,7 @@ class Session:
             why = self._ended() if self.status is not None else \
                 f"cannot hand a command to the job's relay ({e.strerror or e})"
             self.close()
-            raise GuestLost(why, LOST_FIX) from None
+            raise GuestLost(why, GuestLost.FIX) from None
 
     def exec(self, command):
         """A command in the guest, as vmwn.transfer drives it (paramiko's channel calls:
@@ -335,4 +334,4 @@ def _raise(kind, why):
     if kind == "site":
         raise SiteError(why, "another process may hold the job's port: run 'vmwn ps' and "
                         "investigate")
-    raise GuestLost(why or "the job's relay to its guest ended", LOST_FIX)
+    raise GuestLost(why or "the job's relay to its guest ended", GuestLost.FIX)

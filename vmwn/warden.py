@@ -302,7 +302,13 @@ class Warden:
             return
         if word == "running" and conn is not None:
             # The job's starter (or a sister's adopter) has done what needed Python here.
-            self.hand_over = True
+            # Its own word only: another process of the user's could otherwise hand over
+            # before the starter has had the VM moved into the job's cgroups.
+            if conn is self.primary:
+                self.hand_over = True
+            else:
+                self.log.warning("ignored 'running' from pid %d, not the job's starter",
+                                 self.peers.get(conn, 0))
             return
         if word == "cgroups" and conn is not None:
             # The job's own starter only (the first to connect, at the job's start),

@@ -103,11 +103,11 @@ class Layout:
 
     @property
     def keeper(self):
-        return os.path.join(os.path.dirname(self.emulator), keeper.NAME)
+        return emulator.beside(self.emulator, keeper.NAME)
 
     @property
     def relay(self):
-        return os.path.join(os.path.dirname(self.emulator), relay.NAME)
+        return emulator.beside(self.emulator, relay.NAME)
 
     @property
     def templates(self):
