@@ -218,7 +218,7 @@ class ConsoleWatch:
         self._t.start()
 
     def _run(self):
-        from vmwn.lifecycle import Console  # the prologue's own reader of the announcement
+        from vmwn.console import Console  # the prologue's own reader of the announcement
         console = Console(self.path)
         while not self._stop.is_set():
             if console.poll() == "ready":

@@ -1,7 +1,7 @@
 """Readiness from the guest's console: the announcement lines, however they arrive."""
 
 from vmwn.errors import SiteError, TransientError
-from vmwn.lifecycle import Console, guest_failure
+from vmwn.console import Console, guest_failure
 
 
 def test_ready_is_found_across_partial_writes(tmp_path):

@@ -310,7 +310,7 @@ def test_a_cold_boot_keeps_libvirts_arguments(tmp_path):
     assert (tmp_path / "args").read_text().splitlines() == LIBVIRTS
 
 
-@pytest.mark.parametrize("case", ["gone", "no-backend", "malformed"])
+@pytest.mark.parametrize("case", ["gone", "no-backend", "malformed", "quote-in-path"])
 def test_a_memory_that_cannot_be_given_is_said_and_no_qemu_runs(tmp_path, case):
     fake, prog = _built(tmp_path, RAM)
     ram = tmp_path / "ram"
@@ -321,11 +321,14 @@ def test_a_memory_that_cannot_be_given_is_said_and_no_qemu_runs(tmp_path, case):
     if case == "malformed":
         argv[7] = '{"qom-type":"memory-backend-ram","id":"pc.ram","size":2684'
     env = _ram_env(fake, VMWN_RAM_FROM=str(tmp_path / "gone" if case == "gone" else ram))
+    if case == "quote-in-path":
+        env = _ram_env(fake, VMWN_RAM_MAP=str(tmp_path / 'r"am'))
     cp = subprocess.run([str(prog), *argv], env=env, timeout=10, capture_output=True, text=True)
     assert cp.returncode == 127
     assert {"gone": f"cannot read the prepared guest's memory {tmp_path / 'gone'}",
             "no-backend": "no memory backend of libvirt's",
-            "malformed": "cannot read libvirt's memory backend"}[case] in cp.stderr
+            "malformed": "cannot read libvirt's memory backend",
+            "quote-in-path": "cannot go into QEMU's arguments"}[case] in cp.stderr
     assert cp.stderr.count("\n") == 1
     assert not (tmp_path / "args").exists()
 

@@ -43,6 +43,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#ifndef MFD_NOEXEC_SEAL
+#define MFD_NOEXEC_SEAL 0x0008U
+#endif
 #include <sys/prctl.h>
 #include <sys/sendfile.h>
 #include <sys/stat.h>
@@ -147,8 +150,9 @@ static const char *json_skip(const char *p)
     return p;
 }
 
-/* libvirt's memory backend object (flat JSON, as libvirt writes it) made a
- * shared file backend on PATH; NULL if it is not one libvirt wrote. */
+/* libvirt's memory backend object (compact JSON, as libvirt writes it: no space
+ * between members) made a file backend on PATH (no '"', '\\' or control character
+ * in it), shared or mapped private read-only; NULL if it is not one libvirt wrote. */
 static char *file_backend(const char *obj, const char *path, int shared)
 {
     static const char *const dropped[] = {"\"qom-type\"", "\"mem-path\"", "\"share\"",
@@ -157,7 +161,7 @@ static char *file_backend(const char *obj, const char *path, int shared)
     size_t len = strlen(obj) + strlen(path) + 160;
     char *out = malloc(len), *o;
     const char *p = obj + 1;
-    if (!out || obj[0] != '{' || strpbrk(path, "\"\\"))
+    if (!out || obj[0] != '{')
         return free(out), NULL;
     /* The block keeps the name libvirt's memfd backend gives it (not its QOM path),
      * prepared and restored alike. */
@@ -199,7 +203,10 @@ static char *ram_copy(const char *from)
                 from, strerror(errno));
         return NULL;
     }
-    m = memfd_create("vmwn-guest-ram", 0); /* not close-on-exec: QEMU's */
+    /* not close-on-exec: QEMU's; never executable (vm.memfd_noexec=2 demands it) */
+    m = memfd_create("vmwn-guest-ram", MFD_NOEXEC_SEAL);
+    if (m < 0 && errno == EINVAL) /* Linux before 6.3 */
+        m = memfd_create("vmwn-guest-ram", 0);
     if (m < 0 || ftruncate(m, st.st_size) < 0) {
         fprintf(stderr, "vmwn: %s: cannot make the guest's memory: %s\n", WHO,
                 strerror(errno));
@@ -252,8 +259,10 @@ static char **qemu_args(const char *qemu, int argc, char **argv)
         return args;
     for (int i = 2; i < argc; i++) {
         const char *mb = strstr(argv[i], "memory-backend=");
-        if (!strcmp(argv[i - 1], "-machine") && mb)
-            snprintf(id, sizeof id, "\"id\":\"%.*s\"", (int)strcspn(mb + 15, ","), mb + 15);
+        int len = mb ? (int)strcspn(mb + 15, ",") : 0;
+        if (!strcmp(argv[i - 1], "-machine") && mb &&
+            snprintf(id, sizeof id, "\"id\":\"%.*s\"", len, mb + 15) >= (int)sizeof id)
+            id[0] = 0; /* no id of libvirt's is that long: none found */
     }
     for (int i = 2; *id && i < argc; i++)
         if (!strcmp(argv[i - 1], "-object") && argv[i][0] == '{' && strstr(argv[i], id))
@@ -263,6 +272,12 @@ static char **qemu_args(const char *qemu, int argc, char **argv)
                 "memory file (-machine memory-backend=ID, -object {...})\n", WHO);
         return NULL;
     }
+    for (const char *c = map ? map : file ? file : ""; *c; c++)
+        if (*c == '"' || *c == '\\' || (unsigned char)*c < ' ') {
+            fprintf(stderr, "vmwn: %s: the memory file's path %s cannot go into QEMU's "
+                    "arguments\n", WHO, map ? map : file);
+            return NULL;
+        }
     path = from ? ram_copy(from) : map ? map : file;
     if (!path)
         return NULL;

@@ -14,6 +14,7 @@ import time
 
 from . import (disk, guestfiles, interrupt, jobnet, keys, netpolicy, ports, seed, share,
                state as statemod, usage, warm)
+from .console import Console, console_tail, guest_failure
 from .domain import (domain_name, domain_name_of, guest_hostname, render as render_domain,
                      without_filesystems)
 from .errors import SiteError, TransientError, VmwnError
@@ -338,8 +339,6 @@ def _start_shares(cfg, st, shares):
     statemod.save(cfg, st)
 
 
-READY_LINE = b"vmwn-guest: ready"
-ERROR_LINE = b"vmwn-guest: error:"
 # Guests that never announce themselves (stock cloud images) are found by
 # probing the SSH banner, from this many seconds after start, with a timeout
 # that doubles: probing an sshd that is still starting costs the guest a fork
@@ -348,45 +347,6 @@ PROBE_AFTER = 10.0
 # Seconds between reads of the console log while the guest boots: a read of a
 # small file, and every job waits half of it on average after its guest is ready.
 CONSOLE_POLL = 0.005
-
-
-class Console:
-    """Follows a guest's serial console log for vmwn's one-line announcements."""
-
-    def __init__(self, path, ready=READY_LINE):
-        self.path, self.ready, self.pos, self.tail = path, ready, 0, b""
-
-    def poll(self):
-        """'ready' (the guest printed ``ready``, by default READY_LINE), 'error: REASON',
-        or None while the guest has said neither."""
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.pos)
-                data = f.read(1 << 20)
-        except OSError:
-            return None
-        self.pos += len(data)
-        self.tail = (self.tail + data)[-8192:]
-        if self.ready in self.tail:
-            return "ready"
-        i = self.tail.find(ERROR_LINE)
-        if i >= 0 and b"\n" in self.tail[i:]:
-            line = self.tail[i + len(ERROR_LINE):].split(b"\n", 1)[0]
-            return "error: " + line.decode("utf-8", "replace").strip()[:200]
-        return None
-
-
-PASSING = "error: passing: "  # what a guest says of a failure another boot may not meet
-
-
-def guest_failure(said, fix):
-    """The error for a guest's ``error: REASON`` line: the site's, or one that may pass
-    (``error: passing: REASON``, e.g. no DHCP answer on a starved host), which the
-    warden's next boot attempt may not meet."""
-    if said.startswith(PASSING):
-        return TransientError(f"the guest could not prepare the job ({said[len(PASSING):]})",
-                              fix)
-    return SiteError(f"the guest could not prepare the job ({said})", fix)
 
 
 def _wait_ready(st, env, dom, end, virt, log):
@@ -431,19 +391,6 @@ def _wait_ready(st, env, dom, end, virt, log):
             raise TransientError(f"the guest did not answer SSH within {env.boot_timeout:.0f} s "
                                  f"({console_tail(st.console_log)})", fix)
         interrupt.sleep(CONSOLE_POLL)
-
-
-def console_tail(path, limit=160):
-    """The last non-empty console line, for error messages."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines()]
-    except OSError:
-        return "no console output"
-    lines = [ln for ln in lines if ln]
-    return ("console: " + lines[-1][:limit]) if lines else "no console output"
 
 
 def destroy(cfg, job_id, grace=0.0):
@@ -573,4 +520,4 @@ def _short(e):
     return e.line() if isinstance(e, VmwnError) else (type(e).__name__ + (f": {e}" if str(e) else ""))
 
 
-__all__ = ["create", "prepare", "boot", "undo_boot", "destroy", "Console", "console_tail"]
+__all__ = ["create", "prepare", "boot", "undo_boot", "destroy"]

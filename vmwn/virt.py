@@ -106,23 +106,40 @@ def attach(dom, xml):
                              "the site should look at the node's log for the job") from None
 
 
+def _libvirt_qemu():
+    """libvirt's QEMU module, with libvirt, on first use."""
+    import libvirt_qemu
+    return libvirt_qemu
+
+
+def monitor_passes_files():
+    """This libvirt passes descriptors to QEMU's monitor (libvirt 8.2 and later), as a
+    restore needs."""
+    try:
+        return hasattr(_libvirt_qemu(), "qemuMonitorCommandWithFiles")
+    except ImportError:
+        return False
+
+
 def _qmp(dom, command, arguments=None, files=()):
     """QEMU's answer to one QMP command sent through libvirt's monitor connection."""
     lv = _lv()
-    import libvirt_qemu  # with libvirt, on first use
     cmd = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
+    fix = "the site should look at the node's log for the job"
     try:
+        lq = _libvirt_qemu()
         if files:
-            out, _ = libvirt_qemu.qemuMonitorCommandWithFiles(dom, cmd, list(files), 0)
+            out, _ = lq.qemuMonitorCommandWithFiles(dom, cmd, list(files), 0)
         else:
-            out = libvirt_qemu.qemuMonitorCommand(dom, cmd, 0)
+            out = lq.qemuMonitorCommand(dom, cmd, 0)
+    except (ImportError, AttributeError) as e:  # a libvirt-python older than 8.2
+        raise TransientError(f"this libvirt cannot send {command} to QEMU ({e})", fix) from None
     except lv.libvirtError as e:
-        raise TransientError(f"QEMU did not take {command}: {_msg(e)}",
-                             "the site should look at the node's log for the job") from None
+        raise TransientError(f"QEMU did not take {command}: {_msg(e)}", fix) from None
     reply = json.loads(out)
     if "error" in reply:
         raise TransientError(f"QEMU refused {command}: {reply['error'].get('desc', reply)}",
-                             "the site should look at the node's log for the job")
+                             fix)
     return reply.get("return")
 
 
@@ -133,9 +150,10 @@ def leave_out_memory(dom):
          {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
 
 
-# Seconds between two looks at a restore that QEMU is loading (device state only:
-# a few milliseconds).
-LOAD_POLL = 0.002
+# Seconds between two looks at a restore that QEMU is loading (device state only: a
+# few milliseconds), doubling up to the last; and the longest a load may take.
+LOAD_POLL = (0.002, 0.05)
+LOAD_TIMEOUT = 30.0
 
 
 def load_state(dom, path, timeout):
@@ -143,13 +161,19 @@ def load_state(dom, path, timeout):
     defer`` whose memory is already in place; returns once QEMU has loaded it (the guest
     then runs, or stays paused if it was started paused)."""
     leave_out_memory(dom)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # root's: QEMU runs as the job's user
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # root's: QEMU runs as the job's user
+    except OSError as e:
+        raise TransientError(f"cannot read the saved guest {path}: {e.strerror}",
+                             "the site should run 'vmwn warm prepare' for the environment") \
+            from None
     try:
         _qmp(dom, "getfd", {"fdname": "vmwn-state"}, files=[fd])
     finally:
         os.close(fd)
     _qmp(dom, "migrate-incoming", {"uri": "fd:vmwn-state"})
-    end = time.monotonic() + timeout
+    timeout = min(timeout, LOAD_TIMEOUT)
+    end, poll = time.monotonic() + timeout, LOAD_POLL[0]
     while True:
         status = (_qmp(dom, "query-migrate") or {}).get("status")
         if status == "completed":
@@ -161,7 +185,8 @@ def load_state(dom, path, timeout):
             raise TransientError(f"QEMU did not load the saved guest within {timeout:.0f} s "
                                  f"(it says {status or 'nothing'})",
                                  "the site should look at the node's log for the job")
-        time.sleep(LOAD_POLL)
+        time.sleep(poll)
+        poll = min(poll * 2, LOAD_POLL[1])
 
 
 def resume(dom):

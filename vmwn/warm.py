@@ -13,12 +13,17 @@ sealed as one *generation* in ``[site] warm_dir``/ENV/, named by ``current``.
 A job's QEMU then starts with ``-incoming defer`` instead of a boot: its
 launcher gives it a memfd of its own holding a copy of the memory file's data
 (written as the job's user, counted in the job's memory, shared so that a
-virtiofsd can map it), vmwn hands it the stream over libvirt's monitor, and
+virtiofsd can map it) or, where QEMU can (8.2+) and no virtio-fs daemon needs
+it shared, the file itself mapped private (its unwritten pages shared by every
+guest restored from it, in the page cache: what jobs share is a guest kernel
+no job has run in, as host processes share a library's pages); vmwn hands it
+the stream over libvirt's monitor, and
 the job gets an overlay on the generation's disk and its seed in the
 placeholder's place (same size).  The job's shares (mounted mode) are added
 to the restored guest before it runs on: QEMU cannot save a guest with
 virtio-fs devices.  The restored guest finds the seed, sets its clock from the
-virtual RTC, rekeys its RNG from the host's entropy and makes its machine-id
+host's time vmwn writes on the seed disk once it runs (:func:`give_clock`),
+rekeys its RNG from the host's entropy and makes its machine-id
 (vmwn-restored), and applies the seed as a cold guest would: users, keys,
 host name, mounts (waiting for the added devices), sshd.  Nothing unique to a
 job is in the saved state, so one generation serves any number of jobs.
@@ -43,7 +48,8 @@ import struct
 import tempfile
 import time
 
-from . import disk, keys, ports, state as statemod, subp
+from . import disk, keys, ports, state as statemod, subp, virt
+from .console import Console, console_tail
 from .errors import SiteError
 
 log = logging.getLogger(__name__)
@@ -217,10 +223,14 @@ def pad_seed(path):
 def give_clock(seed_path):
     """Write the host's time where the restored guest waits for it (on its seed disk)."""
     now = time.time_ns()
+    record = _CLOCK.pack(CLOCK_MAGIC, now // 1_000_000_000, now % 1_000_000_000)
     fd = os.open(seed_path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        os.pwrite(fd, _CLOCK.pack(CLOCK_MAGIC, now // 1_000_000_000, now % 1_000_000_000),
-                  CLOCK_OFFSET)
+        # The time first, the magic after it: the guest, polling, never takes a
+        # record it reads half written.
+        n = len(CLOCK_MAGIC)
+        os.pwrite(fd, record[n:], CLOCK_OFFSET + n)
+        os.pwrite(fd, record[:n], CLOCK_OFFSET)
     finally:
         os.close(fd)
 
@@ -233,7 +243,6 @@ def prepare(cfg, env, say=print):
     Returns a dict of what it cost (seconds, state and disk bytes).  Raises
     SiteError; nothing half-made is left behind.
     """
-    from . import virt
     from .domain import render
     if not env.warm:
         raise SiteError(f"environment {env.name} does not have warm = on",
@@ -246,12 +255,19 @@ def prepare(cfg, env, say=print):
     if unsealed:
         raise SiteError(f"base file {unsealed[0]} of {env.name} is {unsealed[1]}",
                         f"run 'vmwn image build {env.name}'")
+    if not virt.monitor_passes_files():
+        raise SiteError("this libvirt cannot pass the saved state to a job's QEMU "
+                        "(it needs libvirt 8.2 or later)", f"set warm = off for {env.name}")
     root = env_dir(cfg, env.name)
     os.makedirs(root, mode=0o755, exist_ok=True)
     os.chmod(cfg.site["warm_dir"], 0o755)
     os.chmod(root, 0o755)  # job QEMUs (the job's user) read the generation
     t0 = time.monotonic()
     with ports.flocked(os.path.join(root, ".lock")):  # one prepare of ENV at a time
+        for n in os.listdir(root):  # an earlier prepare's, killed midway
+            if n.startswith(".new-"):
+                shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+        _check_room(root, env)
         work = tempfile.mkdtemp(prefix=".new-", dir=root)
         os.chmod(work, 0o711)
         name = f"vmwn-warm-{env.name}"
@@ -277,6 +293,11 @@ def prepare(cfg, env, say=print):
             xml = render(cfg, env, job_id=f"warm-{env.name}", user="nobody", port=port,
                          overlay=gen_disk, seed=placeholder, console_log=console,
                          uid=PREPARE_UID, gid=PREPARE_GID, warm=True, ram=ram, name=name)
+            if "VMWN_RAM_FILE" not in xml:
+                raise SiteError(f"template {env.template} does not give the prepared guest "
+                                "its memory file (one copied from an earlier vmwn?)",
+                                "take the VMWN_RAM_* and -incoming lines of vmwn's "
+                                "templates/domain.xml.j2 into it")
             virt.open_domain_dirs()
             dom = virt.start(conn, xml)
             _wait_prepared(console, dom, virt, env.boot_timeout, env.name)
@@ -289,9 +310,12 @@ def prepare(cfg, env, say=print):
             for p in (placeholder, console):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
-            # The guest zeroed its free memory: holes, which no job copies.
-            subp.run(["fallocate", "--dig-holes", ram], timeout=120,
-                     fix=f"check {ram}'s file system")
+            # What the preparing QEMU (nobody) wrote goes to files of root's own: an fd
+            # another process of nobody's opened meanwhile reaches no file of the
+            # generation.  The guest zeroed its free memory: holes, which no job copies.
+            for p in (ram, gen_disk):
+                _copy_sparse(p, p + ".root")
+                os.replace(p + ".root", p)
             for p in (gen_disk, state_of(work), ram):
                 os.chown(p, 0, 0)
                 os.chmod(p, 0o644)
@@ -328,12 +352,53 @@ def prepare(cfg, env, say=print):
     return cost
 
 
+def _check_room(root, env):
+    """The preparing guest's memory is a file in ``root``, written whole (the guest
+    zeroes its free memory) before it is copied without its zeros."""
+    st = os.statvfs(root)
+    need = (2 * env.memory_mib + 64) << 20
+    if st.f_bavail * st.f_frsize < need:
+        raise SiteError(f"{root} has less than {need >> 20} MiB free, which preparing "
+                        f"{env.name} needs (twice its memory)", "free space in [site] warm_dir")
+
+
+PAGE = 4096
+_ZERO = bytes(PAGE)
+
+
+def _copy_sparse(src, dst):
+    """Copy ``src`` into a new file ``dst`` (root's, 0600), leaving out its holes and
+    its pages of zeros (holes in the copy)."""
+    with open(src, "rb") as f, open(dst, "xb") as o:
+        os.fchmod(o.fileno(), 0o600)
+        size = os.fstat(f.fileno()).st_size
+        off = 0
+        while off < size:
+            try:
+                data = os.lseek(f.fileno(), off, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            hole = os.lseek(f.fileno(), data, os.SEEK_HOLE)
+            f.seek(data)
+            off = data
+            while off < hole:
+                chunk = f.read(min(1 << 20, hole - off))
+                if not chunk:
+                    break
+                for i in range(0, len(chunk), PAGE):
+                    page = chunk[i:i + PAGE]
+                    if page != _ZERO[:len(page)]:
+                        o.seek(off + i)
+                        o.write(page)
+                off += len(chunk)
+        o.truncate(size)
+
+
 def _allocated(path):
     return os.stat(path).st_blocks * 512
 
 
 def _wait_prepared(console, dom, virt, timeout, env_name):
-    from .lifecycle import Console, console_tail
     watch = Console(console, ready=PREPARED_LINE)
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -94,8 +94,13 @@ static int host_clock(const char *dev, struct timespec *now)
     unsigned char *blk;
     struct timespec ms = {0, 1000000};
     int fd = open(dev, O_RDONLY | O_DIRECT), found = 0;
-    if (fd < 0 || posix_memalign((void **)&blk, 4096, 4096) != 0)
+    if (fd < 0)
         return 0;
+    if (posix_memalign((void **)&blk, 4096, 4096) != 0) {
+        close(fd);
+        return 0;
+    }
+    /* The host writes the time, then the magic: a record with the magic is whole. */
     for (int i = 0; i < CLOCK_WAIT * 1000 && !found; i++) {
         if (pread(fd, blk, 4096, CLOCK_OFFSET) == 4096 &&
             memcmp(blk, CLOCK_MAGIC, sizeof CLOCK_MAGIC) == 0) {
@@ -104,7 +109,9 @@ static int host_clock(const char *dev, struct timespec *now)
             memcpy(&nsec, blk + 24, 8);
             now->tv_sec = (time_t)le64toh((uint64_t)sec);
             now->tv_nsec = (long)le64toh((uint64_t)nsec);
-            found = now->tv_nsec >= 0 && now->tv_nsec < 1000000000;
+            found = now->tv_sec > 0 && now->tv_nsec >= 0 && now->tv_nsec < 1000000000;
+            if (!found)
+                break; /* not a record of vmwn's: the RTC's time instead */
         } else {
             nanosleep(&ms, NULL);
         }
@@ -195,6 +202,7 @@ static int machine_id(void)
     int fd = open("/etc/machine-id", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0444);
     if (fd < 0)
         return fail("/etc/machine-id", errno);
+    errno = 0;
     if (write(fd, text, 33) != 33 || close(fd) != 0)
         return fail("writing /etc/machine-id", errno ? errno : EIO);
     return 0;
