@@ -180,14 +180,19 @@ def test_a_job_without_a_vm_runs_when_vmwn_conf_is_missing(site, tmp_path):
     assert (p.returncode, p.stdout, p.stderr) == (0, b"ran-on-the-host\n", b"")
 
 
-def test_a_failed_boot_reaches_the_starter_as_one_line(site):
-    cfg = site[0]
-    st = state.JobState(job_id="5.srv", domain="d", env="tiny", user="nobody", uid=os.getuid(),
+def _warden_of(cfg, job_id):
+    """A warden for a job recorded as this process's user's, not yet serving."""
+    st = state.JobState(job_id=job_id, domain="d", env="tiny", user="nobody", uid=os.getuid(),
                         gid=os.getgid(), group="g", bind_address="127.0.0.1", port=1,
                         host_key_public="", key_path="", workdir="/w", host_workdir="/w",
                         output_dir="/w", overlay="", seed="", console_log="")
     state.save(cfg, st)
-    w = warden.Warden(cfg, "5.srv", warden.listen(cfg, st))
+    return warden.Warden(cfg, job_id, warden.listen(cfg, st))
+
+
+def test_a_failed_boot_reaches_the_starter_as_one_line(site):
+    cfg = site[0]
+    w = _warden_of(cfg, "5.srv")
     w.answer = warden._failure(errors.TransientError(
         "the job's virtual machine did not start in 3 attempts; last: no SSH", "ask the site"))
     t = threading.Thread(target=w._serve, daemon=True)
@@ -206,12 +211,7 @@ def test_only_the_jobs_own_starter_hands_the_warden_over(site):
     later) is ignored: the hand-over would end the warden's cgroups move."""
     import socket
     cfg = site[0]
-    st = state.JobState(job_id="6.srv", domain="d", env="tiny", user="nobody", uid=os.getuid(),
-                        gid=os.getgid(), group="g", bind_address="127.0.0.1", port=1,
-                        host_key_public="", key_path="", workdir="/w", host_workdir="/w",
-                        output_dir="/w", overlay="", seed="", console_log="")
-    state.save(cfg, st)
-    w = warden.Warden(cfg, "6.srv", warden.listen(cfg, st))
+    w = _warden_of(cfg, "6.srv")
     pairs = [socket.socketpair() for _ in range(3)]
     try:
         starter, later, task = (p[0] for p in pairs)
