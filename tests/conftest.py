@@ -286,6 +286,10 @@ def pytest_sessionfinish(session):
     if _xdist_controller(config) and vmwn_testlib.made_this_run("torque"):
         torquelib.take_down()
         vmwn_testlib.forget_run("torque")  # a later pass of this run brings it up again
+    if (_xdist_controller(config) and vmwn_testlib.made_this_run("tinywarm")) \
+            or "tinywarm" in _SHARED_MADE:  # before its environment goes
+        torquelib.run([torquelib.VMWN, "warm", "drop", "tinywarm"], check=False, timeout=120)
+        vmwn_testlib.forget_run("tinywarm")  # a later pass of this run prepares it again
     if _xdist_controller(config) or "envs" in _SHARED_MADE:
         torquelib.remove_test_envs()
     if vmwn_testlib.WARM and (_xdist_controller(config) or "warm" in _SHARED_MADE):
@@ -393,6 +397,23 @@ def test_environments():
     torquelib.write_test_envs()  # idempotent
     _SHARED_MADE.add("envs")  # removed at the session's end (pytest_sessionfinish)
     yield
+
+
+@pytest.fixture(scope="session")
+def prepared_tinywarm(test_environments):
+    """The batch systems' tinywarm (warm, mounted), prepared once for the run with the
+    installed command, as a site prepares it (the first worker of a parallel run
+    prepares it, the others wait); dropped at the session's end."""
+    import torquelib
+    import vmwn_testlib
+    vmwn_testlib.install_runtime()
+    with vmwn_testlib.once_per_run("tinywarm") as first:
+        if first:
+            cp = torquelib.run([torquelib.VMWN, "warm", "prepare", "tinywarm"], check=False,
+                               timeout=300)
+            assert cp.returncode == 0, f"vmwn warm prepare tinywarm: {cp.stderr.strip()}"
+    _SHARED_MADE.add("tinywarm")  # dropped at the session's end (pytest_sessionfinish)
+    yield "tinywarm"
 
 
 @pytest.fixture(scope="session")

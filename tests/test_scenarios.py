@@ -265,6 +265,27 @@ def test_a_vm_job_keeps_its_exit_status_output_and_files(batch, workdir):
     batch.clean(job)
 
 
+WARM_JOB = """#!/bin/sh
+cat /proc/cmdline
+cd "${PBS_O_WORKDIR:-$SLURM_SUBMIT_DIR}" && echo made > made-in-warm-guest
+exit 4
+"""
+
+
+def test_a_warm_job_is_restored_with_its_directory_mounted(batch, workdir, prepared_tinywarm):
+    """A job of an environment with warm = on (the mounted mode) is restored, not
+    booted, and keeps its exit status, output and files as a booted one does."""
+    job = batch.submit(workdir, WARM_JOB, batch.vm(prepared_tinywarm))
+    status = batch.finish(job)
+    out, err = batch.output(workdir, job)
+    assert status == 4, (status, out, err)
+    assert "vmwn.warm=1" in out, ("the job's guest was booted, not restored", out, err)
+    made = os.path.join(workdir, "made-in-warm-guest")
+    assert _read(made) == "made\n"
+    assert os.stat(made).st_uid == batch.user.pw_uid  # through the hot-plugged share
+    batch.clean(job)
+
+
 def test_the_vmwn_env_variable_asks_for_a_vm_too(batch, workdir):
     if isinstance(batch, Slurm):
         pytest.skip("under Slurm a job asks with --vmwn (or #SBATCH --vmwn) only")

@@ -379,33 +379,27 @@ echo "$PBS_JOBID" > "warm-$PBS_JOBID.txt"
 
 
 @needs_image("tiny")
-def test_warm_jobs_are_restored_unique_and_leave_nothing(cluster, workdir):
-    """A site prepares tinywarm (mounted mode) with the installed command; two jobs are
+def test_warm_jobs_are_restored_unique_and_leave_nothing(cluster, workdir, prepared_tinywarm):
+    """The site prepared tinywarm (mounted mode) with the installed command; two jobs are
     restored from it under the real pbs_mom, their submit directory hot-plugged: their
     own random bytes, machine-id, clock and output, nothing left."""
-    vmwn = "/usr/local/bin/vmwn"
-    cp = torquelib.run([vmwn, "warm", "prepare", "tinywarm"], check=False, timeout=300)
-    assert cp.returncode == 0, cp.stderr
-    try:
-        jobs = [cluster.submit(workdir, WARM_JOB, "-l other=vmwn=tinywarm", name=f"w{i}.sh")
-                for i in range(2)]
-        outs = []
-        for i, job in enumerate(jobs):
-            st = cluster.wait(job)
-            out, err = cluster.wait_output(workdir, job, name=f"w{i}.sh")
-            assert st["exit_status"] == "0", (st, out, err)
-            assert "vmwn.warm=1" in out, "the job's guest was booted, not restored"
-            fields = dict(ln.split("=", 1) for ln in out.splitlines()
-                          if ln.split("=", 1)[0] in ("host", "rnd", "clock", "id"))
-            assert abs(int(fields["clock"]) - time.time()) < 300
-            path = os.path.join(workdir, f"warm-{job}.txt")  # written through the mount
-            with open(path) as f:
-                assert f.read().strip() == job
-            assert os.stat(path).st_uid == os.stat(workdir).st_uid
-            outs.append(fields)
-        assert outs[0]["rnd"] != outs[1]["rnd"] and outs[0]["host"] != outs[1]["host"]
-        assert outs[0]["id"] != outs[1]["id"]
-        for job in jobs:
-            assert torquelib.wait_clean(job) == []
-    finally:
-        torquelib.run([vmwn, "warm", "drop", "tinywarm"], check=False)
+    jobs = [cluster.submit(workdir, WARM_JOB, "-l other=vmwn=tinywarm", name=f"w{i}.sh")
+            for i in range(2)]
+    outs = []
+    for i, job in enumerate(jobs):
+        st = cluster.wait(job)
+        out, err = cluster.wait_output(workdir, job, name=f"w{i}.sh")
+        assert st["exit_status"] == "0", (st, out, err)
+        assert "vmwn.warm=1" in out, "the job's guest was booted, not restored"
+        fields = dict(ln.split("=", 1) for ln in out.splitlines()
+                      if ln.split("=", 1)[0] in ("host", "rnd", "clock", "id"))
+        assert abs(int(fields["clock"]) - time.time()) < 300
+        path = os.path.join(workdir, f"warm-{job}.txt")  # written through the mount
+        with open(path) as f:
+            assert f.read().strip() == job
+        assert os.stat(path).st_uid == os.stat(workdir).st_uid
+        outs.append(fields)
+    assert outs[0]["rnd"] != outs[1]["rnd"] and outs[0]["host"] != outs[1]["host"]
+    assert outs[0]["id"] != outs[1]["id"]
+    for job in jobs:
+        assert torquelib.wait_clean(job) == []

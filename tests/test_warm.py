@@ -423,6 +423,21 @@ def test_a_changed_base_is_never_restored(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="generation files must be root's")
+def test_a_template_installed_again_keeps_the_guest_warm_and_an_edited_one_does_not(tmp_path):
+    cfg = _cfg(tmp_path)
+    env = cfg.env("tiny")
+    _fake_generation(cfg, env)
+    template = tmp_path / "templates" / "domain.xml.j2"
+    text = template.read_text()
+    template.unlink()
+    template.write_text(text)  # another inode and time, the same text: an install's
+    assert warm.current(cfg, env).vcpus == env.vcpus
+    template.write_text(text + "<!-- edited -->")
+    with pytest.raises(warm.NotPrepared, match="made from other template_sha256"):
+        warm.current(cfg, env)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="generation files must be root's")
 @pytest.mark.parametrize("name", ["disk.qcow2", "ram", "state"])
 def test_a_generation_with_a_missing_file_is_not_restored(tmp_path, caplog, name):
     cfg = _cfg(tmp_path)

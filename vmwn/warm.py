@@ -148,9 +148,10 @@ def _identity(path):
 
 def fingerprint(cfg, env):
     """What a saved guest depends on; a generation is restored only if this is unchanged."""
-    files = [p for _, p in env.artefacts()] + [
-        cfg.site["qemu"], os.path.join(cfg.site["template_dir"], env.template)]
-    with open(files[-1], "rb") as f:
+    # The template by its text alone: an install that writes the same template again
+    # (a node's upgrade, 'make install') keeps its guests warm.
+    files = [p for _, p in env.artefacts()] + [cfg.site["qemu"]]
+    with open(os.path.join(cfg.site["template_dir"], env.template), "rb") as f:
         template_sha = hashlib.sha256(f.read()).hexdigest()
     return {"files": [_identity(p) for p in files], "template_sha256": template_sha,
             "cmdline": env.cmdline, "machine": env.machine, "accel": env.accel,
