@@ -163,34 +163,18 @@ def _rss_mib(pid):
 
 def _vm_rss_mib(launcher):
     """QEMU's RSS under vmwn's launcher (the largest process of the launcher's tree)."""
-    from vmwn.usage import tree
-    return max((r for r in (_rss_mib(p) for p in tree(launcher)) if r is not None),
-               default=None)
+    from vmwn.usage import qemu_of
+    qemu = qemu_of(launcher)
+    return _rss_mib(qemu) if qemu else None
 
 
 def _private_mib(launcher):
-    """What the guest under ``launcher`` holds for itself: its QEMU's anonymous memory and
-    the memfds it holds (a restored guest's memory is a memfd of its own, which RSS counts
-    only where the guest has touched it since)."""
-    from vmwn.usage import tree
-    qemu = max(tree(launcher), key=lambda p: _rss_mib(p) or 0, default=None)
-    if qemu is None:
-        return None
-    anon = None
-    try:
-        with open(f"/proc/{qemu}/smaps_rollup", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Anonymous:"):
-                    anon = int(line.split()[1]) * 1024
-        memfds = {}
-        for fd in os.listdir(f"/proc/{qemu}/fd"):
-            p = f"/proc/{qemu}/fd/{fd}"
-            if os.readlink(p).startswith("/memfd:"):
-                st = os.stat(p)
-                memfds[st.st_ino] = st.st_blocks * 512
-    except OSError:
-        return None
-    return None if anon is None else (anon + sum(memfds.values())) / MIB
+    """What the guest under ``launcher`` holds for itself (vmwn.usage.own_memory of its
+    QEMU), in MiB."""
+    from vmwn.usage import own_memory, qemu_of
+    qemu = qemu_of(launcher)
+    held = own_memory(qemu) if qemu else None
+    return None if held is None else held / MIB
 
 
 def _alive(pid):

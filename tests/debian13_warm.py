@@ -54,34 +54,14 @@ def probe(st, workdir, found):
     return machine_id, rnd
 
 
-def qemu_of(st):
-    """The QEMU under the job's launcher: the largest process of its tree."""
-    return max(usage.tree(st.vm_pid), key=lambda p: _kib(p, "/proc/{}/status", "VmRSS:"))
-
-
-def _kib(pid, path, field):
-    try:
-        with open(path.format(pid), encoding="ascii") as f:
-            return sum(int(line.split()[1]) for line in f if line.startswith(field))
-    except (OSError, ValueError):
-        return 0
-
-
 def own_mib(st):
     """What the job's QEMU holds for itself: anonymous memory and its memfds."""
-    qemu = qemu_of(st)
-    memfds = {}
-    for fd in os.listdir(f"/proc/{qemu}/fd"):
-        p = f"/proc/{qemu}/fd/{fd}"
-        if os.readlink(p).startswith("/memfd:"):
-            memfds[os.stat(p).st_ino] = os.stat(p).st_blocks * 512
-    return (_kib(qemu, "/proc/{}/smaps_rollup", "Anonymous:") * 1024
-            + sum(memfds.values())) / (1 << 20)
+    return usage.own_memory(usage.qemu_of(st.vm_pid)) / (1 << 20)
 
 
 def shared_pages_of(st, path):
     """kB of the mapping of ``path`` in the job's QEMU that other processes map too."""
-    qemu, total, inside = qemu_of(st), 0, False
+    qemu, total, inside = usage.qemu_of(st.vm_pid), 0, False
     with open(f"/proc/{qemu}/smaps", encoding="utf-8", errors="replace") as f:
         for line in f:
             if "-" in line.split(" ", 1)[0]:

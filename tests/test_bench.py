@@ -209,3 +209,30 @@ def test_mpi_bench_agent_runs_the_command_on_the_host_it_is_given(tmp_path):
     cp = subprocess.run(["sh", str(agent), "-x", "tq1", "orted", "--daemonize"],
                         capture_output=True, text=True, check=True)
     assert cp.stdout == "run tq1 sh -c orted --daemonize\n"
+
+
+def test_a_guests_own_memory_counts_its_memfds_and_its_qemu_is_the_largest_process(tmp_path):
+    """vmwn.usage.own_memory (the bench's 'memory of its own'): anonymous memory and the
+    memfds a process holds, each once; qemu_of: the largest process under a launcher."""
+    import subprocess
+    import sys
+    from vmwn import usage
+    prog = ("import os, sys, time\n"
+            "fd = os.memfd_create('vmwn-guest-ram')\n"
+            "os.write(fd, b'x' * (24 << 20))\n"
+            "os.dup(fd)\n"  # held twice: counted once
+            "big = bytearray(8 << 20)\n"
+            "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+            "time.sleep(60)\n")
+    launcher = subprocess.Popen(["/bin/sh", "-c", f"{sys.executable} -c \"$0\"; :", prog],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout.readline() == "ready\n"
+        qemu = usage.qemu_of(launcher.pid)
+        assert qemu and qemu != launcher.pid
+        held = usage.own_memory(qemu)
+        assert (24 + 8) << 20 <= held < (24 + 8 + 48) << 20
+    finally:
+        for pid in usage.tree(launcher.pid):
+            os.kill(pid, 9)
+        launcher.wait()

@@ -105,6 +105,29 @@ def _io(pid, key):
     return _field(f"/proc/{pid}/io", key)
 
 
+def qemu_of(launcher):
+    """The QEMU under vmwn's launcher ``launcher``: the largest process of its tree, or
+    None."""
+    return max(tree(launcher), key=lambda p: _status_kib(p, "VmRSS"), default=None)
+
+
+def own_memory(pid):
+    """Bytes ``pid`` holds for itself: its anonymous memory and the memfds it holds (a
+    restored guest's memory is a memfd of its QEMU's, which RSS counts only where the
+    guest has touched it since the restore); None if ``pid`` is gone."""
+    memfds = {}
+    try:
+        anon = _field(f"/proc/{pid}/smaps_rollup", "Anonymous") * 1024
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            link = f"/proc/{pid}/fd/{fd}"
+            if os.readlink(link).startswith("/memfd:"):
+                st = os.stat(link)
+                memfds[st.st_ino] = st.st_blocks * 512
+    except OSError:
+        return None
+    return anon + sum(memfds.values())
+
+
 def of_session(sid):
     """(CPU seconds, resident KiB) of the live processes of session ``sid``: a job's
     own processes on the host, as a batch system that counts by session sees them."""
